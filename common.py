@@ -1,0 +1,877 @@
+"""common.py -- the small shared layer of effssl.
+
+Everything here is plumbing shared by the method files (mocov3.py, fast_moco.py, densecl.py,
+detcon.py, rotation_aux.py) and eval_linear.py: argument parsing, backbones, augmentations,
+data, torchrun/DDP, AMP, LARS and schedules, checkpoint/resume/export, the kNN monitor and the
+run record. Method logic never lives here. Copy this file together with one method file.
+
+Sections: errors & args | distributed & precision | backbones | augmentations | data |
+optimizers & schedules | checkpoint, resume & export | kNN monitor | run record.
+"""
+import argparse
+import ast
+import dataclasses
+import inspect
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from PIL import Image, ImageFilter
+from torchvision import datasets
+from torchvision import transforms as T
+
+# ============================================================================ errors & args
+
+
+class BadInput(Exception):
+    """A user error: reported as one line on stderr with exit code 2, never a traceback."""
+
+
+def user_errors(main):
+    """Decorator for main(): BadInput (also when re-raised from a loader worker) -> 1 line, exit 2."""
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except BadInput as e:
+            # errors from DataLoader workers come back wrapped with the worker's traceback;
+            # the original message is its last line ("common.BadInput: ...")
+            msg = str(e).strip().splitlines()[-1].split("BadInput: ")[-1]
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(2)
+        except FloatingPointError as e:  # non-finite loss: stop, name the step and the last good checkpoint
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+    return wrapped
+
+
+@dataclasses.dataclass
+class CommonArgs:
+    """Plumbing flags shared by every training script (method files add their hyperparameters)."""
+    data: str = "synthetic"
+    """synthetic (built in, offline), cifar10, cifar100, stl10 (downloaded to --data-root), or an image folder"""
+    data_root: str = "data"
+    """where torchvision datasets are downloaded"""
+    preset: str = "auto"
+    """auto (cpu for synthetic, cifar for 32-px sets, imagenet otherwise), imagenet, cifar or cpu"""
+    stem: str = "imagenet"
+    """ResNet stem: imagenet (7x7/2 conv + max-pool, stride 32) or small (3x3/1 conv, no pool, stride 8)"""
+    img_size: int = 224
+    """crop size fed to the network"""
+    workers: int = 8
+    """data loader worker processes per GPU/process"""
+    precision: str = "auto"
+    """fp32, bf16 or fp16 (GradScaler); auto = bf16 on CUDA, fp32 on CPU"""
+    channels_last: bool = False
+    """NHWC memory layout for convolutions (faster with bf16 on tensor cores)"""
+    compile: bool = False
+    """torch.compile the model (slower start, faster steps)"""
+    output_dir: str = ""
+    """run directory; default runs/<method>"""
+    resume: str = ""
+    """auto (latest checkpoint in --output-dir, if any), a checkpoint path, or empty for a fresh run"""
+    max_steps: int = 0
+    """stop after this many optimizer steps in total (0 = run all epochs); for smoke tests and benchmarks"""
+    knn_every: int = 1
+    """run the weighted-kNN monitor on the labeled val split every N epochs (0 = off)"""
+    knn_k: int = 200
+    """neighbours in the kNN monitor (InstDisc protocol)"""
+    knn_t: float = 0.1
+    """temperature of the kNN vote"""
+    seed: int = 0
+    """random seed (each process adds its rank)"""
+    log_every: int = 10
+    """print and log every N steps"""
+    save_every: int = 0
+    """also save checkpoint.pth every N steps (0 = at the end of each epoch only)"""
+    synthetic_size: int = 2560
+    """number of images in the synthetic train split (val split: a fifth of it)"""
+
+
+def field_docs(cls):
+    """The docstring under each dataclass field (read from the source, as tyro does)."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(inspect.getsource(klass).lstrip())
+        except (OSError, TypeError, IndentationError, SyntaxError):
+            continue
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())
+    return docs
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block first)
+        raise BadInput(f"{message} (see --help)")
+
+
+def parse_args(cls, presets, argv=None):
+    """Dataclass -> argparse. Precedence: explicit flag > preset > dataclass default."""
+    docs = field_docs(cls)
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
+    p = _Parser(description=doc, argument_default=argparse.SUPPRESS,
+                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(cls):
+        flag, typ = "--" + f.name.replace("_", "-"), {"bool": bool, "int": int, "float": float}.get(str(f.type), f.type)
+        help_ = docs.get(f.name, "") + f" [default: {f.default}]"
+        if typ in (bool, "bool"):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+        else:
+            p.add_argument(flag, type=typ if typ in (int, float) else str, metavar=typ.__name__.upper()
+                           if isinstance(typ, type) else "STR", help=help_)
+    given = vars(p.parse_args(argv))
+    preset = given.get("preset", "auto")
+    if preset == "auto":
+        data = given.get("data", cls.data)
+        preset = "cpu" if data == "synthetic" else "cifar" if data in ("cifar10", "cifar100") else "imagenet"
+    if preset not in presets:
+        raise BadInput(f"unknown preset {preset!r}; choose from auto, {', '.join(presets)}")
+    args = cls(**{**presets[preset], **given, "preset": preset})
+    if getattr(args, "arch", None) is not None and args.arch not in ARCHS:
+        raise BadInput(f"unknown arch {args.arch!r}; choose from {', '.join(ARCHS)}")
+    if args.stem not in ("imagenet", "small"):
+        raise BadInput(f"unknown stem {args.stem!r}; choose from imagenet, small")
+    if args.precision not in ("auto", "fp32", "bf16", "fp16"):
+        raise BadInput(f"unknown precision {args.precision!r}; choose from auto, fp32, bf16, fp16")
+    return args
+
+
+# ============================================================================ distributed & precision
+
+
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+@torch.no_grad()
+def all_gather_nograd(x):
+    """Concatenate x [n, ...] from every rank in rank order -> [world * n, ...]; x itself if alone."""
+    if get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+@dataclasses.dataclass
+class Run:
+    """What a training process knows about itself."""
+    args: object
+    method: str
+    rank: int
+    world: int
+    device: torch.device
+    out: str
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+
+    def to_device(self, x):
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.args.channels_last and x.ndim == 4 else x
+
+
+def setup(args, method):
+    """torchrun-native setup: process group (only when WORLD_SIZE > 1), device, seeds, run dir, args.json."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if args.batch_size % world:
+        raise BadInput(f"global --batch-size {args.batch_size} is not divisible by the world size {world}")
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if world > 1:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    if args.precision == "auto":
+        args.precision = "bf16" if cuda else "fp32"
+    args.output_dir = args.output_dir or os.path.join("runs", method)
+    seed_everything(args.seed + rank)
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        record = {**dataclasses.asdict(args), "method": method, "world_size": world, "torch": torch.__version__,
+                  "torchvision": torchvision.__version__, "git_sha": git_sha(), "device": str(device)}
+        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
+            json.dump(record, f, indent=2)
+    return Run(args, method, rank, world, device, args.output_dir)
+
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def prepare_model(model, run):
+    """SyncBN (multi-GPU only: PyTorch's SyncBatchNorm is CUDA-only), device, layout, compile, DDP.
+    Returns (model, step_model): keep `model` for state_dicts and use `step_model` for forward passes."""
+    if run.world > 1 and run.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(run.device)
+    if run.args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = model
+    if run.world > 1:
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda" else None)
+    if run.args.compile:
+        step_model.compile()  # in place: state_dict keys keep their names
+    return model, step_model
+
+
+def grad_scaler(run):
+    return torch.amp.GradScaler(run.device.type, enabled=run.args.precision == "fp16")
+
+
+def optimizer_step(loss, optimizer, scaler, clip_params=None, clip=0.0):
+    """Backward + (optional grad-norm clip) + step, GradScaler-aware (a no-op scaler unless fp16)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(clip_params, clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+# ============================================================================ backbones
+
+ARCHS = ("resnet18", "resnet50", "vit_small", "vit_base")
+VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),  # MoCo v3's ViT-S: 12 heads, not 6
+             "vit_base": dict(hidden_dim=768, mlp_dim=3072, num_heads=12)}
+
+
+def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True):
+    """torchvision backbone with the classifier removed -> (net, feature dim). net(x) is the pooled
+    feature [N, C] (ResNet: global average pool; ViT: class token)."""
+    if arch.startswith("resnet"):
+        net = getattr(torchvision.models, arch)(zero_init_residual=True)
+        if stem == "small":  # CIFAR-style stem: keeps 32-px inputs at 32x32 into layer1
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        dim, net.fc = net.fc.in_features, nn.Identity()
+        return net, dim
+    if arch not in VIT_SIZES:
+        raise BadInput(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    if img_size % 16:
+        raise BadInput(f"--img-size {img_size} is not a multiple of the ViT patch size 16")
+    net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12, **VIT_SIZES[arch])
+    dim, net.heads = net.hidden_dim, nn.Identity()
+    grid = img_size // 16
+    # MoCo v3: fixed 2-D sin-cos position embedding (not learned); zero for the class token
+    net.encoder.pos_embedding.data.copy_(torch.cat([torch.zeros(1, 1, dim), sincos_pos_embed(dim, grid)], 1))
+    net.encoder.pos_embedding.requires_grad = False
+    # MoCo v3: uniform (Xavier-like) init of the patch projection, optionally frozen ("random patch
+    # projection" stabilises training: the paper's fix for the loss spikes)
+    val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
+    nn.init.uniform_(net.conv_proj.weight, -val, val)
+    nn.init.zeros_(net.conv_proj.bias)
+    net.conv_proj.requires_grad_(not freeze_patch_proj)
+    return net, dim
+
+
+def sincos_pos_embed(dim, grid, temperature=10000.0):
+    """MoCo v3's 2-D sin-cos position embedding -> [1, grid*grid, dim]."""
+    gw, gh = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [dim/4]
+    out_w = gw.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
+    out_h = gh.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
+    return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], 1)[None]
+
+
+def feature_map(net, x):
+    """Final spatial feature map [N, C, S, S] (ResNet: layer4 output; ViT: patch tokens)."""
+    if isinstance(net, torchvision.models.ResNet):
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))  # [N, C, S, S]
+    tokens = net._process_input(x)  # [N, S*S, D]
+    n, s = tokens.shape[0], int(math.isqrt(tokens.shape[1]))
+    tokens = net.encoder(torch.cat([net.class_token.expand(n, -1, -1), tokens], 1))[:, 1:]  # [N, S*S, D]
+    return tokens.transpose(1, 2).reshape(n, -1, s, s)  # [N, D, S, S]
+
+
+def final_grid(arch, stem, img_size):
+    """Side of the final feature map for this backbone and input size."""
+    if arch.startswith("vit"):
+        return img_size // 16
+    return math.ceil(img_size / 8) if stem == "small" else math.ceil(img_size / 32)
+
+
+# ============================================================================ augmentations
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
+
+
+class RandomBlur:
+    """Gaussian blur with sigma ~ U(0.1, 2) as PIL radius, like the official MoCo/BYOL code (no
+    kernel size to pick); sampled with torch's RNG so per-sample seeding covers it."""
+    def __init__(self, sigma=(0.1, 2.0)):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(*self.sigma))))
+
+
+def ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0):
+    """One augmented view (PIL -> normalised tensor [3, img_size, img_size])."""
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
+        T.RandomApply([T.ColorJitter(*jitter)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([RandomBlur()], p=blur_p),
+        T.RandomSolarize(threshold=128, p=solarize_p),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def byol_views(img_size, crop_min, blur=True):
+    """MoCo v3 / BYOL asymmetric pair: view 1 blur p 1.0, no solarize; view 2 blur p 0.1, solarize 0.2."""
+    return TwoViews(ssl_view(img_size, crop_min, blur_p=1.0 if blur else 0.0),
+                    ssl_view(img_size, crop_min, blur_p=0.1 if blur else 0.0, solarize_p=0.2))
+
+
+def mocov2_views(img_size, crop_min=0.2):
+    """MoCo v2 symmetric pair (DenseCL, Fast-MoCo): jitter (0.4, 0.4, 0.4, 0.1), blur p 0.5, no solarize."""
+    view = ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)
+    return TwoViews(view, view)
+
+
+class TwoViews:
+    def __init__(self, t1, t2):
+        self.t1, self.t2 = t1, t2
+
+    def __call__(self, img):
+        return self.t1(img), self.t2(img)
+
+
+def eval_transform(img_size):
+    """Resize to 256/224 of the crop, center crop (the standard evaluation transform)."""
+    return T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def train_transform(img_size):
+    """RandomResizedCrop + flip: the linear-probe / fine-tune training transform."""
+    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+# ============================================================================ data
+
+SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "crescent", "bar", "ell")
+SYNTH_PX = 64  # native size of synthetic images: big enough for 2-3 shapes, cheap to draw
+
+
+def _shape_mask(k, u, v):
+    """Boolean mask of shape k in local coordinates (u, v), unit radius."""
+    r = np.hypot(u, v)
+    au, av = np.abs(u), np.abs(v)
+    return [r < 1, (r < 1) & (r > 0.55), np.maximum(au, av) < 0.8,
+            (np.maximum(au, av) < 0.9) & (np.maximum(au, av) > 0.5), (v > -0.6) & (v < 0.95 - 1.6 * au),
+            ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95)),
+            r < 0.45 + 0.55 * (0.5 + 0.5 * np.cos(5 * np.arctan2(v, u))) ** 2,
+            (r < 1) & (np.hypot(u - 0.5, v) > 0.75), (au < 1) & (av < 0.3),
+            ((u > -0.9) & (u < -0.35) & (av < 0.9)) | ((u > -0.9) & (u < 0.9) & (v > 0.35) & (v < 0.9))][k]
+
+
+def render_synthetic(seed, index, px=SYNTH_PX):
+    """One deterministic image: a large main shape (the label) plus 0-2 small distractor shapes on a
+    striped, noisy background; colours, positions, sizes and small rotations are random."""
+    rng = np.random.default_rng([seed, index])
+    label = index % len(SHAPES)  # balanced classes
+    y, x = np.mgrid[0:px, 0:px] / px * 2 - 1  # [px, px] each, in [-1, 1]
+    freq, angle = rng.uniform(2, 8), rng.uniform(0, np.pi)
+    stripes = 0.5 + 0.5 * np.sin(freq * (x * np.cos(angle) + y * np.sin(angle)) * np.pi + rng.uniform(0, 6.3))
+    c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
+    img = c1 + (c2 - c1) * stripes[..., None]  # [px, px, 3]
+    shapes = [(int(rng.integers(len(SHAPES))), rng.uniform(0.14, 0.22), rng.uniform(-0.75, 0.75, 2))
+              for _ in range(rng.integers(0, 3))]
+    shapes.append((label, rng.uniform(0.32, 0.45), rng.uniform(-0.2, 0.2, 2)))  # main shape drawn last, on top
+    for k, scale, (cx, cy) in shapes:
+        t = rng.uniform(-0.5, 0.5)  # rotation (rad): small enough to keep square and frame upright-ish
+        u, v = ((x - cx) * np.cos(t) + (y - cy) * np.sin(t)) / scale, (-(x - cx) * np.sin(t) + (y - cy) * np.cos(t)) / scale
+        img[_shape_mask(k, u, v)] = rng.uniform(0, 1, 3)
+    img = img + rng.normal(0, 0.04, img.shape)  # sensor-like noise so flat regions are not trivially equal
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label
+
+
+class Synthetic(torch.utils.data.Dataset):
+    """Built-in procedural dataset: deterministic, labeled (class = main shape), multi-object."""
+    classes = SHAPES
+
+    def __init__(self, size, split="train", seed=0):
+        self.size, self.seed = size, seed + (0 if split == "train" else 10_000)  # disjoint val images
+        self.targets = [i % len(SHAPES) for i in range(size)]
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        return render_synthetic(self.seed, i)
+
+
+IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def load_image(path):
+    """PIL RGB image; an unreadable file is a BadInput naming it."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise BadInput(f"cannot read image {path}: {e}") from None
+
+
+class FlatFolder(torch.utils.data.Dataset):
+    """A folder of images without class subfolders: unlabeled (label -1)."""
+    def __init__(self, root):
+        self.files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMG_EXT))
+        if not self.files:
+            raise BadInput(f"no images found in {root}")
+        self.targets = [-1] * len(self.files)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return load_image(self.files[i]), -1
+
+
+def load_dataset(args, split):
+    """Base dataset of (PIL image, label) for split 'train' or 'val' (None if there is no such split).
+    Label -1 means unlabeled."""
+    name = args.data
+    if name == "synthetic":
+        return Synthetic(args.synthetic_size if split == "train" else max(args.synthetic_size // 5, 10), split, args.seed)
+    if name in ("cifar10", "cifar100", "stl10"):
+        try:
+            if name == "stl10":
+                return datasets.STL10(args.data_root, split="train" if split == "train" else "test", download=True)
+            cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+            return cls(args.data_root, train=split == "train", download=True)
+        except Exception as e:
+            raise BadInput(f"cannot load {name} into {args.data_root}: {e}") from None
+    if not os.path.isdir(name):
+        raise BadInput(f"data path not found: {name} (use synthetic, cifar10, cifar100, stl10 or an image folder)")
+    root = name
+    if os.path.isdir(os.path.join(name, "train")):
+        root = os.path.join(name, split)
+        if not os.path.isdir(root):
+            return None
+    elif split != "train":
+        return None  # a single folder: pretraining data only, no val split for the monitor
+    if not any(os.path.isdir(os.path.join(root, d)) for d in os.listdir(root)):
+        return FlatFolder(root)
+    try:
+        return datasets.ImageFolder(root, loader=load_image)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise BadInput(f"no images found in {root}: {str(e).splitlines()[0]}") from None
+
+
+def labels_of(ds):
+    return list(getattr(ds, "targets", None) or getattr(ds, "labels"))
+
+
+def num_classes(ds):
+    return max(labels_of(ds)) + 1
+
+
+class Views(torch.utils.data.Dataset):
+    """Applies `transform` to base[i] with a seed made from (seed, epoch, i): a sample gets the same
+    augmentation whatever worker loads it and after a resume, so runs are reproducible on CPU."""
+    def __init__(self, base, transform, seed=0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            return self.transform(img), label
+
+
+def pretrain_data(args, run, transform):
+    """The pretraining dataset (train split with `transform`) and steps per epoch."""
+    ds = Views(load_dataset(args, "train"), transform, args.seed)
+    steps = len(ds) // args.batch_size
+    if steps == 0:
+        raise BadInput(f"--batch-size {args.batch_size} is larger than the dataset ({len(ds)} images)")
+    return ds, steps
+
+
+def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
+    """This rank's loader for one epoch, starting `skip_batches` batches in (mid-epoch resume)."""
+    local_bs = run.args.batch_size // run.world
+    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle=shuffle, seed=run.args.seed,
+                                                  drop_last=drop_last)
+    sampler.set_epoch(epoch)
+    ds.epoch = epoch
+    indices = list(sampler)[skip_batches * local_bs:]
+    return torch.utils.data.DataLoader(
+        ds, local_bs, sampler=indices, num_workers=run.args.workers, pin_memory=run.device.type == "cuda",
+        drop_last=drop_last, generator=torch.Generator().manual_seed(run.args.seed + epoch),  # keeps the global RNG untouched
+        persistent_workers=False, prefetch_factor=4 if run.args.workers else None)
+
+
+# ============================================================================ optimizers & schedules
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in MoCo v3: 1-D parameters (biases, norm weights) get neither weight decay nor trust scaling."""
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0, torch.where(update_norm > 0, g["trust_coefficient"] * param_norm / update_norm, one), one)
+                    dp = dp.mul(q)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def build_optimizer(args, params):
+    """`params`: parameters or param groups (a group with "fixed_lr": True keeps its lr constant)."""
+    lr = args.lr * args.batch_size / 256  # linear scaling rule: --lr is the base lr for batch 256
+    if args.optimizer == "lars":
+        return LARS(params, lr=lr, weight_decay=args.wd, trust_coefficient=getattr(args, "trust_coefficient", 0.001))
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.wd)
+    raise BadInput(f"unknown optimizer {args.optimizer!r}; choose from lars, sgd, adamw")
+
+
+def cosine_lr(epoch, base_lr, warmup_epochs, epochs):
+    """Linear warmup then half-cosine, evaluated at a fractional epoch (per iteration)."""
+    if epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)))
+
+
+def set_lr(optimizer, lr):
+    for g in optimizer.param_groups:
+        if not g.get("fixed_lr"):
+            g["lr"] = lr
+
+
+def cosine_momentum(epoch, epochs, m0):
+    """m(e) = 1 - (1 + cos(pi e / E)) / 2 * (1 - m0): from m0 at the start to 1 at the end."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - m0)
+
+
+@torch.no_grad()
+def ema_update(target_params, online_params, m):
+    """theta_target <- m * theta_target + (1 - m) * theta_online (fused over all tensors)."""
+    target_params, online_params = list(target_params), list(online_params)
+    torch._foreach_mul_(target_params, m)
+    torch._foreach_add_(target_params, online_params, alpha=1.0 - m)
+
+
+# ============================================================================ checkpoint, resume & export
+
+
+def rng_state():
+    s = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, fsync, then os.replace: a crash never leaves a broken file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_file(path):
+    """torch.load with weights_only=True (a checkpoint is data, never code); BadInput if unreadable."""
+    if not os.path.isfile(path):
+        raise BadInput(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"{path} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from None
+
+
+def save_checkpoint(run, step, epoch, loss, **state):
+    """Full training state -> checkpoint.pth (rank 0, atomic). Refuses a non-finite loss."""
+    if not math.isfinite(loss):
+        return
+    if run.main:
+        ck = {"method": run.method, "args": dataclasses.asdict(run.args), "step": step, "epoch": epoch,
+              "rng": rng_state(), **{k: v.state_dict() for k, v in state.items()}}
+        save_atomic(ck, os.path.join(run.out, "checkpoint.pth"))
+
+
+def resume(run, **state):
+    """Load --resume (auto/path) into the given objects (model=..., optimizer=..., scaler=...).
+    Returns the global step to continue from (0 for a fresh run)."""
+    path = run.args.resume
+    if path == "auto":
+        path = os.path.join(run.out, "checkpoint.pth")
+        if not os.path.isfile(path):
+            return 0
+    elif not path:
+        return 0
+    ck = load_file(path)
+    if not isinstance(ck, dict) or "model" not in ck or "args" not in ck:
+        raise BadInput(f"{path} is not a training checkpoint of this project")
+    for key in ("method", "arch", "stem", "batch_size"):
+        have = ck.get(key, ck["args"].get(key))
+        want = run.method if key == "method" else getattr(run.args, key, None)
+        if have != want:
+            raise BadInput(f"cannot resume from {path}: it was made with {key}={have}, this run has {key}={want}")
+    for k, obj in state.items():
+        obj.load_state_dict(ck[k])
+    set_rng_state(ck["rng"])
+    if run.main:
+        print(f"resumed from {path} at step {ck['step']} (epoch {ck['epoch']})", flush=True)
+    return ck["step"]
+
+
+def export_backbone(run, net):
+    """Online backbone -> backbone.pth: a plain state_dict (loads strict=True into the torchvision model
+    with its classifier removed); arch/stem/img_size/encoder are kept in its `_metadata`."""
+    if not run.main:
+        return
+    sd = OrderedDict((k, v.detach().cpu()) for k, v in net.state_dict().items())
+    sd._metadata = getattr(net.state_dict(), "_metadata", OrderedDict()).copy()
+    sd._metadata["effssl"] = {"method": run.method, "encoder": "online", "arch": run.args.arch,
+                              "stem": run.args.stem, "img_size": run.args.img_size}
+    save_atomic(sd, os.path.join(run.out, "backbone.pth"))
+
+
+def load_backbone(path):
+    """(state_dict, meta) from a backbone.pth or checkpoint.pth; BadInput if it is neither."""
+    obj = load_file(path)
+    if isinstance(obj, dict) and "model" in obj and "args" in obj:  # training checkpoint: the online backbone
+        sd = OrderedDict((k[len("backbone."):], v) for k, v in obj["model"].items() if k.startswith("backbone."))
+        a = obj["args"]
+        meta = {"method": obj.get("method"), "encoder": "online", "arch": a.get("arch"), "stem": a.get("stem"),
+                "img_size": a.get("img_size")}
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd, meta = obj, dict(getattr(obj, "_metadata", {}).get("effssl", {}))
+    else:
+        raise BadInput(f"{path} is not a compatible checkpoint (expected checkpoint.pth or backbone.pth)")
+    if not sd:
+        raise BadInput(f"{path} holds no backbone weights")
+    return sd, meta
+
+
+# ============================================================================ kNN monitor
+
+
+@torch.no_grad()
+def extract_features(net, ds, run, batch_size=256):
+    """L2-normalised pooled features [N, C] and labels [N] of the whole dataset (sharded across ranks)."""
+    was_training = net.training
+    net.eval()
+    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=run.args.workers)
+    feats, labels, idx = [], [], torch.tensor(list(sampler))
+    for x, y in loader:
+        with run.autocast():
+            feats.append(F.normalize(net(run.to_device(x)).float(), dim=1))  # [n, C]
+        labels.append(y.to(run.device))
+    feats, labels = all_gather_nograd(torch.cat(feats)), all_gather_nograd(torch.cat(labels))
+    idx = all_gather_nograd(idx.to(run.device))
+    out_f = torch.empty(len(ds), feats.shape[1], device=run.device)
+    out_l = torch.empty(len(ds), dtype=torch.long, device=run.device)
+    out_f[idx], out_l[idx] = feats, labels  # undo the sampler's padding and rank interleaving
+    net.train(was_training)
+    return out_f, out_l
+
+
+def knn_predict(feats, bank, bank_labels, n_classes, k=200, t=0.1):
+    """Weighted kNN (InstDisc): votes exp(cos / t) of the k nearest -> class scores [N, n_classes]."""
+    sim = feats @ bank.T  # [N, M]
+    w, nn_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # [N, k]
+    one_hot = F.one_hot(bank_labels[nn_idx], n_classes).float()  # [N, k, n_classes]
+    return (one_hot * (w / t).exp()[..., None]).sum(1)  # [N, n_classes]
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """Top-k accuracies in percent."""
+    pred = scores.topk(max(ks), dim=1).indices  # [N, max k]
+    return [100.0 * (pred[:, :k] == labels[:, None]).any(1).float().mean().item() for k in ks]
+
+
+def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=1024):
+    """kNN top-1/top-5 (percent) of `net` with train_ds as the bank and val_ds as queries."""
+    bank, bank_l = extract_features(net, train_ds, run)
+    feats, labels = extract_features(net, val_ds, run)
+    n_cls = int(max(bank_l.max(), labels.max())) + 1
+    scores = torch.cat([knn_predict(feats[i:i + chunk], bank, bank_l, n_cls, k, t) for i in range(0, len(feats), chunk)])
+    return topk_accuracy(scores, labels, (1, min(5, n_cls)))
+
+
+def knn_monitor(args, run):
+    """(train, val) datasets with the eval transform for the kNN monitor, or None when unlabeled/off."""
+    if not args.knn_every:
+        return None
+    train, val = load_dataset(args, "train"), load_dataset(args, "val")
+    if val is None or min(labels_of(train)) < 0:
+        if run.main:
+            print("kNN monitor off: the data has no labeled val split", flush=True)
+        return None
+    tf = eval_transform(args.img_size)
+    return Views(train, tf), Views(val, tf)
+
+
+# ============================================================================ run record
+
+
+def peak_mem_mb(device):
+    """Peak memory: CUDA allocator peak on GPU, peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class Logger:
+    """log.jsonl + a progress line every --log-every steps + the JSON summary line.
+    Throughput counts source images per second over all ranks, measured after 2 warm-up steps."""
+    WARMUP = 2  # first steps include lazy init / compilation and are left out of img/s
+
+    def __init__(self, run, steps_per_epoch, start_step):
+        self.run, self.spe = run, steps_per_epoch
+        self.total = run.args.epochs * steps_per_epoch
+        if run.args.max_steps:
+            self.total = min(self.total, run.args.max_steps)
+        self.start = self.step = start_step
+        self.last = {}
+        self.t_last = self.t0 = time.perf_counter()
+        self.t_warm, self.data_time, self.n_since, self.excluded = None, 0.0, 0, 0.0
+        self.file = open(os.path.join(run.out, "log.jsonl"), "a") if run.main else None
+
+    def timed(self, loader):
+        """Iterate the loader, accumulating the time spent waiting for data."""
+        it = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.data_time += time.perf_counter() - t
+            yield batch
+
+    def write(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def log_step(self, step, epoch, loss, **metrics):
+        """Call after every optimizer step with the (tensor) loss; syncs only on log steps."""
+        self.step, self.n_since = step, self.n_since + 1
+        if step - self.start == self.WARMUP:
+            self._sync()
+            self.t_warm = time.perf_counter()
+        if step % self.run.args.log_every and step != self.total:
+            return
+        loss = float(loss)
+        now = time.perf_counter()
+        dt = now - self.t_last
+        rec = {"step": step, "epoch": round(epoch, 4), "loss": loss,
+               **{k: float(v) for k, v in metrics.items()},
+               "img_per_s": self.n_since * self.run.args.batch_size / dt, "data_time_frac": self.data_time / dt,
+               "peak_mem_mb": peak_mem_mb(self.run.device)}
+        self.last = rec
+        self.t_last, self.data_time, self.n_since = now, 0.0, 0
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss} at step {step}; the last good checkpoint is "
+                                     f"{os.path.join(self.run.out, 'checkpoint.pth')} (never overwritten by this state)")
+        if self.run.main:
+            eta = (now - self.t0) / (step - self.start) * (self.total - step)
+            extra = "".join(f" {k} {v:.4g}" for k, v in metrics.items())
+            print(f"ep {epoch:.2f} step {step}/{self.total} loss {loss:.4f}{extra} img/s {rec['img_per_s']:.1f} "
+                  f"data {100 * rec['data_time_frac']:.0f}% eta {eta / 60:.1f}m", flush=True)
+            self.write(rec)
+
+    def log_eval(self, step, epoch, seconds, **metrics):
+        """Log evaluation metrics; `seconds` spent evaluating are left out of img/s and step_ms."""
+        rec = {"step": step, "epoch": epoch, **metrics}
+        self.last.update(metrics)
+        if self.run.main:
+            print(" ".join(f"{k} {v:.2f}" for k, v in rec.items()), flush=True)
+            self.write(rec)
+        self.t_last += seconds
+        self.excluded += seconds if self.t_warm else 0.0
+
+    def _sync(self):
+        if self.run.device.type == "cuda":
+            torch.cuda.synchronize(self.run.device)
+
+    def summary(self, **extra):
+        """Print the JSON summary as the last line of the run."""
+        self._sync()
+        steps = self.step - self.start - self.WARMUP
+        dt = time.perf_counter() - self.t_warm - self.excluded if self.t_warm and steps > 0 else float("nan")
+        rec = {"event": "summary", "method": self.run.method, "steps": self.step,
+               "img_per_s": steps * self.run.args.batch_size / dt if steps > 0 else None,
+               "step_ms": 1000 * dt / steps if steps > 0 else None,
+               "peak_mem_mb": peak_mem_mb(self.run.device), "loss": self.last.get("loss"),
+               "knn_top1": self.last.get("knn_top1"), **extra}
+        if self.run.main:
+            self.write(rec)
+            self.file.close()
+            print(json.dumps(rec), flush=True)
+        return rec

@@ -1,0 +1,49 @@
+"""Shared test helpers: run a script as a user would (subprocess) and read its outputs."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224")
+
+# the smallest settings that still exercise everything: 32-px synthetic images, tiny batches
+TINY = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--batch-size", "8",
+        "--workers", "0", "--log-every", "1", "--knn-every", "0", "--mlp-dim", "64"]
+
+
+def run_script(script, *args, env=None, torchrun=0, check=True, timeout=600):
+    """Run `python script args` (or torchrun with N CPU processes); returns CompletedProcess."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={torchrun}", "--master_port=0",
+           os.path.join(ROOT, script)] if torchrun else [sys.executable, os.path.join(ROOT, script)]
+    e = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
+    p = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=e, timeout=timeout)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
+    return p
+
+
+def summary(proc):
+    """The JSON summary: the last line a run prints."""
+    rec = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert rec["event"] == "summary"
+    return rec
+
+
+def read_log(out_dir):
+    with open(os.path.join(out_dir, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def losses(out_dir):
+    return [r["loss"] for r in read_log(out_dir) if "loss" in r and r.get("event") != "summary"]
+
+
+@pytest.fixture
+def imagenette():
+    if not os.path.isdir(IMAGENETTE):
+        pytest.skip("../shared/data/imagenette2-224 not present")
+    return IMAGENETTE
