@@ -140,3 +140,13 @@ def test_help_lists_every_field_with_its_doc():
     p = run_script("mocov3.py", "--help")
     assert "--temperature" in p.stdout and "softmax temperature" in p.stdout
     assert "--knn-every" in p.stdout and "--channels-last" in p.stdout
+
+
+def test_two_process_step_equals_one_process_step(tmp_path):
+    """Same global batch: 1 process vs 2 torchrun processes give the same loss and updated weights."""
+    one = run_script("tests/dist_step.py", str(tmp_path / "one"))
+    two = run_script("tests/dist_step.py", str(tmp_path / "two"), torchrun=2)
+    a, b = json.loads(one.stdout.strip().splitlines()[-1]), json.loads(two.stdout.strip().splitlines()[-1])
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+    assert a["weights"] == pytest.approx(b["weights"], rel=1e-6)
+    assert a["weights_abs"] == pytest.approx(b["weights_abs"], rel=1e-6)

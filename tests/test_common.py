@@ -1,0 +1,180 @@
+"""common.py: LARS, schedules, backbones, data determinism, argument parsing, checkpoints, kNN."""
+import dataclasses
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+import common
+import mocov3
+
+
+def test_lars_excludes_1d_params_from_weight_decay_and_trust_scaling():
+    w, b = nn.Parameter(torch.ones(3, 2)), nn.Parameter(torch.ones(3))
+    w.grad, b.grad = torch.full((3, 2), 0.5), torch.full((3,), 0.5)
+    opt = common.LARS([w, b], lr=1.0, weight_decay=0.1, momentum=0.0, trust_coefficient=0.001)
+    opt.step()
+    # 1-D: plain SGD step, no decay, no trust ratio
+    assert torch.allclose(b, torch.full((3,), 1 - 0.5))
+    # 2-D: dp = g + wd * p, scaled by trust * |p| / |dp|
+    dp = torch.full((3, 2), 0.5 + 0.1 * 1.0)
+    expected = 1 - 0.001 * math.sqrt(6) / dp.norm() * dp
+    assert torch.allclose(w, expected)
+
+
+def test_lars_momentum_accumulates():
+    p = nn.Parameter(torch.zeros(4))
+    opt = common.LARS([p], lr=0.1, momentum=0.9)
+    for _ in range(2):
+        p.grad = torch.ones(4)
+        opt.step()
+    assert torch.allclose(p, torch.full((4,), -0.1 * (1 + 1.9)))
+
+
+def test_lr_schedule_known_points():
+    assert common.cosine_lr(0, 1.0, 10, 100) == 0
+    assert common.cosine_lr(5, 1.0, 10, 100) == pytest.approx(0.5)
+    assert common.cosine_lr(10, 1.0, 10, 100) == pytest.approx(1.0)
+    assert common.cosine_lr(55, 1.0, 10, 100) == pytest.approx(0.5)
+    assert common.cosine_lr(100, 1.0, 10, 100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_momentum_schedule_known_points():
+    assert common.cosine_momentum(0, 100, 0.99) == pytest.approx(0.99)
+    assert common.cosine_momentum(50, 100, 0.99) == pytest.approx(0.995)
+    assert common.cosine_momentum(100, 100, 0.99) == pytest.approx(1.0)
+
+
+def test_set_lr_keeps_fixed_groups():
+    opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]},
+                           {"params": [nn.Parameter(torch.zeros(1))], "fixed_lr": True}], lr=0.5)
+    common.set_lr(opt, 0.1)
+    assert [g["lr"] for g in opt.param_groups] == [0.1, 0.5]
+
+
+def test_vit_small_has_12_heads_and_frozen_sincos_position_embedding():
+    net, dim = common.build_backbone("vit_small", img_size=32)
+    assert dim == 384 and net.encoder.layers[0].self_attention.num_heads == 12
+    pe = net.encoder.pos_embedding
+    assert not pe.requires_grad and pe.shape == (1, 1 + 4, 384)
+    assert torch.allclose(pe[0, 1:], common.sincos_pos_embed(384, 2)[0]) and pe[0, 0].abs().sum() == 0
+    assert not net.conv_proj.weight.requires_grad  # frozen random patch projection
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, 384)
+    assert common.feature_map(net, torch.randn(2, 3, 32, 32)).shape == (2, 384, 2, 2)
+
+
+def test_sincos_matches_numpy():
+    dim, grid = 8, 3
+    gw, gh = np.meshgrid(np.arange(grid), np.arange(grid), indexing="ij")
+    omega = 1.0 / 10000 ** (np.arange(dim // 4) / (dim // 4))
+    ow, oh = np.outer(gw.ravel(), omega), np.outer(gh.ravel(), omega)
+    expected = np.concatenate([np.sin(ow), np.cos(ow), np.sin(oh), np.cos(oh)], 1)
+    assert np.allclose(common.sincos_pos_embed(dim, grid)[0].numpy(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("stem,size,grid", [("imagenet", 64, 2), ("small", 32, 4)])
+def test_resnet_stems_and_feature_map(stem, size, grid):
+    net, dim = common.build_backbone("resnet18", stem, size)
+    x = torch.randn(2, 3, size, size)
+    net.eval()
+    fmap = common.feature_map(net, x)
+    assert fmap.shape == (2, dim, grid, grid) and common.final_grid("resnet18", stem, size) == grid
+    assert torch.allclose(net(x), fmap.mean((2, 3)), atol=1e-5)  # pooled feature = mean of the map
+
+
+def test_synthetic_is_deterministic_labeled_and_split():
+    train, val = common.Synthetic(20, "train"), common.Synthetic(20, "val")
+    a, la = train[3]
+    b, lb = train[3]
+    assert la == lb == 3 and np.array_equal(np.asarray(a), np.asarray(b)) and a.size == (64, 64)
+    assert not np.array_equal(np.asarray(train[3][0]), np.asarray(val[3][0]))
+    assert train.targets == [i % 10 for i in range(20)]
+
+
+def test_views_same_augmentation_in_any_worker_and_order():
+    ds = common.Views(common.Synthetic(8), common.byol_views(32, 0.2), seed=1)
+    direct = [ds[i][0][0] for i in (5, 2)]
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=[2, 5], num_workers=2)
+    got = {i: x[0] for i, ((x, _), _) in zip([2, 5], loader)}
+    assert torch.equal(got[5], direct[0]) and torch.equal(got[2], direct[1])
+    ds.epoch = 1
+    assert not torch.equal(ds[5][0][0], direct[0])  # a new epoch draws new augmentations
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    ds[0]
+    assert torch.equal(state, torch.get_rng_state())  # the global RNG is left untouched
+
+
+def test_parse_args_precedence_and_auto_preset():
+    a = common.parse_args(mocov3.Args, mocov3.PRESETS, [])
+    assert a.preset == "cpu" and a.img_size == mocov3.PRESETS["cpu"]["img_size"]
+    a = common.parse_args(mocov3.Args, mocov3.PRESETS, ["--img-size", "48", "--no-blur"])
+    assert a.img_size == 48 and a.blur is False and a.batch_size == mocov3.PRESETS["cpu"]["batch_size"]
+    a = common.parse_args(mocov3.Args, mocov3.PRESETS, ["--data", "cifar10"])
+    assert a.preset == "cifar" and a.stem == "small" and a.img_size == 32
+    a = common.parse_args(mocov3.Args, mocov3.PRESETS, ["--data", "/imagenet"])
+    assert a.preset == "imagenet" and a.batch_size == 4096 and a.arch == "resnet50"
+    with pytest.raises(common.BadInput, match="unknown preset"):
+        common.parse_args(mocov3.Args, mocov3.PRESETS, ["--preset", "nope"])
+
+
+def test_every_args_field_has_a_doc():
+    docs = common.field_docs(mocov3.Args)
+    missing = [f.name for f in dataclasses.fields(mocov3.Args) if not docs.get(f.name)]
+    assert not missing
+
+
+def test_atomic_save_never_leaves_a_broken_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pth")
+    common.save_atomic({"a": torch.ones(2)}, path)
+
+    def crash(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        common.save_atomic({"a": torch.zeros(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+
+
+def test_rng_state_roundtrip_through_weights_only_load(tmp_path):
+    common.seed_everything(3)
+    state = common.rng_state()
+    common.save_atomic(state, str(tmp_path / "rng.pth"))
+    expected = (torch.rand(2), np.random.rand(), __import__("random").random())
+    common.set_rng_state(torch.load(str(tmp_path / "rng.pth"), weights_only=True))
+    assert torch.equal(torch.rand(2), expected[0]) and np.random.rand() == expected[1]
+    assert __import__("random").random() == expected[2]
+
+
+def test_knn_predict_matches_numpy():
+    g = torch.Generator().manual_seed(0)
+    bank = torch.nn.functional.normalize(torch.randn(30, 4, generator=g), dim=1)
+    labels = torch.randint(0, 3, (30,), generator=g)
+    q = torch.nn.functional.normalize(torch.randn(5, 4, generator=g), dim=1)
+    scores = common.knn_predict(q, bank, labels, 3, k=7, t=0.1).numpy()
+    sim = q.numpy() @ bank.numpy().T
+    for i in range(5):
+        nn_idx = np.argsort(-sim[i])[:7]
+        expected = np.zeros(3)
+        for j in nn_idx:
+            expected[labels[j]] += np.exp(sim[i, j] / 0.1)
+        assert np.allclose(scores[i], expected, rtol=1e-5)
+
+
+def test_load_backbone_rejects_foreign_files(tmp_path):
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "x.pth")
+    with pytest.raises(common.BadInput, match="not a compatible checkpoint"):
+        common.load_backbone(str(tmp_path / "x.pth"))
+    with pytest.raises(common.BadInput, match="not found"):
+        common.load_backbone(str(tmp_path / "missing.pth"))
+
+
+def test_all_gather_is_identity_without_process_group():
+    x = torch.randn(3, 2)
+    assert common.all_gather_nograd(x) is x and common.get_world_size() == 1 and common.get_rank() == 0
+    assert "RANK" not in os.environ or os.environ["WORLD_SIZE"] == "1"
