@@ -12,6 +12,7 @@ import argparse
 import ast
 import dataclasses
 import inspect
+import io
 import json
 import math
 import os
@@ -97,6 +98,12 @@ class CommonArgs:
     """also save checkpoint.pth every N steps (0 = at the end of each epoch only)"""
     synthetic_size: int = 2560
     """number of images in the synthetic train split (val split: a fifth of it)"""
+    subset: int = 0
+    """pretrain on N train images: seeded, class-balanced, nested (the 1k subset lies inside the 2k one); 0 = all"""
+    corrupt: str = ""
+    """corrupt each pretraining image once, deterministically: jpeg:Q, downsample:F, saltpepper:P, blur:S (comma-separated)"""
+    mix_fraction: float = 0.5
+    """with --data A,B (two domains): the share of --subset drawn from A (without --subset both are used whole)"""
 
 
 def field_docs(cls):
@@ -147,6 +154,7 @@ def parse_args(cls, presets, argv=None):
         raise BadInput(f"unknown stem {args.stem!r}; choose from imagenet, small")
     if args.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise BadInput(f"unknown precision {args.precision!r}; choose from auto, fp32, bf16, fp16")
+    parse_corruptions(args.corrupt)  # fail before any work
     return args
 
 
@@ -469,10 +477,10 @@ class FlatFolder(torch.utils.data.Dataset):
         return load_image(self.files[i]), -1
 
 
-def load_dataset(args, split):
+def load_dataset(args, split, name=None):
     """Base dataset of (PIL image, label) for split 'train' or 'val' (None if there is no such split).
-    Label -1 means unlabeled."""
-    name = args.data
+    Label -1 means unlabeled. With --data A,B the val split is A's."""
+    name = name or args.data.split(",")[0]
     if name == "synthetic":
         return Synthetic(args.synthetic_size if split == "train" else max(args.synthetic_size // 5, 10), split, args.seed)
     if name in ("cifar10", "cifar100", "stl10"):
@@ -524,9 +532,99 @@ class Views(torch.utils.data.Dataset):
             return self.transform(img), label
 
 
+class Subset(torch.utils.data.Dataset):
+    """base restricted to `indices`, labels shifted by `offset` (to keep two domains' classes apart)."""
+    def __init__(self, base, indices, offset=0):
+        self.base, self.indices, labels = base, list(indices), labels_of(base)
+        self.targets = [labels[i] + offset if labels[i] >= 0 else -1 for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[self.indices[i]][0], self.targets[i]
+
+
+def balanced_order(labels, seed):
+    """Seeded order of indices, round-robin over classes: every prefix is class-balanced and contains
+    every shorter prefix, so `order[:n]` gives nested subsets."""
+    rng, labels = np.random.default_rng(seed), np.asarray(labels)
+    perms = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    return [int(p[r]) for r in range(max(map(len, perms))) for p in perms if r < len(p)]
+
+
+CORRUPTIONS = {"jpeg": lambda q: q == int(q) and 1 <= q <= 100, "downsample": lambda f: f >= 1,
+               "saltpepper": lambda p: 0 <= p <= 1, "blur": lambda s: s > 0}
+
+
+def parse_corruptions(spec):
+    """'jpeg:10,blur:2' -> [('jpeg', 10.0), ('blur', 2.0)]; BadInput on an unknown name or bad value."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition(":")
+        try:
+            ok = name in CORRUPTIONS and CORRUPTIONS[name](float(value))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise BadInput(f"bad --corrupt spec {item!r}: use jpeg:Q (1-100), downsample:F (>= 1), "
+                           f"saltpepper:P (0-1) or blur:S (> 0)")
+        out.append((name, float(value)))
+    return out
+
+
+def corrupt_image(img, specs, rng):
+    """Apply the corruptions in order (the study's JPEG, resolution, salt-and-pepper and blur lenses)."""
+    for name, v in specs:
+        if name == "jpeg":
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=int(v))
+            img = Image.open(buf).convert("RGB")
+        elif name == "downsample":  # down by F, back up bilinear: lower resolution at the same size
+            w, h = img.size
+            img = img.resize((max(1, round(w / v)), max(1, round(h / v))), Image.BILINEAR).resize((w, h), Image.BILINEAR)
+        elif name == "saltpepper":
+            a, u = np.array(img), rng.random(img.size[::-1])  # u: [H, W]
+            a[u < v / 2], a[(u >= v / 2) & (u < v)] = 0, 255
+            img = Image.fromarray(a)
+        else:
+            img = img.filter(ImageFilter.GaussianBlur(v))
+    return img
+
+
+class Corrupted(torch.utils.data.Dataset):
+    """Corrupts base[i] with an RNG seeded by (seed, i): the same stored image every epoch, in every worker."""
+    def __init__(self, base, specs, seed=0):
+        self.base, self.specs, self.seed, self.targets = base, specs, seed, labels_of(base)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return corrupt_image(img, self.specs, np.random.default_rng([self.seed, i])), label
+
+
+def pretrain_base(args):
+    """The pretraining images: the train split of --data (A,B mixes two domains), then --subset, --corrupt."""
+    names, parts, offset = args.data.split(","), [], 0
+    shares = [args.subset] if len(names) == 1 else [round(args.subset * args.mix_fraction)] * 2
+    shares[-1] = args.subset - sum(shares[:-1])
+    for name, share in zip(names, shares):
+        ds = load_dataset(args, "train", name)
+        if share > len(ds):
+            raise BadInput(f"--subset asks for {share} images of {name}, which has {len(ds)}")
+        order = balanced_order(labels_of(ds), args.seed)[:share] if args.subset else range(len(ds))
+        parts.append(Subset(ds, sorted(order), offset))
+        offset += num_classes(ds) if min(labels_of(ds)) >= 0 else 0
+    base = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    base.targets = [t for p in parts for t in p.targets]
+    return Corrupted(base, parse_corruptions(args.corrupt), args.seed) if args.corrupt else base
+
+
 def pretrain_data(args, run, transform):
     """The pretraining dataset (train split with `transform`) and steps per epoch."""
-    ds = Views(load_dataset(args, "train"), transform, args.seed)
+    ds = Views(pretrain_base(args), transform, args.seed)
     steps = len(ds) // args.batch_size
     if steps == 0:
         raise BadInput(f"--batch-size {args.batch_size} is larger than the dataset ({len(ds)} images)")

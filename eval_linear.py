@@ -22,6 +22,7 @@ The last line printed is a JSON summary with top1 and top5 (percent).
 """
 import dataclasses
 import json
+import os
 import sys
 
 import torch
@@ -51,6 +52,12 @@ class Args(common.CommonArgs):
     """sgd (the protocol's optimizer)"""
     bn_head: bool = False
     """put a BatchNorm1d(affine=False) before the linear head (less sensitive to the lr)"""
+    labels_per_class: int = 0
+    """train the head (and fill the kNN bank) with K seeded labeled images per class (0 = all)"""
+    granularity: str = "fine"
+    """fine (the dataset's classes) or coarse (CIFAR-100: 20 superclasses; synthetic: 3 shape families; folders: --coarse-map)"""
+    coarse_map: str = ""
+    """JSON file {class folder name: coarse class name} for --granularity coarse on an image folder"""
 
 
 PRESETS = {
@@ -69,6 +76,61 @@ def check_meta(args, meta, flags_given):
             raise common.BadInput(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the pretrained "
                                   f"file, which was made with {key}={meta[key]}")
         setattr(args, key, meta[key])
+
+
+SYNTHETIC_COARSE = {"disk": "round", "ring": "round", "crescent": "round", "square": "polygon", "frame": "polygon",
+                    "triangle": "polygon", "plus": "stroke", "star": "stroke", "bar": "stroke", "ell": "stroke"}
+
+
+def coarse_labels(args, ds):
+    """Coarse label of every image of ds (the granularity lens of Cole et al.)."""
+    if args.data == "cifar100":  # torchvision keeps only the fine labels; the coarse ones are in the same file
+        import pickle
+        name = (ds.train_list if ds.train else ds.test_list)[0][0]
+        with open(os.path.join(ds.root, ds.base_folder, name), "rb") as f:
+            return pickle.load(f, encoding="latin1")["coarse_labels"]
+    if args.data == "synthetic":
+        mapping = SYNTHETIC_COARSE
+    elif args.coarse_map:
+        try:
+            mapping = json.load(open(args.coarse_map))
+        except (OSError, ValueError) as e:
+            raise common.BadInput(f"cannot read --coarse-map {args.coarse_map}: {e}") from None
+    else:
+        raise common.BadInput("--granularity coarse needs cifar100, synthetic, or an image folder with --coarse-map")
+    missing = sorted(set(ds.classes) - set(mapping))
+    if missing:
+        raise common.BadInput(f"--coarse-map has no coarse class for {missing[:5]}")
+    names = sorted(set(mapping[c] for c in ds.classes))
+    return [names.index(mapping[ds.classes[y]]) for y in common.labels_of(ds)]
+
+
+def eval_splits(args):
+    """(train, val) labeled datasets after --granularity, --labels-per-class and (train only) --corrupt."""
+    train, val = common.load_dataset(args, "train"), common.load_dataset(args, "val")
+    if val is None or min(common.labels_of(train)) < 0:
+        raise common.BadInput(f"{args.data} has no labeled train and val split to evaluate on")
+    if args.granularity not in ("fine", "coarse"):
+        raise common.BadInput(f"unknown granularity {args.granularity!r}; choose from fine, coarse")
+    if args.granularity == "coarse":
+        train, val = (Relabeled(ds, coarse_labels(args, ds)) for ds in (train, val))
+    if args.labels_per_class:
+        order = common.balanced_order(common.labels_of(train), args.seed)
+        train = common.Subset(train, sorted(order[:args.labels_per_class * common.num_classes(train)]))
+    if args.corrupt:  # the supervised baseline trains on the same corrupted images; val stays clean
+        train = common.Corrupted(train, common.parse_corruptions(args.corrupt), args.seed)
+    return train, val
+
+
+class Relabeled(torch.utils.data.Dataset):
+    def __init__(self, base, targets):
+        self.base, self.targets = base, targets
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        return self.base[i][0], self.targets[i]
 
 
 @torch.no_grad()
@@ -114,13 +176,13 @@ def main(argv=None):
     net = net.to(run.device)
 
     # ---- data
-    train_base, val_base = common.load_dataset(args, "train"), common.load_dataset(args, "val")
-    if val_base is None or min(common.labels_of(train_base)) < 0:
-        raise common.BadInput(f"{args.data} has no labeled train and val split to evaluate on")
+    train_base, val_base = eval_splits(args)
     val_ds = common.Views(val_base, common.eval_transform(args.img_size))
-    protocol = {"knn": f"weighted kNN k={args.knn_k} T={args.knn_t}, {args.data}, {args.img_size}px",
-                "linear": f"linear probe (MoCo v3 protocol), {args.epochs} ep, {args.data}, {args.img_size}px",
-                "finetune": f"fine-tune, {args.epochs} ep, {args.data}, {args.img_size}px"}[args.mode]
+    protocol = {"knn": f"weighted kNN k={args.knn_k} T={args.knn_t}", "finetune": f"fine-tune {args.epochs} ep",
+                "linear": f"linear probe (MoCo v3 protocol) {args.epochs} ep"}[args.mode]
+    protocol += f", {args.data}, {args.img_size}px, {args.granularity} labels" + (
+        f", {args.labels_per_class} labels/class" if args.labels_per_class else "") + (
+        f", train images corrupted {args.corrupt}" if args.corrupt else "")
     if args.mode == "knn":
         top1, top5 = common.knn_eval(net, common.Views(train_base, common.eval_transform(args.img_size)), val_ds,
                                      run, args.knn_k, args.knn_t)

@@ -182,8 +182,8 @@ def main(argv=None):
             with run.autocast():
                 loss = step_model(x1, x2, m)
             common.optimizer_step(loss, optimizer, scaler)
-            step += 1
-            log.log_step(step, e + 1 / steps_per_epoch, loss.detach(), lr=lr, momentum=m)
+            loss, step = loss.detach(), step + 1
+            log.log_step(step, e + 1 / steps_per_epoch, loss, lr=lr, momentum=m)
             if args.save_every and step % args.save_every == 0:
                 common.save_checkpoint(run, step, epoch, float(loss), model=model, optimizer=optimizer, scaler=scaler)
             if step == log.total:

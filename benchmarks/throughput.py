@@ -1,0 +1,113 @@
+"""Throughput of every method at the same arch, global batch, image size and precision.
+
+Runs each training script for --steps optimizer steps on synthetic data (kNN off) and reads the
+JSON summary line: source images/s and step time measured after 2 warm-up steps, peak memory
+(CUDA allocator peak on GPU, process peak RSS on CPU). Writes a markdown table (and prints it):
+
+  python benchmarks/throughput.py                                   # CPU: resnet18, 64 px, batch 32
+  python benchmarks/throughput.py --arch resnet50 --img-size 224 --batch-size 256 --steps 30 \\
+      --precision bf16 --channels-last --out benchmarks/results/throughput_gpu.md   # one GPU
+  python benchmarks/throughput.py --switches                        # also the gain of each speed switch
+
+Each configuration runs --repeats times; the table reports the median step time.
+"""
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (label, script, extra flags, baseline label): the overhead targets of the issues
+CONFIGS = [
+    ("mocov3", "mocov3.py", [], None),
+    ("fast_moco", "fast_moco.py", [], "mocov3"),
+    ("densecl (MoCo v2 mode, --dense-weight 0)", "densecl.py", ["--dense-weight", "0"], None),
+    ("densecl", "densecl.py", [], "densecl (MoCo v2 mode, --dense-weight 0)"),
+    ("detcon (grid masks)", "detcon.py", ["--masks", "grid"], "mocov3"),
+    ("detcon (fh masks)", "detcon.py", ["--masks", "fh"], "mocov3"),
+    ("rotation_aux", "rotation_aux.py", [], "mocov3"),
+]
+TARGETS = {"fast_moco": 1.10, "densecl": 1.05, "detcon (grid masks)": 1.10, "detcon (fh masks)": 1.10,
+           "rotation_aux": 1.9}
+
+
+def run(script, flags, env=None):
+    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True,
+                       cwd=ROOT, env={**os.environ, **(env or {})})
+    if p.returncode:
+        raise SystemExit(f"{script} {' '.join(flags)} failed:\n{p.stderr[-2000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def measure(script, flags, repeats):
+    recs = [run(script, flags) for _ in range(repeats)]
+    rec = sorted(recs, key=lambda r: r["step_ms"])[len(recs) // 2]  # the median run
+    rec["step_ms_all"] = [round(r["step_ms"], 1) for r in recs]
+    return rec
+
+
+def device_name():
+    import torch
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name()
+    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--arch", default="resnet18")
+    ap.add_argument("--img-size", type=int, default=64)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--precision", default="fp32")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stem", default="imagenet")
+    ap.add_argument("--methods", default="", help="comma-separated labels to run (default: all present)")
+    ap.add_argument("--switches", action="store_true", help="also measure channels_last and compile on mocov3")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "throughput_cpu.md"))
+    a = ap.parse_args()
+    common = ["--data", "synthetic", "--arch", a.arch, "--stem", a.stem, "--img-size", str(a.img_size),
+              "--batch-size", str(a.batch_size), "--max-steps", str(a.steps), "--precision", a.precision,
+              "--workers", str(a.workers), "--knn-every", "0", "--log-every", str(a.steps),
+              "--output-dir", os.path.join(ROOT, "runs", "bench"), "--synthetic-size", str(a.batch_size * (a.steps + 1))]
+    common += ["--channels-last"] * a.channels_last + ["--compile"] * a.compile
+    wanted = set(a.methods.split(",")) if a.methods else None
+    results = {}
+    for label, script, extra, _ in CONFIGS:
+        if not os.path.exists(os.path.join(ROOT, script)) or (wanted and label not in wanted):
+            continue
+        results[label] = measure(script, common + extra, a.repeats)
+        print(label, results[label]["step_ms_all"], flush=True)
+    cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
+    lines = [f"Device: {device_name()}. Command: `{cmd.strip()}`. {a.arch}, {a.stem} stem, {a.img_size} px, "
+             f"global batch {a.batch_size}, {a.precision}{', channels_last' if a.channels_last else ''}"
+             f"{', compile' if a.compile else ''}; {a.steps} steps per run (2 warm-up steps excluded), median of "
+             f"{a.repeats} runs.", "",
+             "| method | img/s | step ms | peak mem MB | vs baseline | target |", "|---|---|---|---|---|---|"]
+    for label, script, extra, base in CONFIGS:
+        if label not in results:
+            continue
+        r = results[label]
+        ratio = f"{r['step_ms'] / results[base]['step_ms']:.2f}x {base.split(' ')[0]}" if base in results else "-"
+        target = f"<= {TARGETS[label]:.2f}x" if label in TARGETS else "-"
+        lines.append(f"| {label} | {r['img_per_s']:.1f} | {r['step_ms']:.0f} | {r['peak_mem_mb']:.0f} | {ratio} | {target} |")
+    if a.switches and "mocov3" in results:
+        lines += ["", "Speed switches on mocov3.py (same settings):", "",
+                  "| switch | step ms | gain |", "|---|---|---|", f"| none | {results['mocov3']['step_ms']:.0f} | - |"]
+        for flags in (["--channels-last"], ["--compile"], ["--channels-last", "--compile"]):
+            r = measure("mocov3.py", common + flags, a.repeats)
+            lines.append(f"| {' '.join(flags)} | {r['step_ms']:.0f} | {results['mocov3']['step_ms'] / r['step_ms']:.2f}x |")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
