@@ -415,22 +415,24 @@ def _shape_mask(k, u, v):
 
 
 def render_synthetic(seed, index, px=SYNTH_PX):
-    """One deterministic image: a large main shape (the label) plus 0-2 small distractor shapes on a
-    striped, noisy background; colours, positions, sizes and small rotations are random."""
+    """One deterministic image: a large main shape (the label) in a colour contrasting with a faintly
+    striped background, plus 0-2 small distractor shapes; colours, positions, sizes and small
+    rotations are random, so only the main shape's form identifies the class."""
     rng = np.random.default_rng([seed, index])
     label = index % len(SHAPES)  # balanced classes
     y, x = np.mgrid[0:px, 0:px] / px * 2 - 1  # [px, px] each, in [-1, 1]
     freq, angle = rng.uniform(2, 8), rng.uniform(0, np.pi)
-    stripes = 0.5 + 0.5 * np.sin(freq * (x * np.cos(angle) + y * np.sin(angle)) * np.pi + rng.uniform(0, 6.3))
-    c1, c2 = rng.uniform(0, 1, 3), rng.uniform(0, 1, 3)
-    img = c1 + (c2 - c1) * stripes[..., None]  # [px, px, 3]
-    shapes = [(int(rng.integers(len(SHAPES))), rng.uniform(0.14, 0.22), rng.uniform(-0.75, 0.75, 2))
+    stripes = np.sin(freq * (x * np.cos(angle) + y * np.sin(angle)) * np.pi + rng.uniform(0, 6.3))  # [px, px]
+    background = rng.uniform(0.1, 0.9, 3)
+    img = background + 0.1 * stripes[..., None] * rng.uniform(-1, 1, 3)  # [px, px, 3]; faint texture
+    shapes = [(int(rng.integers(len(SHAPES))), rng.uniform(0.12, 0.2), rng.uniform(-0.75, 0.75, 2), rng.uniform(0, 1, 3))
               for _ in range(rng.integers(0, 3))]
-    shapes.append((label, rng.uniform(0.32, 0.45), rng.uniform(-0.2, 0.2, 2)))  # main shape drawn last, on top
-    for k, scale, (cx, cy) in shapes:
+    main_colour = np.clip(1 - background + rng.uniform(-0.15, 0.15, 3), 0, 1)  # contrasting: the shape stands out
+    shapes.append((label, rng.uniform(0.45, 0.6), rng.uniform(-0.15, 0.15, 2), main_colour))  # drawn last, on top
+    for k, scale, (cx, cy), colour in shapes:
         t = rng.uniform(-0.5, 0.5)  # rotation (rad): small enough to keep square and frame upright-ish
         u, v = ((x - cx) * np.cos(t) + (y - cy) * np.sin(t)) / scale, (-(x - cx) * np.sin(t) + (y - cy) * np.cos(t)) / scale
-        img[_shape_mask(k, u, v)] = rng.uniform(0, 1, 3)
+        img[_shape_mask(k, u, v)] = colour
     img = img + rng.normal(0, 0.04, img.shape)  # sensor-like noise so flat regions are not trivially equal
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label
 
@@ -897,7 +899,7 @@ class Logger:
         self.start = self.step = start_step
         self.last = {}
         self.t_last = self.t0 = time.perf_counter()
-        self.t_warm, self.data_time, self.n_since, self.excluded = None, 0.0, 0, 0.0
+        self.t_warm, self.data_time, self.n_since, self.excluded, self.eval_s = None, 0.0, 0, 0.0, 0.0
         self.file = open(os.path.join(run.out, "log.jsonl"), "a") if run.main else None
 
     def timed(self, loader):
@@ -945,11 +947,13 @@ class Logger:
             self.write(rec)
 
     def log_eval(self, step, epoch, seconds, **metrics):
-        """Log evaluation metrics; `seconds` spent evaluating are left out of img/s and step_ms."""
-        rec = {"step": step, "epoch": epoch, **metrics}
+        """Log evaluation metrics; `seconds` spent evaluating are left out of img/s and step_ms.
+        `train_s` is the training wall-clock so far (evaluation excluded), for equal-time comparisons."""
+        self.eval_s += seconds
+        rec = {"step": step, "epoch": epoch, **metrics, "train_s": time.perf_counter() - self.t0 - self.eval_s}
         self.last.update(metrics)
         if self.run.main:
-            print(" ".join(f"{k} {v:.2f}" for k, v in rec.items()), flush=True)
+            print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
             self.write(rec)
         self.t_last += seconds
         self.excluded += seconds if self.t_warm else 0.0

@@ -1,0 +1,108 @@
+"""Cole et al. (CVPR 2022) in miniature: data quantity, domain, quality and label granularity.
+
+Pretrains mocov3.py (or --method) on imagenette at a CPU budget under each setting, then probes
+on the clean imagenette val split; the supervised baseline (`eval_linear.py --pretrained none
+--mode finetune`) trains on the same (possibly corrupted) images. Every pretraining run gets the
+same number of optimizer steps, so the comparison is at equal compute. Writes a markdown table
+and a PNG.
+
+  python benchmarks/study.py                       # all lenses, ~1 h on 2 CPU cores
+  python benchmarks/study.py --lenses quantity     # one lens
+"""
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224")
+# imagenette's 10 classes grouped into 3 coarse classes (the granularity lens)
+COARSE = {"n01440764": "animal", "n02102040": "animal", "n02979186": "device", "n03000684": "device",
+          "n03394916": "device", "n03445777": "device", "n03028079": "structure_or_vehicle",
+          "n03417042": "structure_or_vehicle", "n03425413": "structure_or_vehicle", "n03888257": "structure_or_vehicle"}
+
+
+def run(script, *args):
+    p = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
+    if p.returncode:
+        raise SystemExit(f"{script} {' '.join(map(str, args))} failed:\n{p.stderr[-3000:]}")
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=IMAGENETTE)
+    ap.add_argument("--method", default="mocov3")
+    ap.add_argument("--lenses", default="quantity,quality,domain,granularity")
+    ap.add_argument("--steps", type=int, default=80, help="pretraining steps of every run (equal compute)")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--img-size", type=int, default=48)
+    ap.add_argument("--subsets", default="500,1000,2500")
+    ap.add_argument("--corruptions", default="jpeg:10,downsample:4,saltpepper:0.1,blur:2")
+    ap.add_argument("--probe-epochs", type=int, default=3)
+    ap.add_argument("--train-size", type=int, default=2500, help="images for the quality/domain/granularity runs")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "study"))
+    a = ap.parse_args()
+    data, runs = os.path.abspath(a.data), os.path.join(ROOT, "runs", "study")
+    common = ["--arch", "resnet18", "--stem", "imagenet", "--img-size", a.img_size, "--workers", "2"]
+    probe = [*common, "--data", data, "--batch-size", 128, "--epochs", a.probe_epochs]
+
+    def pretrain(name, subset, *extra):
+        epochs = math.ceil(a.steps / (subset // a.batch_size))  # the schedule ends where the step budget does
+        out = os.path.join(runs, name)
+        run(f"{a.method}.py", *common, "--preset", "cpu", "--data", data, "--subset", subset, "--epochs", epochs,
+            "--batch-size", a.batch_size, "--max-steps", a.steps, "--knn-every", 0, "--output-dir", out, *extra)
+        return os.path.join(out, "backbone.pth")
+
+    def linear(backbone, *extra):
+        return run("eval_linear.py", *probe, "--pretrained", backbone, "--mode", "linear",
+                   "--output-dir", os.path.join(os.path.dirname(backbone), "linear"), *extra)["top1"]
+
+    def supervised(name, *extra):
+        return run("eval_linear.py", *probe, "--pretrained", "none", "--mode", "finetune",
+                   "--output-dir", os.path.join(runs, name), *extra)["top1"]
+
+    rows, lenses = [], a.lenses.split(",")
+    if "quantity" in lenses:
+        for n in map(int, a.subsets.split(",")):
+            rows.append(("quantity", f"{n} pretraining images", linear(pretrain(f"n{n}", n)), None))
+    if "quality" in lenses:
+        clean = pretrain("clean", a.train_size)
+        rows.append(("quality", "clean", linear(clean), supervised("sup_clean", "--labels-per-class", a.train_size // 10)))
+        for spec in a.corruptions.split(","):
+            name = spec.replace(":", "")
+            rows.append(("quality", spec, linear(pretrain(name, a.train_size, "--corrupt", spec)),
+                         supervised(f"sup_{name}", "--labels-per-class", a.train_size // 10, "--corrupt", spec)))
+    if "domain" in lenses:
+        mixed = pretrain("mixed", a.train_size, "--data", f"{data},synthetic", "--synthetic-size", a.train_size)
+        rows.append(("domain", f"{a.train_size // 2} imagenette + {a.train_size // 2} synthetic", linear(mixed), None))
+        if "quality" not in lenses:
+            rows.append(("domain", f"{a.train_size} imagenette", linear(pretrain("clean", a.train_size)), None))
+    if "granularity" in lenses:
+        cmap = os.path.join(runs, "coarse_map.json")
+        os.makedirs(runs, exist_ok=True)
+        json.dump(COARSE, open(cmap, "w"))
+        backbone = os.path.join(runs, "clean", "backbone.pth")
+        backbone = backbone if os.path.exists(backbone) else pretrain("clean", a.train_size)
+        for g in ("fine", "coarse"):
+            rows.append(("granularity", f"{g} labels ({10 if g == 'fine' else 3} classes)",
+                         linear(backbone, "--granularity", g, "--coarse-map", cmap),
+                         supervised(f"sup_{g}", "--granularity", g, "--coarse-map", cmap)))
+    cmd = "python benchmarks/study.py " + " ".join(sys.argv[1:])
+    lines = [f"Command: `{cmd.strip()}`. {a.method}.py, ResNet-18, {a.img_size} px, {a.steps} pretraining steps "
+             f"at batch {a.batch_size} for every run (equal compute), imagenette train split (subsets balanced and "
+             f"nested; quality/domain/granularity runs on {a.train_size} images). SSL column: MoCo v3 linear "
+             f"protocol, {a.probe_epochs} epochs on the clean train split, top-1 on the clean val split. Supervised "
+             f"column: ResNet-18 from scratch, {a.probe_epochs} epochs on the same (corrupted) images, clean val.",
+             "", "| lens | pretraining data | SSL linear top-1 | supervised top-1 |", "|---|---|---|---|"]
+    for lens, setting, ssl, sup in rows:
+        lines.append(f"| {lens} | {setting} | {ssl:.1f} | {'-' if sup is None else f'{sup:.1f}'} |")
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    open(a.out + ".md", "w").write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
