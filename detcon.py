@@ -1,0 +1,498 @@
+"""DetCon: "Efficient Visual Pretraining with Contrastive Detection".
+
+Paper: Hénaff, Koppula, Alayrac, van den Oord, Vinyals, Carreira, ICCV 2021, arXiv:2103.10957.
+Official code (JAX): github.com/deepmind/detcon
+
+Idea: instead of one embedding per image, contrast one embedding per *object*. Unsupervised masks
+(Felzenszwalb-Huttenlocher segments, or a plain grid) are computed once on the un-augmented image
+and follow each view through the same crop and flip. The backbone's final feature map is averaged
+inside each mask; the pooled vectors go through the projector (and, for DetCon_B, a predictor
+against an EMA target). The loss pulls together the same mask seen in the two views and pushes
+apart every other mask of the global batch, both views. Many objects per image = many more
+contrastive pairs per forward pass, hence up to 10x less pretraining for the same COCO transfer.
+
+Kept from the official code: the loss term by term (targets of both views of the global batch as
+columns, same-view same-mask columns masked with -1e9, positive label mass split over duplicate
+draws, rows weighted 1/number of draws and 0 without a counterpart, two directions summed, tau 0.1),
+16 masks sampled per view uniformly over masks present in that view with replacement and shared by
+the online and target passes, BYOL heads and asymmetric augmentation, EMA 0.996 -> 1 (cosine),
+LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup, FH scale 1000 / min_size 1000 / sigma 0.8 at ImageNet
+resolution. Changed: FH runs in the loader workers (official: offline, stored with the images) on
+the image scaled to <= --fh-size px with its parameters scaled to that pixel count, results cached
+on disk for images >= 224 px; ids are int32 (the official uint8 cast merges ids > 255); masks are
+reduced to the feature grid by a majority vote per cell (= one-hot -> average-pool -> argmax); the
+EMA update runs at the start of a step (as in mocov3.py) rather than after it; DetCon_S keeps the
+gradient of the local targets (SimCLR-style). Backbones are torchvision's. The `cifar` and `cpu`
+presets are ours (final feature grid 4x4 via the small stem).
+
+Commands:
+  python detcon.py                                   # CPU smoke run on built-in synthetic data (~3 min)
+  python detcon.py --data /imagenet --show-masks masks.png   # look at the masks first (writes a PNG, exits)
+  python detcon.py --data /imagenet --batch-size 256 --epochs 100            # 1 GPU
+  torchrun --nproc_per_node=8 detcon.py --data /imagenet --resume auto       # 1 node
+  torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 \\
+      --nproc_per_node=8 detcon.py --data /imagenet --resume auto            # multi-node
+  python detcon.py --resume auto                     # continue the run in --output-dir
+  python detcon.py --variant S --masks grid          # DetCon_S on 5x5 grid masks (no scikit-image)
+
+Healthy loss: each direction is a mean over rows of weight x CE, and an image's row weights add up to
+its number of distinct sampled ids that also appear in the other view, so the start value is about
+2 * (matched distinct ids / 16) * ln(2 * B * 16): ~12 for R50 at 224 px, B 4096 (~8 of ~12 FH masks
+matched); ~2-2.6 in the cpu preset (B 32, 4x4 grid, ~3 masks per view), where it drifts down slowly
+and noisily (1.9 at step 40). The level moves with the number of matched masks (logged as `matched`,
+the share of rows with a positive), so compare runs at equal image size, grid and mask settings.
+"""
+import copy
+import dataclasses
+import hashlib
+import os
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+from torchvision import transforms as T
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+import common
+from common import BadInput
+
+
+@dataclasses.dataclass
+class Args(common.CommonArgs):
+    arch: str = "resnet50"
+    """backbone: resnet18, resnet50 (official: resnet50), vit_small, vit_base"""
+    epochs: int = 1000
+    """pretraining epochs (ImageNet: 1000 for the headline DetCon_B result, 300 also reported)"""
+    batch_size: int = 4096
+    """global batch over all processes (ImageNet: 4096)"""
+    optimizer: str = "lars"
+    """lars (official), sgd or adamw"""
+    lr: float = 0.2
+    """base lr for batch 256, scaled by batch/256 (ImageNet: 0.2, from BYOL)"""
+    wd: float = 1.5e-6
+    """weight decay (ImageNet: 1.5e-6; biases and norm weights are excluded)"""
+    warmup_epochs: float = -1
+    """linear lr warmup epochs before the cosine decay; -1 = 0.01 x --epochs (official: 10 of 1000)"""
+    trust_coefficient: float = 0.001
+    """LARS trust coefficient (ImageNet: 0.001; raise to 0.02 for small batches/images)"""
+    temperature: float = 0.1
+    """softmax temperature tau of the contrastive-detection loss (official: 0.1, fixed)"""
+    momentum: float = 0.996
+    """initial EMA coefficient of the target network (DetCon_B), cosine-scheduled to 1 (official: 0.996)"""
+    proj_dim: int = 256
+    """output dim of projector and predictor (official: 256)"""
+    mlp_dim: int = 4096
+    """hidden dim of projector and predictor (official: 4096)"""
+    crop_min: float = 0.08
+    """lower bound of RandomResizedCrop's scale (BYOL/DetCon: 0.08)"""
+    blur: bool = True
+    """Gaussian blur in the augmentation (off for 32-px images, which are already blurry)"""
+    freeze_patch_proj: bool = True
+    """ViT only: keep the random patch projection frozen (MoCo v3's stability trick)"""
+    variant: str = "B"
+    """B = DetCon_B (BYOL-style: predictor + EMA target), S = DetCon_S (SimCLR-style: online outputs only)"""
+    masks: str = "fh"
+    """fh = Felzenszwalb-Huttenlocher segments (needs scikit-image), grid = n x n grid (no dependency)"""
+    grid_masks: int = 5
+    """n of the n x n grid masks (--masks grid; the paper's spatial-heuristic baseline masks)"""
+    num_masks: int = 16
+    """mask ids sampled per view (with replacement, among masks present in the view; official: 16)"""
+    fh_size: int = 128
+    """FH runs on the un-augmented image scaled so its longer side is <= this (0 = native size); FH cost grows
+    faster than the pixel count and the masks are used at the feature-grid resolution"""
+    fh_scale: float = 0
+    """FH scale; 0 = 1000 x (pixels / 400x350)^0.4: the official 1000 at ImageNet size, ~300 at 64-96 px"""
+    fh_min_size: int = 0
+    """FH min_size; 0 = 1000 x pixels / (400x350): the official 1000 at ImageNet size, ~50 at 80 px"""
+    fh_sigma: float = 0.8
+    """FH Gaussian pre-smoothing (official: 0.8)"""
+    mask_cache: str = "auto"
+    """auto = cache FH masks in <output-dir>/fh_cache for images >= 224 px; a directory = cache every image
+    there (reuse it across runs on the same data); off = never. Delete the cache when the data changes"""
+    show_masks: str = ""
+    """write a PNG of a few images, their two views and the masks on each view to this path, then exit"""
+
+
+PRESETS = {
+    "imagenet": {},
+    # ours: BYOL's solo-learn CIFAR recipe with DetCon's loss; small stem keeps the 32-px grid at 4x4
+    "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, lr=1.0, trust_coefficient=0.02,
+                  wd=1e-5, momentum=0.99, blur=False, epochs=1000, warmup_epochs=10, knn_every=10),
+    # ours: ~3 minutes on 2 CPU cores; small stem at 32 px gives a 4x4 final grid (SPEC: >= 4x4)
+    # (32 px through the small stem costs 4x mocov3's 64-px cpu preset per image, hence fewer images)
+    "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=32, epochs=2, lr=0.6,
+                trust_coefficient=0.02, warmup_epochs=0.5, momentum=0.99, crop_min=0.3, blur=False,
+                mlp_dim=1024, workers=2, log_every=10, synthetic_size=1280),
+}
+
+
+# ---------------------------------------------------------------------------- masks (method-specific data)
+
+FH_REF_PIXELS = 400 * 350  # a typical ImageNet image: where the official scale / min_size (1000 / 1000) apply
+
+
+def fh_params(h, w):
+    """FH (scale, min_size) for an h x w image: the official values at ImageNet size, scaled with the pixel
+    count (min_size linearly: it is an area; scale sub-linearly, measured to keep ~10-15 segments per image)."""
+    r = h * w / FH_REF_PIXELS
+    return 1000.0 * r ** 0.4, max(int(1000 * r), 5)
+
+
+def _felzenszwalb():
+    try:  # optional dependency, imported lazily (SPEC section 9)
+        from skimage.segmentation import felzenszwalb
+    except ImportError:
+        raise BadInput("--masks fh needs scikit-image: pip install scikit-image (or use --masks grid, "
+                       "which needs nothing)") from None
+    return felzenszwalb
+
+
+def fh_segments(img, fh_size=128, scale=0.0, min_size=0, sigma=0.8):
+    """FH segments of a PIL image at <= fh_size px (longer side) -> int32 ids [h', w'], 0..n-1."""
+    w, h = img.size
+    f = fh_size / max(h, w) if fh_size else 1.0
+    if f < 1:
+        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
+    auto_scale, auto_min = fh_params(img.height, img.width)
+    ids = _felzenszwalb()(np.asarray(img), scale=scale or auto_scale, sigma=sigma, min_size=min_size or auto_min)
+    return ids.astype(np.int32)  # never uint8: the official cast merges ids > 255
+
+
+def grid_mask(h, w, n=5):
+    """n x n grid of ids [h, w] int32, 0..n^2-1 (the dependency-free fallback)."""
+    return ((np.arange(h) * n // h)[:, None] * n + (np.arange(w) * n // w)[None, :]).astype(np.int32)
+
+
+class MaskedImages(torch.utils.data.Dataset):
+    """base[i] = (PIL image, label) -> ((image, ids [H, W] int32), label). The mask is computed from the
+    un-augmented image, in the loader worker; FH masks of large images go through a disk cache keyed by index
+    (16-bit PNG at FH resolution, recomputed when its size does not match the image)."""
+    def __init__(self, base, args, cache_dir=None, cache_min_side=224):
+        self.base, self.args, self.cache_dir, self.cache_min_side = base, args, cache_dir, cache_min_side
+        if args.masks == "fh":
+            _felzenszwalb()  # fail early, in the main process, when scikit-image is missing
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return (img, self.mask(img, i)), label
+
+    def mask(self, img, i):
+        w, h = img.size
+        a = self.args
+        if a.masks == "grid":
+            return torch.from_numpy(grid_mask(h, w, a.grid_masks))
+        cached = self.cache_dir and min(h, w) >= self.cache_min_side
+        path, ids = os.path.join(self.cache_dir, f"{i}.png") if cached else None, None
+        if path and os.path.isfile(path):  # written atomically: never half a file
+            ids = np.asarray(Image.open(path), dtype=np.int32)
+        f = min(1.0, a.fh_size / max(h, w)) if a.fh_size else 1.0
+        fh_hw = (max(1, round(h * f)), max(1, round(w * f))) if f < 1 else (h, w)
+        if ids is None or ids.shape != fh_hw:
+            ids = fh_segments(img, a.fh_size, a.fh_scale, a.fh_min_size, a.fh_sigma)
+            if path and ids.max() < 2**16:
+                os.makedirs(self.cache_dir, exist_ok=True)
+                tmp = f"{path}.tmp{os.getpid()}.png"
+                Image.fromarray(ids.astype(np.uint16)).save(tmp)
+                os.replace(tmp, path)  # atomic: another worker/rank never reads half a file
+        if ids.shape != (h, w):  # back to image size, nearest, so crop boxes apply to image and mask alike
+            ids = ids[(np.arange(h) * ids.shape[0] // h)[:, None], (np.arange(w) * ids.shape[1] // w)[None, :]]
+        return torch.from_numpy(np.ascontiguousarray(ids))
+
+
+def reduce_mask(mask, grid):
+    """Integer ids [..., H, W] -> [..., S, S] long, S = grid: the id owning most pixels of each cell. This is
+    one-hot -> average-pool -> argmax (ties -> lowest id) without the [K, H, W] one-hot tensor."""
+    *lead, h, w = mask.shape
+    m = mask.reshape(-1, h * w).long()  # [N, H*W]
+    k = int(m.max()) + 1
+    cell = ((torch.arange(h) * grid // h)[:, None] * grid + (torch.arange(w) * grid // w)[None, :]).flatten()  # [H*W]
+    counts = torch.zeros(m.shape[0], grid * grid * k, dtype=torch.long, device=m.device)
+    counts.scatter_add_(1, cell.to(m.device)[None] * k + m, torch.ones_like(m))  # [N, S*S*K] pixels per (cell, id)
+    return counts.view(-1, grid * grid, k).argmax(-1).view(*lead, grid, grid)
+
+
+def photometric(view):
+    """common.ssl_view without its geometry: colour jitter, grayscale, blur, solarize, to tensor, normalise."""
+    return T.Compose([t for t in view.transforms if not isinstance(t, (T.RandomResizedCrop, T.RandomHorizontalFlip))])
+
+
+class JointViews:
+    """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]). Each view: ONE crop box and ONE flip applied
+    to image (bilinear) and mask (nearest) alike; colour, blur and solarize touch the image only (BYOL's
+    asymmetric pair, as MoCo v3). Both views keep the image's ids, relabelled jointly to 0..U-1 (U <= 2 S^2)."""
+    def __init__(self, img_size, crop_min, blur, grid):
+        self.geometry = v2.Compose([v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True),
+                                    v2.RandomHorizontalFlip()])
+        pair = common.byol_views(img_size, crop_min, blur)
+        self.colour, self.grid = (photometric(pair.t1), photometric(pair.t2)), grid
+
+    def views(self, img, ids):
+        """Full-resolution views and masks (the --show-masks picture uses these)."""
+        out = []
+        for colour in self.colour:
+            view, mask = self.geometry(img, tv_tensors.Mask(ids[None]))  # the same box and flip for both
+            out += [colour(view), mask[0].as_subclass(torch.Tensor)]  # [3, H, W], [H, W]
+        return out
+
+    def __call__(self, sample):
+        v1, m1, v2_, m2 = self.views(*sample)
+        cells = reduce_mask(torch.stack([m1, m2]), self.grid)  # [2, S, S]
+        _, cells = torch.unique(cells, return_inverse=True)  # joint relabel: id k is the same region in both views
+        return v1, cells[0], v2_, cells[1]
+
+
+# ---------------------------------------------------------------------------- the method
+
+
+def sample_ids(mask, num):
+    """mask [N, S, S] ids < 2 S^2 -> [N, num] ids drawn uniformly with replacement among the masks that own at
+    least one cell of this view (every image has one: every cell belongs to some id)."""
+    exists = torch.zeros(mask.shape[0], 2 * mask[0].numel(), device=mask.device)  # [N, K]: static K, no host sync
+    exists.scatter_(1, mask.flatten(1), 1.0)  # [N, K] 1 where the id owns >= 1 cell
+    return torch.multinomial(exists, num, replacement=True)  # [N, num]
+
+
+def mask_pool(fmap, mask, ids):
+    """Average of the feature map [N, C, S, S] over the cells of each sampled id (mask [N, S, S], ids [N, M])
+    -> [N, M, C]."""
+    if fmap.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"feature map {tuple(fmap.shape[-2:])} and mask grid {tuple(mask.shape[-2:])} differ")
+    sel = (mask.flatten(1)[:, None, :] == ids[:, :, None]).to(fmap.dtype)  # [N, M, S*S]
+    sel = sel / sel.sum(-1, keepdim=True).clamp(min=1)  # [N, M, S*S], rows sum to 1
+    return torch.bmm(sel, fmap.flatten(2).transpose(1, 2))  # [N, M, C]
+
+
+def mlp(in_dim, hidden, out_dim):
+    """BYOL head: Linear -> BN -> ReLU -> Linear (with biases)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+
+
+def row_weights(ids, ids_other):
+    """[B, M] weight of each row: 0 if its id was not drawn in the other view (no positive), else 1 / (number
+    of draws of that id in its own view), so every matched mask counts once whatever its draw count."""
+    has_pos = (ids[:, :, None] == ids_other[:, None, :]).any(-1)  # [B, M]
+    draws = (ids[:, :, None] == ids[:, None, :]).sum(-1)  # [B, M] >= 1 (itself)
+    return has_pos.float() / draws
+
+
+def _gather(x):
+    """all_gather along dim 0 that keeps the gradient of this rank's slice (DetCon_S backpropagates into it)."""
+    if common.get_world_size() == 1:
+        return x
+    g, n, r = common.all_gather_nograd(x), x.shape[0], common.get_rank()
+    return torch.cat([g[:r * n], x, g[(r + 1) * n:]])
+
+
+def _one_direction(pred, ids, target_other, ids_other, target_same, temperature):
+    """Rows: predictions of one view; columns: the targets of both views of every image of the global batch."""
+    b, m, _ = pred.shape
+    p = F.normalize(pred.float(), dim=-1)  # [B, M, D]
+    t_other = _gather(F.normalize(target_other.float(), dim=-1))  # [G, M, D], G = B * world
+    t_same = _gather(F.normalize(target_same.float(), dim=-1))  # [G, M, D]
+    rows, own = torch.arange(b, device=p.device), torch.arange(b, device=p.device) + b * common.get_rank()
+    logits_other = torch.einsum("bmd,gnd->bmgn", p, t_other) / temperature  # [B, M, G, M]
+    logits_same = torch.einsum("bmd,gnd->bmgn", p, t_same) / temperature  # [B, M, G, M]
+    same_id_other = (ids[:, :, None] == ids_other[:, None, :]).float()  # [B, M, M]: positives (own image)
+    same_id_same = (ids[:, :, None] == ids[:, None, :]).float()  # [B, M, M]: excluded (own image, incl. self)
+    logits_same[rows, :, own, :] -= 1e9 * same_id_same  # official "infinity proxy": never a negative
+    # log-sum-exp over all 2*G*M columns, without materialising their concatenation
+    lse = torch.logaddexp(logits_other.flatten(2).logsumexp(-1), logits_same.flatten(2).logsumexp(-1))  # [B, M]
+    num_pos = same_id_other.sum(-1)  # [B, M]
+    pos = (same_id_other * logits_other[rows, :, own, :]).sum(-1) / num_pos.clamp(min=1)  # [B, M] mean positive logit
+    ce = lse - pos  # [B, M] = soft-label CE with the label mass split evenly over the positives
+    return (row_weights(ids, ids_other) * ce).mean()
+
+
+def detcon_loss(pred1, pred2, target1, target2, ids1, ids2, temperature=0.1):
+    """Contrastive-detection loss (paper eq. 3, official byol_nce_detcon). pred*/target* [B, M, D] (un-normalised,
+    this rank's images), ids* [B, M]. Targets are gathered across ranks. Direction 1->2: each row of pred1 has as
+    positives the target2 columns of the same image and id (label mass split evenly), as negatives every other
+    column of target1 and target2 of the global batch except target1 columns of the same image and id (logit
+    -1e9, label 0); rows are weighted by row_weights and averaged. Returns loss(1->2) + loss(2->1)."""
+    return (_one_direction(pred1, ids1, target2, ids2, target1, temperature) +
+            _one_direction(pred2, ids2, target1, ids1, target2, temperature))
+
+
+class DetCon(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.temperature, self.num_masks, self.byol = args.temperature, args.num_masks, args.variant == "B"
+        self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size, args.freeze_patch_proj)
+        self.projector = mlp(dim, args.mlp_dim, args.proj_dim)
+        if self.byol:  # DetCon_B: predictor on the online side, EMA target = backbone + projector
+            self.predictor = mlp(args.proj_dim, args.mlp_dim, args.proj_dim)
+            self.momentum_backbone = copy.deepcopy(self.backbone)  # exact copy at init
+            self.momentum_projector = copy.deepcopy(self.projector)
+            for p in [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]:
+                p.requires_grad = False  # updated only by EMA
+
+    def online_params(self):
+        return [*self.backbone.parameters(), *self.projector.parameters()]
+
+    def momentum_params(self):
+        return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+
+    @staticmethod
+    def embed(backbone, projector, x, mask, ids):
+        """Pool the BACKBONE map inside each sampled mask, then project: -> [N, M, D]."""
+        pooled = mask_pool(common.feature_map(backbone, x), mask, ids)  # [N, M, C]
+        n, m, c = pooled.shape
+        return projector(pooled.reshape(n * m, c)).view(n, m, -1)  # [N, M, D]; BN over all N*M rows
+
+    def forward(self, x1, mask1, x2, mask2, m):
+        ids1, ids2 = sample_ids(mask1, self.num_masks), sample_ids(mask2, self.num_masks)  # [N, M] each
+        z1 = self.embed(self.backbone, self.projector, x1, mask1, ids1)  # [N, M, D]
+        z2 = self.embed(self.backbone, self.projector, x2, mask2, ids2)  # [N, M, D]
+        matched = (ids1[:, :, None] == ids2[:, None, :]).any(-1).float().mean()  # share of rows with a positive
+        if not self.byol:  # DetCon_S: the online outputs are both rows and columns
+            return detcon_loss(z1, z2, z1, z2, ids1, ids2, self.temperature), matched
+        p1 = self.predictor(z1.flatten(0, 1)).view_as(z1)  # [N, M, D]
+        p2 = self.predictor(z2.flatten(0, 1)).view_as(z2)  # [N, M, D]
+        with torch.no_grad():
+            common.ema_update(self.momentum_params(), self.online_params(), m)  # before the targets, as mocov3.py
+            t1 = self.embed(self.momentum_backbone, self.momentum_projector, x1, mask1, ids1)  # same ids as online
+            t2 = self.embed(self.momentum_backbone, self.momentum_projector, x2, mask2, ids2)
+        return detcon_loss(p1, p2, t1, t2, ids1, ids2, self.temperature), matched
+
+
+# ---------------------------------------------------------------------------- the mask picture
+
+
+def _colour(ids):
+    """ids [H, W] -> RGB uint8 [H, W, 3], a fixed colour per id."""
+    palette = np.random.default_rng(0).integers(40, 256, (int(ids.max()) + 1, 3), dtype=np.uint8)
+    return palette[np.asarray(ids)]
+
+
+def _unnormalise(x):
+    return (x.permute(1, 2, 0).numpy() * np.array(common.STD) + np.array(common.MEAN)).clip(0, 1) * 255
+
+
+def show_masks(ds, views, path, n=6, tile=128):
+    """PNG: per image (rows) the image | its mask | view 1 | its mask | its feature-grid mask | same for view 2.
+    Also prints the mask cost (ms/image, one process) and the mean number of masks per image."""
+    heads = ["image", "mask", "view 1", "mask 1", "grid 1", "view 2", "mask 2", "grid 2"]
+    sheet = Image.new("RGB", (tile * len(heads), 14 + tile * n), "white")
+    draw = ImageDraw.Draw(sheet)
+    for c, head in enumerate(heads):
+        draw.text((c * tile + 4, 1), head, fill="black")
+    for r, i in enumerate(np.linspace(0, len(ds) - 1, n).astype(int)):
+        (img, ids), _ = ds[int(i)]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(i))
+            v1, m1, v2_, m2 = views.views(img, ids)
+        img = np.asarray(img, dtype=np.float64)
+        cells = [reduce_mask(m, views.grid) for m in (m1, m2)]
+        pics = [img, 0.4 * img + 0.6 * _colour(ids), _unnormalise(v1), 0.4 * _unnormalise(v1) + 0.6 * _colour(m1),
+                _colour(cells[0]), _unnormalise(v2_), 0.4 * _unnormalise(v2_) + 0.6 * _colour(m2), _colour(cells[1])]
+        for c, pic in enumerate(pics):
+            pic = Image.fromarray(np.asarray(pic).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+            sheet.paste(pic, (c * tile, 14 + r * tile))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sheet.save(path)
+    imgs = [ds.base[int(i)][0] for i in np.linspace(0, len(ds) - 1, min(len(ds), 32)).astype(int)]
+    t = time.perf_counter()
+    masks = [ds.mask(im, -1) for im in imgs]  # index -1: never cached
+    ms, (w, h) = 1000 * (time.perf_counter() - t) / len(imgs), imgs[0].size
+    print(f"wrote {path}; {ds.args.masks} masks: {ms:.1f} ms/image at {w}x{h} (one process), "
+          f"{np.mean([len(np.unique(m.numpy())) for m in masks]):.1f} masks/image", flush=True)
+
+
+# ---------------------------------------------------------------------------- training
+
+
+def check_args(args):
+    """Method-specific checks (BadInput) -> the side of the final feature grid."""
+    if args.variant not in ("B", "S"):
+        raise BadInput(f"unknown --variant {args.variant!r}; choose B (DetCon_B) or S (DetCon_S)")
+    if args.masks not in ("fh", "grid"):
+        raise BadInput(f"unknown --masks {args.masks!r}; choose fh or grid")
+    grid = common.final_grid(args.arch, args.stem, args.img_size)
+    if grid < 2:
+        raise BadInput(f"--img-size {args.img_size} with --arch {args.arch} --stem {args.stem} gives a {grid}x{grid} "
+                       "final feature map; DetCon needs at least 2x2 (use a larger --img-size or --stem small)")
+    if args.warmup_epochs < 0:
+        args.warmup_epochs = 0.01 * args.epochs  # official: 1% warmup
+    return grid
+
+
+def mask_cache(args, out):
+    """(cache folder or None, smallest image side cached) from --mask-cache; one folder per FH setting."""
+    cache, min_side = {"auto": (os.path.join(out, "fh_cache"), 224), "off": (None, 0)}.get(args.mask_cache, (args.mask_cache, 0))
+    key = hashlib.sha1(f"{args.fh_size} {args.fh_scale} {args.fh_min_size} {args.fh_sigma}".encode()).hexdigest()[:8]
+    return (os.path.join(cache, f"fh{args.fh_size}-{key}"), min_side) if cache else (None, 0)
+
+
+@common.user_errors
+def main(argv=None):
+    args = common.parse_args(Args, PRESETS, argv)
+    grid = check_args(args)  # method-specific: --variant, --masks, a final feature map >= 2x2, 1% warmup
+    views = JointViews(args.img_size, args.crop_min, args.blur, grid)
+    if args.show_masks:
+        return show_masks(MaskedImages(common.load_dataset(args, "train"), args), views, args.show_masks)
+    run = common.setup(args, "detcon")
+
+    # ---- data: masks come from the un-augmented image, in the loader workers
+    train_ds, steps_per_epoch = common.pretrain_data(args, run, views)
+    train_ds.base = MaskedImages(train_ds.base, args, *mask_cache(args, run.out))
+    knn = common.knn_monitor(args, run)
+
+    # ---- model
+    model, step_model = common.prepare_model(DetCon(args), run)
+
+    # ---- optimizer & schedules
+    optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
+    scaler = common.grad_scaler(run)
+    base_lr = args.lr * args.batch_size / 256
+
+    # ---- resume
+    try:
+        step = common.resume(run, model=model, optimizer=optimizer, scaler=scaler)
+    except RuntimeError as e:  # e.g. a DetCon_S checkpoint into DetCon_B, or another --mlp-dim
+        raise BadInput(f"cannot resume from {args.resume}: it does not match this model "
+                       f"(--variant, --mlp-dim, --proj-dim?): {str(e).splitlines()[0][:200]}") from None
+    log = common.Logger(run, steps_per_epoch, step)
+
+    # ---- train loop
+    loss = torch.zeros(())
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        model.train()
+        skip = step % steps_per_epoch
+        for i, ((x1, m1, x2, m2), _) in enumerate(log.timed(common.epoch_loader(train_ds, run, epoch, skip)), start=skip):
+            e = epoch + i / steps_per_epoch  # fractional epoch: schedules are per iteration
+            lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
+            common.set_lr(optimizer, lr)
+            m = common.cosine_momentum(e, args.epochs, args.momentum)
+            x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
+            m1, m2 = run.to_device(m1), run.to_device(m2)  # [n, S, S] mask ids on the feature grid
+            with run.autocast():
+                loss, matched = step_model(x1, m1, x2, m2, m)
+            common.optimizer_step(loss, optimizer, scaler)
+            loss, step = loss.detach(), step + 1
+            log.log_step(step, e + 1 / steps_per_epoch, loss, lr=lr, momentum=m, matched=matched)
+            if args.save_every and step % args.save_every == 0:
+                common.save_checkpoint(run, step, epoch, float(loss), model=model, optimizer=optimizer, scaler=scaler)
+            if step == log.total:
+                break
+
+        # ---- eval & checkpoint
+        if knn and (step == log.total or (epoch + 1) % args.knn_every == 0):
+            t = time.perf_counter()
+            top1, top5 = common.knn_eval(model.backbone, *knn, run, args.knn_k, args.knn_t)
+            log.log_eval(step, epoch + 1, time.perf_counter() - t, knn_top1=top1, knn_top5=top5)
+        common.save_checkpoint(run, step, epoch, float(loss), model=model, optimizer=optimizer, scaler=scaler)
+        if step == log.total:
+            break
+    common.export_backbone(run, model.backbone)
+    log.summary(variant=args.variant, masks=args.masks)
+
+
+if __name__ == "__main__":
+    main()

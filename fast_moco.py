@@ -1,0 +1,280 @@
+"""Fast-MoCo: "Fast-MoCo: Boost Momentum-based Contrastive Learning with Combinatorial Patches".
+
+Paper: Ci, Lin, Wang, Li, Liu, Ouyang, ECCV 2022, arXiv:2207.08220. Official code: github.com/orashi/Fast-MoCo
+
+Idea: MoCo v3 gets one training signal per view and image. Fast-MoCo cuts each augmented view
+into a 2x2 grid of non-overlapping patches, encodes the four patches with the online backbone
+(the same pixels as one view, so about the same cost), and averages the pooled features of every
+pair of patches: C(4,2) = 6 "combined" queries per view instead of 1. Each combined query must
+pick out the momentum encoder's embedding of the *full, other* view among the keys of the global
+batch. Six positives per view and step make each epoch worth more (ImageNet linear 73.5 at 100
+epochs, above MoCo v3's 68.9 at 100 and 72.8 at 300).
+
+Kept from the paper/official code: split by tensor slicing (no resize), all patches of a view in one
+backbone pass, combination after the backbone's pooling and before the projector, target = EMA
+backbone + projector on the un-split other view, InfoNCE with tau = 1 averaged over the 12
+(6 combinations x 2 directions) cross-entropies without MoCo v3's 2*tau factor, the heads (Linear
+with bias, BN after every projector layer, 2048 -> 512 -> 2048 predictor), SGD with a constant
+predictor lr, 1 warmup epoch then cosine, grad-norm clipping 1.0, constant EMA 0.99, MoCo v2's
+symmetric augmentation. Changed: torchvision ResNets (ViT is not supported: the official code is
+ResNet-only and a ViT built for full views does not take half-size patches); patches are numbered
+row-major (any fixed order gives the same set of pairs and so the same loss); SyncBN only on
+multi-GPU CUDA runs (it is CUDA-only); --grid / --combine generalise the 2x2 / pairs choice. The
+`cifar` and `cpu` presets are ours.
+
+Commands:
+  python fast_moco.py                                # CPU smoke run on built-in synthetic data (~3 min)
+  python fast_moco.py --data /imagenet --batch-size 256 --epochs 100         # 1 GPU (lr scales to 0.05)
+  torchrun --nproc_per_node=8 fast_moco.py --data /imagenet --resume auto    # 1 node, batch 512 as the paper
+  torchrun --nnodes=2 --node_rank=$R --master_addr=$HOST --master_port=29500 \\
+      --nproc_per_node=8 fast_moco.py --data /imagenet --resume auto         # multi-node
+  python fast_moco.py --resume auto                 # continue the run in --output-dir
+  python fast_moco.py --grid 3 --combine 3          # 3x3 patches, means of triples (C(9,3) = 84 queries)
+
+Healthy loss: a mean of cross-entropies over the global batch B of keys (no 2*tau), so it starts
+at ln B (ImageNet, B = 512: 6.24). With tau = 1 and unit vectors the logits live in [-1, 1], so it
+can never fall below ln(1 + (B - 1) e^-2) (= 4.25 for B = 512): expect a slow, shallow decline.
+In the cpu preset (tau 0.2, B 64) it starts near ln 64 = 4.16 and is ~3.1-3.5 (noisy) after the
+3 epochs.
+
+Options that change the method (defaults = the paper):
+  --grid G      each view -> G*G patches of (img_size / G)^2 pixels; smaller patches see less context
+  --combine K   average every K-subset of the G*G patch features -> C(G*G, K) queries per view;
+                K = 1 trains on single patches (no combination),
+                K = G*G is a single query per view again. The backbone cost does not depend on K;
+                the heads and the loss run on C(G*G, K) * N rows.
+                --grid 1 --combine 1 is MoCo v3 with Fast-MoCo's heads, loss scale and recipe.
+"""
+import copy
+import dataclasses
+import itertools
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+
+@dataclasses.dataclass
+class Args(common.CommonArgs):
+    arch: str = "resnet50"
+    """backbone: resnet18, resnet50 (the official code and all paper numbers are ResNet-50)"""
+    epochs: int = 100
+    """pretraining epochs (ImageNet: 100, 200 or 400)"""
+    batch_size: int = 512
+    """global batch over all processes (ImageNet: 512)"""
+    optimizer: str = "sgd"
+    """sgd (Fast-MoCo), lars or adamw"""
+    lr: float = 0.05
+    """base lr for batch 256, scaled by batch/256 (ImageNet: 0.1 at batch 512 = 0.05 per 256)"""
+    wd: float = 1e-4
+    """weight decay (ImageNet: 1e-4)"""
+    warmup_epochs: float = 1
+    """linear lr warmup epochs before the cosine decay (ImageNet: 1)"""
+    clip_grad: float = 1.0
+    """max global grad norm (ImageNet: 1.0; 0 = off)"""
+    temperature: float = 1.0
+    """softmax temperature tau (ImageNet: 1.0)"""
+    momentum: float = 0.99
+    """EMA coefficient m of the momentum encoder, constant (ImageNet: 0.99; MoCo v3 schedules it to 1)"""
+    mlp_dim: int = 2048
+    """projector hidden and output width = predictor input/output width (ImageNet: 2048)"""
+    proj_dim: int = 0
+    """output width of projector and predictor; 0 = --mlp-dim (Fast-MoCo: 2048, unlike MoCo v3's 256)"""
+    pred_dim: int = 0
+    """predictor bottleneck width; 0 = --mlp-dim / 4 (ImageNet: 512)"""
+    crop_min: float = 0.2
+    """lower bound of RandomResizedCrop's scale (MoCo v2 augmentation: 0.2)"""
+    blur: bool = True
+    """Gaussian blur p 0.5 in the augmentation (off in the cifar preset: 32-px images are already blurry)"""
+    grid: int = 2
+    """split each view into a grid x grid array of patches (Fast-MoCo: 2; see the module docstring)"""
+    combine: int = 2
+    """patches averaged per combined query: C(grid^2, combine) queries per view (Fast-MoCo: 2)"""
+
+
+PRESETS = {
+    "imagenet": {},
+    # ours (not in the paper): ResNet-18, small stem, 32-px images -> 16-px patches, MoCo v2-style CIFAR settings
+    "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=512, lr=0.06, wd=5e-4, epochs=800,
+                  warmup_epochs=10, temperature=0.2, crop_min=0.08, blur=False, knn_every=10),
+    # ours: finishes in ~3 minutes on 2 CPU cores and still shows kNN accuracy rising
+    "cpu": dict(arch="resnet18", stem="imagenet", img_size=64, batch_size=64, epochs=3, lr=0.6,
+                warmup_epochs=0.5, temperature=0.2, crop_min=0.3, mlp_dim=1024, workers=2, log_every=10,
+                synthetic_size=2560),
+}
+
+
+# ---------------------------------------------------------------------------- the method
+
+
+def split_patches(x, grid=2):
+    """[N, C, H, W] -> [grid^2, N, C, H/grid, W/grid]: non-overlapping patches by slicing (no resize).
+    Row-major order: patch i * grid + j is row i, column j (2x2: top-left, top-right, bottom-left, bottom-right)."""
+    h, w = x.shape[-2] // grid, x.shape[-1] // grid
+    if h * grid != x.shape[-2] or w * grid != x.shape[-1]:
+        raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the grid {grid}")
+    return torch.stack([x[..., i * h:(i + 1) * h, j * w:(j + 1) * w]  # [N, C, h, w] each
+                        for i in range(grid) for j in range(grid)])  # [grid^2, N, C, h, w]
+
+
+def combine_patches(feats, k=2):
+    """[P, N, C] -> [C(P, k), N, C]: mean feature of every k-subset of the P patches, in the order of
+    itertools.combinations(range(P), k) (P = 4, k = 2: (0,1), (0,2), (0,3), (1,2), (1,3), (2,3))."""
+    idx = torch.tensor(list(itertools.combinations(range(feats.shape[0]), k)), device=feats.device)  # [K, k]
+    return feats[idx].mean(1)  # [K, k, N, C] -> [K, N, C]
+
+
+def patch_contrastive_loss(p, z, temperature):
+    """InfoNCE of the combined queries p [K, N, D] against the keys z [N, D] of the global batch:
+    the mean over the K combinations of each one's cross-entropy."""
+    n_comb, n = p.shape[:2]
+    p = F.normalize(p, dim=2).flatten(0, 1)  # [K*N, D]; row c*N + i is combination c of image i
+    z = common.all_gather_nograd(F.normalize(z, dim=1))  # [B, D], B = N * world; no gradient into the keys
+    logits = p @ z.T / temperature  # [K*N, B]
+    labels = (torch.arange(n, device=p.device) + n * common.get_rank()).repeat(n_comb)  # [K*N]; my keys at rank*N
+    return F.cross_entropy(logits, labels)  # equal-size chunks: mean over K*N rows = mean of the K chunk CEs
+
+
+def fast_moco_loss(p1, p2, z1, z2, temperature):
+    """p1, p2 [K, N, D] combined queries of views 1, 2; z1, z2 [N, D] momentum keys of the full views.
+    Mean of the 2K (= 12) cross-entropies; no 2*tau factor (MoCo v3 has one and sums the two directions)."""
+    return 0.5 * (patch_contrastive_loss(p1, z2, temperature) + patch_contrastive_loss(p2, z1, temperature))
+
+
+def build_mlp(dims, last_bn=True):
+    """Fast-MoCo MLP: Linear layers *with* bias; BN + ReLU between layers; optional (affine) BN at the end."""
+    layers = []
+    for i, (d_in, d_out) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(d_in, d_out))
+        if i < len(dims) - 2:
+            layers += [nn.BatchNorm1d(d_out), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d_out))  # affine, unlike MoCo v3's BN(affine=False)
+    return nn.Sequential(*layers)
+
+
+class FastMoCo(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.temperature, self.grid, self.combine = args.temperature, args.grid, args.combine
+        self.channels_last = args.channels_last
+        self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size)
+        hid, out = args.mlp_dim, args.proj_dim or args.mlp_dim
+        self.projector = build_mlp([dim, hid, hid, out])  # 3 layers, BN after each (C -> 2048 -> 2048 -> 2048)
+        self.predictor = build_mlp([out, args.pred_dim or hid // 4, out], last_bn=False)  # 2048 -> 512 -> 2048
+        self.momentum_backbone = copy.deepcopy(self.backbone)  # exact copy at init
+        self.momentum_projector = copy.deepcopy(self.projector)
+        for p in [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]:
+            p.requires_grad = False  # updated only by EMA
+
+    def online_params(self):
+        return [*self.backbone.parameters(), *self.projector.parameters()]
+
+    def momentum_params(self):
+        return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+
+    def queries(self, x):
+        """Online branch on the patches of one view [N, 3, H, W] -> combined queries [K, N, D]."""
+        n = x.shape[0]
+        patches = split_patches(x, self.grid).flatten(0, 1)  # [P*N, 3, H/g, W/g], P = grid^2
+        if self.channels_last:
+            patches = patches.contiguous(memory_format=torch.channels_last)
+        feats = self.backbone(patches).unflatten(0, (-1, n))  # [P, N, C]: one pass, BN statistics over all P*N
+        combined = combine_patches(feats, self.combine).flatten(0, 1)  # [K*N, C]: combine *before* the projector
+        return self.predictor(self.projector(combined)).unflatten(0, (-1, n))  # [K, N, D]
+
+    def forward(self, x1, x2, m):
+        p1, p2 = self.queries(x1), self.queries(x2)  # [K, N, D] each; the online branch never sees full views
+        with torch.no_grad():
+            common.ema_update(self.momentum_params(), self.online_params(), m)  # before the keys, as MoCo v3
+            z1 = self.momentum_projector(self.momentum_backbone(x1))  # [N, D]: full, un-split views
+            z2 = self.momentum_projector(self.momentum_backbone(x2))  # [N, D]
+        return fast_moco_loss(p1, p2, z1, z2, self.temperature)
+
+
+def param_groups(model):
+    """Two optimizer groups: everything trainable, and the predictor with a constant lr ("fixed_lr",
+    skipped by common.set_lr): the predictor keeps the initial lr through warmup and cosine decay."""
+    rest = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("predictor.")]
+    return [{"params": rest}, {"params": list(model.predictor.parameters()), "fixed_lr": True}]
+
+
+def check_args(args):
+    """Fast-MoCo-specific argument errors (one line, exit 2)."""
+    if not args.arch.startswith("resnet"):
+        raise common.BadInput(f"fast_moco.py supports resnet18 and resnet50, not {args.arch}: the online "
+                              "backbone takes patches of a different size than the full views")
+    if args.grid < 1 or args.img_size % args.grid:
+        raise common.BadInput(f"--img-size {args.img_size} must be divisible by --grid {args.grid}")
+    if not 1 <= args.combine <= args.grid ** 2:
+        raise common.BadInput(f"--combine must be between 1 and grid^2 = {args.grid ** 2}, got {args.combine}")
+
+
+# ---------------------------------------------------------------------------- training
+
+
+@common.user_errors
+def main(argv=None):
+    args = common.parse_args(Args, PRESETS, argv)
+    check_args(args)
+    run = common.setup(args, "fast_moco")
+
+    # ---- data
+    view = common.mocov2_views(args.img_size, args.crop_min)  # MoCo v2 symmetric pair (both views alike)
+    if not args.blur:
+        view = common.TwoViews(*[common.ssl_view(args.img_size, args.crop_min, (0.4, 0.4, 0.4, 0.1), blur_p=0.0)] * 2)
+    train_ds, steps_per_epoch = common.pretrain_data(args, run, view)
+    knn = common.knn_monitor(args, run)
+
+    # ---- model
+    model, step_model = common.prepare_model(FastMoCo(args), run)
+
+    # ---- optimizer & schedules
+    optimizer = common.build_optimizer(args, param_groups(model))  # every group starts at base_lr
+    clip_params = [p for p in model.parameters() if p.requires_grad]
+    scaler = common.grad_scaler(run)
+    base_lr = args.lr * args.batch_size / 256
+
+    # ---- resume
+    step = common.resume(run, model=model, optimizer=optimizer, scaler=scaler)
+    log = common.Logger(run, steps_per_epoch, step)
+
+    # ---- train loop
+    loss = torch.zeros(())
+    m = args.momentum  # Fast-MoCo: constant EMA coefficient
+    for epoch in range(step // steps_per_epoch, args.epochs):
+        model.train()
+        skip = step % steps_per_epoch
+        for i, ((x1, x2), _) in enumerate(log.timed(common.epoch_loader(train_ds, run, epoch, skip)), start=skip):
+            e = epoch + i / steps_per_epoch  # fractional epoch: schedules are per iteration
+            lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
+            common.set_lr(optimizer, lr)  # the predictor's group keeps base_lr
+            x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
+            with run.autocast():
+                loss = step_model(x1, x2, m)
+            common.optimizer_step(loss, optimizer, scaler, clip_params, args.clip_grad)
+            loss, step = loss.detach(), step + 1
+            log.log_step(step, e + 1 / steps_per_epoch, loss, lr=lr,
+                         pred_lr=optimizer.param_groups[1]["lr"], momentum=m)
+            if args.save_every and step % args.save_every == 0:
+                common.save_checkpoint(run, step, epoch, float(loss), model=model, optimizer=optimizer, scaler=scaler)
+            if step == log.total:
+                break
+
+        # ---- eval & checkpoint
+        if knn and (step == log.total or (epoch + 1) % args.knn_every == 0):
+            t = time.perf_counter()
+            top1, top5 = common.knn_eval(model.backbone, *knn, run, args.knn_k, args.knn_t)
+            log.log_eval(step, epoch + 1, time.perf_counter() - t, knn_top1=top1, knn_top5=top5)
+        common.save_checkpoint(run, step, epoch, float(loss), model=model, optimizer=optimizer, scaler=scaler)
+        if step == log.total:
+            break
+    common.export_backbone(run, model.backbone)
+    log.summary()
+
+
+if __name__ == "__main__":
+    main()

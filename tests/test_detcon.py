@@ -1,0 +1,333 @@
+"""DetCon: masks follow the views, mask reduction and pooling, the loss against a NumPy transcription of the
+official byol_nce_detcon, its invariants, and the scikit-image-free grid path."""
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import common
+import detcon
+from conftest import TINY
+
+# ---------------------------------------------------------------------------- NumPy transcription
+
+
+def _np_log_softmax(x):
+    x = x - x.max(-1, keepdims=True)
+    return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def np_detcon_loss(pred1, pred2, target1, target2, ids1, ids2, temperature):
+    """Line by line the official deepmind/detcon byol_nce_detcon (one replica, local negatives), in float64."""
+    b, r, _ = pred1.shape
+
+    def same_obj(i0, i1):  # [B, R, 1, R]
+        return (i0.reshape(b, r, 1) == i1.reshape(b, 1, r)).astype(np.float64)[:, :, None, :]
+
+    aa, ab, ba, bb = same_obj(ids1, ids1), same_obj(ids1, ids2), same_obj(ids2, ids1), same_obj(ids2, ids2)
+    p1, p2, t1, t2 = (x / np.linalg.norm(x, axis=-1, keepdims=True) for x in (pred1, pred2, target1, target2))
+    labels_local = np.eye(b)[:, None, :, None]  # [B, 1, B, 1]
+    l_aa = np.einsum("abk,uvk->abuv", p1, t1) / temperature
+    l_bb = np.einsum("abk,uvk->abuv", p2, t2) / temperature
+    l_ab = np.einsum("abk,uvk->abuv", p1, t2) / temperature
+    l_ba = np.einsum("abk,uvk->abuv", p2, t1) / temperature
+    lab_aa, lab_ab, lab_ba, lab_bb = labels_local * aa, labels_local * ab, labels_local * ba, labels_local * bb
+    l_aa = l_aa - 1e9 * labels_local * aa
+    l_bb = l_bb - 1e9 * labels_local * bb
+    lab_aa, lab_bb = 0 * lab_aa, 0 * lab_bb
+    labels_0 = np.concatenate([lab_ab, lab_aa], 2).reshape(b, r, -1)
+    labels_1 = np.concatenate([lab_ba, lab_bb], 2).reshape(b, r, -1)
+    n0, n1 = labels_0.sum(-1, keepdims=True), labels_1.sum(-1, keepdims=True)
+    labels_0, labels_1 = labels_0 / np.maximum(n0, 1), labels_1 / np.maximum(n1, 1)
+    w0 = (n0[..., 0] > 1e-3) / aa.sum(axis=(2, 3))
+    w1 = (n1[..., 0] > 1e-3) / bb.sum(axis=(2, 3))
+    logits_0 = np.concatenate([l_ab, l_aa], 2).reshape(b, r, -1)
+    logits_1 = np.concatenate([l_ba, l_bb], 2).reshape(b, r, -1)
+    ce0 = -w0 * (labels_0 * _np_log_softmax(logits_0)).sum(-1)
+    ce1 = -w1 * (labels_1 * _np_log_softmax(logits_1)).sum(-1)
+    return ce0.mean() + ce1.mean()
+
+
+def _random_inputs(b=3, m=6, d=8, n_ids=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tensors = [torch.randn(b, m, d, generator=g) for _ in range(4)]
+    ids = [torch.randint(0, n_ids, (b, m), generator=g) for _ in range(2)]  # duplicates and missing ids
+    return tensors, ids
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_loss_matches_numpy_transcription(seed):
+    (p1, p2, t1, t2), (i1, i2) = _random_inputs(seed=seed)
+    assert not torch.equal((i1[:, :, None] == i2[:, None, :]).any(-1), torch.ones_like(i1, dtype=torch.bool))
+    got = detcon.detcon_loss(p1, p2, t1, t2, i1, i2, 0.1)
+    want = np_detcon_loss(*(x.double().numpy() for x in (p1, p2, t1, t2)), i1.numpy(), i2.numpy(), 0.1)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    assert detcon.detcon_loss(p1, p2, t1, t2, i1, i2, 0.5).item() == pytest.approx(
+        np_detcon_loss(*(x.double().numpy() for x in (p1, p2, t1, t2)), i1.numpy(), i2.numpy(), 0.5), rel=1e-5)
+
+
+def test_identical_views_and_ids_give_a_loss_far_below_uniform():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(4, 8, 256, generator=g)  # random high-dim vectors: nearly orthogonal to each other
+    ids = torch.arange(8).repeat(4, 1)  # every id drawn once, present in both views
+    loss = detcon.detcon_loss(z, z, z, z, ids, ids, 0.1)
+    uniform = detcon.detcon_loss(*[torch.zeros_like(z)] * 4, ids, ids, 0.1)  # all logits 0 = uniform softmax
+    assert uniform.item() == pytest.approx(2 * np.log(2 * 4 * 8 - 1), rel=1e-5)  # one masked column per row
+    assert loss.item() < 0.02 * uniform.item()
+
+
+def test_mask_missing_from_view_2_gets_weight_0_in_view_1_rows():
+    (p1, p2, t1, t2), _ = _random_inputs(b=2, m=4)
+    ids1 = torch.tensor([[0, 1, 7, 7], [2, 2, 3, 0]])  # id 7 of image 0 was not drawn in view 2
+    ids2 = torch.tensor([[0, 1, 1, 4], [2, 3, 0, 0]])
+    w = detcon.row_weights(ids1, ids2)
+    assert w.tolist() == [[1.0, 1.0, 0.0, 0.0], [0.5, 0.5, 1.0, 1.0]]  # duplicates share the weight
+    p1 = p1.clone().requires_grad_()
+    detcon.detcon_loss(p1, p2, t1, t2, ids1, ids2, 0.1).backward()
+    assert torch.all(p1.grad[0, 2:] == 0) and p1.grad[0, :2].abs().sum() > 0 and p1.grad[1].abs().sum() > 0
+    # and the rows' values do not matter at all
+    p1b = p1.detach().clone()
+    p1b[0, 2:] = torch.randn(2, p1.shape[-1])
+    assert detcon.detcon_loss(p1b, p2, t1, t2, ids1, ids2, 0.1).item() == pytest.approx(
+        detcon.detcon_loss(p1.detach(), p2, t1, t2, ids1, ids2, 0.1).item(), rel=1e-6)
+
+
+def test_same_view_same_id_columns_are_not_negatives():
+    # one image: a view-1 target of id 0 pointing exactly along the id-0 predictions would be a huge negative
+    (p1, p2, t1, t2), _ = _random_inputs(b=1, m=3, d=4)
+    t1b = t1.clone()
+    t1b[0, 0] = p1[0, 0] * 5
+    ids2 = torch.tensor([[0, 1, 2]])
+    for ids1, masked in ((torch.tensor([[0, 0, 0]]), True), (torch.tensor([[0, 0, 1]]), False)):
+        before = detcon._one_direction(p1, ids1, t2, ids2, t1, 0.1).item()
+        after = detcon._one_direction(p1, ids1, t2, ids2, t1b, 0.1).item()
+        assert (after == pytest.approx(before, rel=1e-6)) == masked  # masked for id-0 rows, a negative for id 1
+        want = np_detcon_loss(*(x.double().numpy() for x in (p1, p2, t1b, t2)), ids1.numpy(), ids2.numpy(), 0.1)
+        assert detcon.detcon_loss(p1, p2, t1b, t2, ids1, ids2, 0.1).item() == pytest.approx(want, rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- masks, reduction, pooling
+
+
+def _region_image(h=48, w=64):
+    """An image whose colour encodes its region: 12 blocks of distinct colours, asymmetric left/right."""
+    ids = detcon.grid_mask(h, w, 4)[:, :]  # [h, w] 16 blocks
+    ids = np.where(ids % 4 == 3, ids - 1, ids)  # merge the right column into its neighbour: flips now matter
+    palette = np.random.default_rng(0).permutation(256)[:16, None] * np.array([1, 7, 13]) % 256
+    return Image.fromarray(palette[ids].astype(np.uint8)), torch.from_numpy(ids.astype(np.int32)), palette
+
+
+def test_crop_and_flip_move_the_mask_identically():
+    img, ids, palette = _region_image()
+    views = detcon.JointViews(32, 0.3, False, grid=4)
+    views.colour = (lambda im: torch.from_numpy(np.asarray(im).copy()),) * 2  # geometry only, to read colours back
+    flipped = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        v1, m1, v2, m2 = views.views(img, ids)
+        for v, m in ((v1, m1), (v2, m2)):
+            assert v.shape == (32, 32, 3) and m.shape == (32, 32) and m.dtype == torch.int32
+            dist = ((v[:, :, None, :].float() - torch.tensor(palette, dtype=torch.float)[None, None]) ** 2).sum(-1)
+            from_colour = dist.argmin(-1)  # [32, 32] the region each image pixel shows
+            pad = F.pad(m[None, None].float(), (1, 1, 1, 1), mode="replicate")[0, 0]
+            interior = torch.ones_like(m, dtype=torch.bool)  # pixels whose 3x3 mask neighbourhood is one region
+            for dy in range(3):
+                for dx in range(3):
+                    interior &= pad[dy:dy + 32, dx:dx + 32] == m
+            agree = (from_colour == m)[interior].float().mean().item()
+            assert interior.float().mean() > 0.5 and agree > 0.99, (seed, agree)  # edges are bilinear blends
+            left = m[:, 0].float().mean() > m[:, -1].float().mean()
+            flipped.add(bool(left))
+    assert flipped == {True, False}  # both flipped and unflipped views were checked
+
+
+def test_reduced_mask_assigns_every_cell_to_exactly_one_id():
+    g = torch.Generator().manual_seed(0)
+    mask = torch.randint(0, 9, (5, 32, 32), generator=g)
+    mask[:, :16] = 3  # a large region too
+    cells = detcon.reduce_mask(mask, 4)  # [5, 4, 4]
+    assert cells.shape == (5, 4, 4) and cells.dtype == torch.long
+    k = int(mask.max()) + 1
+    onehot = F.one_hot(mask, k).permute(0, 3, 1, 2).float()  # [5, K, 32, 32]
+    pooled = F.adaptive_avg_pool2d(onehot, 4)  # [5, K, 4, 4] share of each id in each cell
+    assert torch.equal(cells, pooled.argmax(1))  # = one-hot -> average-pool -> argmax
+    assert torch.all(F.one_hot(cells, k).sum(-1) == 1)  # exactly one id per cell
+    assert torch.all(pooled.gather(1, cells[:, None]) > 0)  # and that id is present in the cell
+    assert torch.all(cells[:, :2] == 3)
+    # a 4x4 grid mask reduced to a 4x4 grid keeps every block
+    assert torch.equal(detcon.reduce_mask(torch.from_numpy(detcon.grid_mask(32, 32, 4)), 4), torch.arange(16).view(4, 4))
+
+
+def test_joint_views_share_ids_between_views():
+    img, ids, _ = _region_image()
+    views = detcon.JointViews(32, 0.5, True, grid=4)
+    torch.manual_seed(0)
+    v1, c1, v2, c2 = views((img, ids))
+    assert v1.shape == v2.shape == (3, 32, 32) and c1.shape == c2.shape == (4, 4)
+    union = torch.cat([c1.flatten(), c2.flatten()]).unique()
+    assert torch.equal(union, torch.arange(len(union)))  # compact ids 0..U-1, U <= 2 * 16
+    torch.manual_seed(0)
+    _, m1, _, m2 = views.views(img, ids)
+    raw = torch.stack([detcon.reduce_mask(m1, 4), detcon.reduce_mask(m2, 4)])
+    # the relabelling is one map for both views: equal raw ids <-> equal new ids, across views
+    new = torch.stack([c1, c2])
+    assert torch.equal(raw.flatten()[:, None] == raw.flatten()[None], new.flatten()[:, None] == new.flatten()[None])
+
+
+def test_mask_pooling_of_a_constant_map_returns_the_constant():
+    mask = detcon.reduce_mask(torch.randint(0, 6, (2, 16, 16)), 4)  # [2, 4, 4]
+    ids = detcon.sample_ids(mask, 16)  # [2, 16]
+    const = torch.tensor([1.5, -2.0, 0.25])
+    fmap = const[None, :, None, None].expand(2, 3, 4, 4)
+    assert torch.allclose(detcon.mask_pool(fmap, mask, ids), const.expand(2, 16, 3))
+    fmap = torch.randn(2, 3, 4, 4)  # and a real map: the mean over the id's cells
+    pooled = detcon.mask_pool(fmap, mask, ids)
+    b, j = 1, 5
+    cells = mask[b].flatten() == ids[b, j]
+    assert torch.allclose(pooled[b, j], fmap[b].flatten(1)[:, cells].mean(1), atol=1e-6)
+
+
+def test_sample_ids_draws_only_present_masks_uniformly():
+    mask = torch.zeros(2, 4, 4, dtype=torch.long)
+    mask[0, :, 2:] = 5
+    mask[0, 0, 0] = 9  # a one-cell mask counts as present
+    mask[1] = 31  # one mask for the whole view: ids < 2 * 16
+    torch.manual_seed(0)
+    ids = detcon.sample_ids(mask, 3000)
+    assert set(ids[0].tolist()) == {0, 5, 9} and set(ids[1].tolist()) == {31}
+    counts = torch.bincount(ids[0], minlength=10)[[0, 5, 9]].float() / 3000
+    assert torch.allclose(counts, torch.full((3,), 1 / 3), atol=0.04)  # uniform over masks, not over area
+
+
+def test_fh_ids_are_not_truncated_to_uint8_and_cache_roundtrips(tmp_path):
+    noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    ids = detcon.fh_segments(noise, 0, scale=1.0, min_size=1, sigma=0.0)  # a segment per pixel or so
+    assert ids.dtype == np.int32 and ids.max() > 300 and len(np.unique(ids)) == ids.max() + 1
+    args = detcon.Args(masks="fh", fh_size=32)
+    ds = detcon.MaskedImages([(noise, 0)], args, str(tmp_path / "cache"), cache_min_side=0)
+    (_, m), _ = ds[0]
+    assert m.shape == (64, 64) and os.path.isfile(tmp_path / "cache" / "0.png")  # FH ran at 32 px, upsampled
+    (_, again), _ = ds[0]
+    assert torch.equal(m, again)
+
+
+def test_fh_params_follow_the_official_values_scaled_by_pixels():
+    assert detcon.fh_params(350, 400) == pytest.approx((1000.0, 1000))
+    scale, min_size = detcon.fh_params(80, 80)
+    assert 250 < scale < 350 and 40 < min_size < 60  # ~300 / ~50 at 64-96 px
+
+
+# ---------------------------------------------------------------------------- model, grid masks without scikit-image
+
+
+@pytest.mark.parametrize("variant", ["B", "S"])
+def test_model_step_both_variants(variant):
+    torch.manual_seed(0)
+    args = detcon.Args(arch="resnet18", stem="small", img_size=32, mlp_dim=32, proj_dim=16, variant=variant, num_masks=4)
+    model = detcon.DetCon(args)
+    assert hasattr(model, "momentum_backbone") == (variant == "B") and hasattr(model, "predictor") == (variant == "B")
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    m1, m2 = torch.randint(0, 5, (4, 4, 4)), torch.randint(0, 5, (4, 4, 4))
+    loss, matched = model(x1, m1, x2, m2, 0.99)
+    loss.backward()
+    assert torch.isfinite(loss) and 0 <= matched <= 1
+    assert model.backbone.conv1.weight.grad.abs().sum() > 0
+    if variant == "B":
+        assert all(p.grad is None for p in model.momentum_params())
+
+
+def _block_skimage(monkeypatch):
+    for name in [n for n in sys.modules if n == "skimage" or n.startswith("skimage.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "skimage", None)  # "import skimage" now raises ImportError
+    monkeypatch.setitem(sys.modules, "skimage.segmentation", None)
+
+
+def test_grid_masks_work_without_scikit_image(monkeypatch):
+    _block_skimage(monkeypatch)
+    base = common.Synthetic(4)
+    with pytest.raises(common.BadInput, match=r"pip install scikit-image.*--masks grid"):
+        detcon.MaskedImages(base, detcon.Args(masks="fh"))
+    ds = common.Views(detcon.MaskedImages(base, detcon.Args(masks="grid", grid_masks=5)), detcon.JointViews(32, 0.3, False, 4))
+    (v1, c1, v2, c2), _ = ds[0]
+    assert v1.shape == (3, 32, 32) and c1.shape == (4, 4)
+    (_, ids), _ = ds.base[0]
+    assert ids.unique().tolist() == list(range(25))
+
+
+def _main(capsys, *argv):
+    """Run detcon.main in-process (faster than a subprocess): (exit code, stdout, stderr)."""
+    try:
+        detcon.main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_script_runs_on_grid_masks_without_scikit_image(monkeypatch, capsys, tmp_path):
+    _block_skimage(monkeypatch)
+    args = [*TINY, "--stem", "small", "--max-steps", "1", "--synthetic-size", "16"]
+    code, out, err = _main(capsys, *args, "--masks", "grid", "--output-dir", tmp_path / "g")
+    assert code == 0 and '"event": "summary"' in out.strip().splitlines()[-1], err
+    code, out, err = _main(capsys, *args, "--masks", "fh", "--output-dir", tmp_path / "f")
+    err = err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "pip install scikit-image" in err[0] and "--masks grid" in err[0]
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--stem", "imagenet"], "at least 2x2"),  # 32 px / stride 32 = a 1x1 feature map
+    (["--variant", "C"], "unknown --variant 'C'"),
+    (["--masks", "slic"], "unknown --masks 'slic'"),
+])
+def test_bad_input(flags, expected, capsys, tmp_path):
+    code, _, err = _main(capsys, *TINY, "--stem", "small", "--output-dir", tmp_path / "bad", *flags)
+    err = err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
+
+
+def test_show_masks_writes_a_picture(tmp_path):
+    path = tmp_path / "masks.png"
+    detcon.main(["--show-masks", str(path), "--synthetic-size", "12", "--stem", "small", "--img-size", "32"])
+    with Image.open(path) as im:
+        assert im.size == (8 * 128, 14 + 6 * 128)
+        assert len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 50  # not blank
+
+
+# ---------------------------------------------------------------------------- distributed: gather logic
+
+
+def _dist_worker(rank, world, init, out, inputs):
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    (p1, p2, t1, t2), (i1, i2) = inputs
+    n = p1.shape[0] // world
+    sl = slice(rank * n, (rank + 1) * n)
+    q1, q2 = p1[sl].clone().requires_grad_(), p2[sl].clone().requires_grad_()
+    loss = detcon.detcon_loss(q1, q2, t1[sl], t2[sl], i1[sl], i2[sl], 0.1)
+    loss.backward()
+    torch.save({"loss": loss.detach(), "g1": q1.grad, "g2": q2.grad}, os.path.join(out, f"{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
+    inputs = _random_inputs(b=4, m=5, d=8, n_ids=4, seed=3)
+    torch.multiprocessing.spawn(_dist_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path), inputs), nprocs=2)
+    (p1, p2, t1, t2), (i1, i2) = inputs
+    p1, p2 = p1.clone().requires_grad_(), p2.clone().requires_grad_()
+    full = detcon.detcon_loss(p1, p2, t1, t2, i1, i2, 0.1)
+    full.backward()
+    r = [torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in range(2)]
+    assert ((r[0]["loss"] + r[1]["loss"]) / 2).item() == pytest.approx(full.item(), rel=1e-5)  # DDP averages ranks
+    assert torch.allclose(torch.cat([r[0]["g1"], r[1]["g1"]]) / 2, p1.grad, atol=1e-6)
+    assert torch.allclose(torch.cat([r[0]["g2"], r[1]["g2"]]) / 2, p2.grad, atol=1e-6)
+
+
+def test_help_documents_the_method_flags(capsys):
+    code, out, _ = _main(capsys, "--help")
+    assert code == 0 and "--fh-size" in out and "--variant" in out and "Felzenszwalb" in out

@@ -1,0 +1,226 @@
+"""fast_moco.py: the split, the combination, the loss, who sees what, the predictor's constant lr,
+distributed equivalence, and the command-line contract (smoke run, resume, kNN, export)."""
+import dataclasses
+import itertools
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import fast_moco as fm
+from conftest import TINY, read_log, run_script
+
+
+def tiny_args(**kw):
+    a = common.parse_args(fm.Args, fm.PRESETS, ["--img-size", "32", "--mlp-dim", "64", "--batch-size", "8"])
+    return dataclasses.replace(a, **kw)
+
+
+# ---------------------------------------------------------------------------- split and combine
+
+
+@pytest.mark.parametrize("grid,h,w", [(2, 8, 12), (3, 9, 6), (1, 5, 5)])
+def test_split_tiles_the_view_exactly(grid, h, w):
+    x = torch.randn(3, 2, h, w)
+    p = fm.split_patches(x, grid)
+    ph, pw = h // grid, w // grid
+    assert p.shape == (grid * grid, 3, 2, ph, pw)
+    back = torch.empty_like(x)
+    for i in range(grid):  # documented order: row-major, patch i * grid + j = row i, column j
+        for j in range(grid):
+            back[..., i * ph:(i + 1) * ph, j * pw:(j + 1) * pw] = p[i * grid + j]
+    assert torch.equal(back, x)  # every pixel exactly once, no resize
+
+
+def test_split_row_major_2x2_and_bad_size():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    p = fm.split_patches(x)[:, 0, 0]  # [4, 2, 2]
+    assert p[0].tolist() == [[0, 1], [4, 5]] and p[1].tolist() == [[2, 3], [6, 7]]  # top-left, top-right
+    assert p[2].tolist() == [[8, 9], [12, 13]] and p[3].tolist() == [[10, 11], [14, 15]]  # bottom-left, -right
+    with pytest.raises(ValueError):
+        fm.split_patches(torch.zeros(1, 3, 5, 4))
+
+
+def test_combine_order_and_values_match_numpy():
+    feats = torch.randn(4, 5, 7, dtype=torch.float64)
+    out = fm.combine_patches(feats, 2)
+    assert out.shape == (6, 5, 7)
+    f = feats.numpy()
+    ref = np.stack([(f[a] + f[b]) / 2 for a, b in [(0, 1), (0, 2), (0, 3), (1, 2), (1, 3), (2, 3)]])
+    np.testing.assert_allclose(out.numpy(), ref, rtol=0, atol=1e-12)
+    # order of itertools.combinations, seen through constant features: patch p has value p
+    const = torch.arange(4.0)[:, None, None].expand(4, 1, 1)
+    assert fm.combine_patches(const, 2).flatten().tolist() == [0.5, 1.0, 1.5, 1.5, 2.0, 2.5]
+    for k in (1, 3, 4):  # other subset sizes, also vs numpy
+        ref = np.stack([f[list(c)].mean(0) for c in itertools.combinations(range(4), k)])
+        np.testing.assert_allclose(fm.combine_patches(feats, k).numpy(), ref, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------- loss
+
+
+def numpy_loss(p1, p2, z1, z2, t):
+    """Transcription of SPEC 6.2: mean of the 12 cross-entropies, each of p1's 6 chunks vs z2, p2's vs z1."""
+    def unit(a):
+        return a / np.linalg.norm(a, axis=-1, keepdims=True)
+
+    ces = []
+    for p, z in ((p1, z2), (p2, z1)):
+        for chunk in unit(p):
+            logits = chunk @ unit(z).T / t  # [N, N]
+            logp = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)) \
+                - logits.max(1, keepdims=True)
+            ces.append(-np.mean(np.diag(logp)))
+    assert len(ces) == 2 * len(p1)
+    return float(np.mean(ces))
+
+
+@pytest.mark.parametrize("t", [1.0, 0.2])
+def test_loss_matches_numpy(t):
+    g = torch.Generator().manual_seed(0)
+    p1, p2 = torch.randn(6, 10, 16, generator=g, dtype=torch.float64), torch.randn(6, 10, 16, generator=g, dtype=torch.float64)
+    z1, z2 = torch.randn(10, 16, generator=g, dtype=torch.float64), torch.randn(10, 16, generator=g, dtype=torch.float64)
+    z1[0] = p2[3, 0] * 5  # a few strong positives, so a swapped pairing would change the value
+    z2[1] = p1[0, 1] * 3
+    got = fm.fast_moco_loss(p1, p2, z1, z2, t).item()
+    assert got == pytest.approx(numpy_loss(*(a.numpy() for a in (p1, p2, z1, z2)), t), rel=1e-10)
+    # no 2*tau factor: the value at random init is ~ln N, whatever tau
+    assert fm.fast_moco_loss(p1 * 0, p2 * 0 + 1, z1 * 0 + 1, z2 * 0 + 1, t).item() == pytest.approx(np.log(10))
+
+
+# ---------------------------------------------------------------------------- who sees what
+
+
+def test_momentum_sees_full_views_online_sees_only_patches(monkeypatch):
+    torch.manual_seed(0)
+    model = fm.FastMoCo(tiny_args())
+    seen = {"backbone": [], "momentum_backbone": [], "projector": [], "momentum_projector": []}
+    for name in seen:
+        getattr(model, name).register_forward_hook(lambda mod, inp, out, name=name: seen[name].append(inp[0]))
+    got = {}
+    monkeypatch.setattr(fm, "fast_moco_loss", lambda *a: got.setdefault("args", a)[0].sum())
+    x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
+    model(x1, x2, 0.99)
+    assert [tuple(x.shape) for x in seen["backbone"]] == [(16, 3, 16, 16)] * 2  # 4N patches, one pass per view
+    assert torch.equal(seen["backbone"][0], fm.split_patches(x1).flatten(0, 1))
+    assert len(seen["momentum_backbone"]) == 2  # the full, un-split views, nothing else
+    assert seen["momentum_backbone"][0] is x1 and seen["momentum_backbone"][1] is x2
+    assert [tuple(x.shape) for x in seen["projector"]] == [(24, 512)] * 2  # 6N combined rows per view
+    assert [tuple(x.shape) for x in seen["momentum_projector"]] == [(4, 512)] * 2
+    p1, p2, z1, z2, t = got["args"]
+    assert t == model.temperature
+    assert p1.shape == p2.shape == (6, 4, 64) and z1.shape == z2.shape == (4, 64)
+    with torch.no_grad():  # z1 is the momentum encoder's embedding of x1 (the loss pairs p1 with z2)
+        assert torch.allclose(z1, model.momentum_projector(model.momentum_backbone(x1)), atol=1e-6)
+        assert not torch.allclose(z1, z2)
+    assert not z1.requires_grad and p1.requires_grad
+
+
+def test_combination_options_change_the_number_of_queries(monkeypatch):
+    torch.manual_seed(0)
+    got = {}
+    monkeypatch.setattr(fm, "fast_moco_loss", lambda *a: got.setdefault("p1", a[0]).sum())
+    model = fm.FastMoCo(tiny_args(grid=4, combine=3, img_size=64))
+    model(torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64), 0.99)
+    assert got["p1"].shape == (560, 2, 64)  # C(16, 3) combined queries per image
+
+
+# ---------------------------------------------------------------------------- optimizer
+
+
+def test_predictor_lr_constant_rest_follows_schedule():
+    torch.manual_seed(0)
+    args = tiny_args(lr=0.5, warmup_epochs=1, epochs=3)
+    model = fm.FastMoCo(args)
+    groups = fm.param_groups(model)
+    pred = {id(p) for p in model.predictor.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == pred and not pred & {id(p) for p in groups[0]["params"]}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(trainable)
+    opt = common.build_optimizer(args, groups)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    base = 0.5 * 8 / 256
+    x = torch.randn(4, 3, 32, 32)
+    for e in (0.0, 1.5, 2.9):  # warmup start (lr 0), cosine decay
+        lr = common.cosine_lr(e, base, args.warmup_epochs, args.epochs)
+        common.set_lr(opt, lr)
+        before = [p.detach().clone() for p in model.predictor.parameters()]
+        common.optimizer_step(model(x, x.flip(3), 0.99), opt, scaler, trainable, 1.0)
+        assert opt.param_groups[0]["lr"] == lr and opt.param_groups[1]["lr"] == base
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.predictor.parameters()))  # moves at e = 0
+    assert opt.param_groups[0]["lr"] < base / 2
+
+
+# ---------------------------------------------------------------------------- distributed equivalence
+
+DIST_SCRIPT = r'''
+import json, os, sys
+import torch, torch.distributed as dist
+sys.path.insert(0, {root!r})
+import common, fast_moco as fm
+world = int(os.environ.get("WORLD_SIZE", 1)); rank = int(os.environ.get("RANK", 0))
+if world > 1:
+    dist.init_process_group("gloo")
+# 1) the loss on fixed embeddings: the mean of the per-rank losses equals the one-process loss
+g = torch.Generator().manual_seed(1)
+p1, p2, z1, z2 = torch.randn(6, 8, 16, generator=g), torch.randn(6, 8, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+n = 8 // world; sl = slice(rank * n, (rank + 1) * n)
+loss = fm.fast_moco_loss(p1[:, sl], p2[:, sl], z1[sl], z2[sl], 0.2)
+# 2) one whole training step with BN in eval mode (per-process BN statistics would differ otherwise)
+torch.manual_seed(0)
+args = common.parse_args(fm.Args, fm.PRESETS, ["--img-size", "32", "--mlp-dim", "64", "--batch-size", "8"])
+model = fm.FastMoCo(args).eval()
+step_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
+opt = common.build_optimizer(args, fm.param_groups(model))
+x1, x2 = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
+step_loss = step_model(x1[sl], x2[sl], 0.99)
+common.optimizer_step(step_loss, opt, torch.amp.GradScaler("cpu", enabled=False),
+                      [p for p in model.parameters() if p.requires_grad], 1.0)
+out = torch.stack([loss.detach(), step_loss.detach()])
+if world > 1:
+    dist.all_reduce(out); out /= world
+if rank == 0:
+    params = torch.cat([p.detach().flatten() for p in model.parameters()])
+    torch.save({{"losses": out, "params": params}}, sys.argv[1])
+'''
+
+
+def test_two_process_loss_and_step_equal_one_process(tmp_path):
+    script = tmp_path / "dist_step.py"
+    script.write_text(DIST_SCRIPT.format(root=os.path.dirname(os.path.abspath(fm.__file__))))
+    run_script(str(script), tmp_path / "two.pt", torchrun=2)
+    run_script(str(script), tmp_path / "one.pt")
+    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
+    torch.testing.assert_close(two["losses"], one["losses"], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(two["params"], one["params"], atol=1e-5, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------------- the script's wiring (generic
+# contract, resume, torchrun and export are in test_scripts.py)
+
+
+def test_script_keeps_predictor_lr_constant(tmp_path):
+    out = tmp_path / "run"
+    run_script("fast_moco.py", *TINY, "--max-steps", "3", "--warmup-epochs", "0.5", "--output-dir", out)
+    log = [r for r in read_log(out) if "lr" in r]
+    assert len(log) == 3 and len({r["lr"] for r in log}) == 3  # warmup: the scheduled lr changes every step
+    base = fm.PRESETS["cpu"]["lr"] * 8 / 256  # the predictor keeps the cpu preset's base lr at batch 8
+    assert all(r["pred_lr"] == pytest.approx(base) for r in log) and log[-1]["lr"] < base
+    groups = torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
+    assert groups[1]["fixed_lr"] and groups[1]["lr"] == pytest.approx(base)  # what the optimizer used
+    assert groups[0]["lr"] == pytest.approx(log[-1]["lr"])
+    assert json.load(open(out / "args.json"))["grid"] == 2
+
+
+@pytest.mark.parametrize("flags,msg", [(["--arch", "vit_small"], "supports resnet18 and resnet50"),
+                                       (["--img-size", "33"], "divisible by --grid"),
+                                       (["--grid", "0"], "divisible by --grid"),
+                                       (["--combine", "5"], "--combine must be")])
+def test_bad_options_one_line_exit_2(capsys, flags, msg):
+    with pytest.raises(SystemExit) as e:
+        fm.main([*TINY, *flags])  # refused before anything is built or written
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and msg in err and len(err.strip().splitlines()) == 1
