@@ -1,5 +1,5 @@
 """fast_moco.py: the split, the combination, the loss, who sees what, the predictor's constant lr,
-distributed equivalence, and the command-line contract (smoke run, resume, kNN, export)."""
+distributed equivalence and the method-specific options (the generic script contract is in test_scripts.py)."""
 import dataclasses
 import itertools
 import json
