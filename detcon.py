@@ -26,7 +26,7 @@ gradient of the local targets (SimCLR-style). Backbones are torchvision's. The `
 presets are ours (final feature grid 4x4 via the small stem).
 
 Commands:
-  python detcon.py                                   # CPU smoke run on built-in synthetic data (~3 min)
+  python detcon.py                                   # CPU smoke run on built-in synthetic data
   python detcon.py --data /imagenet --show-masks masks.png   # look at the masks first (writes a PNG, exits)
   python detcon.py --data /imagenet --batch-size 256 --epochs 100            # 1 GPU
   torchrun --nproc_per_node=8 detcon.py --data /imagenet --resume auto       # 1 node
@@ -122,7 +122,7 @@ PRESETS = {
     # ours: BYOL's solo-learn CIFAR recipe with DetCon's loss; small stem keeps the 32-px grid at 4x4
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, lr=1.0, trust_coefficient=0.02,
                   wd=1e-5, momentum=0.99, blur=False, epochs=1000, warmup_epochs=10, knn_every=10),
-    # ours: ~3 minutes on 2 CPU cores; small stem at 32 px gives a 4x4 final grid (SPEC: >= 4x4)
+    # ours, aimed at a few minutes on 2 CPU cores; small stem at 32 px gives a 4x4 final grid (SPEC: >= 4x4)
     # (32 px through the small stem costs 4x mocov3's 64-px cpu preset per image, hence fewer images)
     "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=32, epochs=2, lr=0.6,
                 trust_coefficient=0.02, warmup_epochs=0.5, momentum=0.99, crop_min=0.3, blur=False,
