@@ -88,6 +88,8 @@ class Args(common.CommonArgs):
     """one process only: key-encoder sub-batches emulating shuffle-BN (8 = the official 8-GPU BN groups)"""
     crop_min: float = 0.2
     """lower bound of RandomResizedCrop's scale (MoCo v2: 0.2)"""
+    blur: bool = True
+    """Gaussian blur (p 0.5) in the augmentation (off for 32-px images: a 0.1-2 px sigma wipes them out)"""
     show_matches: str = ""
     """if set, write a PNG to this path at the end showing each query location's matched key location"""
 
@@ -298,7 +300,7 @@ def main(argv=None):
         raise common.BadInput(f"--shuffle-splits {args.shuffle_splits} must divide --batch-size {args.batch_size}")
 
     # ---- data
-    train_ds, steps_per_epoch = common.pretrain_data(args, run, common.mocov2_views(args.img_size, args.crop_min))
+    train_ds, steps_per_epoch = common.pretrain_data(args, run, common.mocov2_views(args.img_size, args.crop_min, args.blur))
     knn = common.knn_monitor(args, run)
 
     # ---- model

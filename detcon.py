@@ -112,7 +112,7 @@ class Args(common.CommonArgs):
     """FH Gaussian pre-smoothing (official: 0.8)"""
     mask_cache: str = "auto"
     """auto = cache FH masks in <output-dir>/fh_cache for images >= 224 px; a directory = cache every image
-    there (reuse it across runs on the same data); off = never. Delete the cache when the data changes"""
+    there (reuse it across runs on the same data); off = never. Delete it when the files under --data change"""
     show_masks: str = ""
     """write a PNG of a few images, their two views and the masks on each view to this path, then exit"""
 
@@ -426,7 +426,9 @@ def check_args(args):
 def mask_cache(args, out):
     """(cache folder or None, smallest image side cached) from --mask-cache; one folder per FH setting."""
     cache, min_side = {"auto": (os.path.join(out, "fh_cache"), 224), "off": (None, 0)}.get(args.mask_cache, (args.mask_cache, 0))
-    key = hashlib.sha1(f"{args.fh_size} {args.fh_scale} {args.fh_min_size} {args.fh_sigma}".encode()).hexdigest()[:8]
+    # index i means a different image under another --data/--subset/--corrupt/--seed: all go into the key
+    key = hashlib.sha1(f"{args.fh_size} {args.fh_scale} {args.fh_min_size} {args.fh_sigma} {args.data} {args.subset} "
+                       f"{args.corrupt} {args.mix_fraction} {args.seed}".encode()).hexdigest()[:8]
     return (os.path.join(cache, f"fh{args.fh_size}-{key}"), min_side) if cache else (None, 0)
 
 

@@ -223,9 +223,7 @@ def main(argv=None):
     run = common.setup(args, "fast_moco")
 
     # ---- data
-    view = common.mocov2_views(args.img_size, args.crop_min)  # MoCo v2 symmetric pair (both views alike)
-    if not args.blur:
-        view = common.TwoViews(*[common.ssl_view(args.img_size, args.crop_min, (0.4, 0.4, 0.4, 0.1), blur_p=0.0)] * 2)
+    view = common.mocov2_views(args.img_size, args.crop_min, args.blur)  # MoCo v2 symmetric pair (both views alike)
     train_ds, steps_per_epoch = common.pretrain_data(args, run, view)
     knn = common.knn_monitor(args, run)
 

@@ -45,8 +45,8 @@ Commands:
 
 Healthy loss: mocov3.py's curve plus 0.1 * (CE1 + CE2); the rotation term starts at
 0.1 * 2 * ln 4 ~= 0.28 and shrinks as rot_acc (percent, both views) rises from 25; on natural
-images rot_acc should pass 90 quickly. On the synthetic data many shapes and the striped
-backgrounds look the same after some rotations, so rot_acc stays well below that.
+images rot_acc should pass 90 quickly. On the synthetic data many shapes look the same
+after some rotations (disk, ring, square, plus), so rot_acc stays well below that.
 """
 import dataclasses
 import time

@@ -12,6 +12,7 @@ table and a PNG of kNN top-1 vs epochs and vs training seconds.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -33,9 +34,10 @@ def main():
     ap.add_argument("--methods", default=",".join(m for m in METHODS if os.path.exists(os.path.join(ROOT, f"{m}.py"))))
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--img-size", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--subset", type=int, default=0, help="pretrain on a balanced subset of the train split")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--subset", type=int, default=1000, help="pretrain on a balanced subset of the train split (0: all)")
     ap.add_argument("--linear-epochs", type=int, default=5)
+    ap.add_argument("--probe-labels", type=int, default=100, help="labeled images per class for the linear probe (0: all)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--extra", default="", help="extra flags for every training script")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accuracy"))
@@ -45,7 +47,7 @@ def main():
             "--workers", str(a.workers)]
     train = base + ["--preset", "cpu", "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
                     "--knn-every", "1", "--subset", str(a.subset), *a.extra.split()]
-    evals = base + ["--batch-size", "128", "--epochs", str(a.linear_epochs)]
+    evals = base + ["--batch-size", "128", "--epochs", str(a.linear_epochs), "--labels-per-class", str(a.probe_labels)]
     rows, curves = [], {}
     floor_knn = run(["eval_linear.py", "--pretrained", "none", "--mode", "knn", *evals,
                      "--output-dir", os.path.join(ROOT, "runs", "acc", "random_knn")])
@@ -54,6 +56,7 @@ def main():
     rows.append(("random init", "-", floor_knn["top1"], "-", floor_lin["top1"], "-"))
     for m in a.methods.split(","):
         out = os.path.join(ROOT, "runs", "acc", m)
+        shutil.rmtree(out, ignore_errors=True)  # a fresh run: log.jsonl must hold this run's curve only
         s = run([f"{m}.py", *train, "--output-dir", out])
         log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
         curves[m] = [(r["epoch"], r["train_s"], r["knn_top1"]) for r in log if "knn_top1" in r and "train_s" in r]
@@ -69,7 +72,8 @@ def main():
              f"{f' (balanced subset of {a.subset})' if a.subset else ''}, ResNet-18, imagenet stem, {a.img_size} px, "
              f"{a.epochs} pretraining epochs at global batch {a.batch_size} with each method's `cpu` preset "
              f"hyperparameters, one CPU process. kNN: weighted kNN (k=200, T=0.1) on the val split. Linear: "
-             f"MoCo v3 linear protocol, {a.linear_epochs} epochs. Equal wall-clock: the best kNN reached within "
+             f"MoCo v3 linear protocol, {a.linear_epochs} epochs on "
+             f"{f'{a.probe_labels} labeled images per class' if a.probe_labels else 'the full train split'}. Equal wall-clock: the best kNN reached within "
              f"{t_equal:.0f} s of training (the fastest method's total).", "",
              f"| method | train s | kNN top-1 @ {a.epochs} ep | kNN top-1 @ {t_equal:.0f} s | linear top-1 | img/s |",
              "|---|---|---|---|---|---|"]

@@ -42,12 +42,13 @@ def main():
     ap.add_argument("--subsets", default="500,1000,2500")
     ap.add_argument("--corruptions", default="jpeg:10,downsample:4,saltpepper:0.1,blur:2")
     ap.add_argument("--probe-epochs", type=int, default=3)
+    ap.add_argument("--probe-labels", type=int, default=250, help="labeled images per class for the probes (0: all; 250 = the 2500 pretraining images)")
     ap.add_argument("--train-size", type=int, default=2500, help="images for the quality/domain/granularity runs")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "study"))
     a = ap.parse_args()
     data, runs = os.path.abspath(a.data), os.path.join(ROOT, "runs", "study")
     common = ["--arch", "resnet18", "--stem", "imagenet", "--img-size", a.img_size, "--workers", "2"]
-    probe = [*common, "--data", data, "--batch-size", 128, "--epochs", a.probe_epochs]
+    probe = [*common, "--data", data, "--batch-size", 128, "--epochs", a.probe_epochs, "--labels-per-class", a.probe_labels]
 
     def pretrain(name, subset, *extra):
         epochs = math.ceil(a.steps / (subset // a.batch_size))  # the schedule ends where the step budget does
@@ -94,7 +95,8 @@ def main():
     lines = [f"Command: `{cmd.strip()}`. {a.method}.py, ResNet-18, {a.img_size} px, {a.steps} pretraining steps "
              f"at batch {a.batch_size} for every run (equal compute), imagenette train split (subsets balanced and "
              f"nested; quality/domain/granularity runs on {a.train_size} images). SSL column: MoCo v3 linear "
-             f"protocol, {a.probe_epochs} epochs on the clean train split, top-1 on the clean val split. Supervised "
+             f"protocol, {a.probe_epochs} epochs on "
+             f"{f'{a.probe_labels} labeled images per class of' if a.probe_labels else ''} the clean train split, top-1 on the clean val split. Supervised "
              f"column: ResNet-18 from scratch, {a.probe_epochs} epochs on the same (corrupted) images, clean val.",
              "", "| lens | pretraining data | SSL linear top-1 | supervised top-1 |", "|---|---|---|---|"]
     for lens, setting, ssl, sup in rows:
