@@ -4,7 +4,7 @@ Pretrains mocov3.py (or --method) on imagenette at a CPU budget under each setti
 on the clean imagenette val split; the supervised baseline (`eval_linear.py --pretrained none
 --mode finetune`) trains on the same (possibly corrupted) images. Every pretraining run gets the
 same number of optimizer steps, so the comparison is at equal compute. Writes a markdown table
-and a PNG.
+and a PNG (bars per lens).
 
   python benchmarks/study.py                       # all lenses, ~1 h on 2 CPU cores
   python benchmarks/study.py --lenses quantity     # one lens
@@ -104,6 +104,30 @@ def main():
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     open(a.out + ".md", "w").write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(rows, a.out + ".png")
+
+
+def plot(rows, path):
+    """One bar group per lens: SSL linear top-1 per setting, the supervised baseline beside it."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    lenses = list(dict.fromkeys(r[0] for r in rows))
+    fig, axes = plt.subplots(1, len(lenses), figsize=(4 * len(lenses), 4), squeeze=False)
+    for ax, lens in zip(axes[0], lenses):
+        sel = [r for r in rows if r[0] == lens]
+        x = range(len(sel))
+        ax.bar([i - 0.2 for i in x], [r[2] for r in sel], 0.4, label="SSL + linear probe")
+        ax.bar([i + 0.2 for i in x], [r[3] or 0 for r in sel], 0.4, label="supervised")
+        ax.set_xticks(list(x), [r[1].replace(" ", "\n", 2) for r in sel], fontsize=7)
+        ax.set_title(lens)
+        ax.set_ylabel("top-1 (%)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":
