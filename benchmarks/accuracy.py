@@ -2,14 +2,17 @@
 
 For every method: pretrain for --epochs with the kNN monitor after every epoch (log.jsonl gives
 kNN top-1 and training seconds per epoch), then `eval_linear.py --mode linear` on the final
-backbone. Random init (`eval_linear.py --pretrained none`) is the floor. Reports kNN at equal
-epochs and at equal wall-clock (the fastest method's total training time), writes a markdown
-table and a PNG of kNN top-1 vs epochs and vs training seconds.
+backbone. Random init (`eval_linear.py --pretrained none`) is the floor. Equal epochs: every
+method at --epochs. Equal wall-clock: MoCo v3 once more, with as many epochs as fit in the slowest
+method's training time. Writes a markdown table and a PNG of kNN top-1 vs epochs and vs training
+seconds.
 
-  python benchmarks/accuracy.py                                   # imagenette, 64 px, CPU budget
+  python benchmarks/accuracy.py                                   # imagenette, 64 px, CPU budget (~25 min)
   python benchmarks/accuracy.py --methods mocov3 --epochs 3       # one method
+  python benchmarks/accuracy.py --reuse                           # only run what is not finished yet
 """
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -21,18 +24,26 @@ IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224")
 METHODS = ["mocov3", "fast_moco", "densecl", "detcon", "rotation_aux"]
 
 
-def run(cmd):
+def run(cmd, reuse=False):
+    """Run a script and return its JSON summary line; with reuse, a finished run of the same command
+    is read back from runs/acc/results/ instead of run again."""
+    cache = os.path.join(ROOT, "runs", "acc", "results", hashlib.sha1(json.dumps(cmd).encode()).hexdigest()[:12] + ".json")
+    if reuse and os.path.isfile(cache):
+        return json.load(open(cache))
     p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    os.makedirs(os.path.dirname(cache), exist_ok=True)
+    json.dump(summary, open(cache, "w"))
+    return summary
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=IMAGENETTE)
     ap.add_argument("--methods", default=",".join(m for m in METHODS if os.path.exists(os.path.join(ROOT, f"{m}.py"))))
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--subset", type=int, default=1000, help="pretrain on a balanced subset of the train split (0: all)")
@@ -40,46 +51,58 @@ def main():
     ap.add_argument("--probe-labels", type=int, default=100, help="labeled images per class for the linear probe (0: all)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--extra", default="", help="extra flags for every training script")
+    ap.add_argument("--reuse", action="store_true", help="reuse finished runs of identical commands (runs/acc/results)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accuracy"))
     a = ap.parse_args()
     data = os.path.abspath(a.data)
     base = ["--data", data, "--arch", "resnet18", "--stem", "imagenet", "--img-size", str(a.img_size),
             "--workers", str(a.workers)]
-    train = base + ["--preset", "cpu", "--epochs", str(a.epochs), "--batch-size", str(a.batch_size),
-                    "--knn-every", "1", "--subset", str(a.subset), *a.extra.split()]
+    train = base + ["--preset", "cpu", "--batch-size", str(a.batch_size), "--knn-every", "1", "--subset", str(a.subset),
+                    *a.extra.split()]
     evals = base + ["--batch-size", "128", "--epochs", str(a.linear_epochs), "--labels-per-class", str(a.probe_labels)]
-    rows, curves = [], {}
-    floor_knn = run(["eval_linear.py", "--pretrained", "none", "--mode", "knn", *evals,
-                     "--output-dir", os.path.join(ROOT, "runs", "acc", "random_knn")])
-    floor_lin = run(["eval_linear.py", "--pretrained", "none", "--mode", "linear", *evals,
-                     "--output-dir", os.path.join(ROOT, "runs", "acc", "random_linear")])
-    rows.append(("random init", "-", floor_knn["top1"], "-", floor_lin["top1"], "-"))
-    for m in a.methods.split(","):
-        out = os.path.join(ROOT, "runs", "acc", m)
-        shutil.rmtree(out, ignore_errors=True)  # a fresh run: log.jsonl must hold this run's curve only
-        s = run([f"{m}.py", *train, "--output-dir", out])
+    curves = {}
+
+    def pretrain(name, script, epochs):
+        """Train, then linear-probe; returns a table row and records the kNN curve."""
+        out = os.path.join(ROOT, "runs", "acc", name)
+        cmd = [f"{script}.py", *train, "--epochs", str(epochs), "--output-dir", out]
+        if not (a.reuse and os.path.isfile(os.path.join(out, "backbone.pth"))):
+            shutil.rmtree(out, ignore_errors=True)  # a fresh run: log.jsonl must hold this run's curve only
+        s = run(cmd, a.reuse)
         log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-        curves[m] = [(r["epoch"], r["train_s"], r["knn_top1"]) for r in log if "knn_top1" in r and "train_s" in r]
+        curves[name] = [(r["epoch"], r["train_s"], r["knn_top1"]) for r in log if "knn_top1" in r and "train_s" in r]
         lin = run(["eval_linear.py", "--pretrained", os.path.join(out, "backbone.pth"), "--mode", "linear", *evals,
-                   "--output-dir", os.path.join(out, "linear")])
-        rows.append((m, f"{curves[m][-1][1]:.0f}", curves[m][-1][2], None, lin["top1"], f"{s['img_per_s']:.1f}"))
-        print(m, curves[m], lin["top1"], flush=True)
-    t_equal = min(c[-1][1] for c in curves.values())  # the fastest method's total training time
-    rows = [r if r[3] != None else (*r[:3], max([k for _, t, k in curves[r[0]] if t <= t_equal * 1.02] or [float("nan")]), *r[4:])
-            for r in rows]
+                   "--output-dir", os.path.join(out, "linear")], a.reuse)
+        print(name, curves[name], lin["top1"], flush=True)
+        return (name, str(epochs), f"{curves[name][-1][1]:.0f}", curves[name][-1][2], lin["top1"], f"{s['img_per_s']:.1f}")
+
+    floor_knn = run(["eval_linear.py", "--pretrained", "none", "--mode", "knn", *evals,
+                     "--output-dir", os.path.join(ROOT, "runs", "acc", "random_knn")], a.reuse)
+    floor_lin = run(["eval_linear.py", "--pretrained", "none", "--mode", "linear", *evals,
+                     "--output-dir", os.path.join(ROOT, "runs", "acc", "random_linear")], a.reuse)
+    rows = [("random init", "-", "-", floor_knn["top1"], floor_lin["top1"], "-")]
+    rows += [pretrain(m, m, a.epochs) for m in a.methods.split(",")]
+    note = ""
+    if "mocov3" in curves and len(curves) > 1:
+        # equal wall-clock: MoCo v3 with as many epochs as fit in the slowest method's training time
+        t_base, t_max = curves["mocov3"][-1][1], max(c[-1][1] for c in curves.values())
+        e_eq = round(a.epochs * t_max / t_base)
+        if e_eq > a.epochs:
+            rows.append(pretrain(f"mocov3_{e_eq}ep", "mocov3", e_eq))
+            note = (f" Equal wall-clock: `mocov3_{e_eq}ep` is MoCo v3 given {e_eq} epochs (its own full cosine "
+                    f"schedule), about the slowest method's training time; compare each method with the MoCo v3 "
+                    f"row closest to its train seconds.")
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
     lines = [f"Command: `{cmd.strip()}`. Data: {os.path.basename(data.rstrip('/'))}"
              f"{f' (balanced subset of {a.subset})' if a.subset else ''}, ResNet-18, imagenet stem, {a.img_size} px, "
-             f"{a.epochs} pretraining epochs at global batch {a.batch_size} with each method's `cpu` preset "
-             f"hyperparameters, one CPU process. kNN: weighted kNN (k=200, T=0.1) on the val split. Linear: "
-             f"MoCo v3 linear protocol, {a.linear_epochs} epochs on "
-             f"{f'{a.probe_labels} labeled images per class' if a.probe_labels else 'the full train split'}. Equal wall-clock: the best kNN reached within "
-             f"{t_equal:.0f} s of training (the fastest method's total).", "",
-             f"| method | train s | kNN top-1 @ {a.epochs} ep | kNN top-1 @ {t_equal:.0f} s | linear top-1 | img/s |",
-             "|---|---|---|---|---|---|"]
-    for name, secs, knn, knn_t, lin, ips in rows:
-        f = lambda v: v if isinstance(v, str) else f"{v:.1f}"
-        lines.append(f"| {name} | {secs} | {f(knn)} | {f(knn_t)} | {f(lin)} | {ips} |")
+             f"global batch {a.batch_size}, each method's `cpu` preset hyperparameters, one CPU process "
+             f"({os.cpu_count()} cores). kNN: weighted kNN (k=200, T=0.1), full train split as the bank, val split. "
+             f"Linear: MoCo v3 linear protocol, {a.linear_epochs} epochs on "
+             f"{f'{a.probe_labels} labeled images per class' if a.probe_labels else 'the full train split'}, val split."
+             f" Train s: pretraining seconds without the kNN evaluations.{note}", "",
+             "| method | epochs | train s | kNN top-1 | linear top-1 | img/s |", "|---|---|---|---|---|---|"]
+    for row in rows:
+        lines.append("| " + " | ".join(v if isinstance(v, str) else f"{v:.1f}" for v in row) + " |")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     with open(a.out + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")

@@ -5,7 +5,7 @@ JSON summary line: source images/s and step time measured after 2 warm-up steps,
 (CUDA allocator peak on GPU, process peak RSS on CPU). Writes a markdown table (and prints it):
 
   python benchmarks/throughput.py                                   # CPU: resnet18, 64 px, batch 32
-  python benchmarks/throughput.py --arch resnet50 --img-size 224 --batch-size 256 --steps 30 \\
+  python benchmarks/throughput.py --preset imagenet --arch resnet50 --img-size 224 --batch-size 256 --steps 30 \\
       --precision bf16 --channels-last --out benchmarks/results/throughput_gpu.md   # one GPU
   python benchmarks/throughput.py --switches                        # also the gain of each speed switch
 
@@ -58,6 +58,7 @@ def device_name():
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", default="cpu", help="every script's preset (heads, optimizer); flags below override it")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -72,7 +73,7 @@ def main():
     ap.add_argument("--switches", action="store_true", help="also measure channels_last and compile on mocov3")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "throughput_cpu.md"))
     a = ap.parse_args()
-    common = ["--data", "synthetic", "--arch", a.arch, "--stem", a.stem, "--img-size", str(a.img_size),
+    common = ["--data", "synthetic", "--preset", a.preset, "--arch", a.arch, "--stem", a.stem, "--img-size", str(a.img_size),
               "--batch-size", str(a.batch_size), "--max-steps", str(a.steps), "--precision", a.precision,
               "--workers", str(a.workers), "--knn-every", "0", "--log-every", str(a.steps),
               "--output-dir", os.path.join(ROOT, "runs", "bench"), "--synthetic-size", str(a.batch_size * (a.steps + 1))]
@@ -85,7 +86,7 @@ def main():
         results[label] = measure(script, common + extra, a.repeats)
         print(label, results[label]["step_ms_all"], flush=True)
     cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
-    lines = [f"Device: {device_name()}. Command: `{cmd.strip()}`. {a.arch}, {a.stem} stem, {a.img_size} px, "
+    lines = [f"Device: {device_name()}. Command: `{cmd.strip()}`. `{a.preset}` presets, {a.arch}, {a.stem} stem, {a.img_size} px, "
              f"global batch {a.batch_size}, {a.precision}{', channels_last' if a.channels_last else ''}"
              f"{', compile' if a.compile else ''}; {a.steps} steps per run (2 warm-up steps excluded), median of "
              f"{a.repeats} runs.", "",
