@@ -60,7 +60,8 @@ def main():
              "`" + " ".join(["python benchmarks/quickstart.py", *sys.argv[1:]]) + "`.", "",
              "| method | preset | wall min | img/s | kNN top-1 per epoch | random init |", "|---|---|---|---|---|---|"]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    for path, keep in ((a.out + "_all.md", rows), (a.out + ".md", [r for r in rows if r[0] == "mocov3"])):
+    for path, keep in ((a.out + "_all.md", rows if len(rows) > 1 else []),
+                       (a.out + ".md", [r for r in rows if r[0] == "mocov3"])):
         if keep:
             with open(path, "w") as f:
                 f.write("\n".join(lines + [f"| {' | '.join(r)} |" for r in keep]) + "\n")
