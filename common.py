@@ -391,11 +391,6 @@ def eval_transform(img_size):
     return T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
-def train_transform(img_size):
-    """RandomResizedCrop + flip: the linear-probe / fine-tune training transform."""
-    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
 # ============================================================================ data
 
 SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "crescent", "bar", "ell")

@@ -28,6 +28,7 @@ import sys
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 
 import common
 
@@ -103,6 +104,12 @@ def coarse_labels(args, ds):
         raise common.BadInput(f"--coarse-map has no coarse class for {missing[:5]}")
     names = sorted(set(mapping[c] for c in ds.classes))
     return [names.index(mapping[ds.classes[y]]) for y in common.labels_of(ds)]
+
+
+def train_transform(img_size):
+    """RandomResizedCrop + flip: the linear-probe / fine-tune training transform (evaluation only)."""
+    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                      T.Normalize(common.MEAN, common.STD)])
 
 
 def eval_splits(args):
@@ -208,7 +215,7 @@ def main(argv=None):
     step_model = nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
     optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
     scaler = common.grad_scaler(run)
-    train_ds = common.Views(train_base, common.train_transform(args.img_size), args.seed)
+    train_ds = common.Views(train_base, train_transform(args.img_size), args.seed)
     steps_per_epoch = len(train_ds) // args.batch_size
     if steps_per_epoch == 0:
         raise common.BadInput(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_ds)} images)")
