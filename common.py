@@ -197,6 +197,11 @@ class Run:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.precision)
         return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
+    def scalar(self, v):
+        """A per-step number (the EMA coefficient) as a 0-d tensor on the device. A compiled model guards on the
+        value of a Python float and would recompile at every step; torch.full is a fill kernel, no host sync."""
+        return torch.full((), float(v), device=self.device)
+
     def to_device(self, x):
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.args.channels_last and x.ndim == 4 else x
@@ -701,10 +706,11 @@ def cosine_momentum(epoch, epochs, m0):
 
 @torch.no_grad()
 def ema_update(target_params, online_params, m):
-    """theta_target <- m * theta_target + (1 - m) * theta_online (fused over all tensors)."""
+    """theta_target <- m * theta_target + (1 - m) * theta_online (fused over all tensors); m a float or a 0-d
+    tensor (Run.scalar: what the training loops pass, so that --compile keeps one graph)."""
     target_params, online_params = list(target_params), list(online_params)
     torch._foreach_mul_(target_params, m)
-    torch._foreach_add_(target_params, online_params, alpha=1.0 - m)
+    torch._foreach_add_(target_params, torch._foreach_mul(online_params, 1.0 - m))
 
 
 # ============================================================================ checkpoint, resume & export
@@ -895,6 +901,8 @@ class Logger:
         self.last = {}
         self.t_last = self.t0 = time.perf_counter()
         self.t_warm, self.data_time, self.n_since, self.excluded, self.eval_s = None, 0.0, 0, 0.0, 0.0
+        self.data_warm = 0.0  # data wait after the warm-up steps, for the summary's data_time_frac
+        self.t_end = None  # when the last step finished: the final checkpoint and export are not training time
         # a resumed run appends to its log; a fresh run in an old output dir starts a new one
         self.file = open(os.path.join(run.out, "log.jsonl"), "a" if start_step else "w") if run.main else None
 
@@ -907,7 +915,9 @@ class Logger:
                 batch = next(it)
             except StopIteration:
                 return
-            self.data_time += time.perf_counter() - t
+            waited = time.perf_counter() - t
+            self.data_time += waited
+            self.data_warm += waited if self.t_warm else 0.0
             yield batch
 
     def write(self, record):
@@ -923,8 +933,10 @@ class Logger:
             self.t_warm = time.perf_counter()
         if step % self.run.args.log_every and step != self.total:
             return
-        loss = float(loss)
+        loss = float(loss)  # waits for the step's kernels
         now = time.perf_counter()
+        if step == self.total:
+            self.t_end = now
         dt = now - self.t_last
         rec = {"step": step, "epoch": round(epoch, 4), "loss": loss,
                **{k: float(v) for k, v in metrics.items()},
@@ -952,7 +964,7 @@ class Logger:
             print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
             self.write(rec)
         self.t_last += seconds
-        self.excluded += seconds if self.t_warm else 0.0
+        self.excluded += seconds if self.t_warm and not self.t_end else 0.0
 
     def _sync(self):
         if self.run.device.type == "cuda":
@@ -962,10 +974,12 @@ class Logger:
         """Print the JSON summary as the last line of the run."""
         self._sync()
         steps = self.step - self.start - self.WARMUP
-        dt = time.perf_counter() - self.t_warm - self.excluded if self.t_warm and steps > 0 else float("nan")
+        end = self.t_end or time.perf_counter()
+        dt = end - self.t_warm - self.excluded if self.t_warm and steps > 0 else float("nan")
         rec = {"event": "summary", "method": self.run.method, "steps": self.step,
                "img_per_s": steps * self.run.args.batch_size / dt if steps > 0 else None,
                "step_ms": 1000 * dt / steps if steps > 0 else None,
+               "data_time_frac": self.data_warm / dt if steps > 0 else None,
                "peak_mem_mb": peak_mem_mb(self.run.device), "loss": self.last.get("loss"),
                "knn_top1": self.last.get("knn_top1"), **extra}
         if self.run.main:

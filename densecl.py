@@ -332,7 +332,7 @@ def main(argv=None):
             lam = dense_lambda(step, args.dense_weight, args.dense_warmup_steps)
             x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
             with run.autocast():
-                loss, parts = step_model(x1, x2, args.momentum, lam)
+                loss, parts = step_model(x1, x2, run.scalar(args.momentum), lam)
             common.optimizer_step(loss, optimizer, scaler)
             loss, step = loss.detach(), step + 1
             log.log_step(step, e + 1 / steps_per_epoch, loss, lr=lr, momentum=args.momentum, dense_weight=lam, **parts)

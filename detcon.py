@@ -475,7 +475,7 @@ def main(argv=None):
             x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
             m1, m2 = run.to_device(m1), run.to_device(m2)  # [n, S, S] mask ids on the feature grid
             with run.autocast():
-                loss, matched = step_model(x1, m1, x2, m2, m)
+                loss, matched = step_model(x1, m1, x2, m2, run.scalar(m))
             common.optimizer_step(loss, optimizer, scaler)
             loss, step = loss.detach(), step + 1
             log.log_step(step, e + 1 / steps_per_epoch, loss, lr=lr, momentum=m, matched=matched)

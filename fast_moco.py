@@ -252,7 +252,7 @@ def main(argv=None):
             common.set_lr(optimizer, lr)  # the predictor's group keeps base_lr
             x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
             with run.autocast():
-                loss = step_model(x1, x2, m)
+                loss = step_model(x1, x2, run.scalar(m))
             common.optimizer_step(loss, optimizer, scaler, clip_params, args.clip_grad)
             loss, step = loss.detach(), step + 1
             log.log_step(step, e + 1 / steps_per_epoch, loss, lr=lr,

@@ -152,7 +152,7 @@ def main(argv=None):
             m = common.cosine_momentum(e, args.epochs, args.momentum)
             x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
             with run.autocast():
-                loss, rot_ce, rot_acc = step_model(x1, x2, m)  # the rotated views are made inside
+                loss, rot_ce, rot_acc = step_model(x1, x2, run.scalar(m))  # the rotated views are made inside
             common.optimizer_step(loss, optimizer, scaler)
             loss, step = loss.detach(), step + 1
             log.log_step(step, e + 1 / steps_per_epoch, loss, lr=lr, momentum=m, rot_ce=rot_ce, rot_acc=rot_acc)

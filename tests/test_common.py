@@ -178,3 +178,34 @@ def test_all_gather_is_identity_without_process_group():
     x = torch.randn(3, 2)
     assert common.all_gather_nograd(x) is x and common.get_world_size() == 1 and common.get_rank() == 0
     assert "RANK" not in os.environ or os.environ["WORLD_SIZE"] == "1"
+
+
+def test_summary_times_the_steps_only(tmp_path, monkeypatch):
+    """img/s and step_ms cover the steps after warm-up: not the final checkpoint/export, nor an evaluation;
+    data_time_frac is the loader wait in that window. A fake clock makes it exact."""
+    now = [0.0]
+
+    def perf_counter():
+        return now[0]
+
+    monkeypatch.setattr(common.time, "perf_counter", perf_counter)
+    args = common.parse_args(mocov3.Args, mocov3.PRESETS, ["--batch-size", "4", "--log-every", "100", "--epochs", "1"])
+    run = common.Run(args, "mocov3", 0, 1, torch.device("cpu"), str(tmp_path))
+    log = common.Logger(run, steps_per_epoch=6, start_step=0)
+
+    def loader():
+        for _ in range(6):
+            now[0] += 1.0  # waiting for the batch: 1 s
+            yield None
+
+    batches = log.timed(loader())
+    for step in range(1, 7):
+        next(batches)
+        now[0] += 9.0  # the step: 9 s
+        log.log_step(step, step / 6, torch.tensor(1.0))
+    log.log_eval(6, 1, 50.0, knn_top1=1.0)  # a final evaluation...
+    now[0] += 1000.0  # ... and the final checkpoint and export: neither is training time
+    rec = log.summary()
+    assert rec["step_ms"] == pytest.approx(10_000)  # steps 3..6: 40 s over 4 steps
+    assert rec["img_per_s"] == pytest.approx(4 / 10)
+    assert rec["data_time_frac"] == pytest.approx(0.1)

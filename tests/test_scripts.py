@@ -190,3 +190,27 @@ def test_real_images_from_an_imagefolder(imagenette, tmp_path):
     rec = summary(p)
     assert rec["steps"] == 2 and rec["loss"] > 0
     assert json.load(open(os.path.join(out, "args.json")))["preset"] == "imagenet"
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_compile_keeps_one_graph_per_frame(method, tmp_path, monkeypatch):
+    """--compile must not recompile as the schedules move (a Python-float EMA coefficient did, every step).
+    Runs the real training loop in-process with the aot_eager backend (same graph capture, no codegen)."""
+    import importlib
+    import torch._dynamo.utils as dynamo_utils
+    import common
+    mod = importlib.import_module(method)
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="aot_eager"))
+    graphs, log_step = [], common.Logger.log_step
+
+    def counting(self, step, *args, **kwargs):
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+        return log_step(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(common.Logger, "log_step", counting)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    mod.main(tiny(method, str(tmp_path), "--compile", "--max-steps", "4"))
+    assert len(graphs) == 4 and graphs[0] > 0, graphs
+    assert graphs[-1] == graphs[0], f"graphs compiled after each step: {graphs} (recompiled after step 1)"
