@@ -1,15 +1,19 @@
 """Throughput of every method at the same arch, global batch, image size and precision.
 
 Runs each training script for --steps optimizer steps on synthetic data (kNN off) and reads the
-JSON summary line: source images/s and step time measured after 2 warm-up steps, peak memory
-(CUDA allocator peak on GPU, process peak RSS on CPU). Writes a markdown table (and prints it):
+JSON summary line: source images/s, step time and the share of it spent waiting for data, measured
+after 2 warm-up steps and up to the last step (the final checkpoint and export are not counted);
+peak memory (CUDA allocator peak on GPU, process peak RSS on CPU). Short runs are served mostly from
+the loader's prefetch buffer, so they time the training step; --sustained N adds a long MoCo v3 run
+that shows whether the loader keeps up. Writes a markdown table as it goes (and prints it):
 
-  python benchmarks/throughput.py                                   # CPU: resnet18, 64 px, batch 32
+  python benchmarks/throughput.py --repeats 1 --switches --sustained 40      # CPU: resnet18, 64 px, batch 32
   python benchmarks/throughput.py --preset imagenet --arch resnet50 --img-size 224 --batch-size 256 --steps 30 \\
-      --precision bf16 --channels-last --out benchmarks/results/throughput_gpu.md   # one GPU
-  python benchmarks/throughput.py --switches                        # also the gain of each speed switch
+      --precision bf16 --channels-last --workers 15 --repeats 1 --sustained 150 --switches \\
+      --out benchmarks/results/throughput_gpu.md                                # one GPU
 
-Each configuration runs --repeats times; the table reports the median step time.
+--switches: MoCo v3 without channels_last and compile, then with each and both, and in fp32 when
+--precision is lower. Each configuration runs --repeats times; the table reports the median step time.
 """
 import argparse
 import json
