@@ -6,7 +6,7 @@ from its log.jsonl, wall-clock seconds and img/s from its summary. The floor is
 `eval_linear.py --mode knn --pretrained none` at the same image size (and stem). Writes markdown
 tables (benchmarks/results/quickstart_all.md, and quickstart.md with mocov3's row).
 
-  python benchmarks/quickstart.py                    # every method (~25 min on 2 CPU cores)
+  python benchmarks/quickstart.py                    # every method (~45 min on 2 CPU cores)
   python benchmarks/quickstart.py --methods mocov3   # the README's first command only (~4 min)
 """
 import argparse
