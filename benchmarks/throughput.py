@@ -109,10 +109,8 @@ def main():
     write(a.out, lines)
     print("\n".join(lines), flush=True)
     if a.sustained:  # steps >> workers x prefetch: the loader must keep up on its own
-        flags = list(common)
-        for flag, value in (("--max-steps", a.sustained), ("--log-every", a.sustained),
-                            ("--synthetic-size", a.batch_size * (a.sustained + 1))):
-            flags[flags.index(flag) + 1] = str(value)
+        flags = with_values(common, {"--max-steps": a.sustained, "--log-every": a.sustained,
+                                     "--synthetic-size": a.batch_size * (a.sustained + 1)})
         r = measure("mocov3.py", flags, 1)
         lines += ["", f"Sustained, data loading included: mocov3.py over {a.sustained} steps with {a.workers} loader workers "
                   f"({os.cpu_count()} CPU cores): {r['img_per_s']:.1f} img/s, {r['step_ms']:.0f} ms/step, data wait "
@@ -123,8 +121,7 @@ def main():
         rows = [("none", plain)] + [(" ".join(f), plain + f) for f in
                                     (["--channels-last"], ["--compile"], ["--channels-last", "--compile"])]
         if a.precision != "fp32":  # what the lower precision itself brings
-            at = plain.index("--precision") + 1
-            rows.append((f"--precision fp32 (not {a.precision})", plain[:at] + ["fp32"] + plain[at + 1:]))
+            rows.append((f"--precision fp32 (not {a.precision})", with_values(plain, {"--precision": "fp32"})))
         lines += ["", f"Speed switches on mocov3.py ({a.precision}; gain = step time of none / step time):", "",
                   "| switch | img/s | step ms | data wait | gain |", "|---|---|---|---|---|"]
         base_ms = None
@@ -136,6 +133,14 @@ def main():
             lines.append(f"| {name} | {r['img_per_s']:.1f} | {r['step_ms']:.0f} | {100 * r['data_time_frac']:.0f}% | "
                          f"{base_ms / r['step_ms']:.2f}x |")
             write(a.out, lines)
+
+
+def with_values(flags, values):
+    """A copy of the flag list with the values of the given flags replaced."""
+    flags = list(flags)
+    for flag, value in values.items():
+        flags[flags.index(flag) + 1] = str(value)
+    return flags
 
 
 def write(path, lines):
