@@ -417,7 +417,8 @@ def _shape_mask(k, u, v):
 def render_synthetic(seed, index, px=SYNTH_PX):
     """One deterministic image: a large main shape (the label) in a colour contrasting with a plain
     background, plus 0-2 small distractor shapes; colours, positions, sizes and small rotations are
-    random, so only the main shape's form identifies the class. (No background texture: a per-image
+    random, so only the main shape's form identifies the class. Returns (image, label, per-pixel labels
+    [px, px] uint8: 0 background, class + 1 under each shape, occlusion respected). (No background texture: a per-image
     texture survives every crop and colour jitter, so contrastive learning latches onto it instead of
     the shapes; without it MoCo v3's cpu preset beats random-init kNN within two epochs.)"""
     rng = np.random.default_rng([seed, index])
@@ -429,12 +430,14 @@ def render_synthetic(seed, index, px=SYNTH_PX):
               for _ in range(rng.integers(0, 3))]
     main_colour = np.clip(1 - background + rng.uniform(-0.15, 0.15, 3), 0, 1)  # contrasting: the shape stands out
     shapes.append((label, rng.uniform(0.45, 0.6), rng.uniform(-0.15, 0.15, 2), main_colour))  # drawn last, on top
+    seg = np.zeros((px, px), np.uint8)  # [px, px] per-pixel labels: 0 background, shape class + 1
     for k, scale, (cx, cy), colour in shapes:
         t = rng.uniform(-0.5, 0.5)  # rotation (rad): small enough to keep square and frame upright-ish
         u, v = ((x - cx) * np.cos(t) + (y - cy) * np.sin(t)) / scale, (-(x - cx) * np.sin(t) + (y - cy) * np.cos(t)) / scale
-        img[_shape_mask(k, u, v)] = colour
+        inside = _shape_mask(k, u, v)  # [px, px]
+        img[inside], seg[inside] = colour, k + 1  # later shapes occlude earlier ones, in the image and the labels
     img = img + rng.normal(0, 0.04, img.shape)  # sensor-like noise so flat regions are not trivially equal
-    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label, seg
 
 
 class Synthetic(torch.utils.data.Dataset):
@@ -449,7 +452,13 @@ class Synthetic(torch.utils.data.Dataset):
         return self.size
 
     def __getitem__(self, i):
-        return render_synthetic(self.seed, i)
+        img, label, _ = render_synthetic(self.seed, i)
+        return img, label
+
+    def segmentation(self, i):
+        """(PIL image, PIL "L" mask of per-pixel labels: 0 background, class + 1 under each shape)."""
+        img, _, seg = render_synthetic(self.seed, i)
+        return img, Image.fromarray(seg)  # uint8 -> mode "L"
 
 
 IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
