@@ -17,6 +17,7 @@ import json
 import math
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -40,6 +41,13 @@ class BadInput(Exception):
     """A user error: reported as one line on stderr with exit code 2, never a traceback."""
 
 
+PREEMPTED_EXIT = 3  # exit code of a run stopped by SIGTERM/SIGUSR1 after writing checkpoint.pth
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived: the current step was finished and checkpoint.pth written."""
+
+
 def user_errors(main):
     """Decorator for main(): BadInput (also when re-raised from a loader worker) -> 1 line, exit 2."""
     def wrapped(argv=None):
@@ -54,7 +62,16 @@ def user_errors(main):
         except FloatingPointError as e:  # non-finite loss: stop, name the step and the last good checkpoint
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)
+        except Preempted as e:  # requeue and rerun the same command with --resume auto: no work is lost
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+            sys.exit(PREEMPTED_EXIT)
     return wrapped
+
+
+def default_workers():
+    """Loader workers per process: 8, or fewer on a machine with fewer cores (more would only contend)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores)
 
 
 @dataclasses.dataclass
@@ -70,8 +87,8 @@ class CommonArgs:
     """ResNet stem: imagenet (7x7/2 conv + max-pool, stride 32) or small (3x3/1 conv, no pool, stride 8)"""
     img_size: int = 224
     """crop size fed to the network"""
-    workers: int = 8
-    """data loader worker processes per GPU/process"""
+    workers: int = default_workers()
+    """data loader worker processes per GPU/process (default: 8, at most the machine's cores)"""
     precision: str = "auto"
     """fp32, bf16 or fp16 (GradScaler); auto = bf16 on CUDA, fp32 on CPU"""
     channels_last: bool = False
@@ -155,7 +172,58 @@ def parse_args(cls, presets, argv=None):
     if args.precision not in ("auto", "fp32", "bf16", "fp16"):
         raise BadInput(f"unknown precision {args.precision!r}; choose from auto, fp32, bf16, fp16")
     parse_corruptions(args.corrupt)  # fail before any work
+    check_ranges(args)
     return args
+
+
+# the range of every numeric flag that any script has (a script checks only the fields it has):
+# (lowest value, is the lowest value itself allowed, highest value or None)
+RANGES = {
+    "batch_size": (1, True, None), "img_size": (1, True, None), "epochs": (0, True, None),
+    "workers": (0, True, None), "max_steps": (0, True, None), "knn_every": (0, True, None),
+    "knn_k": (1, True, None), "knn_t": (0, False, None), "log_every": (1, True, None),
+    "save_every": (0, True, None), "synthetic_size": (10, True, None), "subset": (0, True, None),
+    "mix_fraction": (0, True, 1), "lr": (0, True, None), "wd": (0, True, None),
+    "warmup_epochs": (0, True, None), "temperature": (0, False, None), "momentum": (0, True, 1),
+    "trust_coefficient": (0, False, None), "proj_dim": (1, True, None), "mlp_dim": (1, True, None),
+    "crop_min": (0, False, 1), "clip_grad": (0, True, None), "queue_size": (1, True, None),
+    "num_masks": (1, True, None), "rot_weight": (0, True, None), "labels_per_class": (0, True, None),
+}
+# out-of-range values that a script documents as "the default" in the flag's help
+SPECIAL_VALUES = {("detcon", "warmup_epochs"): lambda v: v < 0, ("eval_linear", "wd"): lambda v: v < 0,
+                  ("fast_moco", "proj_dim"): lambda v: v == 0}
+
+
+def check_ranges(args):
+    """Every numeric flag in its range (NaN never is): one line naming the flag, before any work."""
+    module = sys.modules.get(type(args).__module__)  # "__main__" when run as a script: use its file name
+    script = os.path.splitext(os.path.basename(getattr(module, "__file__", None) or ""))[0]
+    for name, (lo, lo_ok, hi) in RANGES.items():
+        v = getattr(args, name, None)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if SPECIAL_VALUES.get((script, name), lambda v: False)(v):
+            continue
+        above = v >= lo if lo_ok else v > lo
+        if not (above and (hi is None or v <= hi)):  # written so that NaN fails too
+            bound = f">= {lo}" if lo_ok else f"> {lo}"
+            bound += f" and <= {hi}" if hi is not None else ""
+            raise BadInput(f"--{name.replace('_', '-')} {v} is out of range: it must be {bound}")
+
+
+def check_paths(args):
+    """Path flags of the right kind: --output-dir not a file, --resume an existing file (or auto/empty),
+    --data an existing folder when it is not a built-in dataset name."""
+    out = args.output_dir
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise BadInput(f"--output-dir {out} exists and is not a folder")
+    if args.resume not in ("", "auto") and not os.path.isfile(args.resume):
+        raise BadInput(f"--resume {args.resume}: no such checkpoint file (use auto, a checkpoint.pth path or nothing)")
+    for name in args.data.split(","):
+        if name not in BUILTIN_DATA and not os.path.isdir(name):
+            raise BadInput(f"--data: data path not found: {name} (use {', '.join(BUILTIN_DATA)} or an image folder)")
+    if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
+        raise BadInput(f"--data-root {args.data_root} exists and is not a folder")
 
 
 # ============================================================================ distributed & precision
@@ -206,9 +274,37 @@ class Run:
         x = x.to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.args.channels_last and x.ndim == 4 else x
 
+    def stop_requested(self, step):
+        """True once SIGTERM/SIGUSR1 has arrived, on every rank at the same step. Alone: checked every step
+        (a Python flag, free). Distributed: the ranks agree every --log-every steps with one all_reduce
+        (it waits for the step's kernels, as the log line does), so at most log_every steps late."""
+        if self.world == 1:
+            return STOP_SIGNAL[0] is not None
+        if step % self.args.log_every:
+            return False
+        flag = torch.tensor(float(STOP_SIGNAL[0] is not None), device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag)
+
+
+STOP_SIGNAL = [None]  # name of the preemption signal received, set by the handler below
+
+
+def _on_stop_signal(signum, frame):
+    STOP_SIGNAL[0] = signal.Signals(signum).name  # acted on after the current step (Run.stop_requested)
+
+
+def catch_stop_signals():
+    """SIGTERM (torchrun, Kubernetes, `kill`) and SIGUSR1 (SLURM's `--signal`) finish the current step,
+    write checkpoint.pth and exit with PREEMPTED_EXIT instead of killing the run mid-step."""
+    STOP_SIGNAL[0] = None
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _on_stop_signal)
+
 
 def setup(args, method):
     """torchrun-native setup: process group (only when WORLD_SIZE > 1), device, seeds, run dir, args.json."""
+    check_paths(args)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.batch_size % world:
@@ -224,6 +320,7 @@ def setup(args, method):
     if args.precision == "auto":
         args.precision = "bf16" if cuda else "fp32"
     args.output_dir = args.output_dir or os.path.join("runs", method)
+    catch_stop_signals()
     seed_everything(args.seed + rank)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
@@ -248,10 +345,16 @@ def git_sha():
         return None
 
 
-def prepare_model(model, run):
-    """SyncBN (multi-GPU only: PyTorch's SyncBatchNorm is CUDA-only), device, layout, compile, DDP.
+def use_sync_bn(sync_bn, run):
+    """SyncBN only where the method's official code uses it, and only on multi-GPU CUDA runs
+    (PyTorch's SyncBatchNorm is CUDA-only: CPU/gloo runs keep per-process BN)."""
+    return sync_bn and run.world > 1 and run.device.type == "cuda"
+
+
+def prepare_model(model, run, sync_bn):
+    """SyncBN (see use_sync_bn), device, layout, compile, DDP. `sync_bn` is the method's own choice.
     Returns (model, step_model): keep `model` for state_dicts and use `step_model` for forward passes."""
-    if run.world > 1 and run.device.type == "cuda":
+    if use_sync_bn(sync_bn, run):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model = model.to(run.device)
     if run.args.channels_last:
@@ -398,6 +501,7 @@ def eval_transform(img_size):
 
 # ============================================================================ data
 
+BUILTIN_DATA = ("synthetic", "cifar10", "cifar100", "stl10")
 SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "crescent", "bar", "ell")
 SYNTH_PX = 64  # native size of synthetic images: big enough for 2-3 shapes, cheap to draw
 
@@ -760,14 +864,27 @@ def load_file(path):
         raise BadInput(f"{path} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from None
 
 
-def save_checkpoint(run, step, epoch, loss, **state):
-    """Full training state -> checkpoint.pth (rank 0, atomic). Refuses a non-finite loss."""
-    if not math.isfinite(loss):
+def save_checkpoint(run, log, state):
+    """Full training state -> checkpoint.pth (rank 0, atomic). `state`: {name: object with a state_dict}.
+    Refuses a non-finite loss: a good checkpoint is never overwritten by a diverged state."""
+    if not math.isfinite(float(log.loss)):
         return
     if run.main:
-        ck = {"method": run.method, "args": dataclasses.asdict(run.args), "step": step, "epoch": epoch,
-              "rng": rng_state(), **{k: v.state_dict() for k, v in state.items()}}
+        ck = {"method": run.method, "args": dataclasses.asdict(run.args), "step": log.step,
+              "epoch": log.step / log.spe, "rng": rng_state(), **{k: v.state_dict() for k, v in state.items()}}
         save_atomic(ck, os.path.join(run.out, "checkpoint.pth"))
+
+
+def end_of_step(run, log, state):
+    """After every optimizer step: the --save-every checkpoint; on SIGTERM/SIGUSR1 a checkpoint at this
+    step and Preempted (exit PREEMPTED_EXIT). True once the step budget is spent: leave the epoch."""
+    if run.args.save_every and log.step % run.args.save_every == 0:
+        save_checkpoint(run, log, state)
+    if run.stop_requested(log.step):
+        save_checkpoint(run, log, state)
+        raise Preempted(f"{STOP_SIGNAL[0] or 'a stop signal on another rank'} at step {log.step}: wrote "
+                        f"{os.path.join(run.out, 'checkpoint.pth')}; rerun with --resume auto to continue")
+    return log.done
 
 
 def resume(run, **state):
@@ -789,7 +906,11 @@ def resume(run, **state):
         if have != want:
             raise BadInput(f"cannot resume from {path}: it was made with {key}={have}, this run has {key}={want}")
     for k, obj in state.items():
-        obj.load_state_dict(ck[k])
+        try:
+            obj.load_state_dict(ck[k])
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. another --queue-size, --variant or head size
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise BadInput(f"cannot resume from {path}: its {k} does not fit this run's ({first})") from None
     set_rng_state(ck["rng"])
     if run.main:
         print(f"resumed from {path} at step {ck['step']} (epoch {ck['epoch']})", flush=True)
@@ -907,6 +1028,7 @@ class Logger:
         if run.args.max_steps:
             self.total = min(self.total, run.args.max_steps)
         self.start = self.step = start_step
+        self.loss = torch.zeros(())  # the last step's loss (a tensor: read only on log steps and checkpoints)
         self.last = {}
         self.t_last = self.t0 = time.perf_counter()
         self.t_warm, self.data_time, self.n_since, self.excluded, self.eval_s = None, 0.0, 0, 0.0, 0.0
@@ -914,6 +1036,23 @@ class Logger:
         self.t_end = None  # when the last step finished: the final checkpoint and export are not training time
         # a resumed run appends to its log; a fresh run in an old output dir starts a new one
         self.file = open(os.path.join(run.out, "log.jsonl"), "a" if start_step else "w") if run.main else None
+
+    @property
+    def done(self):
+        """The step budget (all epochs, or --max-steps) is spent: also true when a finished run is resumed."""
+        return self.step >= self.total
+
+    def epochs(self):
+        """The epochs left to train, stopping once the budget is spent (a finished run trains no more)."""
+        for epoch in range(self.step // self.spe, self.run.args.epochs):
+            if self.done:
+                return
+            yield epoch
+
+    def batches(self, ds, epoch):
+        """(index in the epoch, batch) of this rank's loader, timed; a resumed epoch starts where it stopped."""
+        skip = self.step % self.spe if epoch == self.step // self.spe else 0
+        return enumerate(self.timed(epoch_loader(ds, self.run, epoch, skip)), start=skip)
 
     def timed(self, loader):
         """Iterate the loader, accumulating the time spent waiting for data."""
@@ -934,9 +1073,10 @@ class Logger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
 
-    def log_step(self, step, epoch, loss, **metrics):
+    def log_step(self, loss, **metrics):
         """Call after every optimizer step with the (tensor) loss; syncs only on log steps."""
-        self.step, self.n_since = step, self.n_since + 1
+        self.step, self.n_since, self.loss = self.step + 1, self.n_since + 1, loss
+        step, epoch = self.step, self.step / self.spe
         if step - self.start == self.WARMUP:
             self._sync()
             self.t_warm = time.perf_counter()
@@ -963,11 +1103,20 @@ class Logger:
                   f"data {100 * rec['data_time_frac']:.0f}% eta {eta / 60:.1f}m", flush=True)
             self.write(rec)
 
-    def log_eval(self, step, epoch, seconds, **metrics):
+    def evaluate(self, net, knn, epoch):
+        """End of an epoch: the kNN monitor of `net` every --knn-every epochs and after the last step."""
+        args = self.run.args
+        if knn and (self.done or (epoch + 1) % args.knn_every == 0):
+            t = time.perf_counter()
+            top1, top5 = knn_eval(net, *knn, self.run, args.knn_k, args.knn_t)
+            self.log_eval(time.perf_counter() - t, knn_top1=top1, knn_top5=top5)
+
+    def log_eval(self, seconds, **metrics):
         """Log evaluation metrics; `seconds` spent evaluating are left out of img/s and step_ms.
         `train_s` is the training wall-clock so far (evaluation excluded), for equal-time comparisons."""
         self.eval_s += seconds
-        rec = {"step": step, "epoch": epoch, **metrics, "train_s": time.perf_counter() - self.t0 - self.eval_s}
+        rec = {"step": self.step, "epoch": round(self.step / self.spe, 4), **metrics,
+               "train_s": time.perf_counter() - self.t0 - self.eval_s}
         self.last.update(metrics)
         if self.run.main:
             print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)

@@ -44,7 +44,6 @@ by the kNN monitor or linear probing alone.
 """
 import copy
 import dataclasses
-import time
 
 import torch
 import torch.distributed as dist
@@ -304,7 +303,7 @@ def main(argv=None):
     knn = common.knn_monitor(args, run)
 
     # ---- model
-    model, step_model = common.prepare_model(DenseCL(args), run)
+    model, step_model = common.prepare_model(DenseCL(args), run, sync_bn=False)  # official: per-GPU BN (shuffle-BN needs it)
 
     # ---- optimizer & schedules
     optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
@@ -312,43 +311,28 @@ def main(argv=None):
     base_lr = args.lr * args.batch_size / 256
 
     # ---- resume (queues and their pointers are buffers of `model`)
-    try:
-        step = common.resume(run, model=model, optimizer=optimizer, scaler=scaler)
-    except RuntimeError as e:  # e.g. a different --queue-size or --dense-weight 0 vs > 0
-        raise common.BadInput(f"cannot resume: the checkpoint does not fit this model ({str(e).splitlines()[0][:200]})")
-    log = common.Logger(run, steps_per_epoch, step)
+    state = dict(model=model, optimizer=optimizer, scaler=scaler)  # what a checkpoint holds
+    log = common.Logger(run, steps_per_epoch, common.resume(run, **state))
 
     # ---- train loop
-    loss = torch.zeros(())
-    for epoch in range(step // steps_per_epoch, args.epochs):
-        if step >= log.total:  # resuming a finished run: nothing left to train
-            break
+    for epoch in log.epochs():  # the epochs left: none when a finished run is resumed
         model.train()
-        skip = step % steps_per_epoch
-        for i, ((x1, x2), _) in enumerate(log.timed(common.epoch_loader(train_ds, run, epoch, skip)), start=skip):
+        for i, ((x1, x2), _) in log.batches(train_ds, epoch):  # i: batch index within the epoch
             e = epoch + i / steps_per_epoch  # fractional epoch: schedules are per iteration
             lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
             common.set_lr(optimizer, lr)
-            lam = dense_lambda(step, args.dense_weight, args.dense_warmup_steps)
+            lam = dense_lambda(log.step, args.dense_weight, args.dense_warmup_steps)
             x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
             with run.autocast():
                 loss, parts = step_model(x1, x2, run.scalar(args.momentum), lam)
             common.optimizer_step(loss, optimizer, scaler)
-            loss, step = loss.detach(), step + 1
-            log.log_step(step, e + 1 / steps_per_epoch, loss, lr=lr, momentum=args.momentum, dense_weight=lam, **parts)
-            if args.save_every and step % args.save_every == 0:
-                common.save_checkpoint(run, step, epoch, float(loss), model=model, optimizer=optimizer, scaler=scaler)
-            if step == log.total:
+            log.log_step(loss.detach(), lr=lr, momentum=args.momentum, dense_weight=lam, **parts)
+            if common.end_of_step(run, log, state):  # --save-every, SIGTERM/SIGUSR1, the last step
                 break
 
         # ---- eval & checkpoint
-        if knn and (step == log.total or (epoch + 1) % args.knn_every == 0):
-            t = time.perf_counter()
-            top1, top5 = common.knn_eval(model.backbone, *knn, run, args.knn_k, args.knn_t)
-            log.log_eval(step, epoch + 1, time.perf_counter() - t, knn_top1=top1, knn_top5=top5)
-        common.save_checkpoint(run, step, epoch, float(loss), model=model, optimizer=optimizer, scaler=scaler)
-        if step == log.total:
-            break
+        log.evaluate(model.backbone, knn, epoch)
+        common.save_checkpoint(run, log, state)
     common.export_backbone(run, model.backbone)
     if args.show_matches and run.main:
         draw_matches(model, train_ds, run, args.show_matches)

@@ -223,23 +223,19 @@ def main(argv=None):
     log = common.Logger(run, steps_per_epoch, 0)
 
     # ---- train loop
-    step = 0
-    for epoch in range(args.epochs):
+    for epoch in log.epochs():
         model.train()
         if linear:
             net.eval()  # frozen BN statistics: the backbone is a fixed feature extractor
-        for i, (x, y) in enumerate(log.timed(common.epoch_loader(train_ds, run, epoch))):
+        for i, (x, y) in log.batches(train_ds, epoch):
             e = epoch + i / steps_per_epoch
             common.set_lr(optimizer, common.cosine_lr(e, base_lr, 0, args.epochs))
             with run.autocast():
                 loss = F.cross_entropy(step_model(run.to_device(x)).float(), y.to(run.device))
             common.optimizer_step(loss, optimizer, scaler)
-            step += 1
-            log.log_step(step, e + 1 / steps_per_epoch, loss.detach())
-            if step == log.total:
+            log.log_step(loss.detach())
+            if log.done:
                 break
-        if step == log.total:
-            break
 
     # ---- eval
     if linear:

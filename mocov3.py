@@ -31,7 +31,6 @@ B = 4096 it starts near 2 * 2 * ln(B) ~= 33 and plateaus around 27 on ImageNet. 
 """
 import copy
 import dataclasses
-import time
 
 import torch
 import torch.nn as nn
@@ -159,7 +158,7 @@ def main(argv=None):
     knn = common.knn_monitor(args, run)
 
     # ---- model
-    model, step_model = common.prepare_model(MoCoV3(args), run)
+    model, step_model = common.prepare_model(MoCoV3(args), run, sync_bn=True)  # official: SyncBN across GPUs
 
     # ---- optimizer & schedules
     optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
@@ -167,15 +166,13 @@ def main(argv=None):
     base_lr = args.lr * args.batch_size / 256
 
     # ---- resume
-    step = common.resume(run, model=model, optimizer=optimizer, scaler=scaler)
-    log = common.Logger(run, steps_per_epoch, step)
+    state = dict(model=model, optimizer=optimizer, scaler=scaler)  # what a checkpoint holds
+    log = common.Logger(run, steps_per_epoch, common.resume(run, **state))
 
     # ---- train loop
-    loss = torch.zeros(())
-    for epoch in range(step // steps_per_epoch, args.epochs):
+    for epoch in log.epochs():  # the epochs left: none when a finished run is resumed
         model.train()
-        skip = step % steps_per_epoch
-        for i, ((x1, x2), _) in enumerate(log.timed(common.epoch_loader(train_ds, run, epoch, skip)), start=skip):
+        for i, ((x1, x2), _) in log.batches(train_ds, epoch):  # i: batch index within the epoch
             e = epoch + i / steps_per_epoch  # fractional epoch: schedules are per iteration
             lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
             common.set_lr(optimizer, lr)
@@ -184,21 +181,13 @@ def main(argv=None):
             with run.autocast():
                 loss = step_model(x1, x2, run.scalar(m))
             common.optimizer_step(loss, optimizer, scaler)
-            loss, step = loss.detach(), step + 1
-            log.log_step(step, e + 1 / steps_per_epoch, loss, lr=lr, momentum=m)
-            if args.save_every and step % args.save_every == 0:
-                common.save_checkpoint(run, step, epoch, float(loss), model=model, optimizer=optimizer, scaler=scaler)
-            if step == log.total:
+            log.log_step(loss.detach(), lr=lr, momentum=m)
+            if common.end_of_step(run, log, state):  # --save-every, SIGTERM/SIGUSR1, the last step
                 break
 
         # ---- eval & checkpoint
-        if knn and (step == log.total or (epoch + 1) % args.knn_every == 0):
-            t = time.perf_counter()
-            top1, top5 = common.knn_eval(model.backbone, *knn, run, args.knn_k, args.knn_t)
-            log.log_eval(step, epoch + 1, time.perf_counter() - t, knn_top1=top1, knn_top5=top5)
-        common.save_checkpoint(run, step, epoch, float(loss), model=model, optimizer=optimizer, scaler=scaler)
-        if step == log.total:
-            break
+        log.evaluate(model.backbone, knn, epoch)
+        common.save_checkpoint(run, log, state)
     common.export_backbone(run, model.backbone)
     log.summary()
 

@@ -202,8 +202,8 @@ def test_summary_times_the_steps_only(tmp_path, monkeypatch):
     for step in range(1, 7):
         next(batches)
         now[0] += 9.0  # the step: 9 s
-        log.log_step(step, step / 6, torch.tensor(1.0))
-    log.log_eval(6, 1, 50.0, knn_top1=1.0)  # a final evaluation...
+        log.log_step(torch.tensor(1.0))
+    log.log_eval(50.0, knn_top1=1.0)  # a final evaluation...
     now[0] += 1000.0  # ... and the final checkpoint and export: neither is training time
     rec = log.summary()
     assert rec["step_ms"] == pytest.approx(10_000)  # steps 3..6: 40 s over 4 steps

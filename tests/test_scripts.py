@@ -204,9 +204,9 @@ def test_compile_keeps_one_graph_per_frame(method, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="aot_eager"))
     graphs, log_step = [], common.Logger.log_step
 
-    def counting(self, step, *args, **kwargs):
+    def counting(self, *args, **kwargs):
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
-        return log_step(self, step, *args, **kwargs)
+        return log_step(self, *args, **kwargs)
 
     monkeypatch.setattr(common.Logger, "log_step", counting)
     torch._dynamo.reset()

@@ -1,0 +1,165 @@
+"""Runs that are interrupted, repeated or preempted, the per-method SyncBN choice, and bad flag values."""
+import importlib
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import common
+from conftest import ROOT, TINY, losses, read_log
+
+METHODS = ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")
+EXTRA = {"densecl": ["--stem", "small", "--queue-size", "64"], "detcon": ["--stem", "small"]}
+# the official code of every method but DenseCL synchronises BN across GPUs; DenseCL's shuffle-BN needs per-GPU BN
+OFFICIAL_SYNC_BN = {"mocov3": True, "fast_moco": True, "densecl": False, "detcon": True, "rotation_aux": True}
+
+
+def tiny(method, out, *more):
+    return [*TINY, *EXTRA.get(method, []), "--output-dir", str(out), *more]
+
+
+@pytest.fixture(autouse=True)
+def default_signal_handlers():
+    """Training scripts run in-process here install SIGTERM/SIGUSR1 handlers: put the defaults back."""
+    yield
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_DFL)
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_each_method_chooses_sync_bn_as_its_official_code(method, tmp_path, monkeypatch):
+    mod = importlib.import_module(method)
+    seen = {}
+
+    def recording(model, run, **kw):
+        seen.update(kw)
+        raise _Stop
+
+    monkeypatch.setattr(common, "prepare_model", recording)
+    with pytest.raises(_Stop):
+        mod.main(tiny(method, tmp_path / "run", "--max-steps", "1"))
+    assert seen.get("sync_bn") is OFFICIAL_SYNC_BN[method], seen
+
+
+def test_sync_bn_only_on_multi_gpu_cuda():
+    run = lambda world, dev: common.Run(None, "m", 0, world, torch.device(dev), "")  # noqa: E731
+    assert common.use_sync_bn(True, run(2, "cuda"))
+    assert not common.use_sync_bn(False, run(2, "cuda"))  # DenseCL on 8 GPUs: per-GPU BN
+    assert not common.use_sync_bn(True, run(1, "cuda")) and not common.use_sync_bn(True, run(2, "cpu"))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_finished_run_resumed_trains_no_more(method, tmp_path):
+    """--max-steps 8 (two epochs of 32 images): rerunning the finished command with --resume auto does 0 steps."""
+    mod, out = importlib.import_module(method), tmp_path / "run"
+    argv = tiny(method, out, "--synthetic-size", "32", "--epochs", "5", "--max-steps", "8")
+    mod.main(argv)
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    mod.main([*argv, "--resume", "auto"])
+    steps = [r["step"] for r in read_log(out) if "img_per_s" in r and r.get("event") != "summary"]
+    assert steps == list(range(1, 9))  # nothing logged by the second run
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == ck["step"] == 8
+    summaries = [r for r in read_log(out) if r.get("event") == "summary"]
+    assert [s["steps"] for s in summaries] == [8, 8]
+
+
+def _uninterrupted(method, out):
+    importlib.import_module(method).main(tiny(method, out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "7"))
+    return losses(out)
+
+
+def test_sigterm_checkpoints_the_step_and_resume_matches(tmp_path):
+    """SIGTERM from outside (as a scheduler sends it) after step 2 is logged: the step in flight finishes,
+    checkpoint.pth holds it, the exit code is PREEMPTED_EXIT, and the resumed run's losses are the
+    uninterrupted run's."""
+    out = tmp_path / "pre"
+    argv = tiny("mocov3", out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "7")
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "mocov3.py"), *argv], cwd=ROOT, env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:
+        if " step 2/7 " in line:
+            p.send_signal(signal.SIGTERM)
+            break
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == common.PREEMPTED_EXIT, stderr[-2000:]
+    assert "stopped: SIGTERM at step" in stderr and "Traceback" not in stderr, stderr
+    logged = [r["step"] for r in read_log(out) if "img_per_s" in r]
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert 2 <= ck["step"] < 7 and ck["step"] == logged[-1]  # stopped at the step it logged last
+    importlib.import_module("mocov3").main([*argv, "--resume", "auto"])
+    assert losses(out) == pytest.approx(_uninterrupted("mocov3", tmp_path / "full"), rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.parametrize("method", ["densecl", "detcon"])
+def test_sigusr1_after_step_k(method, tmp_path, monkeypatch):
+    """SLURM's --signal=USR1@120 arrives after step 3: a checkpoint at step 3, exit PREEMPTED_EXIT, and the
+    resumed run (queues, masks and all) continues as if it had never stopped."""
+    mod, out = importlib.import_module(method), tmp_path / "pre"
+    argv = tiny(method, out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "7")
+    log_step = common.Logger.log_step
+
+    def signalling(self, *a, **kw):
+        log_step(self, *a, **kw)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(common.Logger, "log_step", signalling)
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    assert e.value.code == common.PREEMPTED_EXIT
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3
+    monkeypatch.setattr(common.Logger, "log_step", log_step)
+    mod.main([*argv, "--resume", "auto"])
+    assert losses(out) == pytest.approx(_uninterrupted(method, tmp_path / "full"), rel=1e-6, abs=1e-7)
+
+
+BAD_VALUES = [
+    (["--lr", "-0.1"], "--lr -0.1 is out of range"),
+    (["--lr", "nan"], "--lr nan is out of range"),
+    (["--knn-t", "0"], "--knn-t 0.0 is out of range"),
+    (["--momentum", "1.5"], "--momentum 1.5 is out of range"),
+    (["--batch-size", "0"], "--batch-size 0 is out of range"),
+    (["--workers", "-1"], "--workers -1 is out of range"),
+    (["--log-every", "0"], "--log-every 0 is out of range"),
+    (["--crop-min", "0"], "--crop-min 0.0 is out of range"),
+    (["--mix-fraction", "2"], "--mix-fraction 2.0 is out of range"),
+]
+
+
+@pytest.mark.parametrize("argv,expected", BAD_VALUES, ids=[a[0] for a, _ in BAD_VALUES])
+def test_bad_numeric_flag_one_line_exit_2(argv, expected, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module("mocov3").main(tiny("mocov3", tmp_path / "run", *argv))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and expected in err[0], err
+    assert not (tmp_path / "run").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("script", ["mocov3", "eval_linear"])
+def test_bad_path_flags(script, tmp_path, capsys):
+    (tmp_path / "a_file").write_text("x")
+    cases = [(["--output-dir", str(tmp_path / "a_file")], "--output-dir"),
+             (["--resume", str(tmp_path / "missing.pth")], "--resume"),
+             (["--data", str(tmp_path / "nowhere")], "data path not found")]
+    if script == "eval_linear":
+        cases = [(["--output-dir", str(tmp_path / "a_file")], "--output-dir"),
+                 (["--pretrained", str(tmp_path / "missing.pth")], "missing.pth")]
+    base = TINY if script == "mocov3" else ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32"]
+    for argv, expected in cases:
+        with pytest.raises(SystemExit) as e:
+            importlib.import_module(script).main([*base, *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and expected in err[0], (argv, err)
+
+
+def test_default_workers_never_exceed_the_cores():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert 1 <= common.CommonArgs().workers <= min(8, cores)
