@@ -694,9 +694,9 @@ def cosine_lr(epoch, base_lr, warmup_epochs, epochs):
 
 
 def set_lr(optimizer, lr):
+    """Set the lr of every parameter group (a method with per-group rules sets its groups itself)."""
     for g in optimizer.param_groups:
-        if not g.get("fixed_lr"):
-            g["lr"] = lr
+        g["lr"] = lr
 
 
 def cosine_momentum(epoch, epochs, m0):
