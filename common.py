@@ -788,7 +788,7 @@ class LARS(torch.optim.Optimizer):
 
 
 def build_optimizer(args, params):
-    """`params`: parameters or param groups (a group with "fixed_lr": True keeps its lr constant)."""
+    """`params`: parameters or param groups; every group starts at the scaled lr (the loop sets it per step)."""
     lr = args.lr * args.batch_size / 256  # linear scaling rule: --lr is the base lr for batch 256
     if args.optimizer == "lars":
         return LARS(params, lr=lr, weight_decay=args.wd, trust_coefficient=getattr(args, "trust_coefficient", 0.001))
@@ -807,9 +807,9 @@ def cosine_lr(epoch, base_lr, warmup_epochs, epochs):
 
 
 def set_lr(optimizer, lr):
+    """Set the lr of every parameter group (a method with per-group rules sets its groups itself)."""
     for g in optimizer.param_groups:
-        if not g.get("fixed_lr"):
-            g["lr"] = lr
+        g["lr"] = lr
 
 
 def cosine_momentum(epoch, epochs, m0):

@@ -16,15 +16,23 @@ of random unit vectors, the second filled with the *pooled* dense keys; correspo
 cosine of L2-normalised *backbone* features, query -> key only; the dense positive gathered from
 the key's dense-head grid; enqueue after the loss; shuffle-BN across GPUs (gather + broadcast
 permutation); lambda = 0.5 with an optional warm-up (the official DenseCLWarmupHook's lambda = 0).
-Changed: backbone from common.py (torchvision ResNet, zero-init residual; ResNet only, as in the
-paper); heads keep PyTorch's default init; the queue pointer moves without a host sync; with one
-process, shuffle-BN is emulated by running the key encoder on --shuffle-splits shuffled
-sub-batches (the official code on one GPU has no shuffle-BN at all; the official MoCo CIFAR demo
-splits BN the same way); --dense-weight 0 skips the dense branch (plain MoCo v2, for comparisons);
---show-matches draws the correspondences. The `cifar` and `cpu` presets are ours.
+BN stays per GPU (no SyncBN), as in the official code: shuffle-BN needs each GPU's own batch statistics.
+
+Changed:
+- Backbone from common.py: torchvision ResNet with zero_init_residual=True (ResNet only, as in the
+  paper), and the heads keep PyTorch's default init; the official code zero-inits no residual
+  branch and uses kaiming (fan_in) init for the backbone's convolutions and for the heads.
+- Precision: bf16 autocast with TF32 matmuls and convolutions by default on CUDA (--precision
+  auto); the official code trains in fp32 (--precision fp32 here, TF32 still on).
+- The queue pointer moves without a host sync.
+- With one process, shuffle-BN is emulated by running the key encoder on --shuffle-splits shuffled
+  sub-batches (the official code on one GPU has no shuffle-BN at all; the official MoCo CIFAR demo
+  splits BN the same way).
+- --dense-weight 0 skips the dense branch (plain MoCo v2, for comparisons); --show-matches draws
+  the correspondences. The `cifar` and `cpu` presets are ours.
 
 Commands:
-  python densecl.py                                  # CPU smoke run on built-in synthetic data (~3 min)
+  python densecl.py                                  # CPU smoke run on synthetic data (README: quick start)
   python densecl.py --data /imagenet --epochs 200    # 1 GPU, batch 256 (the paper's recipe)
   torchrun --nproc_per_node=8 densecl.py --data /imagenet --resume auto       # 1 node
   torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 \\
@@ -38,9 +46,9 @@ random unit vectors, which are easy negatives, so the loss starts *low* and **ri
 the first K / B steps while real keys (far more similar to the queries) replace them; only then
 does it fall. Do not read the early rise as divergence. The dense loss sits above the global one
 (a location is harder to tell apart than an image). In the cpu preset (K = 2048, B = 64, S = 4)
-see the README for a measured curve. DenseCL's gains show on dense transfer (VOC/COCO detection
-and segmentation); its ImageNet linear accuracy (~63%) is *below* MoCo v2's, so do not judge a run
-by the kNN monitor or linear probing alone.
+the rise lasts about K / B = 32 of its 160 steps. DenseCL's gains show on dense transfer (VOC/COCO
+detection and segmentation); its ImageNet linear accuracy (~63%) is *below* MoCo v2's, so do not
+judge a run by the kNN monitor or linear probing alone.
 """
 import copy
 import dataclasses
@@ -98,7 +106,8 @@ PRESETS = {
     # ours, after the official MoCo CIFAR-10 demo (wd 5e-4, m 0.99, queue 4096, split BN); small stem -> 4x4 grid
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, epochs=200, wd=5e-4, momentum=0.99,
                   queue_size=4096, knn_every=10),
-    # ours: finishes in ~3 minutes on 2 CPU cores; small stem at 32 px -> 4x4 final grid
+    # ours: a quick start sized for 2 CPU cores (wall time and kNN per epoch: README's quick-start table,
+    # benchmarks/results/quickstart_all.md); small stem at 32 px -> 4x4 final grid
     "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=64, epochs=4, lr=0.06, wd=5e-4,
                 momentum=0.99, queue_size=2048, shuffle_splits=4, workers=2, log_every=10, synthetic_size=2560),
 }

@@ -15,15 +15,27 @@ backbone pass, combination after the backbone's pooling and before the projector
 backbone + projector on the un-split other view, InfoNCE with tau = 1 averaged over the 12
 (6 combinations x 2 directions) cross-entropies without MoCo v3's 2*tau factor, the heads (Linear
 with bias, BN after every projector layer, 2048 -> 512 -> 2048 predictor), SGD with a constant
-predictor lr, 1 warmup epoch then cosine, grad-norm clipping 1.0, constant EMA 0.99, MoCo v2's
-symmetric augmentation. Changed: torchvision ResNets (ViT is not supported: the official code is
-ResNet-only and a ViT built for full views does not take half-size patches); patches are numbered
-row-major (any fixed order gives the same set of pairs and so the same loss); SyncBN only on
-multi-GPU CUDA runs (it is CUDA-only); --grid / --combine generalise the 2x2 / pairs choice. The
-`cifar` and `cpu` presets are ours.
+predictor lr, 1 warm-up epoch rising linearly from a quarter of the peak lr at the first iteration
+to the peak at the last warm-up iteration (the official WCosConLR: 0.025 -> 0.1), grad-norm
+clipping 1.0, constant EMA 0.99, MoCo v2's symmetric augmentation.
+
+Changed:
+- torchvision ResNets (ViT is not supported: the official code is ResNet-only and a ViT built for
+  full views does not take half-size patches).
+- The momentum encoder starts as an exact copy of the online backbone + projector; the official
+  one is initialised independently (its own random draw).
+- Head BN layers keep PyTorch's init (gamma = 1); the official heads draw BN gamma ~ U[0, 1).
+- After the warm-up the lr follows the half-cosine of the other methods here, from the peak to 0
+  over the remaining iterations; the official WCosConLR's decay part is not verified to match it.
+- Precision: bf16 autocast with TF32 matmuls and convolutions by default on CUDA (--precision
+  auto); the official code trains in fp32 (--precision fp32 here, TF32 still on).
+- SyncBN only on multi-GPU CUDA runs (PyTorch's SyncBatchNorm is CUDA-only); one process or CPU
+  ranks use per-process BN.
+- Patches are numbered row-major (any fixed order gives the same set of pairs and so the same loss).
+- --grid / --combine generalise the 2x2 / pairs choice. The `cifar` and `cpu` presets are ours.
 
 Commands:
-  python fast_moco.py                                # CPU smoke run on built-in synthetic data (~3 min)
+  python fast_moco.py                                # CPU smoke run on synthetic data (README: quick start)
   python fast_moco.py --data /imagenet --batch-size 256 --epochs 100         # 1 GPU (lr scales to 0.05)
   torchrun --nproc_per_node=8 fast_moco.py --data /imagenet --resume auto    # 1 node, batch 512 as the paper
   torchrun --nnodes=2 --node_rank=$R --master_addr=$HOST --master_port=29500 \\
@@ -34,8 +46,8 @@ Commands:
 Healthy loss: a mean of cross-entropies over the global batch B of keys (no 2*tau), so it starts
 at ln B (ImageNet, B = 512: 6.24). With tau = 1 and unit vectors the logits live in [-1, 1], so it
 can never fall below ln(1 + (B - 1) e^-2) (= 4.25 for B = 512): expect a slow, shallow decline.
-In the cpu preset (tau 0.2, B 64) it starts near ln 64 = 4.16 and is ~3.1-3.5 (noisy) after the
-3 epochs.
+In the cpu preset (tau 0.2, B 64) it starts near ln 64 = 4.16 and declines slowly and noisily
+(README's Fast-MoCo section describes the curve).
 
 Options that change the method (defaults = the paper):
   --grid G      each view -> G*G patches of (img_size / G)^2 pixels; smaller patches see less context
@@ -48,6 +60,7 @@ Options that change the method (defaults = the paper):
 import copy
 import dataclasses
 import itertools
+import math
 
 import torch
 import torch.nn as nn
@@ -71,7 +84,7 @@ class Args(common.CommonArgs):
     wd: float = 1e-4
     """weight decay (ImageNet: 1e-4)"""
     warmup_epochs: float = 1
-    """linear lr warmup epochs before the cosine decay (ImageNet: 1)"""
+    """warm-up epochs, lr linear from a quarter of the peak to the peak, then cosine decay (ImageNet: 1)"""
     clip_grad: float = 1.0
     """max global grad norm (ImageNet: 1.0; 0 = off)"""
     temperature: float = 1.0
@@ -99,7 +112,8 @@ PRESETS = {
     # ours (not in the paper): ResNet-18, small stem, 32-px images -> 16-px patches, MoCo v2-style CIFAR settings
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=512, lr=0.06, wd=5e-4, epochs=800,
                   warmup_epochs=10, temperature=0.2, crop_min=0.08, blur=False, knn_every=10),
-    # ours: finishes in ~3 minutes on 2 CPU cores and still shows kNN accuracy rising
+    # ours: a quick start sized for 2 CPU cores (ResNet-18, 64 px -> 32-px patches, 3 epochs); its wall time
+    # and kNN accuracy per epoch are in README's quick-start table (benchmarks/results/quickstart_all.md)
     "cpu": dict(arch="resnet18", stem="imagenet", img_size=64, batch_size=64, epochs=3, lr=0.6,
                 warmup_epochs=0.5, temperature=0.2, crop_min=0.3, mlp_dim=1024, workers=2, log_every=10,
                 synthetic_size=2560),
@@ -195,10 +209,28 @@ class FastMoCo(nn.Module):
 
 
 def param_groups(model):
-    """Two optimizer groups: everything trainable, and the predictor with a constant lr ("fixed_lr",
-    skipped by common.set_lr): the predictor keeps the initial lr through warmup and cosine decay."""
+    """Two optimizer groups: everything trainable, and the predictor, marked "fixed_lr": set_lrs keeps
+    it at the base lr through warm-up and cosine decay (official: constant predictor lr)."""
     rest = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("predictor.")]
     return [{"params": rest}, {"params": list(model.predictor.parameters()), "fixed_lr": True}]
+
+
+def fast_moco_lr(it, steps_per_epoch, base_lr, warmup_epochs, epochs):
+    """lr at iteration `it` (0-based: official iteration i = it + 1). Warm-up over W = warmup_epochs *
+    steps_per_epoch iterations (rounded), linear from base_lr / 4 at the first to base_lr at the last
+    (official WCosConLR: lr(i) = init + (peak - init)(i - 1)/(W - 1), i = 1..W; W = 1: base_lr / 4),
+    then the half-cosine from base_lr to 0 over the remaining iterations (common.cosine_lr's)."""
+    warmup, total = round(warmup_epochs * steps_per_epoch), epochs * steps_per_epoch
+    if it < warmup:
+        init = base_lr / 4  # official init_lr 0.025 = a quarter of the peak 0.1 (batch 512)
+        return init + (base_lr - init) * it / max(warmup - 1, 1)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (it - warmup) / max(total - warmup, 1)))
+
+
+def set_lrs(optimizer, lr, base_lr):
+    """The scheduled lr for every group except the predictor's ("fixed_lr"), which stays at base_lr."""
+    for g in optimizer.param_groups:
+        g["lr"] = base_lr if g.get("fixed_lr") else lr
 
 
 def check_args(args):
@@ -245,8 +277,8 @@ def main(argv=None):
         model.train()
         for i, ((x1, x2), _) in log.batches(train_ds, epoch):  # i: batch index within the epoch
             e = epoch + i / steps_per_epoch  # fractional epoch: schedules are per iteration
-            lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
-            common.set_lr(optimizer, lr)  # the predictor's group keeps base_lr
+            lr = fast_moco_lr(log.step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs)  # 0-based iteration
+            set_lrs(optimizer, lr, base_lr)  # the predictor's group keeps base_lr
             x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
             with run.autocast():
                 loss = step_model(x1, x2, run.scalar(m))

@@ -11,23 +11,33 @@ Kept from the official code: heads without bias and the last-BN rules (ResNet vs
 update before computing the keys, the summed symmetric loss scaled by 2*tau, keys gathered across
 GPUs without gradient and labels offset by rank, per-iteration lr and momentum schedules, LARS
 (ResNet) / AdamW (ViT), frozen random patch projection and sin-cos position embedding for ViT.
-Changed: backbones are torchvision's (ViT from torchvision's VisionTransformer with MoCo v3's
-position embedding and patch init; its other layers keep torchvision's init); Gaussian blur
-samples its sigma from torch's RNG; SyncBN only on multi-GPU CUDA runs (it is CUDA-only). The
-`cifar` preset is solo-learn's validated recipe; the `cpu` preset is ours, sized for a laptop.
+Official ResNet-50 recipes (ImageNet, batch 4096, crop-min 0.2 at every length): 100 epochs lr 0.6,
+wd 1e-6, m0 0.99 (the defaults); 300 epochs lr 0.3; 1000 epochs lr 0.3, wd 1.5e-6, m0 0.996.
+
+Changed:
+- Backbones are torchvision's (ViT from torchvision's VisionTransformer with MoCo v3's position
+  embedding and patch init; its other layers keep torchvision's init).
+- Gaussian blur samples its sigma from torch's RNG.
+- Precision: bf16 autocast with TF32 matmuls and convolutions by default on CUDA (--precision
+  auto); the official code uses fp16 autocast with a GradScaler (--precision fp16 here).
+- SyncBN only on multi-GPU CUDA runs (PyTorch's SyncBatchNorm is CUDA-only); one process or CPU
+  ranks use per-process BN.
+- The `cifar` preset is solo-learn's validated recipe; the `cpu` preset is ours, sized for a laptop.
 
 Commands:
-  python mocov3.py                                   # CPU smoke run on built-in synthetic data (~3 min)
+  python mocov3.py                                   # CPU smoke run on synthetic data (README: quick start)
   python mocov3.py --data /imagenet --batch-size 256 --epochs 100            # 1 GPU
   torchrun --nproc_per_node=8 mocov3.py --data /imagenet --resume auto       # 1 node, batch 4096
   torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 \\
       --nproc_per_node=8 mocov3.py --data /imagenet --resume auto            # multi-node
   python mocov3.py --resume auto                    # continue the run in --output-dir
   python mocov3.py --preset imagenet-vit --data /imagenet --arch vit_base    # ViT recipe
+  python mocov3.py --data /imagenet --epochs 1000 --lr 0.3 --wd 1.5e-6 --momentum 0.996  # R50, 1000 ep
 
 Healthy loss: the loss is a sum of two 2*tau-scaled cross-entropies, so with tau = 1 and
 B = 4096 it starts near 2 * 2 * ln(B) ~= 33 and plateaus around 27 on ImageNet. In the cpu preset
-(tau 0.2, B 64) it starts near 4 * 0.2 * ln 64 ~= 3.3; over its 80 steps it falls only to ~2.9.
+(tau 0.2, B 32) it starts near 4 * 0.2 * ln 32 ~= 2.8 and falls slowly and noisily (README: "Healthy
+loss curves").
 """
 import copy
 import dataclasses
@@ -52,7 +62,7 @@ class Args(common.CommonArgs):
     lr: float = 0.6
     """base lr for batch 256, scaled by batch/256 (ImageNet R50: 0.6 for 100 ep, 0.3 for 300/1000 ep)"""
     wd: float = 1e-6
-    """weight decay (ImageNet R50: 1e-6; ViT: 0.1)"""
+    """weight decay (ImageNet R50: 1e-6 for 100/300 ep, 1.5e-6 for 1000 ep; ViT: 0.1)"""
     warmup_epochs: float = 10
     """linear lr warmup epochs before the cosine decay (ImageNet: 10 R50, 40 ViT)"""
     trust_coefficient: float = 0.001
@@ -66,7 +76,7 @@ class Args(common.CommonArgs):
     mlp_dim: int = 4096
     """hidden dim of projector and predictor"""
     crop_min: float = 0.2
-    """lower bound of RandomResizedCrop's scale (R50: 0.2 for 100 ep, 0.08 otherwise; ViT 0.08)"""
+    """lower bound of RandomResizedCrop's scale (ImageNet R50: 0.2 for 100, 300 and 1000 ep; ViT: 0.08)"""
     blur: bool = True
     """Gaussian blur in the augmentation (off in the CIFAR recipe: 32-px images are already blurry)"""
     freeze_patch_proj: bool = True
@@ -80,7 +90,8 @@ PRESETS = {
     # solo-learn's validated MoCo v3 CIFAR recipe (ResNet-18, small stem)
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, lr=0.3, trust_coefficient=0.02,
                   wd=1e-6, temperature=0.2, crop_min=0.08, blur=False, epochs=1000, knn_every=10),
-    # ours: 2 epochs of the 2560 synthetic images take ~3-4 minutes on 2 CPU cores (~27 img/s at 64 px).
+    # ours: 2 epochs of the 2560 synthetic images on 2 CPU cores (wall time and img/s: README's quick-start
+    # table, benchmarks/results/quickstart_all.md).
     # Tuned for few steps: AdamW at batch 32 (160 updates) beat LARS at batch 64 (80 updates); crops of
     # >= 60% keep the main shape in both views; no blur: at 64 px a sigma up to 2 px erases the shapes.
     "cpu": dict(arch="resnet18", stem="imagenet", img_size=64, batch_size=32, epochs=2, optimizer="adamw",

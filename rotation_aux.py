@@ -20,22 +20,30 @@ step), 0 degrees included; each rotated view is its own backbone forward pass (o
 statistics) and never reaches the projector, predictor or momentum encoder; rotation head
 Linear(C, C) -> BN -> ReLU -> Linear(C, 4) on the pooled backbone feature, dropped at export;
 weight 0.1 on the sum of the two views' cross-entropies.
-Changed / ours: the head reuses MoCo v3's bias-free MLP builder (a bias before BN is redundant;
-the 4 classes are balanced by construction); the rotated passes also update the backbone's BN
-running statistics (train mode), which the exported backbone keeps; `--rot-size` (off by
-default) rotates a bilinearly downscaled copy to cut the extra cost (ResNet only: torchvision's
-ViT takes one input size). `--rot-weight 0` still runs the rotated passes (an equal-compute
-ablation: loss and gradients equal mocov3.py's, only BN running statistics see the rotated
-views); use mocov3.py itself for the plain baseline.
+
+Changed / ours:
+- Everything mocov3.py's docstring lists for the MoCo v3 part, including the precision (bf16
+  autocast with TF32 on CUDA by default; the official MoCo v3 base uses fp16 autocast with a
+  GradScaler: --precision fp16 here) and SyncBN only on multi-GPU CUDA runs.
+- The head reuses MoCo v3's bias-free MLP builder (a bias before BN is redundant; the 4 classes
+  are balanced by construction).
+- The rotated passes also update the backbone's BN running statistics (train mode), which the
+  exported backbone keeps.
+- `--rot-size` (off by default) rotates a bilinearly downscaled copy to cut the extra cost (ResNet
+  only: torchvision's ViT takes one input size).
+- `--rot-weight 0` still runs the rotated passes (an equal-compute ablation: loss and gradients
+  equal mocov3.py's, only BN running statistics see the rotated views); use mocov3.py itself for
+  the plain baseline.
 
 Cost per step (4 online backbone passes with backward instead of 2, momentum passes unchanged):
-expected ~1.75x mocov3.py's step time (1.83x measured on a loaded 2-core CPU, cpu preset);
---rot-size img_size/2 ~1.2x by FLOPs (the rotated passes cost ~1/4; 1.39x on that CPU at 64 px,
-where small passes are overhead-bound). Peak activation memory grows by ~the online backbone's share, up to ~2x.
-Compare with mocov3.py at equal epochs *and* at equal wall-clock (benchmarks/).
+expected ~1.75x mocov3.py's step time; --rot-size img_size/2 ~1.2x by FLOPs (the rotated passes
+cost ~1/4; small passes are overhead-bound on a CPU, so expect more there). Measured ratios and
+peak memory: benchmarks/results/model_cost_cpu.md and model_cost_gpu.md (README: Results). Peak
+activation memory grows by ~the online backbone's share, up to ~2x. Compare with mocov3.py at
+equal epochs *and* at equal wall-clock (benchmarks/).
 
 Commands:
-  python rotation_aux.py                                   # CPU smoke run on built-in synthetic data
+  python rotation_aux.py                                   # CPU smoke run (README: quick start)
   python rotation_aux.py --data /imagenet --batch-size 256 --epochs 100            # 1 GPU
   torchrun --nproc_per_node=8 rotation_aux.py --data /imagenet --resume auto       # 1 node, batch 4096
   torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 \\

@@ -1,5 +1,6 @@
-"""fast_moco.py: the split, the combination, the loss, who sees what, the predictor's constant lr,
-distributed equivalence and the method-specific options (the generic script contract is in test_scripts.py)."""
+"""fast_moco.py: the split, the combination, the loss, who sees what, the lr schedule and the predictor's
+constant lr, distributed equivalence and the method-specific options (the generic script contract is in
+test_scripts.py)."""
 import dataclasses
 import itertools
 import json
@@ -63,7 +64,7 @@ def test_combine_order_and_values_match_numpy():
 
 
 def numpy_loss(p1, p2, z1, z2, t):
-    """Transcription of SPEC 6.2: mean of the 12 cross-entropies, each of p1's 6 chunks vs z2, p2's vs z1."""
+    """Transcription of the official loss: mean of the 12 cross-entropies, p1's 6 chunks vs z2, p2's vs z1."""
     def unit(a):
         return a / np.linalg.norm(a, axis=-1, keepdims=True)
 
@@ -128,7 +129,33 @@ def test_combination_options_change_the_number_of_queries(monkeypatch):
     assert got["p1"].shape == (560, 2, 64)  # C(16, 3) combined queries per image
 
 
-# ---------------------------------------------------------------------------- optimizer
+# ---------------------------------------------------------------------------- lr schedule and optimizer
+
+
+def official_warmup(i, warmup, peak):
+    """Transcription of the official WCosConLR warm-up, 1-based iteration i = 1..W, init_lr = peak / 4."""
+    init = peak / 4
+    return init + (peak - init) * (i - 1) / (warmup - 1)
+
+
+@pytest.mark.parametrize("spe,warmup_epochs", [(10, 2), (40, 0.5), (7, 1)])
+def test_warmup_starts_at_a_quarter_of_the_peak_and_reaches_it(spe, warmup_epochs):
+    peak, epochs = 0.3, 5
+    w = round(spe * warmup_epochs)
+    lrs = [fm.fast_moco_lr(it, spe, peak, warmup_epochs, epochs) for it in range(w)]
+    assert lrs[0] == pytest.approx(peak / 4, rel=1e-12)  # our iteration 0 = official iteration 1
+    assert lrs[-1] == pytest.approx(peak, rel=1e-12)  # the last warm-up iteration is at the peak
+    assert all(a < b for a, b in zip(lrs, lrs[1:]))  # strictly rising
+    np.testing.assert_allclose(lrs, [official_warmup(i, w, peak) for i in range(1, w + 1)], rtol=1e-12)
+
+
+def test_after_warmup_the_lr_is_the_common_cosine():
+    spe, peak, warmup_epochs, epochs = 10, 0.3, 2, 5
+    for it in range(warmup_epochs * spe, epochs * spe + 1):
+        want = common.cosine_lr(it / spe, peak, warmup_epochs, epochs)  # the peak at it = W, 0 at the end
+        got = fm.fast_moco_lr(it, spe, peak, warmup_epochs, epochs)
+        assert got == pytest.approx(want, rel=1e-9, abs=1e-15)
+    assert fm.fast_moco_lr(0, spe, peak, 0, epochs) == pytest.approx(peak)  # no warm-up: cosine from the peak
 
 
 def test_predictor_lr_constant_rest_follows_schedule():
@@ -144,13 +171,14 @@ def test_predictor_lr_constant_rest_follows_schedule():
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     base = 0.5 * 8 / 256
     x = torch.randn(4, 3, 32, 32)
-    for e in (0.0, 1.5, 2.9):  # warmup start (lr 0), cosine decay
-        lr = common.cosine_lr(e, base, args.warmup_epochs, args.epochs)
-        common.set_lr(opt, lr)
+    spe = 10
+    for it in (0, 9, 15, 29):  # warm-up start (base / 4), its end (base), cosine decay
+        lr = fm.fast_moco_lr(it, spe, base, args.warmup_epochs, args.epochs)
+        fm.set_lrs(opt, lr, base)
         before = [p.detach().clone() for p in model.predictor.parameters()]
         common.optimizer_step(model(x, x.flip(3), 0.99), opt, scaler, trainable, 1.0)
         assert opt.param_groups[0]["lr"] == lr and opt.param_groups[1]["lr"] == base
-        assert any(not torch.equal(a, b) for a, b in zip(before, model.predictor.parameters()))  # moves at e = 0
+        assert any(not torch.equal(a, b) for a, b in zip(before, model.predictor.parameters()))
     assert opt.param_groups[0]["lr"] < base / 2
 
 
@@ -208,6 +236,7 @@ def test_script_keeps_predictor_lr_constant(tmp_path):
     log = [r for r in read_log(out) if "lr" in r]
     assert len(log) == 3 and len({r["lr"] for r in log}) == 3  # warmup: the scheduled lr changes every step
     base = fm.PRESETS["cpu"]["lr"] * 8 / 256  # the predictor keeps the cpu preset's base lr at batch 8
+    assert log[0]["lr"] == pytest.approx(base / 4)  # the warm-up starts at a quarter of the peak, not at 0
     assert all(r["pred_lr"] == pytest.approx(base) for r in log) and log[-1]["lr"] < base
     groups = torch.load(out / "checkpoint.pth", weights_only=True)["optimizer"]["param_groups"]
     assert groups[1]["fixed_lr"] and groups[1]["lr"] == pytest.approx(base)  # what the optimizer used
