@@ -15,15 +15,22 @@ Kept from the official code: the loss term by term (targets of both views of the
 columns, same-view same-mask columns masked with -1e9, positive label mass split over duplicate
 draws, rows weighted 1/number of draws and 0 without a counterpart, two directions summed, tau 0.1),
 16 masks sampled per view uniformly over masks present in that view with replacement and shared by
-the online and target passes, BYOL heads and asymmetric augmentation, EMA 0.996 -> 1 (cosine),
+the online and target passes, BYOL heads (output layer without bias) and asymmetric augmentation, one
+crop window per view drawn as the official one (area ~ U(--crop-min, 1), log aspect ~ U(log 3/4, log 4/3),
+sides clamped to the image; no retries, unlike torchvision's RandomResizedCrop), EMA 0.996 -> 1 (cosine),
 LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup, FH scale 1000 / min_size 1000 / sigma 0.8 at ImageNet
 resolution. Changed: FH runs in the loader workers (official: offline, stored with the images) on
 the image scaled to <= --fh-size px with its parameters scaled to that pixel count, results cached
 on disk for images >= 224 px; ids are int32 (the official uint8 cast merges ids > 255); masks are
 reduced to the feature grid by a majority vote per cell (= one-hot -> average-pool -> argmax); the
 EMA update runs at the start of a step (as in mocov3.py) rather than after it; DetCon_S keeps the
-gradient of the local targets (SimCLR-style). Backbones are torchvision's. The `cifar` and `cpu`
-presets are ours (final feature grid 4x4 via the small stem).
+gradient of the local targets (SimCLR-style). The colour ops are torchvision's/PIL's, not the official
+dm_pix-style ones: brightness multiplies (official: adds a delta ~ U(-0.4, 0.4)), contrast scales around
+the grayscale mean (official: the per-channel mean), saturation blends with grayscale (official: scales S
+in HSV), blur is PIL's GaussianBlur with radius sigma (official: a 23-tap separable Gaussian kernel, same
+sigma range). Default precision on CUDA is bf16 autocast with TF32 matmuls (official: JAX on TPU).
+Backbones are torchvision's. The `cifar` and `cpu` presets are ours (final feature grid 4x4 via the small
+stem).
 
 Commands:
   python detcon.py                                   # CPU smoke run on built-in synthetic data
@@ -38,13 +45,15 @@ Commands:
 Healthy loss: each direction is a mean over rows of weight x CE, and an image's row weights add up to
 its number of distinct sampled ids that also appear in the other view, so the start value is about
 2 * (matched distinct ids / 16) * ln(2 * B * 16): ~12 for R50 at 224 px, B 4096 (~8 of ~12 FH masks
-matched); ~2-2.6 in the cpu preset (B 32, 4x4 grid, ~3 masks per view), where it drifts down slowly
-and noisily (1.9 at step 40). The level moves with the number of matched masks (logged as `matched`,
-the share of rows with a positive), so compare runs at equal image size, grid and mask settings.
+matched); ~2.6 in the cpu preset (B 32, 4x4 grid, ~3 matched masks per view), where it drifts down slowly
+and noisily; README's quick-start table (benchmarks/results/quickstart_all.md) shows what the no-argument
+run reaches. The level moves with the number of matched masks (logged as `matched`, the share of rows with
+a positive), so compare runs at equal image size, grid and mask settings.
 """
 import copy
 import dataclasses
 import hashlib
+import math
 import os
 import time
 
@@ -54,7 +63,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision import transforms as T
-from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 import common
@@ -88,7 +96,7 @@ class Args(common.CommonArgs):
     mlp_dim: int = 4096
     """hidden dim of projector and predictor (official: 4096)"""
     crop_min: float = 0.08
-    """lower bound of RandomResizedCrop's scale (BYOL/DetCon: 0.08)"""
+    """lower bound of the crop area as a fraction of the image (BYOL/DetCon: 0.08)"""
     blur: bool = True
     """Gaussian blur in the augmentation (off for 32-px images, which are already blurry)"""
     freeze_patch_proj: bool = True
@@ -223,13 +231,50 @@ def photometric(view):
     return T.Compose([t for t in view.transforms if not isinstance(t, (T.RandomResizedCrop, T.RandomHorizontalFlip))])
 
 
+def crop_box(h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+    """The official crop window (BYOL's get_random_crop_window), drawn once from torch's RNG:
+    area ~ U(scale) x h*w, log aspect ~ U(log ratio), width = round(sqrt(area * aspect)),
+    height = round(sqrt(area / aspect)), each clamped to the image, offset uniform over the valid positions.
+    No retries and no centre-crop fallback (torchvision's RandomResizedCrop redraws up to 10 times until a box
+    fits unclamped, so its boxes are smaller on average). -> (top, left, height, width) ints."""
+    u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()  # area, aspect, top, left
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
+    aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
+    # round() is round-half-to-even like jnp.round; max(1, .) only matters for images of a few pixels
+    bw = min(max(1, round(math.sqrt(area * aspect))), w)
+    bh = min(max(1, round(math.sqrt(area / aspect))), h)
+    top, left = int(u[2] * (h - bh + 1)), int(u[3] * (w - bw + 1))  # u < 1: 0..h-bh and 0..w-bw
+    return top, left, bh, bw
+
+
+def nearest_exact(ids, size):
+    """ids [..., h, w] -> [..., size, size]: each output pixel takes the id under its centre, the
+    pixel-centre convention of the bilinear image resize. (torchvision's Mask resize takes
+    floor(i * h / size): up to half an output pixel off the image's content, towards the top-left.)"""
+    h, w = ids.shape[-2:]
+    rows = (2 * torch.arange(size) + 1) * h // (2 * size)  # [size] floor((i + 0.5) * h / size), exact in ints
+    cols = (2 * torch.arange(size) + 1) * w // (2 * size)  # [size]
+    return ids[..., rows[:, None], cols[None, :]]  # [..., size, size]
+
+
+def crop_flip(img, ids, size, scale, generator=None):
+    """ONE crop_box and ONE horizontal flip (p 0.5) applied to the PIL image (bilinear, antialiased) and
+    its ids [H, W] (nearest) alike -> (image at size x size, ids [size, size])."""
+    top, left, bh, bw = crop_box(*v2.functional.get_size(img), scale, generator=generator)
+    img = v2.functional.resized_crop(img, top, left, bh, bw, size=[size, size], antialias=True)
+    ids = nearest_exact(ids[top:top + bh, left:left + bw], size)  # [size, size]
+    if torch.rand((), generator=generator) < 0.5:
+        img, ids = v2.functional.horizontal_flip(img), ids.flip(-1)
+    return img, ids
+
+
 class JointViews:
-    """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]). Each view: ONE crop box and ONE flip applied
-    to image (bilinear) and mask (nearest) alike; colour, blur and solarize touch the image only (BYOL's
-    asymmetric pair, as MoCo v3). Both views keep the image's ids, relabelled jointly to 0..U-1 (U <= 2 S^2)."""
+    """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]). Each view: ONE official crop box and ONE
+    flip applied to image (bilinear) and mask (nearest) alike; colour, blur and solarize touch the image only
+    (BYOL's asymmetric pair, as MoCo v3). Both views keep the image's ids, relabelled jointly to 0..U-1
+    (U <= 2 S^2)."""
     def __init__(self, img_size, crop_min, blur, grid):
-        self.geometry = v2.Compose([v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True),
-                                    v2.RandomHorizontalFlip()])
+        self.img_size, self.scale = img_size, (crop_min, 1.0)
         pair = common.byol_views(img_size, crop_min, blur)
         self.colour, self.grid = (photometric(pair.t1), photometric(pair.t2)), grid
 
@@ -237,8 +282,8 @@ class JointViews:
         """Full-resolution views and masks (the --show-masks picture uses these)."""
         out = []
         for colour in self.colour:
-            view, mask = self.geometry(img, tv_tensors.Mask(ids[None]))  # the same box and flip for both
-            out += [colour(view), mask[0].as_subclass(torch.Tensor)]  # [3, H, W], [H, W]
+            view, mask = crop_flip(img, ids, self.img_size, self.scale)  # the same box and flip for both
+            out += [colour(view), mask]  # [3, H, W], [H, W]
         return out
 
     def __call__(self, sample):
@@ -270,8 +315,9 @@ def mask_pool(fmap, mask, ids):
 
 
 def mlp(in_dim, hidden, out_dim):
-    """BYOL head: Linear -> BN -> ReLU -> Linear (with biases)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True), nn.Linear(hidden, out_dim))
+    """BYOL head as the official haiku MLP: Linear (with bias) -> BN -> ReLU -> Linear (no bias)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim, bias=False))
 
 
 def row_weights(ids, ids_other):

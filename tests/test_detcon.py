@@ -1,5 +1,6 @@
-"""DetCon: masks follow the views, mask reduction and pooling, the loss against a NumPy transcription of the
-official byol_nce_detcon, its invariants, and the scikit-image-free grid path."""
+"""DetCon: the official crop window, masks follow the views, bias-free head outputs, mask reduction and
+pooling, the loss against a NumPy transcription of the official byol_nce_detcon, its invariants, and the
+scikit-image-free grid path."""
 import os
 import sys
 
@@ -8,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torchvision import transforms as T
 
 import common
 import detcon
@@ -121,12 +123,13 @@ def _region_image(h=48, w=64):
     return Image.fromarray(palette[ids].astype(np.uint8)), torch.from_numpy(ids.astype(np.int32)), palette
 
 
-def test_crop_and_flip_move_the_mask_identically():
+@pytest.mark.parametrize("crop_min", [0.3, 0.08])
+def test_crop_and_flip_move_the_mask_identically(crop_min):
     img, ids, palette = _region_image()
-    views = detcon.JointViews(32, 0.3, False, grid=4)
+    views = detcon.JointViews(32, crop_min, False, grid=4)
     views.colour = (lambda im: torch.from_numpy(np.asarray(im).copy()),) * 2  # geometry only, to read colours back
     flipped = set()
-    for seed in range(12):
+    for seed in range(24):
         torch.manual_seed(seed)
         v1, m1, v2, m2 = views.views(img, ids)
         for v, m in ((v1, m1), (v2, m2)):
@@ -143,6 +146,81 @@ def test_crop_and_flip_move_the_mask_identically():
             left = m[:, 0].float().mean() > m[:, -1].float().mean()
             flipped.add(bool(left))
     assert flipped == {True, False}  # both flipped and unflipped views were checked
+
+
+def _np_official_crop_sides(h, w, scale, n, seed):
+    """BYOL/DetCon get_random_crop_window in NumPy, n draws -> (box height / h, box width / w), each [n]."""
+    rng = np.random.default_rng(seed)
+    area = rng.uniform(scale[0], scale[1], n) * h * w
+    aspect = np.exp(rng.uniform(np.log(3 / 4), np.log(4 / 3), n))
+    bw = np.minimum(np.round(np.sqrt(area * aspect)), w)
+    bh = np.minimum(np.round(np.sqrt(area / aspect)), h)
+    return bh / h, bw / w
+
+
+@pytest.mark.parametrize("scale", [(0.08, 1.0), (0.3, 1.0)])
+def test_crop_box_follows_the_official_window_not_torchvision_retries(scale):
+    h, w, n = 375, 500, 20000  # a typical ImageNet image, landscape: the box height gets clamped often
+    g = torch.Generator().manual_seed(0)
+    boxes = np.array([detcon.crop_box(h, w, scale, generator=g) for _ in range(n)])  # [n, 4] top left bh bw
+    top, left, bh, bw = boxes.T
+    assert np.all((top >= 0) & (left >= 0) & (bh >= 1) & (bw >= 1) & (top + bh <= h) & (left + bw <= w))
+    got_area = bh * bw / (h * w)
+    want_h, want_w = _np_official_crop_sides(h, w, scale, 200_000, seed=1)
+    want_area = want_h * want_w
+    assert got_area.mean() == pytest.approx(want_area.mean(), abs=0.006)  # ~3 standard errors of n draws
+    qs = [0.1, 0.25, 0.5, 0.75, 0.9]
+    assert np.allclose(np.quantile(got_area, qs), np.quantile(want_area, qs), atol=0.015)
+    assert (bh / h).mean() == pytest.approx(want_h.mean(), abs=0.006)  # height and width not swapped
+    assert (bw / w).mean() == pytest.approx(want_w.mean(), abs=0.006)
+    # offsets uniform over the valid positions: the box centre's mean is the image centre
+    assert (top + bh / 2).mean() / h == pytest.approx(0.5, abs=0.01)
+    assert (left + bw / 2).mean() / w == pytest.approx(0.5, abs=0.01)
+    if scale[0] == 0.08:
+        torch.manual_seed(0)
+        img = torch.zeros(3, h, w)
+        tv = np.array([np.prod(T.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])[2:])
+                       for _ in range(n)]) / (h * w)
+        assert want_area.mean() - tv.mean() > 0.05  # torchvision's retries give clearly smaller boxes
+        assert abs(got_area.mean() - tv.mean()) > 0.05
+
+
+def test_crop_box_is_reproducible_from_the_seed_and_fits_tiny_images():
+    boxes = [detcon.crop_box(37, 23, generator=torch.Generator().manual_seed(5)) for _ in range(2)]
+    assert boxes[0] == boxes[1]
+    torch.manual_seed(3)
+    a = detcon.crop_box(37, 23)
+    torch.manual_seed(3)
+    assert detcon.crop_box(37, 23) == a  # the global RNG when no generator: common.Views seeds it per sample
+    for _ in range(200):
+        top, left, bh, bw = detcon.crop_box(2, 3)
+        assert 0 <= top and 0 <= left and 1 <= bh and 1 <= bw and top + bh <= 2 and left + bw <= 3
+
+
+def test_joint_views_crop_the_mask_with_the_official_box(monkeypatch):
+    img, ids, _ = _region_image()  # 48 x 64
+    boxes, official = [], detcon.crop_box
+
+    def recording_crop_box(*a, **k):
+        boxes.append((a, k, official(*a, **k)))
+        return boxes[-1][2]
+
+    monkeypatch.setattr(detcon, "crop_box", recording_crop_box)
+    views = detcon.JointViews(32, 0.3, False, grid=4)
+    flips = set()
+    for seed in range(10):
+        boxes.clear()
+        torch.manual_seed(seed)
+        _, m1, _, m2 = views.views(img, ids)
+        assert len(boxes) == 2
+        for m, (a, _, (top, left, bh, bw)) in zip((m1, m2), boxes):
+            assert a[:2] == (48, 64) and tuple(a[2]) == (0.3, 1.0)
+            crop = ids[top:top + bh, left:left + bw].float()[None, None]  # [1, 1, bh, bw]
+            want = F.interpolate(crop, size=(32, 32), mode="nearest-exact")[0, 0].to(torch.int32)  # [32, 32]
+            flipped = torch.equal(m, want.flip(-1)) and not torch.equal(m, want)
+            assert torch.equal(m, want) or flipped
+            flips.add(flipped)
+    assert flips == {True, False}
 
 
 def test_reduced_mask_assigns_every_cell_to_exactly_one_id():
@@ -222,6 +300,18 @@ def test_fh_params_follow_the_official_values_scaled_by_pixels():
 
 
 # ---------------------------------------------------------------------------- model, grid masks without scikit-image
+
+
+def test_heads_are_the_official_mlp_output_layer_without_bias():
+    args = detcon.Args(arch="resnet18", stem="small", img_size=32, mlp_dim=32, proj_dim=16, variant="B")
+    model = detcon.DetCon(args)
+    for head in (model.projector, model.predictor, model.momentum_projector):
+        linears = [m for m in head if isinstance(m, torch.nn.Linear)]
+        assert len(linears) == 2 and isinstance(head[1], torch.nn.BatchNorm1d)
+        assert linears[0].bias is not None and linears[1].bias is None  # haiku: with_bias=False on the output
+    assert model.projector[-1].out_features == 16 and model.predictor[-1].in_features == 32
+
+
 
 
 @pytest.mark.parametrize("variant", ["B", "S"])
