@@ -68,6 +68,11 @@ def user_errors(main):
     return wrapped
 
 
+ARCH_NAMES = ("resnet18", "resnet50", "vit_small", "vit_base")  # torchvision backbones
+PRESET_HELP = ("--preset auto picks cpu for --data synthetic, cifar for cifar10/cifar100 and imagenet otherwise; "
+               "explicit flags override the preset.")
+
+
 def default_workers():
     """Loader workers per process: 8, or fewer on a machine with fewer cores (more would only contend)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -95,6 +100,8 @@ class CommonArgs:
     """NHWC memory layout for convolutions (faster with bf16 on tensor cores)"""
     compile: bool = False
     """torch.compile the model (slower start, faster steps)"""
+    tensorboard: bool = False
+    """also write the logged scalars to <output-dir>/tb with torch.utils.tensorboard (needs tensorboard)"""
     output_dir: str = ""
     """run directory; default runs/<method>"""
     resume: str = ""
@@ -143,20 +150,42 @@ class _Parser(argparse.ArgumentParser):
         raise BadInput(f"{message} (see --help)")
 
 
+CHOICES = {"arch": ARCH_NAMES, "stem": ("imagenet", "small"), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "optimizer": ("lars", "sgd", "adamw")}  # listed in --help; checked after parsing (one-line errors)
+
+
+def _help(f, doc, presets):
+    """A field's --help text: its doc, its choices, its default and what each preset sets it to."""
+    text = doc
+    if f.name in CHOICES:
+        text += f" {{{', '.join(CHOICES[f.name])}}}"
+    if f.name == "preset":
+        text += f" {{auto, {', '.join(presets)}}}"
+    set_by = [f"{name}: {values[f.name]}" for name, values in presets.items() if f.name in values]
+    return text + f" [default: {f.default}" + "".join(f"; {s}" for s in set_by) + "]"
+
+
+def _add_flag(group, f, help_):
+    flag, typ = "--" + f.name.replace("_", "-"), {"bool": bool, "int": int, "float": float}.get(str(f.type), f.type)
+    if typ is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+    elif typ in (int, float):
+        group.add_argument(flag, type=typ, metavar=typ.__name__.upper(), help=help_)
+    else:
+        group.add_argument(flag, type=str, metavar="STR", help=help_)
+
+
 def parse_args(cls, presets, argv=None):
-    """Dataclass -> argparse. Precedence: explicit flag > preset > dataclass default."""
+    """Dataclass -> argparse. Precedence: explicit flag > preset > dataclass default. --help lists the
+    method's own hyperparameters first, then the shared plumbing, each with the values the presets set."""
     docs = field_docs(cls)
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
-    p = _Parser(description=doc, argument_default=argparse.SUPPRESS,
-                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for f in dataclasses.fields(cls):
-        flag, typ = "--" + f.name.replace("_", "-"), {"bool": bool, "int": int, "float": float}.get(str(f.type), f.type)
-        help_ = docs.get(f.name, "") + f" [default: {f.default}]"
-        if typ in (bool, "bool"):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-        else:
-            p.add_argument(flag, type=typ if typ in (int, float) else str, metavar=typ.__name__.upper()
-                           if isinstance(typ, type) else "STR", help=help_)
+    p = _Parser(description=doc, argument_default=argparse.SUPPRESS, epilog=PRESET_HELP)
+    method = p.add_argument_group("method hyperparameters")
+    plumbing = p.add_argument_group("data, run and plumbing (shared by every script)")
+    common_fields = {f.name for f in dataclasses.fields(CommonArgs)}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in common_fields):  # the method's own first
+        _add_flag(plumbing if f.name in common_fields else method, f, _help(f, docs.get(f.name, ""), presets))
     given = vars(p.parse_args(argv))
     preset = given.get("preset", "auto")
     if preset == "auto":
@@ -384,7 +413,7 @@ def optimizer_step(loss, optimizer, scaler, clip_params=None, clip=0.0):
 
 # ============================================================================ backbones
 
-ARCHS = ("resnet18", "resnet50", "vit_small", "vit_base")
+ARCHS = ARCH_NAMES
 VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),  # MoCo v3's ViT-S: 12 heads, not 6
              "vit_base": dict(hidden_dim=768, mlp_dim=3072, num_heads=12)}
 
@@ -1036,6 +1065,7 @@ class Logger:
         self.t_end = None  # when the last step finished: the final checkpoint and export are not training time
         # a resumed run appends to its log; a fresh run in an old output dir starts a new one
         self.file = open(os.path.join(run.out, "log.jsonl"), "a" if start_step else "w") if run.main else None
+        self.tb = tensorboard_writer(run) if run.main and run.args.tensorboard else None
 
     @property
     def done(self):
@@ -1072,6 +1102,10 @@ class Logger:
         if self.file:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
+        if self.tb and "step" in record and record.get("event") != "summary":
+            for k, v in record.items():
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
 
     def log_step(self, loss, **metrics):
         """Call after every optimizer step with the (tensor) loss; syncs only on log steps."""
@@ -1143,5 +1177,58 @@ class Logger:
         if self.run.main:
             self.write(rec)
             self.file.close()
+            if self.tb:
+                self.tb.close()
+            plot_curves(os.path.join(self.run.out, "log.jsonl"), os.path.join(self.run.out, "curves.png"))
             print(json.dumps(rec), flush=True)
         return rec
+
+
+def tensorboard_writer(run):
+    """torch.utils.tensorboard's SummaryWriter in <output-dir>/tb; BadInput if tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise BadInput("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(run.out, "tb"))
+
+
+PLOT_SKIP = ("step", "epoch", "event", "img_per_s", "data_time_frac", "peak_mem_mb", "train_s")  # not curves
+
+
+def plot_curves(log_path, png_path):
+    """curves.png: every logged metric (loss, lr, momentum, kNN, the method's own) against the step, one panel
+    each. Needs matplotlib; without it the run simply has no picture. Returns the panel names drawn."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    with open(log_path) as f:
+        records = [r for r in map(json.loads, f) if r.get("event") != "summary"]
+    series = {}
+    for r in records:
+        for k, v in r.items():
+            if k not in PLOT_SKIP and isinstance(v, (int, float)) and math.isfinite(v):
+                series.setdefault(k, []).append((r["step"], v))
+    if not series:
+        return []
+    cols = min(3, len(series))
+    rows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, (name, points) in zip(axes.flat, series.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if len(points) < 20 else None, ms=3)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(log_path))))
+    fig.tight_layout()
+    tmp = f"{png_path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, png_path)  # atomic, like every other output
+    return list(series)

@@ -1,5 +1,6 @@
 """common.py: LARS, schedules, backbones, data determinism, argument parsing, checkpoints, kNN."""
 import dataclasses
+import json
 import math
 import os
 
@@ -210,3 +211,28 @@ def test_summary_times_the_steps_only(tmp_path, monkeypatch):
     assert rec["step_ms"] == pytest.approx(10_000)  # steps 3..6: 40 s over 4 steps
     assert rec["img_per_s"] == pytest.approx(4 / 10)
     assert rec["data_time_frac"] == pytest.approx(0.1)
+
+
+def test_plot_curves_draws_every_logged_metric(tmp_path):
+    pytest.importorskip("matplotlib")
+    log = tmp_path / "log.jsonl"
+    recs = [{"step": s, "epoch": s / 4, "loss": 3.0 - 0.1 * s, "lr": 0.1, "momentum": 0.99, "rot_acc": 50.0 + s,
+             "img_per_s": 10.0} for s in range(1, 9)]
+    recs += [{"step": 8, "epoch": 2, "knn_top1": 40.0, "train_s": 3.0}, {"event": "summary", "steps": 8, "loss": 2.2}]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    panels = common.plot_curves(str(log), str(tmp_path / "curves.png"))
+    assert panels == ["loss", "lr", "momentum", "rot_acc", "knn_top1"]  # throughput and timing are not curves
+    assert (tmp_path / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_tensorboard_flag_writes_scalars_or_names_the_missing_package(tmp_path, capsys):
+    import importlib.util
+    argv = ["--data", "synthetic", "--synthetic-size", "16", "--img-size", "32", "--batch-size", "8", "--workers", "0",
+            "--knn-every", "0", "--mlp-dim", "32", "--max-steps", "2", "--tensorboard", "--output-dir", str(tmp_path)]
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.raises(SystemExit) as e:
+            mocov3.main(argv)
+        assert e.value.code == 2 and "pip install tensorboard" in capsys.readouterr().err
+    else:
+        mocov3.main(argv)
+        assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))

@@ -47,6 +47,7 @@ def test_outputs_contract(method, tmp_path):
     net.load_state_dict(sd, strict=True)
     online = {k[len("backbone."):]: v for k, v in ck["model"].items() if k.startswith("backbone.")}
     assert all(torch.equal(sd[k], online[k]) for k in sd)  # exported = online backbone, not the momentum one
+    assert open(os.path.join(out, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"  # the run's picture
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -138,10 +139,26 @@ def test_resume_refuses_mismatch_and_keeps_checkpoint(tmp_path):
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
 
 
-def test_help_lists_every_field_with_its_doc():
-    p = run_script("mocov3.py", "--help")
-    assert "--temperature" in p.stdout and "softmax temperature" in p.stdout
-    assert "--knn-every" in p.stdout and "--channels-last" in p.stdout
+@pytest.mark.parametrize("script", [*METHODS, "eval_linear"])
+def test_help_lists_every_field_with_its_doc_choices_and_presets(script, capsys):
+    """Every field of the script's Args with its doc, the method's own flags before the plumbing, the choices
+    of --arch/--stem/--precision/--preset, and what each preset sets (e.g. the cpu preset's image size)."""
+    import importlib
+    import common
+    mod = importlib.import_module(script)
+    with pytest.raises(SystemExit) as e:
+        mod.main(["--help"])
+    norm = lambda t: " ".join(t.split()).replace("- ", "-")  # noqa: E731 -- undo argparse's line wrapping
+    out = norm(capsys.readouterr().out)
+    assert e.value.code == 0
+    for name, doc in common.field_docs(mod.Args).items():
+        assert f"--{name.replace('_', '-')}" in out and norm(" ".join(doc.split()[:6])) in out, name
+    assert out.index("method hyperparameters") < out.index("data, run and plumbing")
+    assert "{resnet18, resnet50, vit_small, vit_base}" in out and "{imagenet, small}" in out
+    assert "{auto, fp32, bf16, fp16}" in out and "{auto, " + ", ".join(mod.PRESETS) + "}" in out
+    for preset, values in mod.PRESETS.items():
+        for key, value in values.items():
+            assert f"{preset}: {value}" in out, (preset, key)
 
 
 def test_two_process_step_equals_one_process_step(tmp_path):
