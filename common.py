@@ -344,7 +344,7 @@ def setup(args, method):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if world > 1:
+    if world > 1 and not dist.is_initialized():  # one process group serves every run of this process
         dist.init_process_group("nccl" if cuda else "gloo")
     if args.precision == "auto":
         args.precision = "bf16" if cuda else "fp32"

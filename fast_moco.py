@@ -275,8 +275,7 @@ def main(argv=None):
     m = args.momentum  # Fast-MoCo: constant EMA coefficient
     for epoch in log.epochs():  # the epochs left: none when a finished run is resumed
         model.train()
-        for i, ((x1, x2), _) in log.batches(train_ds, epoch):  # i: batch index within the epoch
-            e = epoch + i / steps_per_epoch  # fractional epoch: schedules are per iteration
+        for _, ((x1, x2), _) in log.batches(train_ds, epoch):
             lr = fast_moco_lr(log.step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs)  # 0-based iteration
             set_lrs(optimizer, lr, base_lr)  # the predictor's group keeps base_lr
             x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world

@@ -1,10 +1,7 @@
 """DenseCL: correspondence, dense loss vs NumPy, (1 - lambda)/lambda weighting, the two queues, momentum keys,
-shuffle-BN (one process and across ranks), resume of queues and pointers, DenseCL-specific bad input.
-
-Run directly under torchrun (see test_two_process_*), this file is also the worker of the distributed tests."""
-import json
+shuffle-BN (one process; across ranks in test_distributed.py), resume of queues and pointers, DenseCL-specific
+bad input."""
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -17,7 +14,7 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import densecl  # noqa: E402
-from conftest import ROOT, run_script  # noqa: E402
+from conftest import run_script  # noqa: E402
 
 TINY_DCL = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--batch-size", "8", "--workers", "0",
             "--log-every", "1", "--knn-every", "0", "--mlp-dim", "64", "--stem", "small", "--queue-size", "64"]
@@ -216,52 +213,7 @@ def test_shuffle_bn_restores_order_and_really_splits():
     torch.testing.assert_close(densecl.shuffle_bn(lambda c: (bn(c),), z, splits=3)[0], bn(z))
 
 
-def _distributed_worker(out):
-    """torchrun worker: shuffle-BN across ranks, and one DenseCL step (BN eval) vs one process on the whole batch."""
-    args = densecl.Args(arch="resnet18", stem="small", img_size=32, mlp_dim=32, proj_dim=16, queue_size=16,
-                        shuffle_splits=2, batch_size=8, optimizer="sgd", lr=0.5, wd=0.0, workers=0, output_dir=out)
-    run = common.setup(args, "densecl")
-    n = 8 // run.world
-    # 1. shuffle-BN across ranks: my samples come back in order, and the encoder saw samples of other ranks
-    x = (torch.arange(8.0)[:, None] * torch.ones(1, 2))[run.rank * n:(run.rank + 1) * n]  # [n, 2]
-    seen = []
-    out_x, = densecl.shuffle_bn(lambda c: (seen.append(c[:, 0].tolist()) or c + 0.5,), x)
-    restored = torch.equal(out_x, x + 0.5)
-    foreign = any(int(v) // n != run.rank for v in seen[0])
-    # 2. one step: same loss, queues and weights as one process (BN in eval mode: CPU BN is per process)
-    torch.manual_seed(0)
-    model, step_model = common.prepare_model(densecl.DenseCL(args), run)
-    model.eval()
-    g = torch.Generator().manual_seed(1)
-    x1, x2 = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
-    x1, x2 = x1[run.rank * n:(run.rank + 1) * n], x2[run.rank * n:(run.rank + 1) * n]
-    optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
-    loss, _ = step_model(x1, x2, 0.99, 0.5)
-    common.optimizer_step(loss, optimizer, common.grad_scaler(run))
-    loss = loss.detach()
-    if run.world > 1:
-        torch.distributed.all_reduce(loss)
-        loss /= run.world
-    weights = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
-    if run.rank == 0:
-        print(json.dumps({"restored": restored, "foreign": foreign, "loss": loss.item(),
-                          "weights": weights.sum().item(), "queue": model.queue.double().sum().item(),
-                          "dense_queue": model.dense_queue.double().abs().sum().item(),
-                          "ptr": int(model.queue_ptr), "dense_ptr": int(model.dense_queue_ptr)}), flush=True)
-
-
-def test_two_process_shuffle_bn_and_step_equal_one_process(tmp_path):
-    one = run_script("tests/test_densecl.py", str(tmp_path / "one"))
-    # --standalone rendezvous: torchrun's --master_port=0 (run_script's) can hang on some hosts
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          os.path.join(ROOT, "tests", "test_densecl.py"), str(tmp_path / "two")], capture_output=True,
-                         text=True, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = json.loads(one.stdout.strip().splitlines()[-1]), json.loads(two.stdout.strip().splitlines()[-1])
-    assert a["restored"] and b["restored"] and b["foreign"]
-    assert a["ptr"] == b["ptr"] == a["dense_ptr"] == b["dense_ptr"] == 8  # the global batch was enqueued
-    for key in ("loss", "weights", "queue", "dense_queue"):
-        assert a[key] == pytest.approx(b[key], rel=1e-5), key
+# shuffle-BN across ranks and one step vs one process: tests/test_distributed.py
 
 
 # ---------------------------------------------------------------------------- the script
@@ -302,6 +254,3 @@ def test_presets_give_a_4x4_grid_and_a_whole_number_of_batches_per_queue():
         assert a.queue_size % a.batch_size == 0 and a.batch_size % a.shuffle_splits == 0
     assert densecl.Args().queue_size == 65536 and densecl.Args().momentum == 0.999  # the paper's recipe
 
-
-if __name__ == "__main__":
-    _distributed_worker(sys.argv[1])

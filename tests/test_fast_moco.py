@@ -4,7 +4,6 @@ test_scripts.py)."""
 import dataclasses
 import itertools
 import json
-import os
 
 import numpy as np
 import pytest
@@ -182,48 +181,7 @@ def test_predictor_lr_constant_rest_follows_schedule():
     assert opt.param_groups[0]["lr"] < base / 2
 
 
-# ---------------------------------------------------------------------------- distributed equivalence
-
-DIST_SCRIPT = r'''
-import json, os, sys
-import torch, torch.distributed as dist
-sys.path.insert(0, {root!r})
-import common, fast_moco as fm
-world = int(os.environ.get("WORLD_SIZE", 1)); rank = int(os.environ.get("RANK", 0))
-if world > 1:
-    dist.init_process_group("gloo")
-# 1) the loss on fixed embeddings: the mean of the per-rank losses equals the one-process loss
-g = torch.Generator().manual_seed(1)
-p1, p2, z1, z2 = torch.randn(6, 8, 16, generator=g), torch.randn(6, 8, 16, generator=g), torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
-n = 8 // world; sl = slice(rank * n, (rank + 1) * n)
-loss = fm.fast_moco_loss(p1[:, sl], p2[:, sl], z1[sl], z2[sl], 0.2)
-# 2) one whole training step with BN in eval mode (per-process BN statistics would differ otherwise)
-torch.manual_seed(0)
-args = common.parse_args(fm.Args, fm.PRESETS, ["--img-size", "32", "--mlp-dim", "64", "--batch-size", "8"])
-model = fm.FastMoCo(args).eval()
-step_model = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
-opt = common.build_optimizer(args, fm.param_groups(model))
-x1, x2 = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
-step_loss = step_model(x1[sl], x2[sl], 0.99)
-common.optimizer_step(step_loss, opt, torch.amp.GradScaler("cpu", enabled=False),
-                      [p for p in model.parameters() if p.requires_grad], 1.0)
-out = torch.stack([loss.detach(), step_loss.detach()])
-if world > 1:
-    dist.all_reduce(out); out /= world
-if rank == 0:
-    params = torch.cat([p.detach().flatten() for p in model.parameters()])
-    torch.save({{"losses": out, "params": params}}, sys.argv[1])
-'''
-
-
-def test_two_process_loss_and_step_equal_one_process(tmp_path):
-    script = tmp_path / "dist_step.py"
-    script.write_text(DIST_SCRIPT.format(root=os.path.dirname(os.path.abspath(fm.__file__))))
-    run_script(str(script), tmp_path / "two.pt", torchrun=2)
-    run_script(str(script), tmp_path / "one.pt")
-    two, one = torch.load(tmp_path / "two.pt"), torch.load(tmp_path / "one.pt")
-    torch.testing.assert_close(two["losses"], one["losses"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(two["params"], one["params"], atol=1e-5, rtol=1e-4)
+# distributed equivalence (loss on fixed embeddings, one step vs one process): tests/test_distributed.py
 
 
 # ---------------------------------------------------------------------------- the script's wiring (generic

@@ -9,7 +9,7 @@ import torchvision
 
 import common
 import mocov3
-from conftest import ROOT, run_script
+from conftest import run_script
 
 
 def np_ctr(q, k, tau, rank=0, all_keys=None):

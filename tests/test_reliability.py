@@ -55,24 +55,41 @@ def test_sync_bn_only_on_multi_gpu_cuda():
     assert not common.use_sync_bn(True, run(1, "cuda")) and not common.use_sync_bn(True, run(2, "cpu"))
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_finished_run_resumed_trains_no_more(method, tmp_path):
-    """--max-steps 8 (two epochs of 32 images): rerunning the finished command with --resume auto does 0 steps."""
-    mod, out = importlib.import_module(method), tmp_path / "run"
-    argv = tiny(method, out, "--synthetic-size", "32", "--epochs", "5", "--max-steps", "8")
-    mod.main(argv)
-    ck = torch.load(out / "checkpoint.pth", weights_only=True)
-    mod.main([*argv, "--resume", "auto"])
-    steps = [r["step"] for r in read_log(out) if "img_per_s" in r and r.get("event") != "summary"]
-    assert steps == list(range(1, 9))  # nothing logged by the second run
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == ck["step"] == 8
-    summaries = [r for r in read_log(out) if r.get("event") == "summary"]
-    assert [s["steps"] for s in summaries] == [8, 8]
-
-
 def _uninterrupted(method, out):
     importlib.import_module(method).main(tiny(method, out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "7"))
     return losses(out)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_preempted_resumed_and_finished(method, tmp_path, monkeypatch, capsys):
+    """32 images / batch 8 = 4 steps per epoch. SIGUSR1 (SLURM's --signal) arrives after step 3 is logged: a
+    checkpoint at step 3 (mid-epoch), exit PREEMPTED_EXIT. `--resume auto` continues across the epoch boundary
+    and its losses equal the uninterrupted run's (queues, masks, RNG and all). Rerunning the finished command
+    with --resume auto trains no more: 0 steps logged, the checkpoint stays at step 7, a summary is printed."""
+    mod, out = importlib.import_module(method), tmp_path / "pre"
+    argv = tiny(method, out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "7")
+    log_step = common.Logger.log_step
+
+    def signalling(self, *a, **kw):
+        log_step(self, *a, **kw)
+        if self.step == 3:
+            os.kill(os.getpid(), signal.SIGUSR1)
+
+    monkeypatch.setattr(common.Logger, "log_step", signalling)
+    with pytest.raises(SystemExit) as e:
+        mod.main(argv)
+    assert e.value.code == common.PREEMPTED_EXIT
+    assert "stopped: SIGUSR1 at step 3" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3
+    monkeypatch.setattr(common.Logger, "log_step", log_step)
+    mod.main([*argv, "--resume", "auto"])
+    assert "resumed from" in capsys.readouterr().out
+    assert losses(out) == pytest.approx(_uninterrupted(method, tmp_path / "full"), rel=1e-6, abs=1e-7)
+    mod.main([*argv, "--resume", "auto"])  # the finished run, again
+    steps = [r["step"] for r in read_log(out) if "img_per_s" in r and r.get("event") != "summary"]
+    assert steps == list(range(1, 8))  # nothing logged by the third run
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 7
+    assert [r["steps"] for r in read_log(out) if r.get("event") == "summary"][-1] == 7
 
 
 def test_sigterm_checkpoints_the_step_and_resume_matches(tmp_path):
@@ -96,29 +113,6 @@ def test_sigterm_checkpoints_the_step_and_resume_matches(tmp_path):
     assert 2 <= ck["step"] < 7 and ck["step"] == logged[-1]  # stopped at the step it logged last
     importlib.import_module("mocov3").main([*argv, "--resume", "auto"])
     assert losses(out) == pytest.approx(_uninterrupted("mocov3", tmp_path / "full"), rel=1e-6, abs=1e-7)
-
-
-@pytest.mark.parametrize("method", ["densecl", "detcon"])
-def test_sigusr1_after_step_k(method, tmp_path, monkeypatch):
-    """SLURM's --signal=USR1@120 arrives after step 3: a checkpoint at step 3, exit PREEMPTED_EXIT, and the
-    resumed run (queues, masks and all) continues as if it had never stopped."""
-    mod, out = importlib.import_module(method), tmp_path / "pre"
-    argv = tiny(method, out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "7")
-    log_step = common.Logger.log_step
-
-    def signalling(self, *a, **kw):
-        log_step(self, *a, **kw)
-        if self.step == 3:
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-    monkeypatch.setattr(common.Logger, "log_step", signalling)
-    with pytest.raises(SystemExit) as e:
-        mod.main(argv)
-    assert e.value.code == common.PREEMPTED_EXIT
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3
-    monkeypatch.setattr(common.Logger, "log_step", log_step)
-    mod.main([*argv, "--resume", "auto"])
-    assert losses(out) == pytest.approx(_uninterrupted(method, tmp_path / "full"), rel=1e-6, abs=1e-7)
 
 
 BAD_VALUES = [

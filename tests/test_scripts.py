@@ -1,4 +1,7 @@
-"""Every training script, run as a user runs it: outputs contract, resume, torchrun, export, bad input."""
+"""Every training script as a user runs it (in-process main(argv) unless the process itself matters): outputs
+contract, export, bad input, --help, eval_linear on either file, real images, --compile. Resume, preemption and
+the finished-run guard: test_reliability.py; torchrun: test_distributed.py."""
+import importlib
 import json
 import os
 
@@ -6,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import ROOT, TINY, losses, read_log, run_script, summary
+from conftest import ROOT, TINY, read_log, run_script, summary
 
 METHODS = [m for m in ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux") if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
 # methods that need a spatial map of >= 4x4 at 32 px use the CIFAR stem; DenseCL's queue fits the tiny batch
@@ -17,11 +20,18 @@ def tiny(method, out, *more):
     return [*TINY, *EXTRA.get(method, []), "--output-dir", out, *more]
 
 
+def run_main(method, argv, capsys):
+    """main(argv) in-process; its JSON summary (the last line it printed)."""
+    importlib.import_module(method).main(argv)
+    rec = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert rec["event"] == "summary"
+    return rec
+
+
 @pytest.mark.parametrize("method", METHODS)
-def test_outputs_contract(method, tmp_path):
+def test_outputs_contract(method, tmp_path, capsys):
     out = str(tmp_path / "run")
-    p = run_script(f"{method}.py", *tiny(method, out, "--max-steps", "4", "--knn-every", "1", "--knn-k", "20"))
-    rec = summary(p)
+    rec = run_main(method, tiny(method, out, "--max-steps", "4", "--knn-every", "1", "--knn-k", "20"), capsys)
     assert rec["method"] == method and rec["steps"] == 4
     for key in ("img_per_s", "step_ms", "peak_mem_mb", "loss", "knn_top1"):
         assert isinstance(rec[key], float) and rec[key] == rec[key], key  # present and not NaN
@@ -50,35 +60,12 @@ def test_outputs_contract(method, tmp_path):
     assert open(os.path.join(out, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"  # the run's picture
 
 
-@pytest.mark.parametrize("method", METHODS)
-def test_resume_equals_uninterrupted(method, tmp_path):
-    # 32 images / batch 8 = 4 steps per epoch: the resume at step 3 is mid-epoch, step 6 crosses an epoch
-    common = ["--synthetic-size", "32", "--epochs", "3"]
-    a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    run_script(f"{method}.py", *tiny(method, a, *common, "--max-steps", "6"))
-    run_script(f"{method}.py", *tiny(method, b, *common, "--max-steps", "3"))
-    p = run_script(f"{method}.py", *tiny(method, b, *common, "--max-steps", "6", "--resume", "auto"))
-    assert "resumed from" in p.stdout
-    la, lb = losses(a), losses(b)
-    assert len(la) == 6 and len(lb) == 6
-    assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_torchrun_two_processes(method, tmp_path):
-    out = str(tmp_path / "ddp")
-    p = run_script(f"{method}.py", *tiny(method, out, "--max-steps", "2"), torchrun=2)
-    lines = [line for line in p.stdout.splitlines() if line.startswith('{"event": "summary"')]
-    assert len(lines) == 1  # rank 0 alone prints and logs
-    assert json.loads(lines[0])["steps"] == 2
-    assert json.load(open(os.path.join(out, "args.json")))["world_size"] == 2
-    assert os.path.exists(os.path.join(out, "backbone.pth"))
-
-
-def _bad(method, tmp_path, *args, torchrun=0):
-    p = run_script(f"{method}.py", *tiny(method, str(tmp_path / "bad")), *args, check=False, torchrun=torchrun)
-    err = [line for line in p.stderr.strip().splitlines() if line.startswith("error:")]
-    return p, err
+def _bad(method, tmp_path, capsys, *args):
+    """Run main() in-process as the command line would; (exit code, stderr lines)."""
+    mod = importlib.import_module(method)
+    with pytest.raises(SystemExit) as e:
+        mod.main(tiny(method, str(tmp_path / "bad"), *args))
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
 
 
 def _corrupt_folder(tmp_path):
@@ -108,34 +95,36 @@ BAD_INPUT_CASES = [("mocov3", c) for c in BAD_INPUTS] + [
 
 
 @pytest.mark.parametrize("method,case", BAD_INPUT_CASES)
-def test_bad_input_one_line_exit_2(method, case, tmp_path):
+def test_bad_input_one_line_exit_2(method, case, tmp_path, capsys):
     make_args, expected = BAD_INPUTS[case]
-    p, err = _bad(method, tmp_path, *make_args(tmp_path))
-    assert p.returncode == 2, p.stderr[-2000:]
-    assert len(err) == 1 and expected in err[0], p.stderr
-    assert "Traceback" not in p.stderr
+    code, err = _bad(method, tmp_path, capsys, *make_args(tmp_path))
+    assert code == 2 and len(err) == 1 and err[0].startswith("error:") and expected in err[0], err
 
 
-def test_corrupt_image_named_from_worker_process(tmp_path):
-    p, err = _bad("mocov3", tmp_path, "--data", str(_corrupt_folder(tmp_path)), "--workers", "1", "--max-steps", "3")
-    assert p.returncode == 2 and len(err) == 1 and "broken.png" in err[0], p.stderr
+def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
+    """The same as a user sees it: a subprocess, one stderr line, exit code 2."""
+    p = run_script("mocov3.py", *tiny("mocov3", str(tmp_path / "bad")), "--data", str(tmp_path / "nope"), check=False)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        f"error: --data: data path not found: {tmp_path / 'nope'} (use synthetic, cifar10, cifar100, stl10 or an "
+        "image folder)"], p.stderr
 
 
-def test_batch_not_divisible_by_world(tmp_path):
-    p, err = _bad("mocov3", tmp_path, "--batch-size", "7", torchrun=2)
-    assert p.returncode != 0 and any("not divisible by the world size 2" in e for e in err), p.stderr
+def test_corrupt_image_named_from_worker_process(tmp_path, capsys):
+    code, err = _bad("mocov3", tmp_path, capsys, "--data", str(_corrupt_folder(tmp_path)), "--workers", "1",
+                     "--max-steps", "3")
+    assert code == 2 and len(err) == 1 and "broken.png" in err[0], err
 
 
-def test_resume_refuses_mismatch_and_keeps_checkpoint(tmp_path):
+def test_resume_refuses_mismatch_and_keeps_checkpoint(tmp_path, capsys):
     out = str(tmp_path / "run")
-    run_script("mocov3.py", *tiny("mocov3", out, "--max-steps", "1"))
+    run_main("mocov3", tiny("mocov3", out, "--max-steps", "1"), capsys)
     before = open(os.path.join(out, "checkpoint.pth"), "rb").read()
     for flag, value in (("--arch", "resnet50"), ("--batch-size", "16")):
-        p = run_script("mocov3.py", *tiny("mocov3", out, "--resume", "auto", flag, value), check=False)
-        assert p.returncode == 2 and f"{flag[2:].replace('-', '_')}=" in p.stderr.strip(), p.stderr
+        code, err = _bad("mocov3", tmp_path, capsys, "--output-dir", out, "--resume", "auto", flag, value)
+        assert code == 2 and len(err) == 1 and f"{flag[2:].replace('-', '_')}=" in err[0], err
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    p = run_script("mocov3.py", *tiny("mocov3", out, "--resume", str(tmp_path / "junk.pth")), check=False)
-    assert p.returncode == 2 and "not a readable checkpoint" in p.stderr
+    code, err = _bad("mocov3", tmp_path, capsys, "--output-dir", out, "--resume", str(tmp_path / "junk.pth"))
+    assert code == 2 and "not a readable checkpoint" in err[0]
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
 
 
@@ -159,16 +148,6 @@ def test_help_lists_every_field_with_its_doc_choices_and_presets(script, capsys)
     for preset, values in mod.PRESETS.items():
         for key, value in values.items():
             assert f"{preset}: {value}" in out, (preset, key)
-
-
-def test_two_process_step_equals_one_process_step(tmp_path):
-    """Same global batch: 1 process vs 2 torchrun processes give the same loss and updated weights."""
-    one = run_script("tests/dist_step.py", str(tmp_path / "one"))
-    two = run_script("tests/dist_step.py", str(tmp_path / "two"), torchrun=2)
-    a, b = json.loads(one.stdout.strip().splitlines()[-1]), json.loads(two.stdout.strip().splitlines()[-1])
-    assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
-    assert a["weights"] == pytest.approx(b["weights"], rel=1e-6)
-    assert a["weights_abs"] == pytest.approx(b["weights_abs"], rel=1e-6)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,47 @@
+"""Distributed equivalence with a real 2-process torchrun (gloo, CPU): one launch of tests/dist_harness.py
+alone and one under torchrun cover every method (see the harness docstring for what each part checks)."""
+import json
+
+import pytest
+
+from conftest import run_script
+
+METHODS = ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    out = {}
+    for world in (1, 2):
+        d = tmp_path_factory.mktemp(f"world{world}")
+        run_script("tests/dist_harness.py", str(d), torchrun=world if world > 1 else 0)
+        out[world] = json.load(open(d / "results.json"))
+    return out
+
+
+@pytest.mark.parametrize("name", ["step_mocov3", "step_fast_moco", "step_densecl", "detcon_loss", "fast_moco_loss"])
+def test_two_processes_equal_one_process(harness, name):
+    """Same global batch: rank-averaged loss, updated weights (and DenseCL's queues) as one process."""
+    one, two = harness[1][name], harness[2][name]
+    assert one.keys() == two.keys()
+    for key in one:
+        assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
+
+
+def test_shuffle_bn_crosses_ranks_and_restores_order(harness):
+    assert harness[2]["shuffle_bn"] == {"restored": True, "foreign": True}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_torchrun_runs_every_script_and_only_rank_0_reports(harness, method):
+    views = harness[2]["per_rank_runs"]
+    assert len(views) == 2
+    lines = views[0][f"run_{method}"]["summary_lines"]
+    assert len(lines) == 1 and json.loads(lines[0])["steps"] == 2
+    assert views[1][f"run_{method}"]["summary_lines"] == []  # rank 1 neither prints nor logs
+    assert views[0][f"run_{method}"]["world_size"] == 2 and views[0][f"run_{method}"]["backbone"]
+
+
+def test_batch_not_divisible_by_world_is_one_line_exit_2(harness):
+    bad = harness[2]["bad_batch"]
+    assert bad["code"] == 2 and len(bad["stderr"]) == 1 and "not divisible by the world size 2" in bad["stderr"][0]
