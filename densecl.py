@@ -52,6 +52,7 @@ judge a run by the kNN monitor or linear probing alone.
 """
 import copy
 import dataclasses
+import os
 
 import torch
 import torch.distributed as dist
@@ -292,20 +293,27 @@ def draw_matches(model, ds, run, path, pairs=4, px=192):
 # ---------------------------------------------------------------------------- training
 
 
-@common.user_errors
-def main(argv=None):
-    args = common.parse_args(Args, PRESETS, argv)
+def check_args(args):
+    """DenseCL's argument errors (one line, exit 2), before any work."""
     if not args.arch.startswith("resnet"):
         raise common.BadInput(f"densecl.py needs a ResNet backbone (resnet18, resnet50), not {args.arch}")
     grid = common.final_grid(args.arch, args.stem, args.img_size)
     if grid < 2:
-        raise common.BadInput(f"--img-size {args.img_size} with --stem {args.stem} gives a {grid}x{grid} final feature "
-                              f"map; DenseCL needs at least 2x2 (use a larger image or --stem small)")
+        raise common.BadInput(f"--img-size {args.img_size} with --stem {args.stem} gives a {grid}x{grid} final "
+                              f"feature map; DenseCL needs at least 2x2 (use a larger image or --stem small)")
     if args.queue_size % args.batch_size:
-        raise common.BadInput(f"--queue-size {args.queue_size} is not a multiple of the global --batch-size {args.batch_size}")
-    run = common.setup(args, "densecl")
-    if run.world == 1 and (args.shuffle_splits < 1 or args.batch_size % args.shuffle_splits):
+        raise common.BadInput(f"--queue-size {args.queue_size} is not a multiple of the global --batch-size "
+                              f"{args.batch_size}")
+    alone = int(os.environ.get("WORLD_SIZE", 1)) == 1  # one process emulates shuffle-BN with sub-batches
+    if alone and (args.shuffle_splits < 1 or args.batch_size % args.shuffle_splits):
         raise common.BadInput(f"--shuffle-splits {args.shuffle_splits} must divide --batch-size {args.batch_size}")
+
+
+@common.user_errors
+def main(argv=None):
+    args = common.parse_args(Args, PRESETS, argv)
+    check_args(args)
+    run = common.setup(args, "densecl")
 
     # ---- data
     train_ds, steps_per_epoch = common.pretrain_data(args, run, common.mocov2_views(args.img_size, args.crop_min, args.blur))

@@ -159,9 +159,16 @@ class MoCoV3(nn.Module):
 # ---------------------------------------------------------------------------- training
 
 
+def check_args(args):
+    """MoCo v3's argument errors (one line, exit 2), before any work."""
+    if args.arch.startswith("vit") and args.img_size % 16:
+        raise common.BadInput(f"--img-size {args.img_size} is not a multiple of the ViT patch size 16")
+
+
 @common.user_errors
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv)
+    check_args(args)
     run = common.setup(args, "mocov3")
 
     # ---- data

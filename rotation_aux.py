@@ -95,10 +95,6 @@ class RotationAux(mocov3.MoCoV3):
     """MoCo v3 exactly as in mocov3.py, plus a rotation head on the online backbone."""
 
     def __init__(self, args):
-        if args.rot_weight < 0:
-            raise common.BadInput(f"--rot-weight must be >= 0, got {args.rot_weight}")
-        if args.rot_size and (args.arch.startswith("vit") or not 0 < args.rot_size <= args.img_size):
-            raise common.BadInput(f"--rot-size {args.rot_size} needs a ResNet and 0 < size <= --img-size {args.img_size}")
         super().__init__(args)  # built first: with the same seed, the MoCo v3 weights equal mocov3.py's
         dim = self.projector[0].in_features  # C, the pooled backbone feature dim
         # Linear(C, C) -> BN -> ReLU -> Linear(C, 4); pretraining only, never exported
@@ -126,9 +122,17 @@ class RotationAux(mocov3.MoCoV3):
 # ---------------------------------------------------------------------------- training
 
 
+def check_args(args):
+    """MoCo v3's checks plus the rotation flags (one line, exit 2), before any work."""
+    mocov3.check_args(args)
+    if args.rot_size and (args.arch.startswith("vit") or not 0 < args.rot_size <= args.img_size):
+        raise common.BadInput(f"--rot-size {args.rot_size} needs a ResNet and 0 < size <= --img-size {args.img_size}")
+
+
 @common.user_errors
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv)
+    check_args(args)
     run = common.setup(args, "rotation_aux")
 
     # ---- data
