@@ -793,27 +793,56 @@ def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
 
 
 class LARS(torch.optim.Optimizer):
-    """LARS as in MoCo v3: 1-D parameters (biases, norm weights) get neither weight decay nor trust scaling."""
+    """LARS as in MoCo v3: 1-D parameters (biases, norm weights) get neither weight decay nor trust scaling.
+    For the others dp = grad + wd * p is scaled by q = trust * |p| / |dp| (q = 1 where either norm is 0); then
+    mu = momentum * mu + dp and p -= lr * mu. One step is a few multi-tensor (torch._foreach_*) ops per group
+    of same-kind parameters, with no host sync; the state is one momentum buffer "mu" per parameter."""
     def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       trust_coefficient=trust_coefficient))
 
+    @staticmethod
+    def buckets(params):
+        """Parameters that have a gradient -> {(is >1-D, device, dtype): [params]}, in parameter order
+        (one multi-tensor op needs a single device and dtype)."""
+        out = {}
+        for p in params:
+            if p.grad is not None:
+                out.setdefault((p.ndim > 1, p.device, p.dtype), []).append(p)
+        return out
+
+    @staticmethod
+    def trust_ratios(params, grads, weight_decay, trust_coefficient):
+        """(dp, q): new tensors dp_i = g_i + wd * p_i and q [P] with q_i = trust * |p_i| / |dp_i|, or 1
+        where either norm is 0."""
+        dp = torch._foreach_add(grads, params, alpha=weight_decay)
+        param_norm = torch.stack(torch._foreach_norm(params))  # [P]
+        update_norm = torch.stack(torch._foreach_norm(dp))  # [P]
+        q = torch.where((param_norm > 0) & (update_norm > 0), trust_coefficient * param_norm / update_norm,
+                        torch.ones_like(param_norm))  # [P]
+        return dp, q
+
     @torch.no_grad()
     def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for g in self.param_groups:
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                dp = p.grad
-                if p.ndim > 1:
-                    dp = dp.add(p, alpha=g["weight_decay"])
-                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
-                    one = torch.ones_like(param_norm)
-                    q = torch.where(param_norm > 0.0, torch.where(update_norm > 0, g["trust_coefficient"] * param_norm / update_norm, one), one)
-                    dp = dp.mul(q)
-                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
-                mu.mul_(g["momentum"]).add_(dp)
-                p.add_(mu, alpha=-g["lr"])
+            for (scaled, _, _), params in self.buckets(g["params"]).items():
+                for p in params:
+                    if "mu" not in self.state[p]:  # setdefault would build a zero tensor at every step
+                        self.state[p]["mu"] = torch.zeros_like(p)
+                mu = [self.state[p]["mu"] for p in params]
+                grads = [p.grad for p in params]
+                torch._foreach_mul_(mu, g["momentum"])
+                if scaled:
+                    dp, q = self.trust_ratios(params, grads, g["weight_decay"], g["trust_coefficient"])
+                    torch._foreach_addcmul_(mu, dp, q.unbind())  # mu += q * dp: dp * q never stored
+                else:
+                    torch._foreach_add_(mu, grads)
+                torch._foreach_add_(params, mu, alpha=-g["lr"])
+        return loss
 
 
 def build_optimizer(args, params):

@@ -117,13 +117,50 @@ PRESETS = {
 # ---------------------------------------------------------------------------- the method
 
 
+# Logits upcast at once by RowLogSumExp (whole rows): each fp32 temporary holds at most this many elements
+# (64 MiB): few chunks, so few kernel launches on a GPU, yet small next to the logits of a large batch.
+LSE_CHUNK = 2**24
+
+
+class RowLogSumExp(torch.autograd.Function):
+    """logsumexp over dim 1 of x [M, K], accumulated in at least fp32 -> [M]. torch.logsumexp returns x's
+    dtype (bf16: up to half a bf16 step of ~log K, ~0.03, off) and x.float() would hold an fp32 copy of all
+    the logits; a bf16 or fp16 x is instead upcast by chunks of rows. Backward returns softmax(x) * grad in
+    x's dtype (what the matmul that made x takes), by the same chunks of the saved x."""
+    @staticmethod
+    def forward(ctx, x):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        rows = max(1, len(x) if dtype == x.dtype else LSE_CHUNK // max(x.shape[1], 1))
+        out = torch.cat([torch.logsumexp(c.to(dtype), 1) for c in x.split(rows)])  # [M]
+        ctx.save_for_backward(x)
+        ctx.rows, ctx.dtype = rows, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # softmax(x) = exp(x - logsumexp(x)): the fused softmax kernel reads and writes less than that formula
+        if len(x) <= ctx.rows:
+            return torch.softmax(x.to(ctx.dtype), 1).mul_(grad[:, None]).to(x.dtype)  # [M, K]
+        out = torch.empty_like(x)  # [M, K]
+        for c, o, g in zip(x.split(ctx.rows), out.split(ctx.rows), grad.split(ctx.rows)):
+            o.copy_(torch.softmax(c.to(ctx.dtype), 1).mul_(g[:, None]))  # [rows, K], rounded to x's dtype
+        return out
+
+
+def infonce_rows(l_pos, l_neg):
+    """Mean cross-entropy with the positive at index 0 of [l_pos, l_neg], never concatenated: the per-row loss
+    logsumexp([l_pos, l_neg]) - l_pos = logaddexp(l_pos, logsumexp(l_neg)) - l_pos. l_pos [M] fp32 and l_neg
+    [M, K] (any float dtype, e.g. bf16 under autocast) are already divided by the temperature."""
+    return (torch.logaddexp(l_pos, RowLogSumExp.apply(l_neg)) - l_pos).mean()
+
+
 def global_loss(q, k, queue, temperature):
     """MoCo v2 InfoNCE (paper eq. 1): q, k [N, D] un-normalised, queue [K, D] unit negatives; positive at 0."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)  # [N, D]
-    l_pos = (q * k).sum(1, keepdim=True)  # [N, 1]
-    l_neg = (q @ queue.T).float()  # [N, K]
-    logits = torch.cat([l_pos, l_neg], 1) / temperature  # [N, 1 + K]
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    l_pos = (q * k).sum(1) / temperature  # [N]
+    l_neg = (q / temperature) @ queue.T  # [N, K]; 1/tau on the D columns of q, not on the K of the logits
+    return infonce_rows(l_pos, l_neg)
 
 
 @torch.no_grad()
@@ -141,11 +178,10 @@ def dense_loss(q_dense, k_dense, match, queue, temperature):
     [N, S^2] key index per query location, queue [K, D] unit negatives; mean over the N * S^2 locations."""
     q, k = F.normalize(q_dense.float(), dim=1), F.normalize(k_dense.float(), dim=1)  # [N, D, S^2]
     k_pos = torch.gather(k, 2, match[:, None].expand(-1, k.shape[1], -1))  # [N, D, S^2]: matched key vectors
-    l_pos = (q * k_pos).sum(1).reshape(-1, 1)  # [N * S^2, 1]
-    q = q.transpose(1, 2).reshape(-1, q.shape[1])  # [N * S^2, D]
-    l_neg = (q @ queue.T).float()  # [N * S^2, K]: every location against every pooled dense key
-    logits = torch.cat([l_pos, l_neg], 1) / temperature  # [N * S^2, 1 + K]
-    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+    l_pos = (q * k_pos).sum(1).flatten() / temperature  # [N * S^2]
+    q = (q / temperature).transpose(1, 2).reshape(-1, q.shape[1])  # [N * S^2, D]; 1/tau on D, not K columns
+    l_neg = q @ queue.T  # [N * S^2, K] in the autocast dtype: every location against every pooled dense key
+    return infonce_rows(l_pos, l_neg)
 
 
 def dense_lambda(step, weight, warmup_steps):

@@ -1,5 +1,6 @@
 """common.py: LARS, schedules, backbones, data determinism, argument parsing, checkpoints, kNN."""
 import dataclasses
+import io
 import json
 import math
 import os
@@ -33,6 +34,147 @@ def test_lars_momentum_accumulates():
         p.grad = torch.ones(4)
         opt.step()
     assert torch.allclose(p, torch.full((4,), -0.1 * (1 + 1.9)))
+
+
+class LoopLARS(torch.optim.Optimizer):
+    """Reference: common.LARS as it was, one parameter at a time (the math the multi-tensor version keeps)."""
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                dp = p.grad
+                if p.ndim > 1:
+                    dp = dp.add(p, alpha=g["weight_decay"])
+                    param_norm, update_norm = torch.norm(p), torch.norm(dp)
+                    one = torch.ones_like(param_norm)
+                    q = torch.where(param_norm > 0.0, torch.where(update_norm > 0, g["trust_coefficient"]
+                                                                  * param_norm / update_norm, one), one)
+                    dp = dp.mul(q)
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(dp)
+                p.add_(mu, alpha=-g["lr"])
+
+
+class EdgeNet(nn.Module):
+    """Conv (with bias), BN, linear (with bias) and the edge cases of the trust ratio: a parameter that starts
+    at zero (|p| = 0 at step 1), one that stays zero with zero gradient (both norms 0), one with a zero
+    gradient (|dp| = 0 without weight decay), and one that never gets a gradient."""
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, bias=True), nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4 * 4 * 4, 5)
+        self.starts_zero = nn.Parameter(torch.zeros(5, 5))
+        self.stays_zero = nn.Parameter(torch.zeros(2, 3))
+        self.zero_grad_w = nn.Parameter(torch.randn(3, 3))
+        self.no_grad_w = nn.Parameter(torch.randn(4, 2))
+
+    def forward(self, x):  # x [N, 3, 6, 6]
+        h = self.fc(self.bn(torch.relu(self.conv(x))).flatten(1))  # [N, 5]; BN after ReLU: conv.bias matters
+        return (h @ self.starts_zero + h).square().mean()
+
+
+def edge_groups(net, two_groups):
+    """All parameters in one group, or split in two groups with their own lr, weight decay and momentum."""
+    params = list(net.parameters())
+    if not two_groups:
+        return params
+    return [{"params": params[:4]}, {"params": params[4:], "lr": 0.05, "weight_decay": 0.0, "momentum": 0.5}]
+
+
+def edge_backward(net, x, twin=None):
+    """Real gradients, then the edge cases: zero gradients for two parameters, none for one. `twin` (a copy
+    of net) gets the same gradients, so that the two optimizers see the same inputs at every step."""
+    for p in net.parameters():
+        p.grad = None
+    net(x).backward()
+    net.stays_zero.grad, net.zero_grad_w.grad = torch.zeros(2, 3), torch.zeros(3, 3)
+    for a, b in zip(twin.parameters() if twin else (), net.parameters()):
+        a.grad = None if b.grad is None else b.grad.clone()
+
+
+@pytest.mark.parametrize("wd", [0.0, 0.1])
+@pytest.mark.parametrize("two_groups", [False, True])
+def test_foreach_lars_equals_the_per_tensor_loop_step_for_step(wd, two_groups):
+    torch.manual_seed(0)
+    ref_net = EdgeNet()
+    net = EdgeNet()
+    net.load_state_dict(ref_net.state_dict())
+    kw = dict(lr=0.5, weight_decay=wd, momentum=0.9, trust_coefficient=0.02)  # large: visible in 5 steps
+    ref = LoopLARS(edge_groups(ref_net, two_groups), **kw)
+    opt = common.LARS(edge_groups(net, two_groups), **kw)
+    x = torch.randn(8, 3, 6, 6)
+    start = [p.detach().clone() for p in net.parameters()]
+    for _ in range(5):
+        edge_backward(ref_net, x, twin=net)
+        ref.step(), opt.step()
+        for (name, a), b in zip(net.named_parameters(), ref_net.parameters()):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9, msg=name)
+            if b.grad is not None:
+                mu, ref_mu = opt.state[a]["mu"], ref.state[b]["mu"]
+                torch.testing.assert_close(mu, ref_mu, rtol=1e-6, atol=1e-9, msg=name)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
+    moved = {n for (n, p), s in zip(net.named_parameters(), start) if not torch.equal(p, s)}
+    # every real parameter moved; the zero-gradient one only through weight decay; the others never
+    real = {"conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias", "starts_zero"}
+    assert real <= moved
+    assert ("zero_grad_w" in moved) == (wd > 0) and not {"stays_zero", "no_grad_w"} & moved
+    assert net.no_grad_w not in opt.state
+
+
+def test_lars_state_layout_resumes_a_loop_checkpoint():
+    torch.manual_seed(1)
+    ref_net = EdgeNet()
+    net = EdgeNet()
+    kw = dict(lr=0.3, weight_decay=0.01, trust_coefficient=0.01)
+    ref, x = LoopLARS(ref_net.parameters(), **kw), torch.randn(8, 3, 6, 6)
+    for _ in range(2):
+        edge_backward(ref_net, x)
+        ref.step()
+    net.load_state_dict(ref_net.state_dict())
+    opt = common.LARS(net.parameters(), **kw)
+    buf = io.BytesIO()
+    torch.save(ref.state_dict(), buf)  # a checkpoint written by the loop version
+    buf.seek(0)
+    opt.load_state_dict(torch.load(buf))
+    for _ in range(3):
+        edge_backward(ref_net, x, twin=net)
+        ref.step(), opt.step()
+    for a, b in zip(net.parameters(), ref_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+    assert opt.state_dict()["state"].keys() == ref.state_dict()["state"].keys()
+    assert all(s.keys() == {"mu"} for s in opt.state_dict()["state"].values())
+
+
+def lars_step_ops(depth):
+    """Top-level ATen calls of LARS's second step on `depth` linear layers (the first builds the state)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    net = nn.Sequential(*[nn.Linear(4, 4) for _ in range(depth)])
+    for p in net.parameters():
+        p.grad = torch.randn_like(p)
+    opt = common.LARS(net.parameters(), lr=0.1, weight_decay=0.1)
+    opt.step()
+    with Count():
+        opt.step()
+    return Count.n
+
+
+def test_lars_step_op_count_does_not_grow_with_the_parameter_count():
+    # multi-tensor ops: the same calls for 4 or 40 parameters (a per-tensor loop makes ~10 per parameter)
+    assert lars_step_ops(20) == lars_step_ops(2)
 
 
 def test_lr_schedule_known_points():

@@ -1,6 +1,6 @@
-"""DenseCL: correspondence, dense loss vs NumPy, (1 - lambda)/lambda weighting, the two queues, momentum keys,
-shuffle-BN (one process; across ranks in test_distributed.py), resume of queues and pointers, DenseCL-specific
-bad input."""
+"""DenseCL: correspondence, dense loss vs NumPy and vs the earlier concatenating version (fp32, bf16, memory),
+(1 - lambda)/lambda weighting, the two queues, momentum keys, shuffle-BN (one process; across ranks in
+test_distributed.py), resume of queues and pointers, DenseCL-specific bad input."""
 import os
 import sys
 
@@ -94,6 +94,129 @@ def test_global_loss_matches_numpy():
     queue = F.normalize(torch.randn(12, 8, generator=g), dim=1)
     got = densecl.global_loss(q, k, queue, 0.2).item()
     assert got == pytest.approx(np_infonce(q.numpy(), k.numpy(), queue.numpy(), 0.2), rel=1e-5)
+
+
+def concat_dense_loss(q_dense, k_dense, match, queue, temperature):
+    """Reference: densecl.dense_loss as it was: fp32 logits, positive and negatives concatenated."""
+    q, k = F.normalize(q_dense.float(), dim=1), F.normalize(k_dense.float(), dim=1)  # [N, D, S^2]
+    k_pos = torch.gather(k, 2, match[:, None].expand(-1, k.shape[1], -1))  # [N, D, S^2]
+    l_pos = (q * k_pos).sum(1).reshape(-1, 1)  # [N * S^2, 1]
+    q = q.transpose(1, 2).reshape(-1, q.shape[1])  # [N * S^2, D]
+    l_neg = (q @ queue.T).float()  # [N * S^2, K]
+    logits = torch.cat([l_pos, l_neg], 1) / temperature  # [N * S^2, 1 + K]
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def concat_global_loss(q, k, queue, temperature):
+    """Reference: densecl.global_loss as it was."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)  # [N, D]
+    l_pos = (q * k).sum(1, keepdim=True)  # [N, 1]
+    l_neg = (q @ queue.T).float()  # [N, K]
+    logits = torch.cat([l_pos, l_neg], 1) / temperature  # [N, 1 + K]
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
+def dense_case(seed=3, n=6, d=32, s2=9, k=300):
+    """Dense-loss inputs whose queue holds noisy copies of query locations, so that logits spread over
+    [-1/tau, 1/tau] as in training (a random queue gives logits near 0, where bf16 rounding hides)."""
+    g = torch.Generator().manual_seed(seed)
+    q, kd = torch.randn(n, d, s2, generator=g), torch.randn(n, d, s2, generator=g)  # [N, D, S^2]
+    match = torch.randint(0, s2, (n, s2), generator=g)  # [N, S^2]
+    rows = F.normalize(q, dim=1).transpose(1, 2).reshape(-1, d)  # [N * S^2, D]
+    noise = 0.3 * torch.randn(k, d, generator=g) / d ** 0.5  # [K, D]; |noise| ~ 0.3 of a unit row
+    queue = F.normalize(rows[torch.randint(0, len(rows), (k,), generator=g)] + noise, dim=1)  # [K, D]
+    return q, kd, match, queue
+
+
+def value_and_grad(loss_fn, q, *rest, bf16=False):
+    q = q.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss = loss_fn(q, *rest, 0.2)
+    loss.backward()
+    return loss.detach(), q.grad
+
+
+def rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def test_dense_loss_equals_the_concatenating_reference_fp32():
+    q, kd, match, queue = dense_case()
+    got, got_g = value_and_grad(densecl.dense_loss, q, kd, match, queue)
+    want, want_g = value_and_grad(concat_dense_loss, q, kd, match, queue)
+    assert got.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
+    torch.testing.assert_close(got_g, want_g, rtol=1e-5, atol=1e-8)
+
+
+def test_dense_loss_in_row_chunks_equals_one_chunk_under_bf16(monkeypatch):
+    q, kd, match, queue = dense_case()
+    whole, whole_g = value_and_grad(densecl.dense_loss, q, kd, match, queue, bf16=True)
+    monkeypatch.setattr(densecl, "LSE_CHUNK", 8 * 300)  # 54 rows of 300 logits: 7 chunks, the last one short
+    got, got_g = value_and_grad(densecl.dense_loss, q, kd, match, queue, bf16=True)
+    assert got.item() == pytest.approx(whole.item(), rel=1e-6)
+    torch.testing.assert_close(got_g, whole_g, rtol=1e-5, atol=1e-8)
+
+
+def test_dense_loss_under_bf16_autocast_as_close_to_fp32_as_the_reference(monkeypatch):
+    # bf16 logits carry ~3 significant digits: on such cases both versions land ~1e-4 (value, relative) and
+    # ~1.3e-3 (gradient, relative norm) from fp32, and as far from each other. Tolerances: 3e-4 and 5e-3.
+    monkeypatch.setattr(densecl, "LSE_CHUNK", 8 * 300)
+    q, kd, match, queue = dense_case()
+    fp32, fp32_g = value_and_grad(concat_dense_loss, q, kd, match, queue)
+    for fn in (densecl.dense_loss, concat_dense_loss):
+        v, g = value_and_grad(fn, q, kd, match, queue, bf16=True)
+        assert v.dtype == torch.float32 and v.item() == pytest.approx(fp32.item(), rel=3e-4)
+        assert rel(g, fp32_g) < 5e-3
+    new, new_g = value_and_grad(densecl.dense_loss, q, kd, match, queue, bf16=True)
+    old, old_g = value_and_grad(concat_dense_loss, q, kd, match, queue, bf16=True)
+    assert new.item() == pytest.approx(old.item(), rel=3e-4) and rel(new_g, old_g) < 5e-3
+
+
+def test_dense_loss_under_bf16_never_holds_the_logits_in_fp32(monkeypatch):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFp32(TorchDispatchMode):  # the largest fp32 tensor any op returns
+        numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.dtype == torch.float32:
+                    LargestFp32.numel = max(LargestFp32.numel, t.numel())
+            return out
+
+    monkeypatch.setattr(densecl, "LSE_CHUNK", 8 * 300, raising=False)
+    q, kd, match, queue = dense_case()
+    saved = []
+    with LargestFp32(), torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        value_and_grad(densecl.dense_loss, q, kd, match, queue, bf16=True)
+    m, k = q.shape[0] * q.shape[2], len(queue)
+    assert any(t.shape == (m, k) and t.dtype == torch.bfloat16 for t in saved)  # the logits, kept in bf16
+    assert not any(t.dtype == torch.float32 and t.numel() >= m * k for t in saved)
+    assert LargestFp32.numel <= max(8 * k, queue.numel())  # fp32: the inputs, and chunks of 8 rows of logits
+
+
+def test_row_logsumexp_accumulates_bf16_logits_in_fp32(monkeypatch):
+    monkeypatch.setattr(densecl, "LSE_CHUNK", 4 * 4096)
+    g = torch.Generator().manual_seed(4)
+    x = (10 * torch.rand(10, 4096, generator=g) - 5).bfloat16().requires_grad_()  # [M, K], logits in [-5, 5]
+    w = torch.rand(10, generator=g)  # [M] an upstream gradient
+    out = densecl.RowLogSumExp.apply(x)  # [M]
+    (out * w).sum().backward()
+    want = torch.logsumexp(x.detach().double(), 1)  # [M]
+    assert out.dtype == torch.float32 and (out.double() - want).abs().max() < 1e-5  # bf16 output: ~0.03 off
+    softmax = torch.softmax(x.detach().double(), 1) * w[:, None]  # [M, K]
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad.double(), softmax, rtol=1e-2, atol=0)  # bf16 rounding of each entry
+
+
+def test_global_loss_equals_the_concatenating_reference():
+    q, kd, _, queue = dense_case(seed=5, n=40, s2=1)
+    q, k = q[:, :, 0], kd[:, :, 0]  # [N, D]
+    for bf16, value_tol, grad_tol in ((False, 1e-6, 1e-5), (True, 3e-4, 5e-3)):  # bf16: see the dense loss
+        got, got_g = value_and_grad(densecl.global_loss, q, k, queue, bf16=bf16)
+        want, want_g = value_and_grad(concat_global_loss, q, k, queue, bf16=bf16)
+        assert got.item() == pytest.approx(want.item(), rel=value_tol) and rel(got_g, want_g) < grad_tol
 
 
 def test_total_is_one_minus_lambda_global_plus_lambda_dense():
