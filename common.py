@@ -845,11 +845,12 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(args, params):
-    """`params`: parameters or param groups; every group starts at the scaled lr (the loop sets it per step)."""
+def build_optimizer(args, params, trust_coefficient=0.001):
+    """`params`: parameters or param groups; every group starts at the scaled lr (the loop sets it per step).
+    `trust_coefficient`: LARS's, from the method (ImageNet recipes 0.001)."""
     lr = args.lr * args.batch_size / 256  # linear scaling rule: --lr is the base lr for batch 256
     if args.optimizer == "lars":
-        return LARS(params, lr=lr, weight_decay=args.wd, trust_coefficient=getattr(args, "trust_coefficient", 0.001))
+        return LARS(params, lr=lr, weight_decay=args.wd, trust_coefficient=trust_coefficient)
     if args.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd)
     if args.optimizer == "adamw":

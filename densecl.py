@@ -359,7 +359,8 @@ def main(argv=None):
     model, step_model = common.prepare_model(DenseCL(args), run, sync_bn=False)  # official: per-GPU BN (shuffle-BN needs it)
 
     # ---- optimizer & schedules
-    optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = common.build_optimizer(args, params)
     scaler = common.grad_scaler(run)
     base_lr = args.lr * args.batch_size / 256
 

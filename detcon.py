@@ -496,7 +496,8 @@ def main(argv=None):
     model, step_model = common.prepare_model(DetCon(args), run, sync_bn=True)  # official: cross-replica BN
 
     # ---- optimizer & schedules
-    optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = common.build_optimizer(args, params, args.trust_coefficient)  # LARS's trust coefficient
     scaler = common.grad_scaler(run)
     base_lr = args.lr * args.batch_size / 256
 

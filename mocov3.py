@@ -179,7 +179,8 @@ def main(argv=None):
     model, step_model = common.prepare_model(MoCoV3(args), run, sync_bn=True)  # official: SyncBN across GPUs
 
     # ---- optimizer & schedules
-    optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = common.build_optimizer(args, params, args.trust_coefficient)  # LARS's trust coefficient
     scaler = common.grad_scaler(run)
     base_lr = args.lr * args.batch_size / 256
 

@@ -143,7 +143,8 @@ def main(argv=None):
     model, step_model = common.prepare_model(RotationAux(args), run, sync_bn=True)  # as MoCo v3
 
     # ---- optimizer & schedules
-    optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = common.build_optimizer(args, params, args.trust_coefficient)  # LARS's trust coefficient
     scaler = common.grad_scaler(run)
     base_lr = args.lr * args.batch_size / 256
 

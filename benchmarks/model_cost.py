@@ -174,7 +174,7 @@ def main(argv=None):
         model = model.to(device, memory_format=torch.channels_last if base.channels_last else torch.preserve_format).train()
         params = [p for p in model.parameters() if p.requires_grad]
         groups = fast_moco.param_groups(model) if method == "fast_moco" else params
-        setups[name], baseline[name] = (model, common.build_optimizer(a, groups), getattr(a, "clip_grad", 0.0),
+        setups[name], baseline[name] = (model, common.build_optimizer(a, groups, getattr(a, "trust_coefficient", 0.001)), getattr(a, "clip_grad", 0.0),
                                         params, inputs), ref
         sync()
         t = time.perf_counter()
