@@ -32,6 +32,7 @@ import torchvision
 from PIL import Image, ImageFilter
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 # ============================================================================ errors & args
 
@@ -385,11 +386,12 @@ def ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solari
 
 
 def geometry_view(img_size, crop_min):
-    """The worker side of a --gpu-aug view: crop and flip only (PIL) -> uint8 tensor [3, img_size, img_size].
+    """The worker side of a --gpu-aug view: crop and flip only, PIL -> uint8 tensor [3, img_size, img_size].
     The flip commutes with every photometric op, so crop + flip here then photometric on the device is the
-    PIL path's crop, photometric, flip."""
-    return T.Compose([T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)), T.RandomHorizontalFlip(),
-                      T.PILToTensor()])
+    PIL path's crop, photometric, flip. The crop's box and the flip are drawn as in ssl_view; the resize runs
+    on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
+    crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
+    return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
 
 
 def make_views(img_size, crop_min, recipes, gpu):
@@ -558,20 +560,42 @@ def sample_photometric(recipe, n, gen):
             "blur": u(n) < recipe.blur_p, "solarize": u(n) < recipe.solarize_p}
 
 
+def jitter_slots(order, on):
+    """Each sample's jitter order [N, 4] (0-2: brightness, contrast, saturation; 3: hue) and whether its
+    jitter is on [N] -> its ops before the hue and after it, [N, 3] each, -1 for none: the hue (the costly
+    op) then runs once on the batch, between the two."""
+    hue_at = (order == 3).int().argmax(1, keepdim=True)  # [N, 1]
+    k = torch.arange(3, device=order.device)  # [3]
+    pre = torch.where((k < hue_at) & on[:, None], order[:, :3], -1)  # [N, 3]
+    after = hue_at + 1 + k  # [N, 3] positions after the hue
+    post = torch.where((after < 4) & on[:, None], order.gather(1, after.clamp(max=3)), -1)  # [N, 3]
+    return pre, post
+
+
+def adjust_bcs(x, op, factors):
+    """Per sample one of brightness (op 0), contrast (1), saturation (2) or nothing (-1), op [N], with its
+    factor from factors [N, 4]: each is a blend of x with 0, the mean grey or the grey image (torchvision's
+    formulas), so the three run as one blend; factor 1 for nothing, which returns x exactly."""
+    gray = rgb_to_gray(x)  # [N, 1, H, W]
+    mean = gray.mean((1, 2, 3), keepdim=True)  # [N, 1, 1, 1]
+    target = torch.where((op == 1)[:, None, None, None], mean, gray)  # [N, 1, H, W]
+    f = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)  # [N]
+    return blend(x, target * per_sample(op != 0, x), f)
+
+
 def apply_photometric(x, p, recipe):
     """x [N, 3, H, W] in [0, 1], parameters p from sample_photometric -> the normalised view [N, 3, H, W]:
     colour jitter in each sample's order, grayscale, blur, solarize (the PIL path's order), then normalise.
     Static shapes and no host sync: every op runs on the whole batch and each sample keeps its own result."""
     def where(mask, y, x):
         return torch.where(mask[:, None, None, None], y, x)
-    jitter_fns = (adjust_brightness, adjust_contrast, adjust_saturation)
-    for k in range(4):  # jitter position k: sample n applies op order[n, k] there (0-2: b, c, s; 3: hue)
-        op = p["order"][:, k]  # [N]
-        for j, fn in enumerate(jitter_fns):
-            if recipe.jitter[j]:  # factor 1 (op not at this position, or jitter off) is the identity, exactly
-                x = fn(x, torch.where(p["jitter"] & (op == j), p["factors"][:, j], 1.0))
-        if recipe.jitter[3]:  # hue 0 is not bit-exact (HSV round trip): the samples that skip it keep x
-            x = where(p["jitter"] & (op == 3), adjust_hue(x, p["factors"][:, 3]), x)
+    pre, post = jitter_slots(p["order"], p["jitter"])  # [N, 3] each
+    for op in pre.unbind(1):
+        x = adjust_bcs(x, op, p["factors"])
+    if recipe.jitter[3]:  # hue 0 is not bit-exact (HSV round trip): the samples without jitter keep x
+        x = where(p["jitter"], adjust_hue(x, p["factors"][:, 3]), x)
+    for op in post.unbind(1):
+        x = adjust_bcs(x, op, p["factors"])
     x = where(p["gray"], rgb_to_gray(x).expand_as(x), x)
     if recipe.blur_p > 0:
         x = where(p["blur"], gaussian_blur(x, p["sigma"]), x)

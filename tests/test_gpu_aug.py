@@ -1,6 +1,7 @@
 """--gpu-aug: the batched device ops against torchvision's functional ops, per-sample parameters, the PIL
 path's recipes and distribution, seeding, and a resumed --gpu-aug run against the uninterrupted one."""
 import dataclasses
+import itertools
 import os
 
 import numpy as np
@@ -8,19 +9,20 @@ import pytest
 import torch
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
+import torchvision.transforms.v2.functional as F2
 from PIL import Image, ImageFilter
 
 import common
 import mocov3
 from conftest import TINY, losses, run_script
 
-KERNEL = 2 * common.BLUR_RADIUS + 1  # the device blur's one kernel size (13 taps)
+KERNEL = 13  # the kernel rule: 2 * ceil(3 * 2.0) + 1 taps for every sigma (3 sigma of the largest one)
 TOL = 1e-5  # float32 formulas re-ordered (closed-form HSV, separable blur) vs torchvision's
 
 
 def quantised_batch(n, size=16, seed=0):
     """Random images on a 1/8 grid of levels: many grey pixels and channel ties, the edge cases of HSV."""
-    g = torch.Generator().manual_seed(seed)
+    g = gen(seed)
     return (torch.rand(n, 3, size, size, generator=g) * 8).round() / 8  # [n, 3, size, size]
 
 
@@ -32,6 +34,20 @@ def real_image(imagenette, size, k=0):
 
 def to_float(img):
     return TF.pil_to_tensor(img).float() / 255  # [3, H, W]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def augment(x, recipe, seed):
+    """The device pipeline on x [N, 3, H, W] with parameters drawn from a generator seeded with `seed`."""
+    return common.apply_photometric(x, common.sample_photometric(recipe, x.shape[0], gen(seed)), recipe)
+
+
+def unnormalize(y):
+    std, mean = torch.tensor(common.STD)[:, None, None], torch.tensor(common.MEAN)[:, None, None]  # [3, 1, 1]
+    return y * std + mean  # [N, 3, H, W]
 
 
 TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
@@ -81,10 +97,11 @@ def test_grayscale_solarize_and_flip_equal_torchvision():
     assert all(torch.equal(common.solarize(x, t)[i], TF.solarize(x[i], float(t[i]))) for i in range(3))
     # flip: done in the worker, which is right only if it commutes with the whole device pipeline
     recipe = common.Photometric(blur_p=1.0, solarize_p=1.0)
-    p = common.sample_photometric(recipe, 3, torch.Generator().manual_seed(3))
+    p = common.sample_photometric(recipe, 3, gen(3))
     p["jitter"][:] = True
     flipped_after = TF.hflip(common.apply_photometric(x, p, recipe))
-    torch.testing.assert_close(common.apply_photometric(TF.hflip(x), p, recipe), flipped_after, rtol=0, atol=TOL)
+    flipped_before = common.apply_photometric(TF.hflip(x), p, recipe)
+    torch.testing.assert_close(flipped_before, flipped_after, rtol=0, atol=TOL)
 
 
 def test_blur_equals_torchvision_gaussian_blur_with_the_13_tap_kernel():
@@ -110,8 +127,8 @@ def test_blur_close_to_pils_radius_blur_of_the_pil_path(imagenette):
 
 def test_pipeline_equals_torchvision_op_by_op_in_each_samples_order():
     x = quantised_batch(12, size=16, seed=1)
-    for recipe in (common.Photometric(blur_p=0.5, solarize_p=0.5), common.Photometric(jitter=(0.4, 0.4, 0.4, 0.1))):
-        p = common.sample_photometric(recipe, 12, torch.Generator().manual_seed(2))
+    for recipe in (common.Photometric(blur_p=0.5, solarize_p=0.5), common.Photometric((0.4, 0.4, 0.4, 0.1))):
+        p = common.sample_photometric(recipe, 12, gen(2))
         got = common.apply_photometric(x, p, recipe)
         for i in range(12):
             torch.testing.assert_close(got[i], reference(x[i], p, i, recipe), rtol=0, atol=1e-4,
@@ -120,7 +137,7 @@ def test_pipeline_equals_torchvision_op_by_op_in_each_samples_order():
 
 def test_two_samples_of_a_batch_get_their_own_parameters():
     recipe = common.Photometric(blur_p=1.0)
-    p = common.sample_photometric(recipe, 2, torch.Generator().manual_seed(0))
+    p = common.sample_photometric(recipe, 2, gen(0))
     assert (p["factors"][0] != p["factors"][1]).all() and p["sigma"][0] != p["sigma"][1]
     p["jitter"][:] = True
     x = quantised_batch(1).expand(2, -1, -1, -1)  # the same image twice
@@ -130,10 +147,17 @@ def test_two_samples_of_a_batch_get_their_own_parameters():
 
 def test_jitter_order_is_a_permutation_drawn_per_sample_and_applied():
     recipe = common.Photometric()
-    p = common.sample_photometric(recipe, 256, torch.Generator().manual_seed(0))
+    p = common.sample_photometric(recipe, 256, gen(0))
     order = p["order"]
     assert torch.equal(order.sort(1).values, torch.arange(4).expand(256, 4))  # each row a permutation
     assert len({tuple(r) for r in order.tolist()}) == 24  # all 4! orders occur in 256 draws
+    # the ops before and after the hue (which runs once per batch) rebuild each order; none when jitter is off
+    perms = torch.tensor(list(itertools.permutations(range(4))))  # [24, 4]
+    for on in (True, False):
+        pre, post = common.jitter_slots(perms, torch.full((24,), on))
+        for i, perm in enumerate(perms.tolist()):
+            ops = [o for o in pre[i].tolist() if o >= 0] + [3] + [o for o in post[i].tolist() if o >= 0]
+            assert ops == (perm if on else [3]), (perm, pre[i], post[i])
     # two samples with the same image and factors but opposite orders: each follows its own order
     q = {k: v[:2].clone() for k, v in p.items()}
     q["factors"][1], q["jitter"][:] = q["factors"][0], True
@@ -148,7 +172,7 @@ def test_jitter_order_is_a_permutation_drawn_per_sample_and_applied():
 def test_probabilities_and_ranges_over_a_large_batch():
     n = 20_000  # binomial std of a fraction <= 0.0035: the 0.02 bounds are > 5 std wide
     recipe = common.Photometric(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2)
-    p = common.sample_photometric(recipe, n, torch.Generator().manual_seed(0))
+    p = common.sample_photometric(recipe, n, gen(0))
     for key, want in (("jitter", 0.8), ("gray", 0.2), ("blur", 0.1), ("solarize", 0.2)):
         assert abs(p[key].float().mean().item() - want) < 0.02, key
     lo, hi = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
@@ -159,22 +183,22 @@ def test_probabilities_and_ranges_over_a_large_batch():
 
 def test_grayscale_reaches_a_fifth_of_the_outputs():
     n = 4000  # binomial std of the fraction 0.0063: 0.03 is ~5 std
-    x = torch.rand(n, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # colourful: never grey by chance
+    x = torch.rand(n, 3, 8, 8, generator=gen(0))  # colourful: never grey by chance
     recipe = common.Photometric(blur_p=0.0)
-    y = common.apply_photometric(x, common.sample_photometric(recipe, n, torch.Generator().manual_seed(1)), recipe)
-    y = y * torch.tensor(common.STD)[:, None, None] + torch.tensor(common.MEAN)[:, None, None]  # un-normalise
+    y = unnormalize(augment(x, recipe, 1))
     grey = (y.amax(1) - y.amin(1)).amax((1, 2)) < 1e-5  # [n] all three channels equal
     assert abs(grey.float().mean().item() - 0.2) < 0.03
 
 
 def pil_recipe(view):
     """The Photometric recipe a PIL-path ssl_view Compose implements, read off its transforms."""
-    jitter = next(t for t in view.transforms if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], T.ColorJitter))
-    blur = next(t for t in view.transforms if isinstance(t, T.RandomApply) and isinstance(t.transforms[0], common.RandomBlur))
-    solar = next(t for t in view.transforms if isinstance(t, T.RandomSolarize))
-    gray = next(t for t in view.transforms if isinstance(t, T.RandomGrayscale))
-    cj = jitter.transforms[0]
-    assert jitter.p == 0.8 and gray.p == 0.2 and solar.threshold == 128 and blur.transforms[0].sigma == (0.1, 2.0)
+    def find(cls, inner=None):
+        return next(t for t in view.transforms
+                    if isinstance(t, cls) and (not inner or isinstance(t.transforms[0], inner)))
+    jitter, blur = find(T.RandomApply, T.ColorJitter), find(T.RandomApply, common.RandomBlur)
+    solar, gray, cj = find(T.RandomSolarize), find(T.RandomGrayscale), jitter.transforms[0]
+    assert jitter.p == 0.8 and gray.p == 0.2 and solar.threshold == 128
+    assert blur.transforms[0].sigma == (0.1, 2.0)
     strengths = (cj.brightness[1] - 1, cj.contrast[1] - 1, cj.saturation[1] - 1, cj.hue[1])
     return common.Photometric(tuple(round(s, 6) for s in strengths), blur.p, solar.p)
 
@@ -202,14 +226,15 @@ def test_distribution_matches_the_pil_path(recipe, imagenette):
     by 0.008 or more."""
     n, img = 2000, real_image(imagenette, 32, k=3)
     view = common.ssl_view(32, 1.0, **dataclasses.asdict(recipe))
-    photo = T.Compose([t for t in view.transforms if not isinstance(t, (T.RandomResizedCrop, T.RandomHorizontalFlip))])
+    geometry = (T.RandomResizedCrop, T.RandomHorizontalFlip)
+    photo = T.Compose([t for t in view.transforms if not isinstance(t, geometry)])
     torch.manual_seed(0)
     pil = torch.stack([photo(img) for _ in range(n)])  # [n, 3, 32, 32]
     x = to_float(img).expand(n, -1, -1, -1).contiguous()
-    dev = common.apply_photometric(x, common.sample_photometric(recipe, n, torch.Generator().manual_seed(0)), recipe)
+    dev = augment(x, recipe, 0)
 
     def stats(y):
-        y = y * torch.tensor(common.STD)[:, None, None] + torch.tensor(common.MEAN)[:, None, None]  # [n, 3, H, W]
+        y = unnormalize(y)  # [n, 3, H, W]
         m = y.mean((2, 3))  # [n, 3]
         grey = ((y.amax(1) - y.amin(1)).amax((1, 2)) < 1e-3).float().mean()
         return torch.cat([m.mean(0), y.std((2, 3)).mean(0), m.std(0), grey[None]])  # [10]
@@ -227,9 +252,11 @@ def test_worker_side_is_crop_and_flip_to_uint8():
         torch.manual_seed((1 * 1_000_003 + 0) * 10_000_019 + 2)
         want = []
         for _ in range(2):
-            box = T.RandomResizedCrop.get_params(img, (0.3, 1.0), (3 / 4, 4 / 3))
-            view = TF.resized_crop(img, *box, [32, 32])
-            want.append(TF.pil_to_tensor(TF.hflip(view) if torch.rand(1) < 0.5 else view))
+            box = T.RandomResizedCrop.get_params(img, (0.3, 1.0), (3 / 4, 4 / 3))  # the PIL path's draws
+            view = F2.resized_crop(TF.pil_to_tensor(img), *box, [32, 32], antialias=True)  # [3, 32, 32] uint8
+            pil = TF.pil_to_tensor(TF.resized_crop(img, *box, [32, 32]))  # the PIL path's resize of that box
+            assert (view.int() - pil.int()).abs().max() <= 1  # grey levels
+            want.append(TF.hflip(view) if torch.rand(1) < 0.5 else view)
     assert torch.equal(v1, want[0]) and torch.equal(v2, want[1])
 
 
@@ -250,7 +277,8 @@ def test_finish_seeded_by_seed_rank_and_step_and_leaves_the_global_rng():
                   views.finish(fake_run(seed=1), x1, x2, step=7)):
         assert not torch.allclose(a[0], other[0]) and not torch.allclose(a[1], other[1])
     cl = views.finish(fake_run(channels_last=True), x1, x2, step=7)
-    assert all(t.is_contiguous(memory_format=torch.channels_last) and torch.equal(t, s) for s, t in zip(a, cl))
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and torch.equal(t, s)
+               for s, t in zip(a, cl))
 
 
 def test_finish_without_gpu_aug_is_to_device():
