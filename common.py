@@ -447,6 +447,7 @@ def eval_transform(img_size):
 
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
 BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # one 13-tap kernel for every sigma: 3 sigma of the largest one
+# (the tails cut at sigma 2 hold 0.3% of the weight; the kernel is renormalised, as torchvision does)
 
 
 def per_sample(v, x):
@@ -517,8 +518,8 @@ def gaussian_kernels(sigma, radius=BLUR_RADIUS):
 
 def gaussian_blur(x, sigma, radius=BLUR_RADIUS):
     """Separable Gaussian blur with a per-sample sigma [N], reflect padding (torchvision's gaussian_blur with
-    kernel_size 2 radius + 1). PIL's GaussianBlur(radius=sigma) of the PIL path is an extended box blur of
-    about the same std: the test states how far the two are apart."""
+    kernel_size 2 radius + 1). The PIL path's GaussianBlur(radius=sigma) is an extended box blur of about the
+    same std: away from the borders the two differ by under 1 grey level on average, 4 at most (tested)."""
     n, c, h, w = x.shape
     k = gaussian_kernels(sigma.to(x.dtype), radius).repeat_interleave(c, 0)  # [N*C, K]: a kernel per channel
     y = F.pad(x, [radius] * 4, mode="reflect").reshape(1, n * c, h + 2 * radius, w + 2 * radius)

@@ -20,10 +20,13 @@ KERNEL = 13  # the kernel rule: 2 * ceil(3 * 2.0) + 1 taps for every sigma (3 si
 TOL = 1e-5  # float32 formulas re-ordered (closed-form HSV, separable blur) vs torchvision's
 
 
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
 def quantised_batch(n, size=16, seed=0):
     """Random images on a 1/8 grid of levels: many grey pixels and channel ties, the edge cases of HSV."""
-    g = gen(seed)
-    return (torch.rand(n, 3, size, size, generator=g) * 8).round() / 8  # [n, 3, size, size]
+    return (torch.rand(n, 3, size, size, generator=gen(seed)) * 8).round() / 8  # [n, 3, size, size]
 
 
 def real_image(imagenette, size, k=0):
@@ -34,10 +37,6 @@ def real_image(imagenette, size, k=0):
 
 def to_float(img):
     return TF.pil_to_tensor(img).float() / 255  # [3, H, W]
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
 
 
 def augment(x, recipe, seed):
