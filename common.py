@@ -33,6 +33,7 @@ import torchvision
 from PIL import Image, ImageFilter
 from torchvision import datasets
 from torchvision import transforms as T
+from torchvision.transforms import v2
 
 # ============================================================================ errors & args
 
@@ -94,6 +95,8 @@ class CommonArgs:
     """crop size fed to the network"""
     workers: int = default_workers()
     """data loader worker processes per GPU/process (default: 8, at most the machine's cores)"""
+    gpu_aug: bool = False
+    """photometric augmentation batched on the device (per-sample parameters); workers decode, crop, flip"""
     precision: str = "auto"
     """fp32, bf16 or fp16 (GradScaler); auto = bf16 on CUDA, fp32 on CPU"""
     channels_last: bool = False
@@ -477,12 +480,23 @@ def final_grid(arch, stem, img_size):
 # ============================================================================ augmentations
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
+JITTER_P, GRAY_P = 0.8, 0.2  # SimCLR / MoCo v2 / BYOL: colour jitter with p 0.8, grayscale with p 0.2
+BLUR_SIGMA = (0.1, 2.0)  # blur sigma range in pixels, as the official MoCo / BYOL code
+SOLARIZE_AT = 128  # solarize inverts the pixels >= 128 of 255 (PIL's ImageOps.solarize default, BYOL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Photometric:
+    """The photometric recipe of one view, read by both paths (PIL in the workers, or on the device)."""
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths (ColorJitter's)
+    blur_p: float = 1.0
+    solarize_p: float = 0.0
 
 
 class RandomBlur:
     """Gaussian blur with sigma ~ U(0.1, 2) as PIL radius, like the official MoCo/BYOL code (no
     kernel size to pick); sampled with torch's RNG so per-sample seeding covers it."""
-    def __init__(self, sigma=(0.1, 2.0)):
+    def __init__(self, sigma=BLUR_SIGMA):
         self.sigma = sigma
 
     def __call__(self, img):
@@ -493,39 +507,264 @@ def ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solari
     """One augmented view (PIL -> normalised tensor [3, img_size, img_size])."""
     return T.Compose([
         T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
-        T.RandomApply([T.ColorJitter(*jitter)], p=0.8),
-        T.RandomGrayscale(p=0.2),
+        T.RandomApply([T.ColorJitter(*jitter)], p=JITTER_P),
+        T.RandomGrayscale(p=GRAY_P),
         T.RandomApply([RandomBlur()], p=blur_p),
-        T.RandomSolarize(threshold=128, p=solarize_p),
+        T.RandomSolarize(threshold=SOLARIZE_AT, p=solarize_p),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
         T.Normalize(MEAN, STD),
     ])
 
 
-def byol_views(img_size, crop_min, blur=True):
+def photometric_view(recipe):
+    """The photometric part of ssl_view alone (PIL -> normalised tensor), for a method that does its own
+    geometry (DetCon crops image and mask together): jitter, grayscale, blur, solarize, to tensor, normalise."""
+    return T.Compose([
+        T.RandomApply([T.ColorJitter(*recipe.jitter)], p=JITTER_P),
+        T.RandomGrayscale(p=GRAY_P),
+        T.RandomApply([RandomBlur()], p=recipe.blur_p),
+        T.RandomSolarize(threshold=SOLARIZE_AT, p=recipe.solarize_p),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def geometry_view(img_size, crop_min):
+    """The worker side of a --gpu-aug view: crop and flip only, PIL -> uint8 tensor [3, img_size, img_size].
+    The flip commutes with every photometric op, so crop + flip here then photometric on the device is the
+    PIL path's crop, photometric, flip. The crop's box and the flip are drawn as in ssl_view; the resize runs
+    on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
+    crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
+    return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
+
+
+def make_views(img_size, crop_min, recipes, gpu):
+    """TwoViews of the two recipes: the whole view in the workers (PIL) or the geometry there and the
+    photometric ops in TwoViews.finish (gpu)."""
+    if gpu:
+        geometry = geometry_view(img_size, crop_min)
+        return TwoViews(geometry, geometry, recipes)
+    return TwoViews(*(ssl_view(img_size, crop_min, **dataclasses.asdict(r)) for r in recipes))
+
+
+def byol_recipes(blur=True):
     """MoCo v3 / BYOL asymmetric pair: view 1 blur p 1.0, no solarize; view 2 blur p 0.1, solarize 0.2."""
-    return TwoViews(ssl_view(img_size, crop_min, blur_p=1.0 if blur else 0.0),
-                    ssl_view(img_size, crop_min, blur_p=0.1 if blur else 0.0, solarize_p=0.2))
+    return Photometric(blur_p=1.0 if blur else 0.0), Photometric(blur_p=0.1 if blur else 0.0, solarize_p=0.2)
 
 
-def mocov2_views(img_size, crop_min=0.2, blur=True):
+def byol_views(img_size, crop_min, blur=True, gpu=False):
+    """The MoCo v3 / BYOL asymmetric pair (byol_recipes) as TwoViews."""
+    return make_views(img_size, crop_min, byol_recipes(blur), gpu)
+
+
+def mocov2_views(img_size, crop_min=0.2, blur=True, gpu=False):
     """MoCo v2 symmetric pair (DenseCL, Fast-MoCo): jitter (0.4, 0.4, 0.4, 0.1), blur p 0.5, no solarize."""
-    view = ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5 if blur else 0.0)
-    return TwoViews(view, view)
+    view = Photometric(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5 if blur else 0.0)
+    return make_views(img_size, crop_min, (view, view), gpu)
 
 
 class TwoViews:
-    def __init__(self, t1, t2):
-        self.t1, self.t2 = t1, t2
+    """Worker side: img -> (view 1, view 2). finish(): the collated batches on the device, ready for the
+    model. `photometric`: None (PIL path: the workers did everything) or the two views' Photometric recipes
+    (--gpu-aug: the workers return uint8 crops; finish() runs the photometric ops batched on the device)."""
+    def __init__(self, t1, t2, photometric=None):
+        self.t1, self.t2, self.photometric = t1, t2, photometric
 
     def __call__(self, img):
         return self.t1(img), self.t2(img)
+
+    def finish(self, run, x1, x2, step):
+        """x1, x2 [n, 3, H, W] from the loader -> the model's inputs on the device. `step`: the global step
+        (optimizer steps done before this batch); with --gpu-aug it seeds the draw, so a resumed run redraws
+        exactly what the uninterrupted run drew at that step. Without --gpu-aug it is unused."""
+        return finish_views(run, x1, x2, step, self.photometric)
+
+
+def finish_views(run, x1, x2, step, recipes=None):
+    """TwoViews.finish for any pair of views: to the device, and with recipes (--gpu-aug: uint8 crops) the
+    photometric ops there, drawn from a generator seeded by (seed, rank, step)."""
+    if recipes is None:
+        return run.to_device(x1), run.to_device(x2)
+    gen = torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
+    return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
 
 
 def eval_transform(img_size):
     """Resize to 256/224 of the crop, center crop (the standard evaluation transform)."""
     return T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+# ============================================================================ augmentation on the device
+# --gpu-aug: every op takes a batch x [N, 3, H, W] float in [0, 1] and per-sample parameters [N], and follows
+# torchvision's tensor formulas (torchvision.transforms.functional); parameters are drawn per sample, never
+# one per batch (torchvision v2 on a batch and kornia's defaults share one draw across the batch).
+
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
+BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # one 13-tap kernel for every sigma: 3 sigma of the largest one
+# (the tails cut at sigma 2 hold 0.3% of the weight; the kernel is renormalised, as torchvision does)
+
+
+def per_sample(v, x):
+    """A per-sample parameter [N] (or a float) broadcast against the batch x [N, C, H, W]."""
+    return v.to(x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(v) else v
+
+
+def blend(x, y, f):
+    """torchvision's _blend: f * x + (1 - f) * y, clamped to [0, 1]; f = 1 returns x exactly."""
+    f = per_sample(f, x)
+    return (f * x + (1.0 - f) * y).clamp(0.0, 1.0)
+
+
+def rgb_to_gray(x):
+    """x [N, 3, H, W] -> luma [N, 1, H, W]."""
+    r, g, b = x.unbind(1)  # [N, H, W] each
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+
+
+def adjust_brightness(x, f):
+    return blend(x, torch.zeros((), dtype=x.dtype, device=x.device), f)
+
+
+def adjust_contrast(x, f):
+    """Blend with the mean of each image's grayscale version."""
+    return blend(x, rgb_to_gray(x).mean((1, 2, 3), keepdim=True), f)  # mean [N, 1, 1, 1]
+
+
+def adjust_saturation(x, f):
+    return blend(x, rgb_to_gray(x), f)
+
+
+def rgb_to_hsv(x):
+    """x [N, 3, H, W] -> h, s, v [N, H, W] each in [0, 1] (torchvision's _rgb2hsv)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)  # [N, H, W]
+    eqc = maxc == minc  # grey pixels: s = 0 and h = 0, no division by zero
+    cr = maxc - minc
+    s = cr / torch.where(eqc, 1.0, maxc)
+    cr = torch.where(eqc, 1.0, cr)
+    rc, gc, bc = (maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
+
+
+def hsv_to_rgb(h, s, v):
+    """h, s, v [N, H, W] -> [N, 3, H, W]: the closed form of torchvision's six-sector _hsv2rgb
+    (channel n: v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for r, g, b)."""
+    n = 5.0 - 2.0 * torch.arange(3, dtype=h.dtype, device=h.device)  # [3]: 5, 3, 1 (made on the device)
+    k = torch.remainder(n[:, None, None, None] + 6.0 * h, 6.0)  # [3, N, H, W]
+    rgb = v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)  # [3, N, H, W]
+    return rgb.transpose(0, 1)  # [N, 3, H, W]
+
+
+def adjust_hue(x, h):
+    """Rotate the hue by h (fraction of a turn, in [-0.5, 0.5])."""
+    hue, s, v = rgb_to_hsv(x)
+    return hsv_to_rgb(torch.remainder(hue + per_sample(h, x)[:, 0], 1.0), s, v)
+
+
+def gaussian_kernels(sigma, radius=BLUR_RADIUS):
+    """sigma [N] -> normalised 1-D Gaussian kernels [N, 2 radius + 1] (as torchvision's
+    _get_gaussian_kernel1d)."""
+    t = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)  # [K]
+    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)  # [N, K]
+    return k / k.sum(1, keepdim=True)
+
+
+def gaussian_blur(x, sigma, radius=BLUR_RADIUS):
+    """Separable Gaussian blur with a per-sample sigma [N], reflect padding (torchvision's gaussian_blur with
+    kernel_size 2 radius + 1). The PIL path's GaussianBlur(radius=sigma) is an extended box blur of about the
+    same std: away from the borders the two differ by under 1 grey level on average, 4 at most (tested)."""
+    n, c, h, w = x.shape
+    k = gaussian_kernels(sigma.to(x.dtype), radius).repeat_interleave(c, 0)  # [N*C, K]: a kernel per channel
+    y = F.pad(x, [radius] * 4, mode="reflect").reshape(1, n * c, h + 2 * radius, w + 2 * radius)
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)  # [1, N*C, H + 2r, W]: along rows
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)  # [1, N*C, H, W]: along columns
+    return y.reshape(n, c, h, w)
+
+
+def solarize(x, threshold=SOLARIZE_AT / 255):
+    """Invert the pixels >= threshold (a float or per-sample [N])."""
+    return torch.where(x >= per_sample(threshold, x), 1.0 - x, x)
+
+
+def normalize(x):
+    """ImageNet normalisation of x [N, 3, H, W] (Python constants: no host-to-device copy, which syncs)."""
+    return torch.stack([(x[:, c] - MEAN[c]) / STD[c] for c in range(3)], 1)  # [N, 3, H, W]
+
+
+def device_aug_seed(seed, rank, step):
+    """Seed of the device generator at one step: each (--seed, rank, global step) has its own stream, so the
+    draw at a step does not depend on what was drawn before it (a resumed run draws the same)."""
+    return ((seed * 1_000_003 + rank) * 10_000_019 + step) % 2**63  # large primes keep the triples apart
+
+
+def sample_photometric(recipe, n, gen):
+    """Per-sample parameters of one view for a batch of n, drawn from `gen` (on its device), as torchvision
+    draws them per image: jitter on [N] (p 0.8), factors [N, 4] (brightness, contrast, saturation in
+    [max(0, 1 - s), 1 + s], hue in [-s, s]), order [N, 4] (a random permutation of the four ops per sample),
+    gray [N] (p 0.2), sigma [N] ~ U(0.1, 2), blur [N] (p blur_p), solarize [N] (p solarize_p). Every field is
+    drawn whatever the recipe, so the stream's layout is the same for every view."""
+    def u(*shape):
+        return torch.rand(*shape, generator=gen, device=gen.device)
+    b, c, s, h = recipe.jitter
+    lo, hi = (max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h), (1 + b, 1 + c, 1 + s, h)
+    r = u(n, 4)  # [N, 4]
+    factors = torch.stack([lo[j] + (hi[j] - lo[j]) * r[:, j] for j in range(4)], 1)  # [N, 4]
+    return {"jitter": u(n) < JITTER_P, "factors": factors, "order": u(n, 4).argsort(1),
+            "gray": u(n) < GRAY_P, "sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u(n),
+            "blur": u(n) < recipe.blur_p, "solarize": u(n) < recipe.solarize_p}
+
+
+def jitter_slots(order, on):
+    """Each sample's jitter order [N, 4] (0-2: brightness, contrast, saturation; 3: hue) and whether its
+    jitter is on [N] -> its ops before the hue and after it, [N, 3] each, -1 for none: the hue (the costly
+    op) then runs once on the batch, between the two."""
+    hue_at = (order == 3).int().argmax(1, keepdim=True)  # [N, 1]
+    k = torch.arange(3, device=order.device)  # [3]
+    pre = torch.where((k < hue_at) & on[:, None], order[:, :3], -1)  # [N, 3]
+    after = hue_at + 1 + k  # [N, 3] positions after the hue
+    post = torch.where((after < 4) & on[:, None], order.gather(1, after.clamp(max=3)), -1)  # [N, 3]
+    return pre, post
+
+
+def adjust_bcs(x, op, factors):
+    """Per sample one of brightness (op 0), contrast (1), saturation (2) or nothing (-1), op [N], with its
+    factor from factors [N, 4]: each is a blend of x with 0, the mean grey or the grey image (torchvision's
+    formulas), so the three run as one blend; factor 1 for nothing, which returns x exactly."""
+    gray = rgb_to_gray(x)  # [N, 1, H, W]
+    mean = gray.mean((1, 2, 3), keepdim=True)  # [N, 1, 1, 1]
+    target = torch.where((op == 1)[:, None, None, None], mean, gray)  # [N, 1, H, W]
+    f = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)  # [N]
+    return blend(x, target * per_sample(op != 0, x), f)
+
+
+def apply_photometric(x, p, recipe):
+    """x [N, 3, H, W] in [0, 1], parameters p from sample_photometric -> the normalised view [N, 3, H, W]:
+    colour jitter in each sample's order, grayscale, blur, solarize (the PIL path's order), then normalise.
+    Static shapes and no host sync: every op runs on the whole batch and each sample keeps its own result."""
+    def where(mask, y, x):
+        return torch.where(mask[:, None, None, None], y, x)
+    pre, post = jitter_slots(p["order"], p["jitter"])  # [N, 3] each
+    for op in pre.unbind(1):
+        x = adjust_bcs(x, op, p["factors"])
+    if recipe.jitter[3]:  # hue 0 is not bit-exact (HSV round trip): the samples without jitter keep x
+        x = where(p["jitter"], adjust_hue(x, p["factors"][:, 3]), x)
+    for op in post.unbind(1):
+        x = adjust_bcs(x, op, p["factors"])
+    x = where(p["gray"], rgb_to_gray(x).expand_as(x), x)
+    if recipe.blur_p > 0:
+        x = where(p["blur"], gaussian_blur(x, p["sigma"]), x)
+    if recipe.solarize_p > 0:
+        x = where(p["solarize"], solarize(x), x)
+    return normalize(x)
+
+
+def device_view(run, x, recipe, gen):
+    """uint8 crops [n, 3, H, W] from the loader -> the view's normalised float batch on the device."""
+    x = x.to(run.device, non_blocking=True).float().div_(255)  # [n, 3, H, W] in [0, 1]
+    x = apply_photometric(x, sample_photometric(recipe, x.shape[0], gen), recipe)
+    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
 
 
 # ============================================================================ data

@@ -352,7 +352,8 @@ def main(argv=None):
     run = common.setup(args, "densecl")
 
     # ---- data
-    train_ds, steps_per_epoch = common.pretrain_data(args, run, common.mocov2_views(args.img_size, args.crop_min, args.blur))
+    views = common.mocov2_views(args.img_size, args.crop_min, args.blur, args.gpu_aug)
+    train_ds, steps_per_epoch = common.pretrain_data(args, run, views)
     knn = common.knn_monitor(args, run)
 
     # ---- model
@@ -376,7 +377,7 @@ def main(argv=None):
             lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
             common.set_lr(optimizer, lr)
             lam = dense_lambda(log.step, args.dense_weight, args.dense_warmup_steps)
-            x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
+            x1, x2 = views.finish(run, x1, x2, log.step)  # [n, 3, H, W] each, n = batch / world
             with run.autocast():
                 loss, parts = step_model(x1, x2, run.scalar(args.momentum), lam)
             common.optimizer_step(loss, optimizer, scaler)

@@ -226,11 +226,6 @@ def reduce_mask(mask, grid):
     return counts.view(-1, grid * grid, k).argmax(-1).view(*lead, grid, grid)
 
 
-def photometric(view):
-    """common.ssl_view without its geometry: colour jitter, grayscale, blur, solarize, to tensor, normalise."""
-    return T.Compose([t for t in view.transforms if not isinstance(t, (T.RandomResizedCrop, T.RandomHorizontalFlip))])
-
-
 def crop_box(h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
     """The official crop window (BYOL's get_random_crop_window), drawn once from torch's RNG:
     area ~ U(scale) x h*w, log aspect ~ U(log ratio), width = round(sqrt(area * aspect)),
@@ -272,11 +267,17 @@ class JointViews:
     """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]). Each view: ONE official crop box and ONE
     flip applied to image (bilinear) and mask (nearest) alike; colour, blur and solarize touch the image only
     (BYOL's asymmetric pair, as MoCo v3). Both views keep the image's ids, relabelled jointly to 0..U-1
-    (U <= 2 S^2)."""
-    def __init__(self, img_size, crop_min, blur, grid):
-        self.img_size, self.scale = img_size, (crop_min, 1.0)
-        pair = common.byol_views(img_size, crop_min, blur)
-        self.colour, self.grid = (photometric(pair.t1), photometric(pair.t2)), grid
+    (U <= 2 S^2). With gpu (--gpu-aug) the views leave the worker as uint8 crops and finish() runs the colour
+    ops on the device; the joint geometry always stays in the worker."""
+    def __init__(self, img_size, crop_min, blur, grid, gpu=False):
+        self.img_size, self.scale, self.grid = img_size, (crop_min, 1.0), grid
+        recipes = common.byol_recipes(blur)
+        self.recipes = recipes if gpu else None
+        self.colour = [T.PILToTensor()] * 2 if gpu else [common.photometric_view(r) for r in recipes]
+
+    def finish(self, run, x1, x2, step):
+        """The two view batches on the device, ready for the model (see common.TwoViews.finish)."""
+        return common.finish_views(run, x1, x2, step, self.recipes)
 
     def views(self, img, ids):
         """Full-resolution views and masks (the --show-masks picture uses these)."""
@@ -482,7 +483,7 @@ def mask_cache(args, out):
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv)
     grid = check_args(args)  # method-specific: --variant, --masks, a final feature map >= 2x2, 1% warmup
-    views = JointViews(args.img_size, args.crop_min, args.blur, grid)
+    views = JointViews(args.img_size, args.crop_min, args.blur, grid, args.gpu_aug)
     if args.show_masks:
         return show_masks(MaskedImages(common.load_dataset(args, "train"), args), views, args.show_masks)
     run = common.setup(args, "detcon")
@@ -513,7 +514,7 @@ def main(argv=None):
             lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
             common.set_lr(optimizer, lr)
             m = common.cosine_momentum(e, args.epochs, args.momentum)
-            x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
+            x1, x2 = views.finish(run, x1, x2, log.step)  # [n, 3, H, W] each, n = batch / world
             m1, m2 = run.to_device(m1), run.to_device(m2)  # [n, S, S] mask ids on the feature grid
             with run.autocast():
                 loss, matched = step_model(x1, m1, x2, m2, run.scalar(m))

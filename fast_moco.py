@@ -254,8 +254,8 @@ def main(argv=None):
     run = common.setup(args, "fast_moco")
 
     # ---- data
-    view = common.mocov2_views(args.img_size, args.crop_min, args.blur)  # MoCo v2 symmetric pair (both views alike)
-    train_ds, steps_per_epoch = common.pretrain_data(args, run, view)
+    views = common.mocov2_views(args.img_size, args.crop_min, args.blur, args.gpu_aug)  # MoCo v2 pair (alike)
+    train_ds, steps_per_epoch = common.pretrain_data(args, run, views)
     knn = common.knn_monitor(args, run)
 
     # ---- model
@@ -278,7 +278,7 @@ def main(argv=None):
         for _, ((x1, x2), _) in log.batches(train_ds, epoch):
             lr = fast_moco_lr(log.step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs)  # 0-based iteration
             set_lrs(optimizer, lr, base_lr)  # the predictor's group keeps base_lr
-            x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
+            x1, x2 = views.finish(run, x1, x2, log.step)  # [n, 3, H, W] each, n = batch / world
             with run.autocast():
                 loss = step_model(x1, x2, run.scalar(m))
             common.optimizer_step(loss, optimizer, scaler, clip_params, args.clip_grad)

@@ -172,7 +172,8 @@ def main(argv=None):
     run = common.setup(args, "mocov3")
 
     # ---- data
-    train_ds, steps_per_epoch = common.pretrain_data(args, run, common.byol_views(args.img_size, args.crop_min, args.blur))
+    views = common.byol_views(args.img_size, args.crop_min, args.blur, args.gpu_aug)
+    train_ds, steps_per_epoch = common.pretrain_data(args, run, views)
     knn = common.knn_monitor(args, run)
 
     # ---- model
@@ -196,7 +197,7 @@ def main(argv=None):
             lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
             common.set_lr(optimizer, lr)
             m = common.cosine_momentum(e, args.epochs, args.momentum)
-            x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
+            x1, x2 = views.finish(run, x1, x2, log.step)  # [n, 3, H, W] each, n = batch / world
             with run.autocast():
                 loss = step_model(x1, x2, run.scalar(m))
             common.optimizer_step(loss, optimizer, scaler)

@@ -136,7 +136,8 @@ def main(argv=None):
     run = common.setup(args, "rotation_aux")
 
     # ---- data
-    train_ds, steps_per_epoch = common.pretrain_data(args, run, common.byol_views(args.img_size, args.crop_min, args.blur))
+    views = common.byol_views(args.img_size, args.crop_min, args.blur, args.gpu_aug)
+    train_ds, steps_per_epoch = common.pretrain_data(args, run, views)
     knn = common.knn_monitor(args, run)
 
     # ---- model
@@ -160,7 +161,7 @@ def main(argv=None):
             lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
             common.set_lr(optimizer, lr)
             m = common.cosine_momentum(e, args.epochs, args.momentum)
-            x1, x2 = run.to_device(x1), run.to_device(x2)  # [n, 3, H, W] each, n = batch / world
+            x1, x2 = views.finish(run, x1, x2, log.step)  # [n, 3, H, W] each, n = batch / world
             with run.autocast():
                 loss, rot_ce, rot_acc = step_model(x1, x2, run.scalar(m))  # the rotated views are made inside
             common.optimizer_step(loss, optimizer, scaler)

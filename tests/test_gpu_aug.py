@@ -1,0 +1,334 @@
+"""--gpu-aug: the batched device ops against torchvision's functional ops, per-sample parameters, the PIL
+path's recipes and distribution, seeding, and a resumed --gpu-aug run against the uninterrupted one."""
+import dataclasses
+import itertools
+import os
+
+import numpy as np
+import pytest
+import torch
+import torchvision.transforms as T
+import torchvision.transforms.functional as TF
+import torchvision.transforms.v2.functional as F2
+from PIL import Image, ImageFilter
+
+import common
+import mocov3
+from conftest import TINY, losses, run_script
+
+KERNEL = 13  # the kernel rule: 2 * ceil(3 * 2.0) + 1 taps for every sigma (3 sigma of the largest one)
+TOL = 1e-5  # float32 formulas re-ordered (closed-form HSV, separable blur) vs torchvision's
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def quantised_batch(n, size=16, seed=0):
+    """Random images on a 1/8 grid of levels: many grey pixels and channel ties, the edge cases of HSV."""
+    return (torch.rand(n, 3, size, size, generator=gen(seed)) * 8).round() / 8  # [n, 3, size, size]
+
+
+def real_image(imagenette, size, k=0):
+    root = os.path.join(imagenette, "train", "n01440764")
+    img = Image.open(os.path.join(root, sorted(os.listdir(root))[k])).convert("RGB")
+    return img.resize((size, size), Image.BILINEAR)
+
+
+def to_float(img):
+    return TF.pil_to_tensor(img).float() / 255  # [3, H, W]
+
+
+def augment(x, recipe, seed):
+    """The device pipeline on x [N, 3, H, W] with parameters drawn from a generator seeded with `seed`."""
+    return common.apply_photometric(x, common.sample_photometric(recipe, x.shape[0], gen(seed)), recipe)
+
+
+def unnormalize(y):
+    std, mean = torch.tensor(common.STD)[:, None, None], torch.tensor(common.MEAN)[:, None, None]  # [3, 1, 1]
+    return y * std + mean  # [N, 3, H, W]
+
+
+TV_JITTER = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+
+
+def reference(x, p, i, recipe):
+    """Sample i of the device pipeline, op by op with torchvision on the single image x [3, H, W]."""
+    if p["jitter"][i]:
+        for j in p["order"][i].tolist():
+            x = TV_JITTER[j](x, float(p["factors"][i, j]))
+    if p["gray"][i]:
+        x = TF.rgb_to_grayscale(x, num_output_channels=3)
+    if recipe.blur_p > 0 and p["blur"][i]:
+        x = TF.gaussian_blur(x, [KERNEL, KERNEL], [float(p["sigma"][i])] * 2)
+    if recipe.solarize_p > 0 and p["solarize"][i]:
+        x = TF.solarize(x, 128 / 255)
+    return TF.normalize(x, common.MEAN, common.STD)
+
+
+@pytest.mark.parametrize("name,ours,theirs,factors", [
+    ("brightness", common.adjust_brightness, TF.adjust_brightness, [0.6, 1.0, 1.23, 1.4]),
+    ("contrast", common.adjust_contrast, TF.adjust_contrast, [0.6, 0.91, 1.0, 1.4]),
+    ("saturation", common.adjust_saturation, TF.adjust_saturation, [0.0, 0.8, 1.0, 1.4]),
+    ("hue", common.adjust_hue, TF.adjust_hue, [-0.5, -0.1, 0.07, 0.5]),
+])
+def test_jitter_ops_equal_torchvision_per_sample(name, ours, theirs, factors):
+    x = quantised_batch(4)
+    got = ours(x, torch.tensor(factors))  # [4, 3, H, W]: one factor per sample
+    for i, f in enumerate(factors):
+        torch.testing.assert_close(got[i], theirs(x[i], f), rtol=0, atol=TOL, msg=f"{name} factor {f}")
+
+
+def test_factor_one_is_the_identity_exactly():
+    x = quantised_batch(2)
+    one = torch.ones(2)
+    for fn in (common.adjust_brightness, common.adjust_contrast, common.adjust_saturation):
+        assert torch.equal(fn(x, one), x)  # what lets the pipeline skip an op by its factor
+
+
+def test_grayscale_solarize_and_flip_equal_torchvision():
+    x = quantised_batch(3)
+    for i in range(3):
+        gray = common.rgb_to_gray(x)[i].expand(3, -1, -1)
+        torch.testing.assert_close(gray, TF.rgb_to_grayscale(x[i], num_output_channels=3), rtol=0, atol=TOL)
+        assert torch.equal(common.solarize(x)[i], TF.solarize(x[i], 128 / 255))
+    t = torch.tensor([0.25, 0.5, 1.0])  # a per-sample threshold
+    assert all(torch.equal(common.solarize(x, t)[i], TF.solarize(x[i], float(t[i]))) for i in range(3))
+    # flip: done in the worker, which is right only if it commutes with the whole device pipeline
+    recipe = common.Photometric(blur_p=1.0, solarize_p=1.0)
+    p = common.sample_photometric(recipe, 3, gen(3))
+    p["jitter"][:] = True
+    flipped_after = TF.hflip(common.apply_photometric(x, p, recipe))
+    flipped_before = common.apply_photometric(TF.hflip(x), p, recipe)
+    torch.testing.assert_close(flipped_before, flipped_after, rtol=0, atol=TOL)
+
+
+def test_blur_equals_torchvision_gaussian_blur_with_the_13_tap_kernel():
+    x = quantised_batch(4, size=20)
+    sigma = torch.tensor([0.1, 0.7, 1.3, 2.0])
+    got = common.gaussian_blur(x, sigma)
+    for i in range(4):
+        want = TF.gaussian_blur(x[i], [KERNEL, KERNEL], [float(sigma[i])] * 2)
+        torch.testing.assert_close(got[i], want, rtol=0, atol=TOL)
+
+
+def test_blur_close_to_pils_radius_blur_of_the_pil_path(imagenette):
+    """The PIL path's GaussianBlur(radius=sigma) is an extended box blur in uint8: away from the borders
+    (where the paddings differ) the device Gaussian is within 1 grey level on average, 4 at worst."""
+    img = real_image(imagenette, 96)
+    x = to_float(img)[None]
+    for s in (0.5, 1.0, 2.0):
+        ours = common.gaussian_blur(x, torch.tensor([s]))[0]
+        pil = to_float(img.filter(ImageFilter.GaussianBlur(radius=s)))
+        d = (ours - pil)[:, 8:-8, 8:-8].abs() * 255  # grey levels
+        assert d.mean() < 1.0 and d.max() < 4.0, (s, float(d.mean()), float(d.max()))
+
+
+def test_pipeline_equals_torchvision_op_by_op_in_each_samples_order():
+    x = quantised_batch(12, size=16, seed=1)
+    for recipe in (common.Photometric(blur_p=0.5, solarize_p=0.5), common.Photometric((0.4, 0.4, 0.4, 0.1))):
+        p = common.sample_photometric(recipe, 12, gen(2))
+        got = common.apply_photometric(x, p, recipe)
+        for i in range(12):
+            torch.testing.assert_close(got[i], reference(x[i], p, i, recipe), rtol=0, atol=1e-4,
+                                       msg=f"sample {i}")  # 1e-4: TOL divided by the std (~0.22)
+
+
+def test_two_samples_of_a_batch_get_their_own_parameters():
+    recipe = common.Photometric(blur_p=1.0)
+    p = common.sample_photometric(recipe, 2, gen(0))
+    assert (p["factors"][0] != p["factors"][1]).all() and p["sigma"][0] != p["sigma"][1]
+    p["jitter"][:] = True
+    x = quantised_batch(1).expand(2, -1, -1, -1)  # the same image twice
+    y = common.apply_photometric(x, p, recipe)
+    assert not torch.allclose(y[0], y[1], atol=1e-2)
+
+
+def test_jitter_order_is_a_permutation_drawn_per_sample_and_applied():
+    recipe = common.Photometric()
+    p = common.sample_photometric(recipe, 256, gen(0))
+    order = p["order"]
+    assert torch.equal(order.sort(1).values, torch.arange(4).expand(256, 4))  # each row a permutation
+    assert len({tuple(r) for r in order.tolist()}) == 24  # all 4! orders occur in 256 draws
+    # the ops before and after the hue (which runs once per batch) rebuild each order; none when jitter is off
+    perms = torch.tensor(list(itertools.permutations(range(4))))  # [24, 4]
+    for on in (True, False):
+        pre, post = common.jitter_slots(perms, torch.full((24,), on))
+        for i, perm in enumerate(perms.tolist()):
+            ops = [o for o in pre[i].tolist() if o >= 0] + [3] + [o for o in post[i].tolist() if o >= 0]
+            assert ops == (perm if on else [3]), (perm, pre[i], post[i])
+    # two samples with the same image and factors but opposite orders: each follows its own order
+    q = {k: v[:2].clone() for k, v in p.items()}
+    q["factors"][1], q["jitter"][:] = q["factors"][0], True
+    q["order"][0], q["order"][1] = torch.tensor([0, 1, 2, 3]), torch.tensor([3, 2, 1, 0])
+    x = quantised_batch(1, seed=4).expand(2, -1, -1, -1)
+    y = common.apply_photometric(x, q, recipe)
+    for i in range(2):
+        torch.testing.assert_close(y[i], reference(x[i], q, i, recipe), rtol=0, atol=1e-4)
+    assert not torch.allclose(y[0], y[1], atol=1e-3)
+
+
+def test_probabilities_and_ranges_over_a_large_batch():
+    n = 20_000  # binomial std of a fraction <= 0.0035: the 0.02 bounds are > 5 std wide
+    recipe = common.Photometric(jitter=(0.4, 0.4, 0.2, 0.1), blur_p=0.1, solarize_p=0.2)
+    p = common.sample_photometric(recipe, n, gen(0))
+    for key, want in (("jitter", 0.8), ("gray", 0.2), ("blur", 0.1), ("solarize", 0.2)):
+        assert abs(p[key].float().mean().item() - want) < 0.02, key
+    lo, hi = torch.tensor([0.6, 0.6, 0.8, -0.1]), torch.tensor([1.4, 1.4, 1.2, 0.1])
+    f = p["factors"]
+    assert ((f >= lo) & (f <= hi)).all() and torch.allclose(f.mean(0), (lo + hi) / 2, atol=0.01)
+    assert p["sigma"].min() >= 0.1 and p["sigma"].max() <= 2.0 and abs(p["sigma"].mean() - 1.05) < 0.02
+
+
+def test_grayscale_reaches_a_fifth_of_the_outputs():
+    n = 4000  # binomial std of the fraction 0.0063: 0.03 is ~5 std
+    x = torch.rand(n, 3, 8, 8, generator=gen(0))  # colourful: never grey by chance
+    recipe = common.Photometric(blur_p=0.0)
+    y = unnormalize(augment(x, recipe, 1))
+    grey = (y.amax(1) - y.amin(1)).amax((1, 2)) < 1e-5  # [n] all three channels equal
+    assert abs(grey.float().mean().item() - 0.2) < 0.03
+
+
+def pil_recipe(view):
+    """The Photometric recipe a PIL-path ssl_view Compose implements, read off its transforms."""
+    def find(cls, inner=None):
+        return next(t for t in view.transforms
+                    if isinstance(t, cls) and (not inner or isinstance(t.transforms[0], inner)))
+    jitter, blur = find(T.RandomApply, T.ColorJitter), find(T.RandomApply, common.RandomBlur)
+    solar, gray, cj = find(T.RandomSolarize), find(T.RandomGrayscale), jitter.transforms[0]
+    assert jitter.p == 0.8 and gray.p == 0.2 and solar.threshold == 128
+    assert blur.transforms[0].sigma == (0.1, 2.0)
+    strengths = (cj.brightness[1] - 1, cj.contrast[1] - 1, cj.saturation[1] - 1, cj.hue[1])
+    return common.Photometric(tuple(round(s, 6) for s in strengths), blur.p, solar.p)
+
+
+@pytest.mark.parametrize("make,blur,want", [
+    (common.byol_views, True, [((0.4, 0.4, 0.2, 0.1), 1.0, 0.0), ((0.4, 0.4, 0.2, 0.1), 0.1, 0.2)]),
+    (common.byol_views, False, [((0.4, 0.4, 0.2, 0.1), 0.0, 0.0), ((0.4, 0.4, 0.2, 0.1), 0.0, 0.2)]),
+    (common.mocov2_views, True, [((0.4, 0.4, 0.4, 0.1), 0.5, 0.0)] * 2),
+    (common.mocov2_views, False, [((0.4, 0.4, 0.4, 0.1), 0.0, 0.0)] * 2),
+])
+def test_device_recipes_are_the_pil_paths(make, blur, want):
+    gpu, pil = make(32, 0.2, blur=blur, gpu=True), make(32, 0.2, blur=blur)
+    want = tuple(common.Photometric(*w) for w in want)
+    assert gpu.photometric == want and pil.photometric is None
+    assert (pil_recipe(pil.t1), pil_recipe(pil.t2)) == want
+
+
+@pytest.mark.parametrize("recipe", [common.Photometric(), common.Photometric(blur_p=0.1, solarize_p=0.2),
+                                    common.Photometric(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)])
+def test_distribution_matches_the_pil_path(recipe, imagenette):
+    """Same image, 2000 draws each: the PIL path's photometric ops (ssl_view without crop and flip) and the
+    device's give the same average per-channel mean and std, spread of the means and grey fraction. The
+    residue (<= 0.003 here) is PIL's uint8 rounding between ops and its box blur; dropping solarize, blurring
+    with p 0.5 instead of 0.1, jittering always, sharing one draw per batch or triple hue move a statistic
+    by 0.008 or more."""
+    n, img = 2000, real_image(imagenette, 32, k=3)
+    view = common.ssl_view(32, 1.0, **dataclasses.asdict(recipe))
+    geometry = (T.RandomResizedCrop, T.RandomHorizontalFlip)
+    photo = T.Compose([t for t in view.transforms if not isinstance(t, geometry)])
+    torch.manual_seed(0)
+    pil = torch.stack([photo(img) for _ in range(n)])  # [n, 3, 32, 32]
+    x = to_float(img).expand(n, -1, -1, -1).contiguous()
+    dev = augment(x, recipe, 0)
+
+    def stats(y):
+        y = unnormalize(y)  # [n, 3, H, W]
+        m = y.mean((2, 3))  # [n, 3]
+        grey = ((y.amax(1) - y.amin(1)).amax((1, 2)) < 1e-3).float().mean()
+        return torch.cat([m.mean(0), y.std((2, 3)).mean(0), m.std(0), grey[None]])  # [10]
+
+    d = (stats(dev) - stats(pil)).abs()
+    assert d.max() < 0.005, np.round(d.numpy(), 4)
+
+
+def test_worker_side_is_crop_and_flip_to_uint8():
+    ds = common.Views(common.Synthetic(4), common.byol_views(32, 0.3, gpu=True), seed=1)
+    (v1, v2), _ = ds[2]
+    assert v1.dtype == v2.dtype == torch.uint8 and v1.shape == v2.shape == (3, 32, 32)
+    img = ds.base[2][0]
+    with torch.random.fork_rng(devices=[]):  # the seed Views uses for sample 2 at epoch 0
+        torch.manual_seed((1 * 1_000_003 + 0) * 10_000_019 + 2)
+        want = []
+        for _ in range(2):
+            box = T.RandomResizedCrop.get_params(img, (0.3, 1.0), (3 / 4, 4 / 3))  # the PIL path's draws
+            view = F2.resized_crop(TF.pil_to_tensor(img), *box, [32, 32], antialias=True)  # [3, 32, 32] uint8
+            pil = TF.pil_to_tensor(TF.resized_crop(img, *box, [32, 32]))  # the PIL path's resize of that box
+            assert (view.int() - pil.int()).abs().max() <= 1  # grey levels
+            want.append(TF.hflip(view) if torch.rand(1) < 0.5 else view)
+    assert torch.equal(v1, want[0]) and torch.equal(v2, want[1])
+
+
+def fake_run(channels_last=False, rank=0, seed=0):
+    args = mocov3.Args(channels_last=channels_last, seed=seed)
+    return common.Run(args, "mocov3", rank, 1, torch.device("cpu"), "")
+
+
+def test_finish_seeded_by_seed_rank_and_step_and_leaves_the_global_rng():
+    views = common.byol_views(16, 0.2, gpu=True)
+    x1, x2 = (torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8) for _ in range(2))
+    state = torch.get_rng_state()
+    a = views.finish(fake_run(), x1, x2, step=7)
+    assert torch.equal(state, torch.get_rng_state())
+    assert all(t.dtype == torch.float32 and t.shape == (4, 3, 16, 16) for t in a)
+    assert all(torch.equal(s, t) for s, t in zip(a, views.finish(fake_run(), x1, x2, step=7)))
+    for other in (views.finish(fake_run(), x1, x2, step=8), views.finish(fake_run(rank=1), x1, x2, step=7),
+                  views.finish(fake_run(seed=1), x1, x2, step=7)):
+        assert not torch.allclose(a[0], other[0]) and not torch.allclose(a[1], other[1])
+    cl = views.finish(fake_run(channels_last=True), x1, x2, step=7)
+    assert all(t.is_contiguous(memory_format=torch.channels_last) and torch.equal(t, s)
+               for s, t in zip(a, cl))
+
+
+def test_finish_without_gpu_aug_is_to_device():
+    views, run = common.byol_views(16, 0.2), fake_run(channels_last=True)
+    x1, x2 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
+    y1, y2 = views.finish(run, x1, x2, step=0)
+    assert torch.equal(y1, x1) and torch.equal(y2, x2) and y1.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_mocov3_gpu_aug_feeds_uint8_crops_to_the_device_ops(tmp_path, monkeypatch):
+    seen, device_view = [], common.device_view
+
+    def spy(run, x, recipe, gen):
+        seen.append((x.dtype, recipe))
+        return device_view(run, x, recipe, gen)
+
+    monkeypatch.setattr(common, "device_view", spy)
+    mocov3.main([*TINY, "--gpu-aug", "--max-steps", "1", "--output-dir", str(tmp_path)])
+    assert [d for d, _ in seen] == [torch.uint8] * 2
+    assert [r for _, r in seen] == list(common.byol_views(32, 0.2, blur=False, gpu=True).photometric)
+
+
+def test_mocov3_gpu_aug_resume_equals_uninterrupted(tmp_path):
+    # as tests/test_scripts.py: 4 steps per epoch, the resume at step 3 is mid-epoch, step 6 crosses an epoch
+    common_ = [*TINY, "--synthetic-size", "32", "--epochs", "3", "--gpu-aug", "--blur"]  # --blur: all ops
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    run_script("mocov3.py", *common_, "--output-dir", a, "--max-steps", "6")
+    run_script("mocov3.py", *common_, "--output-dir", b, "--max-steps", "3")
+    p = run_script("mocov3.py", *common_, "--output-dir", b, "--max-steps", "6", "--resume", "auto")
+    assert "resumed from" in p.stdout
+    la, lb = losses(a), losses(b)
+    assert len(la) == 6 and len(lb) == 6
+    assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)
+
+
+def test_photometric_view_is_ssl_view_without_its_geometry():
+    """DetCon's worker-side colour ops (common.photometric_view) are ssl_view's, transform for transform."""
+    for recipe in (*common.byol_recipes(True), *common.byol_recipes(False)):
+        full = common.ssl_view(32, 0.3, **dataclasses.asdict(recipe)).transforms
+        geometry = (T.RandomResizedCrop, T.RandomHorizontalFlip)
+        rest = [t for t in full if not isinstance(t, geometry)]
+        mine = common.photometric_view(recipe).transforms
+        assert [type(t) for t in mine] == [type(t) for t in rest]
+        assert [repr(t) for t in mine] == [repr(t) for t in rest]
+
+
+def test_detcon_gpu_aug_runs_and_resumes_exactly(tmp_path):
+    import detcon
+    argv = [*TINY, "--stem", "small", "--gpu-aug", "--synthetic-size", "32", "--epochs", "2", "--max-steps", "5"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    detcon.main([*argv, "--output-dir", str(a)])
+    detcon.main([*argv, "--output-dir", str(b), "--max-steps", "2"])
+    detcon.main([*argv, "--output-dir", str(b), "--resume", "auto"])
+    assert losses(str(a)) == pytest.approx(losses(str(b)), rel=1e-6, abs=1e-7) and len(losses(str(a))) == 5
