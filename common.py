@@ -502,6 +502,9 @@ class RandomBlur:
     def __call__(self, img):
         return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(*self.sigma))))
 
+    def __repr__(self):
+        return f"RandomBlur(sigma={self.sigma})"
+
 
 def ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0):
     """One augmented view (PIL -> normalised tensor [3, img_size, img_size])."""
