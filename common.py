@@ -76,7 +76,7 @@ PRESET_HELP = ("--preset auto picks cpu for --data synthetic, cifar for cifar10/
 
 def default_workers():
     """Loader workers per process: 8, or fewer on a machine with fewer cores (more would only contend)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return min(8, cores)
 
 
@@ -153,6 +153,13 @@ class _Parser(argparse.ArgumentParser):
         raise BadInput(f"{message} (see --help)")
 
 
+def auto_preset(data):
+    """--preset auto: cpu for the built-in synthetic data, cifar for the 32-px sets, imagenet otherwise."""
+    if data == "synthetic":
+        return "cpu"
+    return "cifar" if data in ("cifar10", "cifar100") else "imagenet"
+
+
 CHOICES = {"arch": ARCH_NAMES, "stem": ("imagenet", "small"), "precision": ("auto", "fp32", "bf16", "fp16"),
            "optimizer": ("lars", "sgd", "adamw")}  # listed in --help; checked after parsing (one-line errors)
 
@@ -192,8 +199,7 @@ def parse_args(cls, presets, argv=None):
     given = vars(p.parse_args(argv))
     preset = given.get("preset", "auto")
     if preset == "auto":
-        data = given.get("data", cls.data)
-        preset = "cpu" if data == "synthetic" else "cifar" if data in ("cifar10", "cifar100") else "imagenet"
+        preset = auto_preset(given.get("data", cls.data))
     if preset not in presets:
         raise BadInput(f"unknown preset {preset!r}; choose from auto, {', '.join(presets)}")
     args = cls(**{**presets[preset], **given, "preset": preset})
@@ -1336,7 +1342,9 @@ class Logger:
         self.data_warm = 0.0  # data wait after the warm-up steps, for the summary's data_time_frac
         self.t_end = None  # when the last step finished: the final checkpoint and export are not training time
         # a resumed run appends to its log; a fresh run in an old output dir starts a new one
-        self.file = open(os.path.join(run.out, "log.jsonl"), "a" if start_step else "w") if run.main else None
+        self.file = None
+        if run.main:
+            self.file = open(os.path.join(run.out, "log.jsonl"), "a" if start_step else "w")
         self.tb = tensorboard_writer(run) if run.main and run.args.tensorboard else None
 
     @property
