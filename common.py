@@ -1,12 +1,13 @@
 """common.py -- the small shared layer of effssl.
 
 Everything here is plumbing shared by the method files (mocov3.py, fast_moco.py, densecl.py,
-detcon.py, rotation_aux.py) and eval_linear.py: argument parsing, backbones, augmentations,
-data, torchrun/DDP, AMP, LARS and schedules, checkpoint/resume/export, the kNN monitor and the
-run record. Method logic never lives here. Copy this file together with one method file.
+detcon.py, rotation_aux.py) and eval_linear.py. Method logic never lives here: a method passes
+what it needs (its param groups, its trust coefficient, its SyncBN choice, its own geometry).
+Copy this file together with one method file.
 
-Sections: errors & args | distributed & precision | backbones | augmentations | data |
-optimizers & schedules | checkpoint, resume & export | kNN monitor | run record.
+Sections, in the order a method file uses them: errors & args | run setup | data | augmentations |
+backbones | optimizer & schedules | checkpoint, resume & export | kNN monitor | logging. After a
+banner, what only some runs need: augmentation on the device (--gpu-aug) | data-study knobs.
 """
 import argparse
 import ast
@@ -35,8 +36,8 @@ from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
-# ============================================================================ errors & args
 
+# ============================================================================ errors & args
 
 class BadInput(Exception):
     """A user error: reported as one line on stderr with exit code 2, never a traceback."""
@@ -70,6 +71,8 @@ def user_errors(main):
 
 
 ARCH_NAMES = ("resnet18", "resnet50", "vit_small", "vit_base")  # torchvision backbones
+
+
 PRESET_HELP = ("--preset auto picks cpu for --data synthetic, cifar for cifar10/cifar100 and imagenet otherwise; "
                "explicit flags override the preset.")
 
@@ -227,6 +230,8 @@ RANGES = {
     "crop_min": (0, False, 1), "clip_grad": (0, True, None), "queue_size": (1, True, None),
     "num_masks": (1, True, None), "rot_weight": (0, True, None), "labels_per_class": (0, True, None),
 }
+
+
 # out-of-range values that a script documents as "the default" in the flag's help
 SPECIAL_VALUES = {("detcon", "warmup_epochs"): lambda v: v < 0, ("eval_linear", "wd"): lambda v: v < 0,
                   ("fast_moco", "proj_dim"): lambda v: v == 0}
@@ -264,8 +269,7 @@ def check_paths(args):
         raise BadInput(f"--data-root {args.data_root} exists and is not a folder")
 
 
-# ============================================================================ distributed & precision
-
+# ============================================================================ run setup: processes, devices, precision, preemption
 
 def get_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -405,381 +409,14 @@ def prepare_model(model, run, sync_bn):
     return model, step_model
 
 
-def grad_scaler(run):
-    return torch.amp.GradScaler(run.device.type, enabled=run.args.precision == "fp16")
-
-
-def optimizer_step(loss, optimizer, scaler, clip_params=None, clip=0.0):
-    """Backward + (optional grad-norm clip) + step, GradScaler-aware (a no-op scaler unless fp16)."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip > 0:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(clip_params, clip)
-    scaler.step(optimizer)
-    scaler.update()
-
-
-# ============================================================================ backbones
-
-ARCHS = ARCH_NAMES
-VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),  # MoCo v3's ViT-S: 12 heads, not 6
-             "vit_base": dict(hidden_dim=768, mlp_dim=3072, num_heads=12)}
-
-
-def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True):
-    """torchvision backbone with the classifier removed -> (net, feature dim). net(x) is the pooled
-    feature [N, C] (ResNet: global average pool; ViT: class token)."""
-    if arch.startswith("resnet"):
-        net = getattr(torchvision.models, arch)(zero_init_residual=True)
-        if stem == "small":  # CIFAR-style stem: keeps 32-px inputs at 32x32 into layer1
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()
-        dim, net.fc = net.fc.in_features, nn.Identity()
-        return net, dim
-    if arch not in VIT_SIZES:
-        raise BadInput(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
-    if img_size % 16:
-        raise BadInput(f"--img-size {img_size} is not a multiple of the ViT patch size 16")
-    net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12, **VIT_SIZES[arch])
-    dim, net.heads = net.hidden_dim, nn.Identity()
-    grid = img_size // 16
-    # MoCo v3: fixed 2-D sin-cos position embedding (not learned); zero for the class token
-    net.encoder.pos_embedding.data.copy_(torch.cat([torch.zeros(1, 1, dim), sincos_pos_embed(dim, grid)], 1))
-    net.encoder.pos_embedding.requires_grad = False
-    # MoCo v3: uniform (Xavier-like) init of the patch projection, optionally frozen ("random patch
-    # projection" stabilises training: the paper's fix for the loss spikes)
-    val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
-    nn.init.uniform_(net.conv_proj.weight, -val, val)
-    nn.init.zeros_(net.conv_proj.bias)
-    net.conv_proj.requires_grad_(not freeze_patch_proj)
-    return net, dim
-
-
-def sincos_pos_embed(dim, grid, temperature=10000.0):
-    """MoCo v3's 2-D sin-cos position embedding -> [1, grid*grid, dim]."""
-    gw, gh = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [dim/4]
-    out_w = gw.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
-    out_h = gh.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
-    return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], 1)[None]
-
-
-def feature_map(net, x):
-    """Final spatial feature map [N, C, S, S] (ResNet: layer4 output; ViT: patch tokens)."""
-    if isinstance(net, torchvision.models.ResNet):
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        return net.layer4(net.layer3(net.layer2(net.layer1(x))))  # [N, C, S, S]
-    tokens = net._process_input(x)  # [N, S*S, D]
-    n, s = tokens.shape[0], int(math.isqrt(tokens.shape[1]))
-    tokens = net.encoder(torch.cat([net.class_token.expand(n, -1, -1), tokens], 1))[:, 1:]  # [N, S*S, D]
-    return tokens.transpose(1, 2).reshape(n, -1, s, s)  # [N, D, S, S]
-
-
-def final_grid(arch, stem, img_size):
-    """Side of the final feature map for this backbone and input size."""
-    if arch.startswith("vit"):
-        return img_size // 16
-    return math.ceil(img_size / 8) if stem == "small" else math.ceil(img_size / 32)
-
-
-# ============================================================================ augmentations
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
-JITTER_P, GRAY_P = 0.8, 0.2  # SimCLR / MoCo v2 / BYOL: colour jitter with p 0.8, grayscale with p 0.2
-BLUR_SIGMA = (0.1, 2.0)  # blur sigma range in pixels, as the official MoCo / BYOL code
-SOLARIZE_AT = 128  # solarize inverts the pixels >= 128 of 255 (PIL's ImageOps.solarize default, BYOL)
-
-
-@dataclasses.dataclass(frozen=True)
-class Photometric:
-    """The photometric recipe of one view, read by both paths (PIL in the workers, or on the device)."""
-    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths (ColorJitter's)
-    blur_p: float = 1.0
-    solarize_p: float = 0.0
-
-
-class RandomBlur:
-    """Gaussian blur with sigma ~ U(0.1, 2) as PIL radius, like the official MoCo/BYOL code (no
-    kernel size to pick); sampled with torch's RNG so per-sample seeding covers it."""
-    def __init__(self, sigma=BLUR_SIGMA):
-        self.sigma = sigma
-
-    def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(*self.sigma))))
-
-    def __repr__(self):
-        return f"RandomBlur(sigma={self.sigma})"
-
-
-def ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0):
-    """One augmented view (PIL -> normalised tensor [3, img_size, img_size])."""
-    return T.Compose([
-        T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
-        T.RandomApply([T.ColorJitter(*jitter)], p=JITTER_P),
-        T.RandomGrayscale(p=GRAY_P),
-        T.RandomApply([RandomBlur()], p=blur_p),
-        T.RandomSolarize(threshold=SOLARIZE_AT, p=solarize_p),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
-
-
-def photometric_view(recipe):
-    """The photometric part of ssl_view alone (PIL -> normalised tensor), for a method that does its own
-    geometry (DetCon crops image and mask together): jitter, grayscale, blur, solarize, to tensor, normalise."""
-    return T.Compose([
-        T.RandomApply([T.ColorJitter(*recipe.jitter)], p=JITTER_P),
-        T.RandomGrayscale(p=GRAY_P),
-        T.RandomApply([RandomBlur()], p=recipe.blur_p),
-        T.RandomSolarize(threshold=SOLARIZE_AT, p=recipe.solarize_p),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
-
-
-def geometry_view(img_size, crop_min):
-    """The worker side of a --gpu-aug view: crop and flip only, PIL -> uint8 tensor [3, img_size, img_size].
-    The flip commutes with every photometric op, so crop + flip here then photometric on the device is the
-    PIL path's crop, photometric, flip. The crop's box and the flip are drawn as in ssl_view; the resize runs
-    on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
-    crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
-    return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
-
-
-def make_views(img_size, crop_min, recipes, gpu):
-    """TwoViews of the two recipes: the whole view in the workers (PIL) or the geometry there and the
-    photometric ops in TwoViews.finish (gpu)."""
-    if gpu:
-        geometry = geometry_view(img_size, crop_min)
-        return TwoViews(geometry, geometry, recipes)
-    return TwoViews(*(ssl_view(img_size, crop_min, **dataclasses.asdict(r)) for r in recipes))
-
-
-def byol_recipes(blur=True):
-    """MoCo v3 / BYOL asymmetric pair: view 1 blur p 1.0, no solarize; view 2 blur p 0.1, solarize 0.2."""
-    return Photometric(blur_p=1.0 if blur else 0.0), Photometric(blur_p=0.1 if blur else 0.0, solarize_p=0.2)
-
-
-def byol_views(img_size, crop_min, blur=True, gpu=False):
-    """The MoCo v3 / BYOL asymmetric pair (byol_recipes) as TwoViews."""
-    return make_views(img_size, crop_min, byol_recipes(blur), gpu)
-
-
-def mocov2_views(img_size, crop_min=0.2, blur=True, gpu=False):
-    """MoCo v2 symmetric pair (DenseCL, Fast-MoCo): jitter (0.4, 0.4, 0.4, 0.1), blur p 0.5, no solarize."""
-    view = Photometric(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5 if blur else 0.0)
-    return make_views(img_size, crop_min, (view, view), gpu)
-
-
-class TwoViews:
-    """Worker side: img -> (view 1, view 2). finish(): the collated batches on the device, ready for the
-    model. `photometric`: None (PIL path: the workers did everything) or the two views' Photometric recipes
-    (--gpu-aug: the workers return uint8 crops; finish() runs the photometric ops batched on the device)."""
-    def __init__(self, t1, t2, photometric=None):
-        self.t1, self.t2, self.photometric = t1, t2, photometric
-
-    def __call__(self, img):
-        return self.t1(img), self.t2(img)
-
-    def finish(self, run, x1, x2, step):
-        """x1, x2 [n, 3, H, W] from the loader -> the model's inputs on the device. `step`: the global step
-        (optimizer steps done before this batch); with --gpu-aug it seeds the draw, so a resumed run redraws
-        exactly what the uninterrupted run drew at that step. Without --gpu-aug it is unused."""
-        return finish_views(run, x1, x2, step, self.photometric)
-
-
-def finish_views(run, x1, x2, step, recipes=None):
-    """TwoViews.finish for any pair of views: to the device, and with recipes (--gpu-aug: uint8 crops) the
-    photometric ops there, drawn from a generator seeded by (seed, rank, step)."""
-    if recipes is None:
-        return run.to_device(x1), run.to_device(x2)
-    gen = torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
-    return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
-
-
-def eval_transform(img_size):
-    """Resize to 256/224 of the crop, center crop (the standard evaluation transform)."""
-    return T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
-# ============================================================================ augmentation on the device
-# --gpu-aug: every op takes a batch x [N, 3, H, W] float in [0, 1] and per-sample parameters [N], and follows
-# torchvision's tensor formulas (torchvision.transforms.functional); parameters are drawn per sample, never
-# one per batch (torchvision v2 on a batch and kornia's defaults share one draw across the batch).
-
-LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
-BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # one 13-tap kernel for every sigma: 3 sigma of the largest one
-# (the tails cut at sigma 2 hold 0.3% of the weight; the kernel is renormalised, as torchvision does)
-
-
-def per_sample(v, x):
-    """A per-sample parameter [N] (or a float) broadcast against the batch x [N, C, H, W]."""
-    return v.to(x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(v) else v
-
-
-def blend(x, y, f):
-    """torchvision's _blend: f * x + (1 - f) * y, clamped to [0, 1]; f = 1 returns x exactly."""
-    f = per_sample(f, x)
-    return (f * x + (1.0 - f) * y).clamp(0.0, 1.0)
-
-
-def rgb_to_gray(x):
-    """x [N, 3, H, W] -> luma [N, 1, H, W]."""
-    r, g, b = x.unbind(1)  # [N, H, W] each
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
-
-
-def adjust_brightness(x, f):
-    return blend(x, torch.zeros((), dtype=x.dtype, device=x.device), f)
-
-
-def adjust_contrast(x, f):
-    """Blend with the mean of each image's grayscale version."""
-    return blend(x, rgb_to_gray(x).mean((1, 2, 3), keepdim=True), f)  # mean [N, 1, 1, 1]
-
-
-def adjust_saturation(x, f):
-    return blend(x, rgb_to_gray(x), f)
-
-
-def rgb_to_hsv(x):
-    """x [N, 3, H, W] -> h, s, v [N, H, W] each in [0, 1] (torchvision's _rgb2hsv)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)  # [N, H, W]
-    eqc = maxc == minc  # grey pixels: s = 0 and h = 0, no division by zero
-    cr = maxc - minc
-    s = cr / torch.where(eqc, 1.0, maxc)
-    cr = torch.where(eqc, 1.0, cr)
-    rc, gc, bc = (maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
-
-
-def hsv_to_rgb(h, s, v):
-    """h, s, v [N, H, W] -> [N, 3, H, W]: the closed form of torchvision's six-sector _hsv2rgb
-    (channel n: v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for r, g, b)."""
-    n = 5.0 - 2.0 * torch.arange(3, dtype=h.dtype, device=h.device)  # [3]: 5, 3, 1 (made on the device)
-    k = torch.remainder(n[:, None, None, None] + 6.0 * h, 6.0)  # [3, N, H, W]
-    rgb = v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)  # [3, N, H, W]
-    return rgb.transpose(0, 1)  # [N, 3, H, W]
-
-
-def adjust_hue(x, h):
-    """Rotate the hue by h (fraction of a turn, in [-0.5, 0.5])."""
-    hue, s, v = rgb_to_hsv(x)
-    return hsv_to_rgb(torch.remainder(hue + per_sample(h, x)[:, 0], 1.0), s, v)
-
-
-def gaussian_kernels(sigma, radius=BLUR_RADIUS):
-    """sigma [N] -> normalised 1-D Gaussian kernels [N, 2 radius + 1] (as torchvision's
-    _get_gaussian_kernel1d)."""
-    t = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)  # [K]
-    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)  # [N, K]
-    return k / k.sum(1, keepdim=True)
-
-
-def gaussian_blur(x, sigma, radius=BLUR_RADIUS):
-    """Separable Gaussian blur with a per-sample sigma [N], reflect padding (torchvision's gaussian_blur with
-    kernel_size 2 radius + 1). The PIL path's GaussianBlur(radius=sigma) is an extended box blur of about the
-    same std: away from the borders the two differ by under 1 grey level on average, 4 at most (tested)."""
-    n, c, h, w = x.shape
-    k = gaussian_kernels(sigma.to(x.dtype), radius).repeat_interleave(c, 0)  # [N*C, K]: a kernel per channel
-    y = F.pad(x, [radius] * 4, mode="reflect").reshape(1, n * c, h + 2 * radius, w + 2 * radius)
-    y = F.conv2d(y, k[:, None, None, :], groups=n * c)  # [1, N*C, H + 2r, W]: along rows
-    y = F.conv2d(y, k[:, None, :, None], groups=n * c)  # [1, N*C, H, W]: along columns
-    return y.reshape(n, c, h, w)
-
-
-def solarize(x, threshold=SOLARIZE_AT / 255):
-    """Invert the pixels >= threshold (a float or per-sample [N])."""
-    return torch.where(x >= per_sample(threshold, x), 1.0 - x, x)
-
-
-def normalize(x):
-    """ImageNet normalisation of x [N, 3, H, W] (Python constants: no host-to-device copy, which syncs)."""
-    return torch.stack([(x[:, c] - MEAN[c]) / STD[c] for c in range(3)], 1)  # [N, 3, H, W]
-
-
-def device_aug_seed(seed, rank, step):
-    """Seed of the device generator at one step: each (--seed, rank, global step) has its own stream, so the
-    draw at a step does not depend on what was drawn before it (a resumed run draws the same)."""
-    return ((seed * 1_000_003 + rank) * 10_000_019 + step) % 2**63  # large primes keep the triples apart
-
-
-def sample_photometric(recipe, n, gen):
-    """Per-sample parameters of one view for a batch of n, drawn from `gen` (on its device), as torchvision
-    draws them per image: jitter on [N] (p 0.8), factors [N, 4] (brightness, contrast, saturation in
-    [max(0, 1 - s), 1 + s], hue in [-s, s]), order [N, 4] (a random permutation of the four ops per sample),
-    gray [N] (p 0.2), sigma [N] ~ U(0.1, 2), blur [N] (p blur_p), solarize [N] (p solarize_p). Every field is
-    drawn whatever the recipe, so the stream's layout is the same for every view."""
-    def u(*shape):
-        return torch.rand(*shape, generator=gen, device=gen.device)
-    b, c, s, h = recipe.jitter
-    lo, hi = (max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h), (1 + b, 1 + c, 1 + s, h)
-    r = u(n, 4)  # [N, 4]
-    factors = torch.stack([lo[j] + (hi[j] - lo[j]) * r[:, j] for j in range(4)], 1)  # [N, 4]
-    return {"jitter": u(n) < JITTER_P, "factors": factors, "order": u(n, 4).argsort(1),
-            "gray": u(n) < GRAY_P, "sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u(n),
-            "blur": u(n) < recipe.blur_p, "solarize": u(n) < recipe.solarize_p}
-
-
-def jitter_slots(order, on):
-    """Each sample's jitter order [N, 4] (0-2: brightness, contrast, saturation; 3: hue) and whether its
-    jitter is on [N] -> its ops before the hue and after it, [N, 3] each, -1 for none: the hue (the costly
-    op) then runs once on the batch, between the two."""
-    hue_at = (order == 3).int().argmax(1, keepdim=True)  # [N, 1]
-    k = torch.arange(3, device=order.device)  # [3]
-    pre = torch.where((k < hue_at) & on[:, None], order[:, :3], -1)  # [N, 3]
-    after = hue_at + 1 + k  # [N, 3] positions after the hue
-    post = torch.where((after < 4) & on[:, None], order.gather(1, after.clamp(max=3)), -1)  # [N, 3]
-    return pre, post
-
-
-def adjust_bcs(x, op, factors):
-    """Per sample one of brightness (op 0), contrast (1), saturation (2) or nothing (-1), op [N], with its
-    factor from factors [N, 4]: each is a blend of x with 0, the mean grey or the grey image (torchvision's
-    formulas), so the three run as one blend; factor 1 for nothing, which returns x exactly."""
-    gray = rgb_to_gray(x)  # [N, 1, H, W]
-    mean = gray.mean((1, 2, 3), keepdim=True)  # [N, 1, 1, 1]
-    target = torch.where((op == 1)[:, None, None, None], mean, gray)  # [N, 1, H, W]
-    f = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)  # [N]
-    return blend(x, target * per_sample(op != 0, x), f)
-
-
-def apply_photometric(x, p, recipe):
-    """x [N, 3, H, W] in [0, 1], parameters p from sample_photometric -> the normalised view [N, 3, H, W]:
-    colour jitter in each sample's order, grayscale, blur, solarize (the PIL path's order), then normalise.
-    Static shapes and no host sync: every op runs on the whole batch and each sample keeps its own result."""
-    def where(mask, y, x):
-        return torch.where(mask[:, None, None, None], y, x)
-    pre, post = jitter_slots(p["order"], p["jitter"])  # [N, 3] each
-    for op in pre.unbind(1):
-        x = adjust_bcs(x, op, p["factors"])
-    if recipe.jitter[3]:  # hue 0 is not bit-exact (HSV round trip): the samples without jitter keep x
-        x = where(p["jitter"], adjust_hue(x, p["factors"][:, 3]), x)
-    for op in post.unbind(1):
-        x = adjust_bcs(x, op, p["factors"])
-    x = where(p["gray"], rgb_to_gray(x).expand_as(x), x)
-    if recipe.blur_p > 0:
-        x = where(p["blur"], gaussian_blur(x, p["sigma"]), x)
-    if recipe.solarize_p > 0:
-        x = where(p["solarize"], solarize(x), x)
-    return normalize(x)
-
-
-def device_view(run, x, recipe, gen):
-    """uint8 crops [n, 3, H, W] from the loader -> the view's normalised float batch on the device."""
-    x = x.to(run.device, non_blocking=True).float().div_(255)  # [n, 3, H, W] in [0, 1]
-    x = apply_photometric(x, sample_photometric(recipe, x.shape[0], gen), recipe)
-    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
-
-
 # ============================================================================ data
 
 BUILTIN_DATA = ("synthetic", "cifar10", "cifar100", "stl10")
+
+
 SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "crescent", "bar", "ell")
+
+
 SYNTH_PX = 64  # native size of synthetic images: big enough for 2-3 shapes, cheap to draw
 
 
@@ -924,79 +561,6 @@ class Views(torch.utils.data.Dataset):
             return self.transform(img), label
 
 
-class Subset(torch.utils.data.Dataset):
-    """base restricted to `indices`, labels shifted by `offset` (to keep two domains' classes apart)."""
-    def __init__(self, base, indices, offset=0):
-        self.base, self.indices, labels = base, list(indices), labels_of(base)
-        self.targets = [labels[i] + offset if labels[i] >= 0 else -1 for i in self.indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.base[self.indices[i]][0], self.targets[i]
-
-
-def balanced_order(labels, seed):
-    """Seeded order of indices, round-robin over classes: every prefix is class-balanced and contains
-    every shorter prefix, so `order[:n]` gives nested subsets."""
-    rng, labels = np.random.default_rng(seed), np.asarray(labels)
-    perms = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    return [int(p[r]) for r in range(max(map(len, perms))) for p in perms if r < len(p)]
-
-
-CORRUPTIONS = {"jpeg": lambda q: q == int(q) and 1 <= q <= 100, "downsample": lambda f: f >= 1,
-               "saltpepper": lambda p: 0 <= p <= 1, "blur": lambda s: s > 0}
-
-
-def parse_corruptions(spec):
-    """'jpeg:10,blur:2' -> [('jpeg', 10.0), ('blur', 2.0)]; BadInput on an unknown name or bad value."""
-    out = []
-    for item in filter(None, spec.split(",")):
-        name, _, value = item.partition(":")
-        try:
-            ok = name in CORRUPTIONS and CORRUPTIONS[name](float(value))
-        except ValueError:
-            ok = False
-        if not ok:
-            raise BadInput(f"bad --corrupt spec {item!r}: use jpeg:Q (1-100), downsample:F (>= 1), "
-                           f"saltpepper:P (0-1) or blur:S (> 0)")
-        out.append((name, float(value)))
-    return out
-
-
-def corrupt_image(img, specs, rng):
-    """Apply the corruptions in order (the study's JPEG, resolution, salt-and-pepper and blur lenses)."""
-    for name, v in specs:
-        if name == "jpeg":
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=int(v))
-            img = Image.open(buf).convert("RGB")
-        elif name == "downsample":  # down by F, back up bilinear: lower resolution at the same size
-            w, h = img.size
-            img = img.resize((max(1, round(w / v)), max(1, round(h / v))), Image.BILINEAR).resize((w, h), Image.BILINEAR)
-        elif name == "saltpepper":
-            a, u = np.array(img), rng.random(img.size[::-1])  # u: [H, W]
-            a[u < v / 2], a[(u >= v / 2) & (u < v)] = 0, 255
-            img = Image.fromarray(a)
-        else:
-            img = img.filter(ImageFilter.GaussianBlur(v))
-    return img
-
-
-class Corrupted(torch.utils.data.Dataset):
-    """Corrupts base[i] with an RNG seeded by (seed, i): the same stored image every epoch, in every worker."""
-    def __init__(self, base, specs, seed=0):
-        self.base, self.specs, self.seed, self.targets = base, specs, seed, labels_of(base)
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        return corrupt_image(img, self.specs, np.random.default_rng([self.seed, i])), label
-
-
 def pretrain_base(args):
     """The pretraining images: the train split of --data (A,B mixes two domains), then --subset, --corrupt."""
     names, parts, offset = args.data.split(","), [], 0
@@ -1037,8 +601,199 @@ def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
         persistent_workers=False, prefetch_factor=4 if run.args.workers else None)
 
 
-# ============================================================================ optimizers & schedules
+# ============================================================================ augmentations
 
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
+
+
+JITTER_P, GRAY_P = 0.8, 0.2  # SimCLR / MoCo v2 / BYOL: colour jitter with p 0.8, grayscale with p 0.2
+
+
+BLUR_SIGMA = (0.1, 2.0)  # blur sigma range in pixels, as the official MoCo / BYOL code
+
+
+SOLARIZE_AT = 128  # solarize inverts the pixels >= 128 of 255 (PIL's ImageOps.solarize default, BYOL)
+
+
+@dataclasses.dataclass(frozen=True)
+class Photometric:
+    """The photometric recipe of one view, read by both paths (PIL in the workers, or on the device)."""
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths (ColorJitter's)
+    blur_p: float = 1.0
+    solarize_p: float = 0.0
+
+
+class RandomBlur:
+    """Gaussian blur with sigma ~ U(0.1, 2) as PIL radius, like the official MoCo/BYOL code (no
+    kernel size to pick); sampled with torch's RNG so per-sample seeding covers it."""
+    def __init__(self, sigma=BLUR_SIGMA):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(*self.sigma))))
+
+    def __repr__(self):
+        return f"RandomBlur(sigma={self.sigma})"
+
+
+def ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0):
+    """One augmented view (PIL -> normalised tensor [3, img_size, img_size])."""
+    return T.Compose([
+        T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
+        T.RandomApply([T.ColorJitter(*jitter)], p=JITTER_P),
+        T.RandomGrayscale(p=GRAY_P),
+        T.RandomApply([RandomBlur()], p=blur_p),
+        T.RandomSolarize(threshold=SOLARIZE_AT, p=solarize_p),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def photometric_view(recipe):
+    """The photometric part of ssl_view alone (PIL -> normalised tensor), for a method that does its own
+    geometry (DetCon crops image and mask together): jitter, grayscale, blur, solarize, to tensor, normalise."""
+    return T.Compose([
+        T.RandomApply([T.ColorJitter(*recipe.jitter)], p=JITTER_P),
+        T.RandomGrayscale(p=GRAY_P),
+        T.RandomApply([RandomBlur()], p=recipe.blur_p),
+        T.RandomSolarize(threshold=SOLARIZE_AT, p=recipe.solarize_p),
+        T.ToTensor(),
+        T.Normalize(MEAN, STD),
+    ])
+
+
+def geometry_view(img_size, crop_min):
+    """The worker side of a --gpu-aug view: crop and flip only, PIL -> uint8 tensor [3, img_size, img_size].
+    The flip commutes with every photometric op, so crop + flip here then photometric on the device is the
+    PIL path's crop, photometric, flip. The crop's box and the flip are drawn as in ssl_view; the resize runs
+    on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
+    crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
+    return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
+
+
+def make_views(img_size, crop_min, recipes, gpu):
+    """TwoViews of the two recipes: the whole view in the workers (PIL) or the geometry there and the
+    photometric ops in TwoViews.finish (gpu)."""
+    if gpu:
+        geometry = geometry_view(img_size, crop_min)
+        return TwoViews(geometry, geometry, recipes)
+    return TwoViews(*(ssl_view(img_size, crop_min, **dataclasses.asdict(r)) for r in recipes))
+
+
+def byol_recipes(blur=True):
+    """MoCo v3 / BYOL asymmetric pair: view 1 blur p 1.0, no solarize; view 2 blur p 0.1, solarize 0.2."""
+    return Photometric(blur_p=1.0 if blur else 0.0), Photometric(blur_p=0.1 if blur else 0.0, solarize_p=0.2)
+
+
+def byol_views(img_size, crop_min, blur=True, gpu=False):
+    """The MoCo v3 / BYOL asymmetric pair (byol_recipes) as TwoViews."""
+    return make_views(img_size, crop_min, byol_recipes(blur), gpu)
+
+
+def mocov2_views(img_size, crop_min=0.2, blur=True, gpu=False):
+    """MoCo v2 symmetric pair (DenseCL, Fast-MoCo): jitter (0.4, 0.4, 0.4, 0.1), blur p 0.5, no solarize."""
+    view = Photometric(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5 if blur else 0.0)
+    return make_views(img_size, crop_min, (view, view), gpu)
+
+
+class TwoViews:
+    """Worker side: img -> (view 1, view 2). finish(): the collated batches on the device, ready for the
+    model. `photometric`: None (PIL path: the workers did everything) or the two views' Photometric recipes
+    (--gpu-aug: the workers return uint8 crops; finish() runs the photometric ops batched on the device)."""
+    def __init__(self, t1, t2, photometric=None):
+        self.t1, self.t2, self.photometric = t1, t2, photometric
+
+    def __call__(self, img):
+        return self.t1(img), self.t2(img)
+
+    def finish(self, run, x1, x2, step):
+        """x1, x2 [n, 3, H, W] from the loader -> the model's inputs on the device. `step`: the global step
+        (optimizer steps done before this batch); with --gpu-aug it seeds the draw, so a resumed run redraws
+        exactly what the uninterrupted run drew at that step. Without --gpu-aug it is unused."""
+        return finish_views(run, x1, x2, step, self.photometric)
+
+
+def finish_views(run, x1, x2, step, recipes=None):
+    """TwoViews.finish for any pair of views: to the device, and with recipes (--gpu-aug: uint8 crops) the
+    photometric ops there, drawn from a generator seeded by (seed, rank, step)."""
+    if recipes is None:
+        return run.to_device(x1), run.to_device(x2)
+    gen = torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
+    return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
+
+
+def eval_transform(img_size):
+    """Resize to 256/224 of the crop, center crop (the standard evaluation transform)."""
+    return T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+# ============================================================================ backbones
+
+ARCHS = ARCH_NAMES
+
+
+VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),  # MoCo v3's ViT-S: 12 heads, not 6
+             "vit_base": dict(hidden_dim=768, mlp_dim=3072, num_heads=12)}
+
+
+def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True):
+    """torchvision backbone with the classifier removed -> (net, feature dim). net(x) is the pooled
+    feature [N, C] (ResNet: global average pool; ViT: class token)."""
+    if arch.startswith("resnet"):
+        net = getattr(torchvision.models, arch)(zero_init_residual=True)
+        if stem == "small":  # CIFAR-style stem: keeps 32-px inputs at 32x32 into layer1
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        dim, net.fc = net.fc.in_features, nn.Identity()
+        return net, dim
+    if arch not in VIT_SIZES:
+        raise BadInput(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    if img_size % 16:
+        raise BadInput(f"--img-size {img_size} is not a multiple of the ViT patch size 16")
+    net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12, **VIT_SIZES[arch])
+    dim, net.heads = net.hidden_dim, nn.Identity()
+    grid = img_size // 16
+    # MoCo v3: fixed 2-D sin-cos position embedding (not learned); zero for the class token
+    net.encoder.pos_embedding.data.copy_(torch.cat([torch.zeros(1, 1, dim), sincos_pos_embed(dim, grid)], 1))
+    net.encoder.pos_embedding.requires_grad = False
+    # MoCo v3: uniform (Xavier-like) init of the patch projection, optionally frozen ("random patch
+    # projection" stabilises training: the paper's fix for the loss spikes)
+    val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
+    nn.init.uniform_(net.conv_proj.weight, -val, val)
+    nn.init.zeros_(net.conv_proj.bias)
+    net.conv_proj.requires_grad_(not freeze_patch_proj)
+    return net, dim
+
+
+def sincos_pos_embed(dim, grid, temperature=10000.0):
+    """MoCo v3's 2-D sin-cos position embedding -> [1, grid*grid, dim]."""
+    gw, gh = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [dim/4]
+    out_w = gw.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
+    out_h = gh.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
+    return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], 1)[None]
+
+
+def feature_map(net, x):
+    """Final spatial feature map [N, C, S, S] (ResNet: layer4 output; ViT: patch tokens)."""
+    if isinstance(net, torchvision.models.ResNet):
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))  # [N, C, S, S]
+    tokens = net._process_input(x)  # [N, S*S, D]
+    n, s = tokens.shape[0], int(math.isqrt(tokens.shape[1]))
+    tokens = net.encoder(torch.cat([net.class_token.expand(n, -1, -1), tokens], 1))[:, 1:]  # [N, S*S, D]
+    return tokens.transpose(1, 2).reshape(n, -1, s, s)  # [N, D, S, S]
+
+
+def final_grid(arch, stem, img_size):
+    """Side of the final feature map for this backbone and input size."""
+    if arch.startswith("vit"):
+        return img_size // 16
+    return math.ceil(img_size / 8) if stem == "small" else math.ceil(img_size / 32)
+
+
+# ============================================================================ optimizer & schedules
 
 class LARS(torch.optim.Optimizer):
     """LARS as in MoCo v3: 1-D parameters (biases, norm weights) get neither weight decay nor trust scaling.
@@ -1106,6 +861,21 @@ def build_optimizer(args, params, trust_coefficient=0.001):
     raise BadInput(f"unknown optimizer {args.optimizer!r}; choose from lars, sgd, adamw")
 
 
+def grad_scaler(run):
+    return torch.amp.GradScaler(run.device.type, enabled=run.args.precision == "fp16")
+
+
+def optimizer_step(loss, optimizer, scaler, clip_params=None, clip=0.0):
+    """Backward + (optional grad-norm clip) + step, GradScaler-aware (a no-op scaler unless fp16)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(clip_params, clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def cosine_lr(epoch, base_lr, warmup_epochs, epochs):
     """Linear warmup then half-cosine, evaluated at a fractional epoch (per iteration)."""
     if epoch < warmup_epochs:
@@ -1134,7 +904,6 @@ def ema_update(target_params, online_params, m):
 
 
 # ============================================================================ checkpoint, resume & export
-
 
 def rng_state():
     s = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(), "torch": torch.get_rng_state()}
@@ -1255,7 +1024,6 @@ def load_backbone(path):
 
 # ============================================================================ kNN monitor
 
-
 @torch.no_grad()
 def extract_features(net, ds, run, batch_size=256):
     """L2-normalised pooled features [N, C] and labels [N] of the whole dataset (sharded across ranks)."""
@@ -1313,8 +1081,7 @@ def knn_monitor(args, run):
     return Views(train, tf), Views(val, tf)
 
 
-# ============================================================================ run record
-
+# ============================================================================ logging
 
 def peak_mem_mb(device):
     """Peak memory: CUDA allocator peak on GPU, peak resident set size of this process on CPU."""
@@ -1512,3 +1279,261 @@ def plot_curves(log_path, png_path):
     plt.close(fig)
     os.replace(tmp, png_path)  # atomic, like every other output
     return list(series)
+
+
+# ##########################################################################################################
+# Everything above is what a method file uses on every run. Below: what only some runs need --
+# the device-side augmentation (--gpu-aug) and the data-study knobs (--subset, --corrupt, --data A,B).
+# ##########################################################################################################
+
+
+# ============================================================================ augmentation on the device (--gpu-aug)
+
+# --gpu-aug: every op takes a batch x [N, 3, H, W] float in [0, 1] and per-sample parameters [N], and follows
+# torchvision's tensor formulas (torchvision.transforms.functional); parameters are drawn per sample, never
+# one per batch (torchvision v2 on a batch and kornia's defaults share one draw across the batch).
+
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
+
+
+BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # one 13-tap kernel for every sigma: 3 sigma of the largest one
+
+
+# (the tails cut at sigma 2 hold 0.3% of the weight; the kernel is renormalised, as torchvision does)
+
+
+def per_sample(v, x):
+    """A per-sample parameter [N] (or a float) broadcast against the batch x [N, C, H, W]."""
+    return v.to(x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(v) else v
+
+
+def blend(x, y, f):
+    """torchvision's _blend: f * x + (1 - f) * y, clamped to [0, 1]; f = 1 returns x exactly."""
+    f = per_sample(f, x)
+    return (f * x + (1.0 - f) * y).clamp(0.0, 1.0)
+
+
+def rgb_to_gray(x):
+    """x [N, 3, H, W] -> luma [N, 1, H, W]."""
+    r, g, b = x.unbind(1)  # [N, H, W] each
+    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
+
+
+def adjust_brightness(x, f):
+    return blend(x, torch.zeros((), dtype=x.dtype, device=x.device), f)
+
+
+def adjust_contrast(x, f):
+    """Blend with the mean of each image's grayscale version."""
+    return blend(x, rgb_to_gray(x).mean((1, 2, 3), keepdim=True), f)  # mean [N, 1, 1, 1]
+
+
+def adjust_saturation(x, f):
+    return blend(x, rgb_to_gray(x), f)
+
+
+def rgb_to_hsv(x):
+    """x [N, 3, H, W] -> h, s, v [N, H, W] each in [0, 1] (torchvision's _rgb2hsv)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)  # [N, H, W]
+    eqc = maxc == minc  # grey pixels: s = 0 and h = 0, no division by zero
+    cr = maxc - minc
+    s = cr / torch.where(eqc, 1.0, maxc)
+    cr = torch.where(eqc, 1.0, cr)
+    rc, gc, bc = (maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
+
+
+def hsv_to_rgb(h, s, v):
+    """h, s, v [N, H, W] -> [N, 3, H, W]: the closed form of torchvision's six-sector _hsv2rgb
+    (channel n: v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for r, g, b)."""
+    n = 5.0 - 2.0 * torch.arange(3, dtype=h.dtype, device=h.device)  # [3]: 5, 3, 1 (made on the device)
+    k = torch.remainder(n[:, None, None, None] + 6.0 * h, 6.0)  # [3, N, H, W]
+    rgb = v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)  # [3, N, H, W]
+    return rgb.transpose(0, 1)  # [N, 3, H, W]
+
+
+def adjust_hue(x, h):
+    """Rotate the hue by h (fraction of a turn, in [-0.5, 0.5])."""
+    hue, s, v = rgb_to_hsv(x)
+    return hsv_to_rgb(torch.remainder(hue + per_sample(h, x)[:, 0], 1.0), s, v)
+
+
+def gaussian_kernels(sigma, radius=BLUR_RADIUS):
+    """sigma [N] -> normalised 1-D Gaussian kernels [N, 2 radius + 1] (as torchvision's
+    _get_gaussian_kernel1d)."""
+    t = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)  # [K]
+    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)  # [N, K]
+    return k / k.sum(1, keepdim=True)
+
+
+def gaussian_blur(x, sigma, radius=BLUR_RADIUS):
+    """Separable Gaussian blur with a per-sample sigma [N], reflect padding (torchvision's gaussian_blur with
+    kernel_size 2 radius + 1). The PIL path's GaussianBlur(radius=sigma) is an extended box blur of about the
+    same std: away from the borders the two differ by under 1 grey level on average, 4 at most (tested)."""
+    n, c, h, w = x.shape
+    k = gaussian_kernels(sigma.to(x.dtype), radius).repeat_interleave(c, 0)  # [N*C, K]: a kernel per channel
+    y = F.pad(x, [radius] * 4, mode="reflect").reshape(1, n * c, h + 2 * radius, w + 2 * radius)
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)  # [1, N*C, H + 2r, W]: along rows
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)  # [1, N*C, H, W]: along columns
+    return y.reshape(n, c, h, w)
+
+
+def solarize(x, threshold=SOLARIZE_AT / 255):
+    """Invert the pixels >= threshold (a float or per-sample [N])."""
+    return torch.where(x >= per_sample(threshold, x), 1.0 - x, x)
+
+
+def normalize(x):
+    """ImageNet normalisation of x [N, 3, H, W] (Python constants: no host-to-device copy, which syncs)."""
+    return torch.stack([(x[:, c] - MEAN[c]) / STD[c] for c in range(3)], 1)  # [N, 3, H, W]
+
+
+def device_aug_seed(seed, rank, step):
+    """Seed of the device generator at one step: each (--seed, rank, global step) has its own stream, so the
+    draw at a step does not depend on what was drawn before it (a resumed run draws the same)."""
+    return ((seed * 1_000_003 + rank) * 10_000_019 + step) % 2**63  # large primes keep the triples apart
+
+
+def sample_photometric(recipe, n, gen):
+    """Per-sample parameters of one view for a batch of n, drawn from `gen` (on its device), as torchvision
+    draws them per image: jitter on [N] (p 0.8), factors [N, 4] (brightness, contrast, saturation in
+    [max(0, 1 - s), 1 + s], hue in [-s, s]), order [N, 4] (a random permutation of the four ops per sample),
+    gray [N] (p 0.2), sigma [N] ~ U(0.1, 2), blur [N] (p blur_p), solarize [N] (p solarize_p). Every field is
+    drawn whatever the recipe, so the stream's layout is the same for every view."""
+    def u(*shape):
+        return torch.rand(*shape, generator=gen, device=gen.device)
+    b, c, s, h = recipe.jitter
+    lo, hi = (max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h), (1 + b, 1 + c, 1 + s, h)
+    r = u(n, 4)  # [N, 4]
+    factors = torch.stack([lo[j] + (hi[j] - lo[j]) * r[:, j] for j in range(4)], 1)  # [N, 4]
+    return {"jitter": u(n) < JITTER_P, "factors": factors, "order": u(n, 4).argsort(1),
+            "gray": u(n) < GRAY_P, "sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u(n),
+            "blur": u(n) < recipe.blur_p, "solarize": u(n) < recipe.solarize_p}
+
+
+def jitter_slots(order, on):
+    """Each sample's jitter order [N, 4] (0-2: brightness, contrast, saturation; 3: hue) and whether its
+    jitter is on [N] -> its ops before the hue and after it, [N, 3] each, -1 for none: the hue (the costly
+    op) then runs once on the batch, between the two."""
+    hue_at = (order == 3).int().argmax(1, keepdim=True)  # [N, 1]
+    k = torch.arange(3, device=order.device)  # [3]
+    pre = torch.where((k < hue_at) & on[:, None], order[:, :3], -1)  # [N, 3]
+    after = hue_at + 1 + k  # [N, 3] positions after the hue
+    post = torch.where((after < 4) & on[:, None], order.gather(1, after.clamp(max=3)), -1)  # [N, 3]
+    return pre, post
+
+
+def adjust_bcs(x, op, factors):
+    """Per sample one of brightness (op 0), contrast (1), saturation (2) or nothing (-1), op [N], with its
+    factor from factors [N, 4]: each is a blend of x with 0, the mean grey or the grey image (torchvision's
+    formulas), so the three run as one blend; factor 1 for nothing, which returns x exactly."""
+    gray = rgb_to_gray(x)  # [N, 1, H, W]
+    mean = gray.mean((1, 2, 3), keepdim=True)  # [N, 1, 1, 1]
+    target = torch.where((op == 1)[:, None, None, None], mean, gray)  # [N, 1, H, W]
+    f = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)  # [N]
+    return blend(x, target * per_sample(op != 0, x), f)
+
+
+def apply_photometric(x, p, recipe):
+    """x [N, 3, H, W] in [0, 1], parameters p from sample_photometric -> the normalised view [N, 3, H, W]:
+    colour jitter in each sample's order, grayscale, blur, solarize (the PIL path's order), then normalise.
+    Static shapes and no host sync: every op runs on the whole batch and each sample keeps its own result."""
+    def where(mask, y, x):
+        return torch.where(mask[:, None, None, None], y, x)
+    pre, post = jitter_slots(p["order"], p["jitter"])  # [N, 3] each
+    for op in pre.unbind(1):
+        x = adjust_bcs(x, op, p["factors"])
+    if recipe.jitter[3]:  # hue 0 is not bit-exact (HSV round trip): the samples without jitter keep x
+        x = where(p["jitter"], adjust_hue(x, p["factors"][:, 3]), x)
+    for op in post.unbind(1):
+        x = adjust_bcs(x, op, p["factors"])
+    x = where(p["gray"], rgb_to_gray(x).expand_as(x), x)
+    if recipe.blur_p > 0:
+        x = where(p["blur"], gaussian_blur(x, p["sigma"]), x)
+    if recipe.solarize_p > 0:
+        x = where(p["solarize"], solarize(x), x)
+    return normalize(x)
+
+
+def device_view(run, x, recipe, gen):
+    """uint8 crops [n, 3, H, W] from the loader -> the view's normalised float batch on the device."""
+    x = x.to(run.device, non_blocking=True).float().div_(255)  # [n, 3, H, W] in [0, 1]
+    x = apply_photometric(x, sample_photometric(recipe, x.shape[0], gen), recipe)
+    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
+
+
+# ============================================================================ data-study knobs (--subset, --corrupt, --data A,B)
+
+class Subset(torch.utils.data.Dataset):
+    """base restricted to `indices`, labels shifted by `offset` (to keep two domains' classes apart)."""
+    def __init__(self, base, indices, offset=0):
+        self.base, self.indices, labels = base, list(indices), labels_of(base)
+        self.targets = [labels[i] + offset if labels[i] >= 0 else -1 for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[self.indices[i]][0], self.targets[i]
+
+
+def balanced_order(labels, seed):
+    """Seeded order of indices, round-robin over classes: every prefix is class-balanced and contains
+    every shorter prefix, so `order[:n]` gives nested subsets."""
+    rng, labels = np.random.default_rng(seed), np.asarray(labels)
+    perms = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    return [int(p[r]) for r in range(max(map(len, perms))) for p in perms if r < len(p)]
+
+
+CORRUPTIONS = {"jpeg": lambda q: q == int(q) and 1 <= q <= 100, "downsample": lambda f: f >= 1,
+               "saltpepper": lambda p: 0 <= p <= 1, "blur": lambda s: s > 0}
+
+
+def parse_corruptions(spec):
+    """'jpeg:10,blur:2' -> [('jpeg', 10.0), ('blur', 2.0)]; BadInput on an unknown name or bad value."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition(":")
+        try:
+            ok = name in CORRUPTIONS and CORRUPTIONS[name](float(value))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise BadInput(f"bad --corrupt spec {item!r}: use jpeg:Q (1-100), downsample:F (>= 1), "
+                           f"saltpepper:P (0-1) or blur:S (> 0)")
+        out.append((name, float(value)))
+    return out
+
+
+def corrupt_image(img, specs, rng):
+    """Apply the corruptions in order (the study's JPEG, resolution, salt-and-pepper and blur lenses)."""
+    for name, v in specs:
+        if name == "jpeg":
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=int(v))
+            img = Image.open(buf).convert("RGB")
+        elif name == "downsample":  # down by F, back up bilinear: lower resolution at the same size
+            w, h = img.size
+            img = img.resize((max(1, round(w / v)), max(1, round(h / v))), Image.BILINEAR).resize((w, h), Image.BILINEAR)
+        elif name == "saltpepper":
+            a, u = np.array(img), rng.random(img.size[::-1])  # u: [H, W]
+            a[u < v / 2], a[(u >= v / 2) & (u < v)] = 0, 255
+            img = Image.fromarray(a)
+        else:
+            img = img.filter(ImageFilter.GaussianBlur(v))
+    return img
+
+
+class Corrupted(torch.utils.data.Dataset):
+    """Corrupts base[i] with an RNG seeded by (seed, i): the same stored image every epoch, in every worker."""
+    def __init__(self, base, specs, seed=0):
+        self.base, self.specs, self.seed, self.targets = base, specs, seed, labels_of(base)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return corrupt_image(img, self.specs, np.random.default_rng([self.seed, i])), label
