@@ -45,20 +45,20 @@ where the probe resolution is an evaluation choice), or `none` for a random init
   torchrun --nproc_per_node=8 eval_linear.py --pretrained backbone.pth --mode linear --data /imagenet
   python eval_linear.py --pretrained none --mode finetune   # supervised baseline
   python eval_linear.py --pretrained runs/densecl/backbone.pth --mode seg --show-seg seg.png
-  python eval_linear.py --pretrained backbone.pth --mode seg --data /VOCdevkit/VOC2012 --img-size 448 --seg-res 100
-  python eval_linear.py --pretrained backbone.pth --mode seg-knn --data /VOCdevkit/VOC2012 --img-size 448
+  python eval_linear.py --pretrained backbone.pth --mode seg --data VOC2012 --img-size 448 --seg-res 100
+  python eval_linear.py --pretrained backbone.pth --mode seg-knn --data VOC2012 --img-size 448
 
 The last line printed is a JSON summary. Classification modes: top1 and top5 (percent). Dense modes:
 miou, pixel_acc and iou (per class, null for a class absent from ground truth and prediction), all in
 percent; their top1 and top5 are null (there is no image-level prediction). Every mode: val_images (each
 val image is counted once, also under torchrun) and protocol.
 
-Dense defaults (ours; explicit flags and the file's arch and stem win): synthetic (`cpu` preset) ResNet-18
-with the small stem at 32 px (a 4x4 final grid, as DenseCL's and DetCon's cpu presets), 1280 train images
-(256 val), 4 probe epochs at batch 128, so each dense mode runs within 2 minutes on 2 CPU cores; other data
-448 px (Leopart's VOC size), 25 epochs (Leopart's), batch 64. The grid decides what a dense probe can show:
-a 2x2 grid (ResNet stem at 64 px, the MoCo v3 cpu preset) cannot place a shape, so evaluate such a
-backbone with `--img-size 128` (4x4). seg-knn uses --knn-k and --knn-t (k = 200, T = 0.1).
+Dense defaults (ours; explicit flags and the file's arch, stem and size win): synthetic (`cpu` preset)
+ResNet-18 with the small stem at 32 px (a 4x4 final grid, as DenseCL's and DetCon's cpu presets), 1280
+train images (256 val), 4 probe epochs at batch 128, so each dense mode runs within 2 minutes on 2 CPU
+cores; other data 448 px (Leopart's VOC size), 25 epochs (Leopart's), batch 64. The grid decides what a
+dense probe can show: a 2x2 grid (ResNet stem at 64 px, the MoCo v3 cpu preset) cannot place a shape, so
+evaluate such a backbone with `--img-size 128` (4x4). seg-knn uses --knn-k and --knn-t (k = 200, T = 0.1).
 """
 import dataclasses
 import json
@@ -105,11 +105,13 @@ class Args(common.CommonArgs):
     labels_per_class: int = 0
     """train the head (and fill the kNN bank) with K seeded labeled images per class (0 = all)"""
     granularity: str = "fine"
-    """fine (the dataset's classes) or coarse (CIFAR-100: 20 superclasses; synthetic: 3 shape families; folders: --coarse-map)"""
+    """fine (the dataset's classes) or coarse (CIFAR-100: 20 superclasses; synthetic: 3 shape families;
+    folders: --coarse-map)"""
     coarse_map: str = ""
     """JSON file {class folder name: coarse class name} for --granularity coarse on an image folder"""
     seg_res: int = 0
-    """seg: side of the logits the loss is computed on (masks resized nearest to it; 0 = the crop size; Leopart: 100)"""
+    """seg: side of the logits the loss is computed on (masks resized nearest to it; 0 = the crop size;
+    Leopart: 100)"""
     num_classes: int = 0
     """dense modes: number of classes (0 = auto: synthetic 11, VOC 21, folder: largest train mask id + 1)"""
     show_seg: str = ""
@@ -121,35 +123,38 @@ PRESETS = {
     "cifar": dict(stem="small", img_size=32, epochs=100),
     "cpu": dict(img_size=64, epochs=10, batch_size=128, workers=2, log_every=20),
 }
-# dense modes: applied over PRESETS for every flag not given (ours; "imagenet" follows Leopart's VOC size and epochs)
+# dense modes: applied over PRESETS for every flag not given (ours; "imagenet" follows Leopart's VOC size and
+# epochs)
 DENSE_PRESETS = {
     "imagenet": dict(img_size=448, epochs=25, batch_size=64),
     "cifar": {},
-    # the small stem at 32 px gives DenseCL's and DetCon's cpu-preset 4x4 grid (a 2x2 grid, ResNet stem at 64 px,
-    # cannot place a shape: upsampled from 2x2 even the true label shares of each cell predict background only);
-    # 4 epochs of 1280 images keep each dense mode within 2 minutes on 2 cores
+    # the small stem at 32 px gives DenseCL's and DetCon's cpu-preset 4x4 grid (a 2x2 grid, ResNet stem
+    # at 64 px, cannot place a shape: upsampled from 2x2, even the true label shares of each cell predict
+    # background only); 4 epochs of 1280 images keep each dense mode within 2 minutes on 2 cores
     "cpu": dict(stem="small", img_size=32, synthetic_size=1280, epochs=4),
 }
 
 
 def check_meta(args, meta, flags_given, free=()):
-    """Use the arch/stem/img size recorded in the file; an explicit conflicting flag is an error (unless in `free`)."""
+    """Use the arch/stem/img size recorded in the file; an explicit conflicting flag is an error (unless the
+    key is in `free`)."""
     for key in ("arch", "stem", "img_size"):
         if meta.get(key) is None or (key in free and key in flags_given):
             continue
         if key in flags_given and getattr(args, key) != meta[key]:
-            raise common.BadInput(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the pretrained "
-                                  f"file, which was made with {key}={meta[key]}")
+            raise common.BadInput(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the "
+                                  f"pretrained file, which was made with {key}={meta[key]}")
         setattr(args, key, meta[key])
 
 
-SYNTHETIC_COARSE = {"disk": "round", "ring": "round", "crescent": "round", "square": "polygon", "frame": "polygon",
-                    "triangle": "polygon", "plus": "stroke", "star": "stroke", "bar": "stroke", "ell": "stroke"}
+SYNTHETIC_COARSE = {"disk": "round", "ring": "round", "crescent": "round", "square": "polygon",
+                    "frame": "polygon", "triangle": "polygon", "plus": "stroke", "star": "stroke",
+                    "bar": "stroke", "ell": "stroke"}
 
 
 def coarse_labels(args, ds):
     """Coarse label of every image of ds (the granularity lens of Cole et al.)."""
-    if args.data == "cifar100":  # torchvision keeps only the fine labels; the coarse ones are in the same file
+    if args.data == "cifar100":  # torchvision keeps only the fine labels; the coarse ones are in its file
         import pickle
         name = (ds.train_list if ds.train else ds.test_list)[0][0]
         with open(os.path.join(ds.root, ds.base_folder, name), "rb") as f:
@@ -162,7 +167,8 @@ def coarse_labels(args, ds):
         except (OSError, ValueError) as e:
             raise common.BadInput(f"cannot read --coarse-map {args.coarse_map}: {e}") from None
     else:
-        raise common.BadInput("--granularity coarse needs cifar100, synthetic, or an image folder with --coarse-map")
+        raise common.BadInput("--granularity coarse needs cifar100, synthetic, or an image folder with "
+                              "--coarse-map")
     missing = sorted(set(ds.classes) - set(mapping))
     if missing:
         raise common.BadInput(f"--coarse-map has no coarse class for {missing[:5]}")
@@ -232,11 +238,12 @@ def evaluate(net, head, ds, run):
 
 IGNORE = 255  # the VOC convention: boundary / unlabeled pixels, left out of the loss, the bank and the metric
 VOC_CLASSES = 21  # background + 20 object classes
+SHOW_N = 6  # val images drawn by --show-seg
 
 
 def read_mask(path):
-    """Class ids [H, W] int64 of a mask PNG: a palette PNG ("P": the palette index is the class id, as in VOC's
-    SegmentationClass) or grayscale ids ("L", "I", "I;16"); BadInput naming the file otherwise."""
+    """Class ids [H, W] int64 of a mask PNG: a palette PNG ("P": the palette index is the class id, as in
+    VOC's SegmentationClass) or grayscale ids ("L", "I", "I;16"); BadInput naming the file otherwise."""
     try:
         with open(path, "rb") as f:
             m = Image.open(f)
@@ -244,7 +251,8 @@ def read_mask(path):
     except Exception as e:
         raise common.BadInput(f"cannot read mask {path}: {e}") from None
     if m.mode not in ("P", "L", "I", "I;16"):
-        raise common.BadInput(f"mask {path} is a {m.mode} image: expected a palette or grayscale PNG of class ids")
+        raise common.BadInput(f"mask {path} is a {m.mode} image: expected a palette or grayscale PNG of "
+                              f"class ids")
     return np.array(m).astype(np.int64)
 
 
@@ -255,12 +263,12 @@ def check_pair(img, ids, img_path, mask_path, n_classes):
                               f"is {img.width}x{img.height}")
     bad = ids[(ids >= n_classes) & (ids != IGNORE)]
     if bad.size:
-        raise common.BadInput(f"mask {mask_path} has label id {int(bad.max())}, not below the number of classes "
-                              f"{n_classes} (255 = ignore; see --num-classes)")
+        raise common.BadInput(f"mask {mask_path} has label id {int(bad.max())}, not below the number of "
+                              f"classes {n_classes} (255 = ignore; see --num-classes)")
 
 
 class SegFiles(torch.utils.data.Dataset):
-    """(PIL image, class ids [H, W] int64) from (image path, mask path) pairs; each item checked when loaded."""
+    """(PIL image, class ids [H, W] int64) from (image path, mask path) pairs; each checked when loaded."""
     def __init__(self, pairs, n_classes):
         self.pairs, self.n_classes = pairs, n_classes
 
@@ -290,7 +298,7 @@ class SyntheticSeg(torch.utils.data.Dataset):
 
 
 def existing_pairs(pairs):
-    """The eager check: every image and every mask of the list exists (BadInput naming the first missing file)."""
+    """The eager check: every image and mask of the list exists (BadInput naming the first missing file)."""
     for img_path, mask_path in pairs:
         if not os.path.isfile(img_path):
             raise common.BadInput(f"image not found: {img_path}")
@@ -300,11 +308,12 @@ def existing_pairs(pairs):
 
 
 def is_voc(root):
-    return os.path.isdir(os.path.join(root, "JPEGImages")) and os.path.isdir(os.path.join(root, "ImageSets", "Segmentation"))
+    dirs = (("JPEGImages",), ("ImageSets", "Segmentation"))
+    return all(os.path.isdir(os.path.join(root, *d)) for d in dirs)
 
 
 def voc_pairs(root, split):
-    """VOC 2012 (image, mask) paths of a split; train uses SegmentationClassAug + train_aug.txt when both exist."""
+    """VOC 2012 (image, mask) paths of a split (train: SegmentationClassAug + train_aug.txt if present)."""
     lists = os.path.join(root, "ImageSets", "Segmentation")
     aug = split == "train" and os.path.isfile(os.path.join(lists, "train_aug.txt")) and os.path.isdir(
         os.path.join(root, "SegmentationClassAug"))
@@ -312,7 +321,8 @@ def voc_pairs(root, split):
     if not os.path.isfile(list_file):
         raise common.BadInput(f"VOC split list not found: {list_file}")
     # a line is an image id, or (some train_aug.txt copies) "/JPEGImages/ID.jpg /SegmentationClassAug/ID.png"
-    names = [os.path.splitext(os.path.basename(line.split()[0]))[0] for line in open(list_file) if line.strip()]
+    names = [os.path.splitext(os.path.basename(line.split()[0]))[0]
+             for line in open(list_file) if line.strip()]
     if not names:
         raise common.BadInput(f"VOC split list {list_file} is empty")
     masks = os.path.join(root, "SegmentationClassAug" if aug else "SegmentationClass")
@@ -348,14 +358,14 @@ def seg_splits(args):
         n = args.num_classes or len(common.SHAPES) + 1  # background + one class per shape
         return [SyntheticSeg(common.load_dataset(args, s), n) for s in ("train", "val")] + [n]
     if not os.path.isdir(args.data):
-        raise common.BadInput(f"--mode {args.mode} needs masks: --data synthetic, a VOC 2012 root or a folder with "
-                              f"train/images and train/masks ({args.data} is not a folder)")
+        raise common.BadInput(f"--mode {args.mode} needs masks: --data synthetic, a VOC 2012 root or a "
+                              f"folder with train/images and train/masks ({args.data} is not a folder)")
     if is_voc(args.data):
         n = args.num_classes or VOC_CLASSES
         return [SegFiles(voc_pairs(args.data, s), n) for s in ("train", "val")] + [n]
     if not os.path.isdir(os.path.join(args.data, "train", "images")):
-        raise common.BadInput(f"{args.data} is neither a VOC root (JPEGImages/, ImageSets/Segmentation/) nor a "
-                              f"folder with train/images and train/masks")
+        raise common.BadInput(f"{args.data} is neither a VOC root (JPEGImages/, ImageSets/Segmentation/) nor "
+                              f"a folder with train/images and train/masks")
     train, val = folder_pairs(args.data, "train"), folder_pairs(args.data, "val")
     n = args.num_classes or folder_classes(train)
     if n < 1:
@@ -364,13 +374,17 @@ def seg_splits(args):
 
 
 class SegTransform:
-    """Paired geometry on (PIL image, ids [H, W]) -> (normalised image [3, S, S], ids [S, S] int64): the mask is a
-    tv_tensors.Mask, so it gets the image's crop box and flip and is resized nearest (ids stay ids).
-    train: RandomResizedCrop(scale 0.8-1) + horizontal flip; val: resize to S x S (aspect not kept, as Leopart)."""
+    """Paired geometry on (PIL image, ids [H, W]) -> (normalised image [3, S, S], ids [S, S] int64): the mask
+    is a tv_tensors.Mask, so it gets the image's crop box and flip and is resized nearest (ids stay ids).
+    train: RandomResizedCrop(scale 0.8-1) + horizontal flip; val: resize to S x S (aspect not kept, as
+    Leopart)."""
     def __init__(self, img_size, train):
-        geometry = [v2.RandomResizedCrop(img_size, scale=(0.8, 1.0), antialias=True), v2.RandomHorizontalFlip()] \
-            if train else [v2.Resize((img_size, img_size), antialias=True)]
-        self.tf = v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.MEAN, common.STD)])
+        geometry = [v2.Resize((img_size, img_size), antialias=True)]
+        if train:
+            geometry = [v2.RandomResizedCrop(img_size, scale=(0.8, 1.0), antialias=True),
+                        v2.RandomHorizontalFlip()]
+        self.tf = v2.Compose([*geometry, v2.ToDtype(torch.float32, scale=True),
+                              v2.Normalize(common.MEAN, common.STD)])
 
     def __call__(self, img, ids):
         x, m = self.tf(tv_tensors.Image(TF.pil_to_tensor(img)), tv_tensors.Mask(torch.from_numpy(ids)[None]))
@@ -398,7 +412,8 @@ class SegViews(torch.utils.data.Dataset):
 def confusion_matrix(pred, gt, n_classes):
     """[C, C] pixel counts (row: ground truth, column: prediction) over the pixels whose gt is not IGNORE."""
     valid = gt != IGNORE
-    return torch.bincount(gt[valid] * n_classes + pred[valid], minlength=n_classes ** 2).reshape(n_classes, n_classes)
+    counts = torch.bincount(gt[valid] * n_classes + pred[valid], minlength=n_classes ** 2)  # [C * C]
+    return counts.reshape(n_classes, n_classes)
 
 
 def seg_metrics(conf):
@@ -415,7 +430,8 @@ def seg_metrics(conf):
 
 
 def upsample(scores, size):
-    """Bilinear upsampling of per-cell scores [N, C, s, s] -> [N, C, H, W] (align_corners=False: cells as bins)."""
+    """Bilinear upsampling of per-cell scores [N, C, s, s] -> [N, C, H, W] (align_corners=False: cells as
+    equal bins)."""
     return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
 
 
@@ -428,20 +444,21 @@ def seg_loss(logits, target):
 
 def cell_histograms(ids, n_classes, grid):
     """Valid-pixel counts per class in every cell of a grid x grid partition: ids [N, H, W] -> [N, grid^2, C].
-    Pixel (h, w) falls in cell (h * grid // H, w * grid // W): equal bins, as the bilinear upsampling reads them."""
+    Pixel (h, w) falls in cell (h * grid // H, w * grid // W): equal bins, as the bilinear upsampling reads
+    them."""
     n, h, w = ids.shape
     rows = torch.arange(h, device=ids.device) * grid // h  # [H]
     cols = torch.arange(w, device=ids.device) * grid // w  # [W]
     cell = rows[:, None] * grid + cols[None, :]  # [H, W]
     image = torch.arange(n, device=ids.device)[:, None, None] * grid * grid  # [N, 1, 1]
-    key = ((image + cell) * n_classes + ids.clamp(max=n_classes - 1))  # [N, H, W]; ignore pixels dropped below
+    key = (image + cell) * n_classes + ids.clamp(max=n_classes - 1)  # [N, H, W]; ignore pixels dropped below
     counts = torch.bincount(key[ids != IGNORE], minlength=n * grid * grid * n_classes)
     return counts.reshape(n, grid * grid, n_classes)
 
 
 def bank_entries(feats, ids, n_classes):
-    """Bank rows of one batch: (L2-normalised cell features [M, D], label distributions [M, C]) for the M cells
-    with at least one valid pixel; feats [N, D, S, S], ids [N, H, W]."""
+    """Bank rows of one batch: (L2-normalised cell features [M, D], label distributions [M, C]) for the M
+    cells with at least one valid pixel; feats [N, D, S, S], ids [N, H, W]."""
     counts = cell_histograms(ids, n_classes, feats.shape[-1]).flatten(0, 1).float()  # [N*S*S, C]
     cells = F.normalize(feats, dim=1).flatten(2).transpose(1, 2).flatten(0, 1)  # [N*S*S, D]
     keep = counts.sum(1) > 0  # cells with only ignore pixels are left out
@@ -472,7 +489,8 @@ def knn_scores(feats, bank, bank_dist, k, t):
     """Per-cell class scores [N, C, S, S] of val features [N, D, S, S], in chunks of QUERY_CHUNK cells."""
     n, _, s, _ = feats.shape
     q = F.normalize(feats, dim=1).flatten(2).transpose(1, 2).flatten(0, 1)  # [N*S*S, D]
-    out = torch.cat([knn_vote(q[i:i + QUERY_CHUNK], bank, bank_dist, k, t) for i in range(0, len(q), QUERY_CHUNK)])
+    out = torch.cat([knn_vote(q[i:i + QUERY_CHUNK], bank, bank_dist, k, t)
+                     for i in range(0, len(q), QUERY_CHUNK)])  # [N*S*S, C]
     return out.reshape(n, s, s, -1).permute(0, 3, 1, 2)  # [N, C, S, S]
 
 
@@ -499,8 +517,9 @@ def features(net, x, run):
 @torch.no_grad()
 def build_bank(net, dim, ds, run, n_classes, batch_size):
     """seg-knn bank over ds: (features [M, D], label distributions [M, C]), built sharded and gathered.
-    Rows are written into one preallocated buffer, so the peak is the bank itself, not a list plus its concat."""
-    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=shard(len(ds), run), num_workers=run.args.workers)
+    Rows are written into one preallocated buffer: the peak is the bank itself, not a list plus its concat."""
+    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=shard(len(ds), run),
+                                         num_workers=run.args.workers)
     feats, dists, m = None, None, 0
     for x, y in loader:
         fmap = features(net, x, run)  # [b, D, S, S]
@@ -517,9 +536,11 @@ def build_bank(net, dim, ds, run, n_classes, batch_size):
 
 @torch.no_grad()
 def seg_eval(predict, ds, run, n_classes, batch_size, show=0):
-    """(confusion matrix [C, C] summed over ranks, number of images, the first `show` (image, gt, prediction) of
-    rank 0) of predict(x) -> per-cell scores [n, C, s, s], upsampled to the mask. Each image is counted once."""
-    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=shard(len(ds), run), num_workers=run.args.workers)
+    """(confusion matrix [C, C] summed over ranks, number of images, the first `show` (image, gt, prediction)
+    of rank 0) of predict(x) -> per-cell scores [n, C, s, s], upsampled to the mask; each image counted
+    once."""
+    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=shard(len(ds), run),
+                                         num_workers=run.args.workers)
     conf = torch.zeros(n_classes, n_classes, dtype=torch.long, device=run.device)
     n, shown = torch.zeros((), dtype=torch.long, device=run.device), []
     for x, y in loader:
@@ -535,15 +556,16 @@ def seg_eval(predict, ds, run, n_classes, batch_size, show=0):
 
 
 def train_seg_probe(net, head, train_ds, run, args, res):
-    """Train `head` (1x1 conv) on the frozen `net` with the seg protocol; returns the Logger. The backbone stays in
-    eval() (frozen BN statistics) and outside autograd: only the head sees gradients."""
+    """Train `head` (1x1 conv) on the frozen `net` with the seg protocol; returns the Logger. The backbone
+    stays in eval() (frozen BN statistics) and outside autograd: only the head sees gradients."""
     net.eval()
     step_head = nn.parallel.DistributedDataParallel(head) if run.world > 1 else head
     optimizer = common.build_optimizer(args, head.parameters())
     scaler = common.grad_scaler(run)
     steps_per_epoch = len(train_ds) // args.batch_size
     if steps_per_epoch == 0:
-        raise common.BadInput(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_ds)} images)")
+        raise common.BadInput(f"--batch-size {args.batch_size} is larger than the dataset "
+                              f"({len(train_ds)} images)")
     base_lr = args.lr * args.batch_size / 256
     log, step = common.Logger(run, steps_per_epoch, 0), 0
     for epoch in range(args.epochs):
@@ -553,7 +575,7 @@ def train_seg_probe(net, head, train_ds, run, args, res):
             common.set_lr(optimizer, common.cosine_lr(e, base_lr, 0, args.epochs))
             y = y.to(run.device)  # [n, H, W]
             if res != y.shape[-1]:  # Leopart: the loss at a fixed resolution, masks resized nearest
-                y = F.interpolate(y[:, None].float(), size=(res, res), mode="nearest")[:, 0].long()  # [n, res, res]
+                y = F.interpolate(y[:, None].float(), size=(res, res), mode="nearest")[:, 0].long()
             with run.autocast():
                 logits = step_head(features(net, x, run))  # [n, C, S, S]
             loss = seg_loss(upsample(logits.float(), (res, res)), y)
@@ -591,13 +613,21 @@ def save_seg_figure(path, shown, title):
     grid = np.concatenate(rows, 0)
     scale = max(1, math.ceil(cell / shown[0][1].shape[-1]))
     grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8))
-    head = 30  # px for two lines of the default bitmap font
-    out = Image.new("RGB", (grid.shape[1], grid.shape[0] + head), "white")
-    out.paste(Image.fromarray(grid), (0, head))
+    measure, lines = ImageDraw.Draw(Image.new("RGB", (1, 1))), [""]
+    for word in title.split():  # wrap the title to the figure's width
+        trial = f"{lines[-1]} {word}".strip()
+        if lines[-1] and measure.textlength(trial) > grid.shape[1] - 4:
+            lines.append(word)
+        else:
+            lines[-1] = trial
+    line_px = 12  # the default font is 10 px high
+    out = Image.new("RGB", (grid.shape[1], grid.shape[0] + line_px * (len(lines) + 1) + 4), "white")
+    out.paste(Image.fromarray(grid), (0, out.height - grid.shape[0]))
     draw = ImageDraw.Draw(out)
-    draw.text((2, 2), title, fill="black")
+    for i, line in enumerate(lines):
+        draw.text((2, 2 + i * line_px), line, fill="black")
     for j, name in enumerate(("image", "ground truth", "prediction")):
-        draw.text((2 + j * grid.shape[1] // 3, 16), name, fill="black")
+        draw.text((2 + j * grid.shape[1] // 3, 2 + len(lines) * line_px), name, fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     out.save(path)
 
@@ -612,6 +642,7 @@ def dense_eval(args, meta, net, dim, run):
     net.requires_grad_(False)
     net.eval()
     where = f"{args.data}, {args.img_size}px, {n_cls} classes, {grid}x{grid} feature grid"
+    show = SHOW_N if args.show_seg else 0
     if args.mode == "seg":
         res = args.seg_res or args.img_size
         args.lr = args.lr or 0.1
@@ -622,18 +653,20 @@ def dense_eval(args, meta, net, dim, run):
         head.eval()
         protocol = f"linear seg probe (frozen, 1x1 conv, loss at {res}px) {args.epochs} ep, {where}"
         conf, n_val, shown = seg_eval(lambda x: head(features(net, x, run)).float(), val_ds, run, n_cls, bs,
-                                      6 if args.show_seg else 0)
+                                      show)
     else:
-        bank, bank_dist = build_bank(net, dim, SegViews(train_base, SegTransform(args.img_size, train=False)), run, n_cls, bs)
-        protocol = f"dense kNN retrieval k={args.knn_k} T={args.knn_t}, bank of {len(bank)} train cells, {where}"
+        bank_ds = SegViews(train_base, SegTransform(args.img_size, train=False))
+        bank, bank_dist = build_bank(net, dim, bank_ds, run, n_cls, bs)
+        protocol = (f"dense kNN retrieval k={args.knn_k} T={args.knn_t}, bank of {len(bank)} train cells, "
+                    f"{where}")
         conf, n_val, shown = seg_eval(lambda x: knn_scores(features(net, x, run), bank, bank_dist, args.knn_k,
-                                                           args.knn_t), val_ds, run, n_cls, bs, 6 if args.show_seg else 0)
+                                                           args.knn_t), val_ds, run, n_cls, bs, show)
     changed = [k for k, v in net.state_dict().items() if not torch.equal(v, frozen[k].to(v.device))]
     if changed:
         raise RuntimeError(f"the dense evaluation changed the frozen backbone: {changed[:3]}")
     miou, acc, iou = seg_metrics(conf)
     if args.show_seg and run.main and shown:
-        save_seg_figure(args.show_seg, shown, f"{args.mode}: {protocol}"[:150] + f" | mIoU {miou:.1f}")
+        save_seg_figure(args.show_seg, shown, f"{args.mode}: {protocol}, mIoU {miou:.1f}")
     extra = dict(miou=miou, pixel_acc=acc, iou=iou, top1=None, top5=None, val_images=n_val, protocol=protocol)
     if args.mode == "seg":
         return log.summary(**extra)
@@ -656,7 +689,8 @@ def load_net(args, sd, run):
     if sd is not None:
         pos = sd.get("encoder.pos_embedding")
         if pos is not None and pos.shape != net.encoder.pos_embedding.shape:
-            # ViT at another size than pretrained (a dense probe): the fixed 2-D sin-cos embedding of this grid
+            # ViT at another size than pretrained (a dense probe): the fixed 2-D sin-cos embedding of this
+            # grid
             sd = {**sd, "encoder.pos_embedding": net.encoder.pos_embedding.detach().clone()}
         try:
             net.load_state_dict(sd, strict=True)
@@ -668,8 +702,8 @@ def load_net(args, sd, run):
 
 @common.user_errors
 def main(argv=None):
-    flags_given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)
-                   if a.startswith("--")}
+    given = sys.argv[1:] if argv is None else argv
+    flags_given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in given if a.startswith("--")}
     args = common.parse_args(Args, PRESETS, argv)
     if args.mode not in MODES:
         raise common.BadInput(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
@@ -678,9 +712,11 @@ def main(argv=None):
         for key, value in DENSE_PRESETS[args.preset].items():
             if key not in flags_given:
                 setattr(args, key, value)
-        for flag, off in (("labels_per_class", 0), ("granularity", "fine"), ("corrupt", ""), ("bn_head", False)):
+        classification = {"labels_per_class": 0, "granularity": "fine", "corrupt": "", "bn_head": False}
+        for flag, off in classification.items():
             if getattr(args, flag) != off:
-                raise common.BadInput(f"--{flag.replace('_', '-')} is a classification option, not for --mode {args.mode}")
+                raise common.BadInput(f"--{flag.replace('_', '-')} is a classification option, not for "
+                                      f"--mode {args.mode}")
     sd, meta = (None, {}) if args.pretrained == "none" else common.load_backbone(args.pretrained)
     check_meta(args, meta, flags_given, free=("img_size",) if dense else ())
     if args.seg_res < 0 or args.num_classes < 0:
@@ -696,14 +732,15 @@ def main(argv=None):
     # ---- data
     train_base, val_base = eval_splits(args)
     val_ds = common.Views(val_base, common.eval_transform(args.img_size))
-    protocol = {"knn": f"weighted kNN k={args.knn_k} T={args.knn_t}", "finetune": f"fine-tune {args.epochs} ep",
+    protocol = {"knn": f"weighted kNN k={args.knn_k} T={args.knn_t}",
+                "finetune": f"fine-tune {args.epochs} ep",
                 "linear": f"linear probe (MoCo v3 protocol) {args.epochs} ep"}[args.mode]
     protocol += f", {args.data}, {args.img_size}px, {args.granularity} labels" + (
         f", {args.labels_per_class} labels/class" if args.labels_per_class else "") + (
         f", train images corrupted {args.corrupt}" if args.corrupt else "")
     if args.mode == "knn":
-        top1, top5 = common.knn_eval(net, common.Views(train_base, common.eval_transform(args.img_size)), val_ds,
-                                     run, args.knn_k, args.knn_t)
+        bank_ds = common.Views(train_base, common.eval_transform(args.img_size))
+        top1, top5 = common.knn_eval(net, bank_ds, val_ds, run, args.knn_k, args.knn_t)
         return finish(run, args, meta, top1=top1, top5=top5, val_images=len(val_ds), protocol=protocol)
 
     # ---- head, optimizer & schedule
@@ -727,7 +764,8 @@ def main(argv=None):
     train_ds = common.Views(train_base, train_transform(args.img_size), args.seed)
     steps_per_epoch = len(train_ds) // args.batch_size
     if steps_per_epoch == 0:
-        raise common.BadInput(f"--batch-size {args.batch_size} is larger than the dataset ({len(train_ds)} images)")
+        raise common.BadInput(f"--batch-size {args.batch_size} is larger than the dataset "
+                              f"({len(train_ds)} images)")
     base_lr = args.lr * args.batch_size / 256
     log = common.Logger(run, steps_per_epoch, 0)
 

@@ -51,7 +51,8 @@ def test_miou_matches_numpy_confusion_matrix():
 
 
 def test_probe_head_before_upsampling_equals_after():
-    """The 1x1 conv commutes with bilinear upsampling (linear, weights summing to 1): the cheap order is exact."""
+    """The 1x1 conv commutes with bilinear upsampling (linear, weights summing to 1): the cheap order is
+    exact."""
     torch.manual_seed(0)
     head, f = nn.Conv2d(16, 5, 1), torch.randn(2, 16, 4, 4)
     assert torch.allclose(E.upsample(head(f), (32, 32)), head(E.upsample(f, (32, 32))), atol=1e-5)
@@ -77,11 +78,11 @@ CORNERS = np.array([[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255], [255, 255,
 def test_paired_transform_gives_image_and_mask_the_same_crop_and_flip():
     rng = np.random.default_rng(1)
     labels = np.array([0, 1, 2, 3, 4, 5, 6, 255])
-    ids = np.repeat(np.repeat(rng.choice(labels, size=(3, 4)), 16, 0), 16, 1).astype(np.int64)  # [48, 64] blocks
+    ids = np.repeat(np.repeat(rng.choice(labels, size=(3, 4)), 16, 0), 16, 1).astype(np.int64)  # [48, 64]
     ids[:, :9] = 255  # an asymmetric stripe: a flip of the image alone would not match
     colour = {int(v): CORNERS[k] for k, v in enumerate(labels)}
-    img = Image.fromarray(np.stack([np.vectorize(lambda v, c=c: colour[int(v)][c])(ids) for c in range(3)], -1)
-                          .astype(np.uint8))
+    rgb = np.stack([np.vectorize(lambda v, c=c: colour[int(v)][c])(ids) for c in range(3)], -1)  # [48, 64, 3]
+    img = Image.fromarray(rgb.astype(np.uint8))
     ds = E.SegViews([(img, ids)] * 12, E.SegTransform(32, train=True))
     val_x, val_y = E.SegTransform(32, train=False)(img, ids)
     mean, std = np.array(common.MEAN)[:, None, None], np.array(common.STD)[:, None, None]
@@ -93,8 +94,9 @@ def test_paired_transform_gives_image_and_mask_the_same_crop_and_flip():
         rgb = (x.numpy() * std + mean) * 255  # [3, 32, 32]
         nearest = ((rgb[None] - CORNERS[:, :, None, None]) ** 2).sum(1).argmin(0)  # [32, 32] colour index
         y = y.numpy()
-        pad = np.pad(y, 2, mode="edge")  # interpolation (antialiased bilinear) blends colours up to 2 px from an edge
-        inner = np.all([pad[2 + dy:34 + dy, 2 + dx:34 + dx] == y for dy in range(-2, 3) for dx in range(-2, 3)], 0)
+        pad = np.pad(y, 2, mode="edge")  # antialiased bilinear resizing blends colours up to 2 px off an edge
+        near = range(-2, 3)
+        inner = np.all([pad[2 + dy:34 + dy, 2 + dx:34 + dx] == y for dy in near for dx in near], 0)
         assert inner.mean() > 0.3  # most pixels are away from an edge: the check below is not empty
         assert np.array_equal(labels[nearest][inner], y[inner]), f"sample {i}: image and mask disagree"
         differs += not np.array_equal(y, val_y.numpy())
@@ -123,10 +125,10 @@ def components(mask):
 
 
 def test_synthetic_masks_match_the_rendered_pixels():
-    """Background-labelled pixels have the background colour (within noise); the pixels of a shape that stands out
-    from the background all depart from it; the image's class is among the mask's labels."""
+    """Background-labelled pixels have the background colour (within noise); the pixels of a shape that stands
+    out from the background all depart from it; the image's class is among the mask's labels."""
     ds = common.Synthetic(40, "train", seed=3)
-    noise = 0.2 * 255  # the renderer's pixel noise is a few grey levels; shapes that stand out differ by far more
+    noise = 0.2 * 255  # the renderer's pixel noise is a few grey levels; shapes that stand out differ more
     checked = total = 0
     for i in range(len(ds)):
         img, mask = ds.segmentation(i)
@@ -135,7 +137,7 @@ def test_synthetic_masks_match_the_rendered_pixels():
         assert ds[i][1] + 1 in np.unique(mask)  # the labelled shape is drawn (and labelled class + 1)
         bg = np.median(img[mask == 0], 0)  # [3]
         departs = np.abs(img - bg).max(-1) > noise  # [H, W]
-        assert not departs[mask == 0].any(), f"image {i}: a pixel labelled background is not background-coloured"
+        assert not departs[mask == 0].any(), f"image {i}: a pixel labelled background has another colour"
         for comp in components(mask):
             total += comp.sum()
             if np.abs(np.median(img[comp], 0) - bg).max() > 3 * noise:  # a shape that stands out
@@ -161,7 +163,8 @@ def test_cell_histograms_match_a_pixel_loop():
 
 def test_chunked_vote_equals_a_direct_top_k():
     torch.manual_seed(0)
-    q, bank = nn.functional.normalize(torch.randn(9, 8), dim=1), nn.functional.normalize(torch.randn(50, 8), dim=1)
+    q = nn.functional.normalize(torch.randn(9, 8), dim=1)  # [Q, D]
+    bank = nn.functional.normalize(torch.randn(50, 8), dim=1)  # [M, D]
     dist = torch.softmax(torch.randn(50, 4), 1)
     k, t = 6, 0.1
     sim = q.numpy() @ bank.numpy().T  # [9, 50]
@@ -173,10 +176,11 @@ def test_chunked_vote_equals_a_direct_top_k():
 
 
 def one_hot_batch(rng, n, n_classes, grid=4, cell=8):
-    """Features equal to the one-hot label of each cell, and masks constant within each cell. One label per row of
-    cells: where four cells meet, bilinear upsampling of even perfect scores can favour the three others, so
-    corners would keep the pixel-level mIoU below 100 whatever the retrieval."""
-    labels = torch.from_numpy(rng.integers(0, n_classes, size=(n, grid, 1))).expand(n, grid, grid)  # [n, S, S]
+    """Features equal to the one-hot label of each cell, and masks constant within each cell. One label per
+    row of cells: where four cells meet, bilinear upsampling of even perfect scores can favour the three
+    others, so corners would keep the pixel-level mIoU below 100 whatever the retrieval."""
+    rows = torch.from_numpy(rng.integers(0, n_classes, size=(n, grid, 1)))  # [n, S, 1]
+    labels = rows.expand(n, grid, grid)  # [n, S, S]
     feats = nn.functional.one_hot(labels, n_classes).permute(0, 3, 1, 2).float()  # [n, C, S, S]
     ids = labels.repeat_interleave(cell, 1).repeat_interleave(cell, 2)  # [n, S*cell, S*cell]
     return feats, ids
@@ -206,7 +210,7 @@ def test_seg_knn_on_one_hot_features_gives_miou_100(monkeypatch):
 
 
 def voc_root(tmp_path, masks, aug_masks=None):
-    """A VOC 2012 layout: JPEGImages, SegmentationClass palette PNGs, ImageSets/Segmentation/{train,val}.txt."""
+    """A VOC 2012 layout: JPEGImages, SegmentationClass palette PNGs, ImageSets/Segmentation/{train,val}."""
     root = tmp_path / "VOC2012"
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / d).mkdir(parents=True)
@@ -286,8 +290,8 @@ def last_json(out):
 
 
 def test_seg_probe_leaves_the_backbone_bit_for_bit_unchanged(tmp_path):
-    args = E.Args(mode="seg", output_dir=str(tmp_path), workers=0, batch_size=4, epochs=2, img_size=32, stem="small",
-                  lr=0.5, wd=0.0, synthetic_size=8, log_every=1)
+    args = E.Args(mode="seg", output_dir=str(tmp_path), workers=0, batch_size=4, epochs=1, img_size=32,
+                  stem="small", lr=0.5, wd=0.0, synthetic_size=8, log_every=1)
     run = common.setup(args, "eval_seg")
     net, dim = common.build_backbone("resnet18", "small", 32)
     net.train()  # as a caller might leave it: the probe must switch it to eval (frozen BN statistics)
@@ -304,8 +308,8 @@ def test_seg_probe_leaves_the_backbone_bit_for_bit_unchanged(tmp_path):
 @pytest.mark.parametrize("mode", ["seg", "seg-knn"])
 def test_dense_modes_summary_and_figure(mode, tmp_path, capsys):
     png = tmp_path / "masks.png"
-    rec = E.main(["--mode", mode, "--synthetic-size", "8", *TINY, "--knn-k", "5", "--output-dir", str(tmp_path),
-                  "--show-seg", str(png)])
+    rec = E.main(["--mode", mode, "--synthetic-size", "8", *TINY, "--knn-k", "5", "--output-dir",
+                  str(tmp_path), "--show-seg", str(png)])
     printed = last_json(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(rec)) and printed["event"] == "summary"
     assert 0 <= printed["miou"] <= 100 and 0 <= printed["pixel_acc"] <= 100
@@ -336,7 +340,8 @@ def test_bad_input_mask_size_differs_from_image(tmp_path, capsys):
     root = mask_folder(tmp_path, n_train=1)
     Image.fromarray(np.zeros((30, 40), np.uint8)).save(root / "train" / "masks" / "im0.png")
     for workers in ("0", "1"):  # found when the item is loaded, also inside a DataLoader worker
-        err = bad_run(capsys, root, "--batch-size", "1", "--workers", workers, "--output-dir", str(tmp_path / "o"))
+        err = bad_run(capsys, root, "--batch-size", "1", "--workers", workers, "--output-dir",
+                      str(tmp_path / "o"))
         assert os.path.join("train", "masks", "im0.png") in err and "40x30" in err, err
 
 
@@ -364,9 +369,10 @@ def test_bad_input_data_without_masks(tmp_path, capsys):
 
 @pytest.mark.parametrize("mode", ["linear", "knn", "seg-knn"])  # seg shares seg-knn's val loop
 def test_two_processes_count_each_val_image_once(mode, tmp_path):
-    """11 val images (odd): DistributedSampler would pad rank 1 with a duplicate. 2 processes give the metrics of 1."""
-    flags = ["--mode", mode, "--pretrained", "none", "--synthetic-size", "55", "--img-size", "32", "--stem", "small",
-             "--batch-size", "8", "--workers", "0", "--knn-k", "10", "--epochs", "1"]
+    """11 val images (odd): DistributedSampler would pad rank 1 with a duplicate. 2 processes give the metrics
+    of 1 process."""
+    flags = ["--mode", mode, "--pretrained", "none", "--synthetic-size", "55", "--img-size", "32", "--stem",
+             "small", "--batch-size", "8", "--workers", "0", "--knn-k", "10", "--epochs", "1"]
     one = summary(run_script("eval_linear.py", *flags, "--output-dir", tmp_path / "one"))
     two = summary(run_script("eval_linear.py", *flags, "--output-dir", tmp_path / "two", torchrun=2))
     assert one["val_images"] == two["val_images"] == 11
