@@ -1,0 +1,279 @@
+"""Dense transfer in miniature: every method pretrained on the synthetic scenes at equal epochs, then the
+frozen linear segmentation probe (`eval_linear.py --mode seg`) and dense retrieval (`--mode seg-knn`),
+against random init.
+
+For every method: pretrain with its `cpu` preset hyperparameters at one shared geometry (arch, stem, image
+size, batch, number of images: the settings given here), the kNN monitor only at the end (log.jsonl gives
+the training seconds), then both dense evaluations of the final backbone with eval_linear's defaults.
+DenseCL runs twice: as published and with --dense-weight 0 (its global loss alone: MoCo v2). Equal
+wall-clock: MoCo v3 once more, with as many epochs as fit in the slowest method's training time (as
+benchmarks/accuracy.py does). Writes a markdown table (OUT.md), a bar plot (OUT.png) and the probe's
+predicted vs ground-truth masks on the first val images for every run (OUT_masks.png).
+
+  python benchmarks/dense.py                 # the miniature (~1.5 h on 2 CPU cores)
+  python benchmarks/dense.py --reuse         # only run what is not finished yet
+  python benchmarks/dense.py --max-steps 2 --seg-epochs 1 --synthetic-size 160 --runs /tmp/d --out /tmp/d/x
+  python benchmarks/dense.py --memory        # seg-knn memory at VOC size -> OUT_memory.md (~1 min)
+"""
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# (row name, script, extra flags): DenseCL with --dense-weight 0 keeps only its global (MoCo v2) loss
+RUNS = [("mocov3", "mocov3", []), ("fast_moco", "fast_moco", []), ("densecl", "densecl", []),
+        ("mocov2 (densecl --dense-weight 0)", "densecl", ["--dense-weight", "0"]), ("detcon", "detcon", []),
+        ("rotation_aux", "rotation_aux", [])]
+N_CLASSES = 11  # synthetic per-pixel labels: background + one class per shape
+
+
+def run(cmd, cache_dir, reuse=False):
+    """Run a script and return its JSON summary line; with reuse, a finished run of the same command is
+    read back from cache_dir instead of run again."""
+    key = hashlib.sha1(json.dumps(cmd).encode()).hexdigest()[:12]
+    cache = os.path.join(cache_dir, key + ".json")
+    if reuse and os.path.isfile(cache):
+        return json.load(open(cache))
+    p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT)
+    if p.returncode:
+        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    os.makedirs(cache_dir, exist_ok=True)
+    json.dump(summary, open(cache, "w"))
+    return summary
+
+
+def slug(name):
+    return name.split(" ")[0]
+
+
+def parse():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    available = [slug(n) for n, s, _ in RUNS if os.path.exists(os.path.join(ROOT, f"{s}.py"))]
+    ap.add_argument("--methods", default=",".join(available),
+                    help="rows to run: mocov3, fast_moco, densecl, mocov2, detcon, rotation_aux")
+    ap.add_argument("--epochs", type=int, default=2, help="pretraining epochs, equal for every method")
+    ap.add_argument("--stem", default="small",
+                    help="small at 32 px: the 4x4 final grid of DenseCL's and DetCon's cpu presets")
+    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--synthetic-size", type=int, default=1280,
+                    help="synthetic train images (pretraining and probes)")
+    ap.add_argument("--seg-epochs", type=int, default=0,
+                    help="epochs of the seg probe (0: eval_linear's default)")
+    ap.add_argument("--max-steps", type=int, default=0, help="cap every pretraining run (quick smoke mode)")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true", help="reuse finished runs of identical commands")
+    ap.add_argument("--runs", default=os.path.join(ROOT, "runs", "dense"),
+                    help="run directories and the run cache")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "dense"))
+    ap.add_argument("--memory", action="store_true",
+                    help="only measure seg-knn's memory at VOC size (writes OUT_memory.md)")
+    return ap.parse_args()
+
+
+def main():
+    a = parse()
+    if a.memory:
+        return measure_memory(a.out + "_memory.md")
+    cache = os.path.join(a.runs, "results")
+    geometry = ["--data", "synthetic", "--arch", "resnet18", "--stem", a.stem, "--img-size", str(a.img_size),
+                "--synthetic-size", str(a.synthetic_size), "--workers", str(a.workers)]
+    train = geometry + ["--preset", "cpu", "--batch-size", str(a.batch_size), "--knn-every", "100000"]
+    train += ["--max-steps", str(a.max_steps)] if a.max_steps else []
+    seg_flags = ["--epochs", str(a.seg_epochs)] if a.seg_epochs else []
+    results, masks = {}, {}
+
+    def dense(name, pretrained, out):
+        """Both dense evaluations of one backbone -> (seg summary, seg-knn summary); keeps the masks PNG."""
+        src = ["--pretrained", pretrained]
+        if pretrained == "none":
+            src += geometry
+        else:  # arch, stem and image size come from the file
+            src += ["--workers", str(a.workers), "--synthetic-size", str(a.synthetic_size)]
+        png = os.path.join(out, "seg", "masks.png")
+        seg = run(["eval_linear.py", *src, "--mode", "seg", *seg_flags, "--output-dir",
+                   os.path.join(out, "seg"), "--show-seg", png], cache, a.reuse)
+        knn = run(["eval_linear.py", *src, "--mode", "seg-knn", "--output-dir", os.path.join(out, "seg_knn")],
+                  cache, a.reuse)
+        if os.path.isfile(png):
+            masks[name] = png
+        print(name, f"seg mIoU {seg['miou']:.1f}", f"seg-knn mIoU {knn['miou']:.1f}", flush=True)
+        return seg, knn
+
+    def pretrain(name, script, extra, epochs):
+        out = os.path.join(a.runs, slug(name) if epochs == a.epochs else f"{slug(name)}_{epochs}ep")
+        cmd = [f"{script}.py", *train, *extra, "--epochs", str(epochs), "--output-dir", out]
+        if not (a.reuse and os.path.isfile(os.path.join(out, "backbone.pth"))):
+            shutil.rmtree(out, ignore_errors=True)  # a fresh run: log.jsonl must hold this run's record only
+        s = run(cmd, cache, a.reuse)
+        log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+        final = [r for r in log if "train_s" in r][-1]  # the end-of-run kNN evaluation
+        results[name] = dict(epochs=epochs, train_s=final["train_s"], knn=final.get("knn_top1"),
+                             img_per_s=s["img_per_s"])
+        results[name]["dense"] = dense(name, os.path.join(out, "backbone.pth"), out)
+
+    floor = dense("random init", "none", os.path.join(a.runs, "random"))
+    wanted = a.methods.split(",")
+    for name, script, extra in RUNS:
+        if slug(name) in wanted:
+            pretrain(name, script, extra, a.epochs)
+    note = ""
+    if "mocov3" in results and len(results) > 1 and not a.max_steps:  # capped runs do not scale with epochs
+        t_base, t_max = results["mocov3"]["train_s"], max(r["train_s"] for r in results.values())
+        e_eq = round(a.epochs * t_max / t_base)
+        if e_eq > a.epochs:
+            pretrain(f"mocov3 {e_eq}ep", "mocov3", [], e_eq)
+            note = (f" Equal wall-clock: `mocov3 {e_eq}ep` is MoCo v3 given {e_eq} epochs (its own full "
+                    f"cosine schedule), about the slowest method's training time.")
+    write_outputs(a, floor, oracle(a), results, masks, note)
+
+
+def oracle(a):
+    """Reference row: every val cell predicted with its true label shares (the histogram of its mask pixels),
+    upsampled and argmaxed like the probes' scores: what a perfect per-cell predictor reaches at this grid."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import common
+    import eval_linear as E
+    grid = common.final_grid("resnet18", a.stem, a.img_size)
+    base = E.SyntheticSeg(common.load_dataset(E.Args(synthetic_size=a.synthetic_size), "val"), N_CLASSES)
+    val = E.SegViews(base, E.SegTransform(a.img_size, train=False))
+    ids = torch.stack([val[i][1] for i in range(len(val))])  # [N, H, W]
+    counts = E.cell_histograms(ids, N_CLASSES, grid).float()  # [N, S*S, C]
+    shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)  # [N, S*S, C]
+    shares = shares.reshape(len(ids), grid, grid, N_CLASSES).permute(0, 3, 1, 2)  # [N, C, S, S]
+    pred = E.upsample(shares, ids.shape[-2:]).argmax(1)  # [N, H, W]
+    miou, acc, _ = E.seg_metrics(E.confusion_matrix(pred, ids, N_CLASSES))
+    return {"miou": miou, "pixel_acc": acc, "grid": grid}
+
+
+def peak_rss_mb():
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def measure_memory(path, train_images=1464, img_size=448, stride=32, dim=2048, n_classes=21, k=200):
+    """seg-knn at PASCAL VOC size with ResNet-50: the bank computed analytically, then built at that size from
+    random unit vectors on the CPU, and the peak resident memory of one chunked vote measured on top of it."""
+    import torch
+    sys.path.insert(0, ROOT)
+    import eval_linear as E
+    torch.manual_seed(0)
+    grid = img_size // stride
+    cells = train_images * grid * grid
+    bank_mb = cells * (dim + n_classes) * 4 / 2**20  # fp32 features + label distributions
+    base = peak_rss_mb()
+    bank = torch.empty(cells, dim).normal_()  # filled in place: no second copy inflates the peak
+    bank /= bank.norm(dim=1, keepdim=True)
+    dist = torch.softmax(torch.randn(cells, n_classes), 1)  # [M, C]
+    resident = peak_rss_mb() - base
+    n_val = E.QUERY_CHUNK // (grid * grid)  # the val images of one query chunk
+    feats = torch.randn(n_val, dim, grid, grid)  # [n, D, S, S] a val batch's feature map
+    before = peak_rss_mb()
+    t = time.perf_counter()
+    scores = E.knn_scores(feats, bank, dist, k, 0.1)  # [n, C, S, S]
+    seconds = time.perf_counter() - t
+    vote_mb = peak_rss_mb() - before
+    assert scores.shape == (n_val, n_classes, grid, grid)
+    sim_mb = E.QUERY_CHUNK * E.BANK_CHUNK * 4 / 2**20
+    aug_gib = 10582 * grid * grid * (dim + n_classes) * 4 / 2**30
+    text = [
+        f"Generated by `python benchmarks/dense.py --memory` (torch {torch.__version__}, CPU, "
+        f"{os.cpu_count()} cores). seg-knn (`eval_linear.py --mode seg-knn`) at PASCAL VOC 2012 size with "
+        f"ResNet-50: {train_images} train images at {img_size} px -> {grid}x{grid} final cells of {dim} "
+        f"channels, {n_classes} classes, k={k}.",
+        f"The vote's peak does not grow with the bank or the val split: queries are taken {E.QUERY_CHUNK} "
+        f"cells at a time and the bank is scanned {E.BANK_CHUNK} cells at a time with a running top-k. The "
+        f"bank dominates: about {(bank_mb + vote_mb) / 1024:.1f} GiB in all for VOC train (train_aug's "
+        f"10,582 images: {aug_gib:.1f} GiB of bank) besides the backbone and one val batch. Under torchrun "
+        f"every rank holds the whole gathered bank (plus the padded copies while gathering)."]
+    rows = [
+        (f"bank: {cells:,} cells x ({dim} features + {n_classes} label shares) x 4 B",
+         "computed (every cell kept: an upper bound, cells with only ignore pixels are left out)", bank_mb),
+        ("bank, resident", "measured: peak RSS rise while building a random bank of that size", resident),
+        (f"one similarity block: {E.QUERY_CHUNK} query cells x {E.BANK_CHUNK} bank cells x 4 B",
+         "computed (QUERY_CHUNK, BANK_CHUNK in eval_linear.py)", sim_mb),
+        (f"one chunked vote: {n_val} val images = {n_val * grid * grid} query cells against the whole bank",
+         f"measured: peak RSS rise during knn_scores, bank already resident ({seconds:.0f} s on this CPU)",
+         vote_mb)]
+    lines = [text[0], "", "| quantity | how | MiB |", "|---|---|---|",
+             *[f"| {q} | {how} | {mb:.0f} |" for q, how, mb in rows], "", text[1]]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def write_outputs(a, floor, ref, results, masks, note):
+    seg_ep = a.seg_epochs or "eval_linear's default number of"
+    budget = (f"ResNet-18, {a.stem} stem, {a.img_size} px, {a.synthetic_size} synthetic images, "
+              f"{a.epochs} pretraining epochs" + (f" capped at {a.max_steps} steps" if a.max_steps else ""))
+    cmd = " ".join(["python benchmarks/dense.py", *sys.argv[1:]])
+    grid = ref["grid"]
+    columns = ["method", "epochs", "train s", "kNN top-1", "seg mIoU", "seg pixel acc", "seg-kNN mIoU",
+               "seg-kNN pixel acc"]
+    lines = [
+        f"Command: `{cmd}`. A miniature, not a VOC result: {budget}, global batch {a.batch_size}, each "
+        f"method's `cpu` preset hyperparameters otherwise, one CPU process ({os.cpu_count()} cores). Dense "
+        f"data: the synthetic scenes' per-pixel labels ({N_CLASSES} classes: background + 10 shapes; val = a "
+        f"fifth of the train size), the same train images as pretraining. Seg: `eval_linear.py --mode seg` "
+        f"(frozen backbone, 1x1 conv on the final {grid}x{grid} feature map, {seg_ep} epochs). Seg-kNN: "
+        f"`--mode seg-knn` (k=200, T=0.1, a bank of every final-grid cell of the train images). mIoU over "
+        f"the classes present in ground truth or prediction, and pixel accuracy, in percent, on the val "
+        f"split. "
+        f"Train s: pretraining seconds without the kNN evaluation; kNN: the final weighted kNN top-1 (k=200, "
+        f"T=0.1). Reference row: each val cell given its true label shares, upsampled and argmaxed as the "
+        f"probes' scores are (what a perfect per-cell predictor reaches at this grid).{note}", "",
+        "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    rows = [("random init", "-", "-", "-", *floor)]
+    for name, r in results.items():
+        knn = f"{r['knn']:.1f}" if r["knn"] is not None else "-"
+        rows.append((name, str(r["epochs"]), f"{r['train_s']:.0f}", knn, *r["dense"]))
+    for name, ep, ts, knn, seg, sk in rows:
+        lines.append(f"| {name} | {ep} | {ts} | {knn} | {seg['miou']:.1f} | {seg['pixel_acc']:.1f} | "
+                     f"{sk['miou']:.1f} | {sk['pixel_acc']:.1f} |")
+    lines.append(f"| reference: true label shares of each {grid}x{grid} cell, upsampled | - | - | - | "
+                 f"{ref['miou']:.1f} | {ref['pixel_acc']:.1f} | {ref['miou']:.1f} | {ref['pixel_acc']:.1f} |")
+    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
+    with open(a.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = [r[0] for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4))
+    x, w = range(len(names)), 0.38  # two bars per method
+    ax.bar([i - w / 2 for i in x], [r[4]["miou"] for r in rows], w, label="seg (linear probe)")
+    ax.bar([i + w / 2 for i in x], [r[5]["miou"] for r in rows], w, label="seg-kNN (retrieval)")
+    ax.axhline(floor[0]["miou"], color="gray", ls="--", lw=1, label="random init, seg")
+    ax.axhline(ref["miou"], color="black", ls=":", lw=1, label=f"true {grid}x{grid} cell label shares")
+    ax.set_xticks(list(x), [n.replace(" (", "\n(") for n in names], fontsize=7)
+    ax.set_ylabel("val mIoU (%)")
+    ax.set_title(f"Dense transfer, miniature: {budget}", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(a.out + ".png", dpi=100)
+    if masks:
+        fig, axes = plt.subplots(1, len(masks), figsize=(2.2 * len(masks), 5.5), squeeze=False)
+        for ax, (name, png) in zip(axes[0], masks.items()):
+            ax.imshow(plt.imread(png))
+            ax.set_title(name.replace(" (", "\n("), fontsize=7)
+            ax.axis("off")
+        fig.suptitle("Seg probe on the first val images (image | ground truth | prediction). "
+                     f"Miniature: {budget}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(a.out + "_masks.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
