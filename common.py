@@ -1005,22 +1005,6 @@ def export_backbone(run, net):
     save_atomic(sd, os.path.join(run.out, "backbone.pth"))
 
 
-def load_backbone(path):
-    """(state_dict, meta) from a backbone.pth or checkpoint.pth; BadInput if it is neither."""
-    obj = load_file(path)
-    if isinstance(obj, dict) and "model" in obj and "args" in obj:  # training checkpoint: the online backbone
-        sd = OrderedDict((k[len("backbone."):], v) for k, v in obj["model"].items() if k.startswith("backbone."))
-        a = obj["args"]
-        meta = {"method": obj.get("method"), "encoder": "online", "arch": a.get("arch"), "stem": a.get("stem"),
-                "img_size": a.get("img_size")}
-    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        sd, meta = obj, dict(getattr(obj, "_metadata", {}).get("effssl", {}))
-    else:
-        raise BadInput(f"{path} is not a compatible checkpoint (expected checkpoint.pth or backbone.pth)")
-    if not sd:
-        raise BadInput(f"{path} holds no backbone weights")
-    return sd, meta
-
 
 # ============================================================================ kNN monitor
 

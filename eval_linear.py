@@ -65,6 +65,7 @@ import json
 import math
 import os
 import sys
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -133,6 +134,25 @@ DENSE_PRESETS = {
     # background only); 4 epochs of 1280 images keep each dense mode within 2 minutes on 2 cores
     "cpu": dict(stem="small", img_size=32, synthetic_size=1280, epochs=4),
 }
+
+
+def load_backbone(path):
+    """(state_dict, meta) from a backbone.pth or checkpoint.pth; BadInput if it is neither."""
+    obj = common.load_file(path)
+    if isinstance(obj, dict) and "model" in obj and "args" in obj:  # training checkpoint: the online backbone
+        model = obj["model"]
+        sd = OrderedDict((k[len("backbone."):], v) for k, v in model.items() if k.startswith("backbone."))
+        a = obj["args"]
+        meta = {"method": obj.get("method"), "encoder": "online", "arch": a.get("arch"), "stem": a.get("stem"),
+                "img_size": a.get("img_size")}
+    elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        sd, meta = obj, dict(getattr(obj, "_metadata", {}).get("effssl", {}))
+    else:
+        raise common.BadInput(f"{path} is not a compatible checkpoint (expected checkpoint.pth or backbone.pth)")
+    if not sd:
+        raise common.BadInput(f"{path} holds no backbone weights")
+    return sd, meta
+
 
 
 def check_meta(args, meta, flags_given, free=()):
@@ -567,10 +587,10 @@ def train_seg_probe(net, head, train_ds, run, args, res):
         raise common.BadInput(f"--batch-size {args.batch_size} is larger than the dataset "
                               f"({len(train_ds)} images)")
     base_lr = args.lr * args.batch_size / 256
-    log, step = common.Logger(run, steps_per_epoch, 0), 0
-    for epoch in range(args.epochs):
+    log = common.Logger(run, steps_per_epoch, 0)
+    for epoch in log.epochs():
         head.train()
-        for i, (x, y) in enumerate(log.timed(common.epoch_loader(train_ds, run, epoch))):
+        for i, (x, y) in log.batches(train_ds, epoch):
             e = epoch + i / steps_per_epoch
             common.set_lr(optimizer, common.cosine_lr(e, base_lr, 0, args.epochs))
             y = y.to(run.device)  # [n, H, W]
@@ -580,12 +600,9 @@ def train_seg_probe(net, head, train_ds, run, args, res):
                 logits = step_head(features(net, x, run))  # [n, C, S, S]
             loss = seg_loss(upsample(logits.float(), (res, res)), y)
             common.optimizer_step(loss, optimizer, scaler)
-            step += 1
-            log.log_step(step, e + 1 / steps_per_epoch, loss.detach())
-            if step == log.total:
+            log.log_step(loss.detach())
+            if log.done:
                 break
-        if step == log.total:
-            break
     return log
 
 
@@ -717,7 +734,7 @@ def main(argv=None):
             if getattr(args, flag) != off:
                 raise common.BadInput(f"--{flag.replace('_', '-')} is a classification option, not for "
                                       f"--mode {args.mode}")
-    sd, meta = (None, {}) if args.pretrained == "none" else common.load_backbone(args.pretrained)
+    sd, meta = (None, {}) if args.pretrained == "none" else load_backbone(args.pretrained)
     check_meta(args, meta, flags_given, free=("img_size",) if dense else ())
     if args.seg_res < 0 or args.num_classes < 0:
         raise common.BadInput("--seg-res and --num-classes must be >= 0")

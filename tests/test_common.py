@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 import common
+import eval_linear
 import mocov3
 
 
@@ -313,9 +314,9 @@ def test_knn_predict_matches_numpy():
 def test_load_backbone_rejects_foreign_files(tmp_path):
     torch.save({"weights": [1, 2, 3]}, tmp_path / "x.pth")
     with pytest.raises(common.BadInput, match="not a compatible checkpoint"):
-        common.load_backbone(str(tmp_path / "x.pth"))
+        eval_linear.load_backbone(str(tmp_path / "x.pth"))
     with pytest.raises(common.BadInput, match="not found"):
-        common.load_backbone(str(tmp_path / "missing.pth"))
+        eval_linear.load_backbone(str(tmp_path / "missing.pth"))
 
 
 def test_all_gather_is_identity_without_process_group():
