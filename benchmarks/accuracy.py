@@ -12,31 +12,19 @@ seconds.
   python benchmarks/accuracy.py --reuse                           # only run what is not finished yet
 """
 import argparse
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224")
+from bench import IMAGENETTE, ROOT, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
 METHODS = ["mocov3", "fast_moco", "densecl", "detcon", "rotation_aux"]
 
 
 def run(cmd, reuse=False):
-    """Run a script and return its JSON summary line; with reuse, a finished run of the same command
-    is read back from runs/acc/results/ instead of run again."""
-    cache = os.path.join(ROOT, "runs", "acc", "results", hashlib.sha1(json.dumps(cmd).encode()).hexdigest()[:12] + ".json")
-    if reuse and os.path.isfile(cache):
-        return json.load(open(cache))
-    p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    summary = json.loads(p.stdout.strip().splitlines()[-1])
-    os.makedirs(os.path.dirname(cache), exist_ok=True)
-    json.dump(summary, open(cache, "w"))
-    return summary
+    """A script's JSON summary; with reuse, a finished run of the same command is read back from
+    runs/acc/results/ instead of run again."""
+    return run_summary(cmd[0], cmd[1:], os.path.join(ROOT, "runs", "acc", "results"), reuse)
 
 
 def main():

@@ -16,15 +16,13 @@ predicted vs ground-truth masks on the first val images for every run (OUT_masks
   python benchmarks/dense.py --memory        # seg-knn memory at VOC size -> OUT_memory.md (~1 min)
 """
 import argparse
-import hashlib
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import ROOT, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
 # (row name, script, extra flags): DenseCL with --dense-weight 0 keeps only its global (MoCo v2) loss
 RUNS = [("mocov3", "mocov3", []), ("fast_moco", "fast_moco", []), ("densecl", "densecl", []),
         ("mocov2 (densecl --dense-weight 0)", "densecl", ["--dense-weight", "0"]), ("detcon", "detcon", []),
@@ -33,19 +31,9 @@ N_CLASSES = 11  # synthetic per-pixel labels: background + one class per shape
 
 
 def run(cmd, cache_dir, reuse=False):
-    """Run a script and return its JSON summary line; with reuse, a finished run of the same command is
-    read back from cache_dir instead of run again."""
-    key = hashlib.sha1(json.dumps(cmd).encode()).hexdigest()[:12]
-    cache = os.path.join(cache_dir, key + ".json")
-    if reuse and os.path.isfile(cache):
-        return json.load(open(cache))
-    p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    summary = json.loads(p.stdout.strip().splitlines()[-1])
-    os.makedirs(cache_dir, exist_ok=True)
-    json.dump(summary, open(cache, "w"))
-    return summary
+    """A script's JSON summary; with reuse, a finished run of the same command is read back from
+    cache_dir instead of run again."""
+    return run_summary(cmd[0], cmd[1:], cache_dir, reuse)
 
 
 def slug(name):

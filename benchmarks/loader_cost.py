@@ -23,11 +23,12 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+import bench  # noqa: E402
 import common  # noqa: E402
 import mocov3  # noqa: E402
 from throughput import device_name  # noqa: E402
 
-IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224", "train")
+IMAGENETTE = os.path.join(bench.IMAGENETTE, "train")  # README: where the 224-px copy comes from
 TARGET = 1 / 3  # the issue's target: the --gpu-aug worker side costs at most a third of the PIL path
 CROP_MIN = 0.2  # MoCo v3's ResNet-50 ImageNet recipe (100 epochs)
 

@@ -34,6 +34,7 @@ from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]
+import bench  # noqa: E402
 import common  # noqa: E402
 import densecl  # noqa: E402
 import detcon  # noqa: E402
@@ -46,7 +47,7 @@ METHODS = ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")
 SHARED = ("arch", "stem", "img_size", "batch_size", "precision", "channels_last")
 TARGETS = {"fast_moco": 1.10, "densecl": 1.05, "detcon --variant B": 1.10, "detcon --variant S": 1.10,
            "rotation_aux": 1.9}
-IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224", "train")
+IMAGENETTE = os.path.join(bench.IMAGENETTE, "train")  # README: where the 224-px copy comes from
 
 
 def plan(flags, same, run, x1, x2):

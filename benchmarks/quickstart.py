@@ -13,19 +13,16 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import ROOT, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
 
 
 def run(cmd):
+    """(JSON summary, wall-clock seconds) of one script run."""
     t = time.perf_counter()
-    p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT)
-    if p.returncode:
-        raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1]), time.perf_counter() - t
+    return run_summary(cmd[0], cmd[1:]), time.perf_counter() - t
 
 
 def main():

@@ -13,11 +13,9 @@ import argparse
 import json
 import math
 import os
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224")
+from bench import IMAGENETTE, ROOT, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
 # imagenette's 10 classes grouped into 3 coarse classes (the granularity lens)
 COARSE = {"n01440764": "animal", "n02102040": "animal", "n02979186": "device", "n03000684": "device",
           "n03394916": "device", "n03445777": "device", "n03028079": "structure_or_vehicle",
@@ -25,10 +23,7 @@ COARSE = {"n01440764": "animal", "n02102040": "animal", "n02979186": "device", "
 
 
 def run(script, *args):
-    p = subprocess.run([sys.executable, script, *map(str, args)], capture_output=True, text=True, cwd=ROOT)
-    if p.returncode:
-        raise SystemExit(f"{script} {' '.join(map(str, args))} failed:\n{p.stderr[-3000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_summary(script, args)
 
 
 def main():

@@ -16,14 +16,11 @@ that shows whether the loader keeps up. Writes a markdown table as it goes (and 
 --precision is lower. Each configuration runs --repeats times; the table reports the median step time.
 """
 import argparse
-import json
 import os
 import platform
-import statistics
-import subprocess
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from bench import ROOT, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
 # (label, script, extra flags, baseline label): the overhead targets of the issues
 CONFIGS = [
     ("mocov3", "mocov3.py", [], None),
@@ -39,11 +36,7 @@ TARGETS = {"fast_moco": 1.10, "densecl": 1.05, "detcon (grid masks)": 1.10, "det
 
 
 def run(script, flags, env=None):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, script), *flags], capture_output=True, text=True,
-                       cwd=ROOT, env={**os.environ, **(env or {})})
-    if p.returncode:
-        raise SystemExit(f"{script} {' '.join(flags)} failed:\n{p.stderr[-2000:]}")
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    return run_summary(os.path.join(ROOT, script), flags, env=env)
 
 
 def measure(script, flags, repeats):

@@ -52,6 +52,12 @@ def table(name):
     return open(path).read().strip() if os.path.exists(path) else None
 
 
+def existing_pictures(text):
+    """Drop the ![...](path) links of pictures a benchmark has not written yet."""
+    return re.sub(r" ?!\[[^\]]*\]\(([^)]+)\)", lambda m: m.group(0) if os.path.exists(os.path.join(ROOT, m.group(1)))
+                  else "", text)
+
+
 def fill_blocks(text):
     for name in re.findall(r"<!-- results:(\w+) -->", text):
         body = table(name)
@@ -72,7 +78,7 @@ def results_md():
         bodies = [(n, table(n)) for n in names]
         if not any(b for _, b in bodies):
             continue
-        out += [f"## {heading}", "", reading, ""]
+        out += [f"## {heading}", "", existing_pictures(reading), ""]
         for name, body in bodies:
             if body:
                 out += [f"<!-- results:{name} -->", body, f"<!-- /results:{name} -->", ""]
