@@ -223,7 +223,7 @@ RANGES = {
     "batch_size": (1, True, None), "img_size": (1, True, None), "epochs": (0, True, None),
     "workers": (0, True, None), "max_steps": (0, True, None), "knn_every": (0, True, None),
     "knn_k": (1, True, None), "knn_t": (0, False, None), "log_every": (1, True, None),
-    "save_every": (0, True, None), "synthetic_size": (10, True, None), "subset": (0, True, None),
+    "save_every": (0, True, None), "synthetic_size": (1, True, None), "subset": (0, True, None),
     "mix_fraction": (0, True, 1), "lr": (0, True, None), "wd": (0, True, None),
     "warmup_epochs": (0, True, None), "temperature": (0, False, None), "momentum": (0, True, 1),
     "trust_coefficient": (0, False, None), "proj_dim": (1, True, None), "mlp_dim": (1, True, None),
