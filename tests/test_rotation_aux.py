@@ -154,8 +154,10 @@ def test_script_logs_rotation_metrics_and_exports_without_the_head(tmp_path):
 
 def test_bad_rotation_flags_are_user_errors(tmp_path):
     for bad in (dict(rot_weight=-1.0), dict(arch="vit_small", rot_size=16), dict(rot_size=64)):
-        with pytest.raises(common.BadInput):
-            rotation_aux.RotationAux(rotation_aux.Args(**{**SMALL, **bad}))
+        with pytest.raises(common.BadInput):  # before any work: the range table, then rotation_aux's own checks
+            args = rotation_aux.Args(**{**SMALL, **bad})
+            common.check_ranges(args)
+            rotation_aux.check_args(args)
     p = run_script("rotation_aux.py", *TINY, "--rot-size", "64", "--output-dir", tmp_path, check=False)
     assert p.returncode == 2 and p.stderr.strip().startswith("error: --rot-size 64")
     assert len(p.stderr.strip().splitlines()) == 1
