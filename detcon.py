@@ -130,7 +130,8 @@ PRESETS = {
     # ours: BYOL's solo-learn CIFAR recipe with DetCon's loss; small stem keeps the 32-px grid at 4x4
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, lr=1.0, trust_coefficient=0.02,
                   wd=1e-5, momentum=0.99, blur=False, epochs=1000, warmup_epochs=10, knn_every=10),
-    # ours, aimed at a few minutes on 2 CPU cores; small stem at 32 px gives a 4x4 final grid (DetCon needs a grid of at least 4x4 to have masks to contrast)
+    # ours, aimed at a few minutes on 2 CPU cores; small stem at 32 px gives a 4x4 final grid
+    # (a coarser grid leaves too few cells for several masks per view)
     # (32 px through the small stem costs 4x mocov3's 64-px cpu preset per image, hence fewer images)
     "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=32, epochs=2, lr=0.6,
                 trust_coefficient=0.02, warmup_epochs=0.5, momentum=0.99, crop_min=0.3, blur=False,
