@@ -73,7 +73,8 @@ def user_errors(main):
 ARCH_NAMES = ("resnet18", "resnet50", "vit_small", "vit_base")  # torchvision backbones
 
 
-PRESET_HELP = ("--preset auto picks cpu for --data synthetic, cifar for cifar10/cifar100 and imagenet otherwise; "
+PRESET_HELP = ("--preset auto picks cpu for --data synthetic, cifar for cifar10/cifar100 and imagenet "
+               "otherwise; "
                "explicit flags override the preset.")
 
 
@@ -87,7 +88,7 @@ def default_workers():
 class CommonArgs:
     """Plumbing flags shared by every training script (method files add their hyperparameters)."""
     data: str = "synthetic"
-    """synthetic (built in, offline), cifar10, cifar100, stl10 (downloaded to --data-root), or an image folder"""
+    """synthetic (built in), cifar10, cifar100, stl10 (downloaded to --data-root) or an image folder"""
     data_root: str = "data"
     """where torchvision datasets are downloaded"""
     preset: str = "auto"
@@ -129,11 +130,11 @@ class CommonArgs:
     synthetic_size: int = 2560
     """number of images in the synthetic train split (val split: a fifth of it)"""
     subset: int = 0
-    """pretrain on N train images: seeded, class-balanced, nested (the 1k subset lies inside the 2k one); 0 = all"""
+    """pretrain on N train images: seeded, class-balanced, nested (1k inside 2k); 0 = all"""
     corrupt: str = ""
-    """corrupt each pretraining image once, deterministically: jpeg:Q, downsample:F, saltpepper:P, blur:S (comma-separated)"""
+    """corrupt each pretraining image once, deterministically: jpeg:Q, downsample:F, saltpepper:P, blur:S"""
     mix_fraction: float = 0.5
-    """with --data A,B (two domains): the share of --subset drawn from A (without --subset both are used whole)"""
+    """with --data A,B: the share of --subset drawn from A (without --subset both are used whole)"""
 
 
 def field_docs(cls):
@@ -179,7 +180,8 @@ def _help(f, doc, presets):
 
 
 def _add_flag(group, f, help_):
-    flag, typ = "--" + f.name.replace("_", "-"), {"bool": bool, "int": int, "float": float}.get(str(f.type), f.type)
+    flag = "--" + f.name.replace("_", "-")
+    typ = {"bool": bool, "int": int, "float": float}.get(str(f.type), f.type)
     if typ is bool:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
     elif typ in (int, float):
@@ -261,15 +263,17 @@ def check_paths(args):
     if out and os.path.exists(out) and not os.path.isdir(out):
         raise BadInput(f"--output-dir {out} exists and is not a folder")
     if args.resume not in ("", "auto") and not os.path.isfile(args.resume):
-        raise BadInput(f"--resume {args.resume}: no such checkpoint file (use auto, a checkpoint.pth path or nothing)")
+        raise BadInput(f"--resume {args.resume}: no such checkpoint file "
+                       "(use auto, a checkpoint.pth path or nothing)")
     for name in args.data.split(","):
         if name not in BUILTIN_DATA and not os.path.isdir(name):
-            raise BadInput(f"--data: data path not found: {name} (use {', '.join(BUILTIN_DATA)} or an image folder)")
+            raise BadInput(f"--data: data path not found: {name} "
+                           f"(use {', '.join(BUILTIN_DATA)} or an image folder)")
     if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
         raise BadInput(f"--data-root {args.data_root} exists and is not a folder")
 
 
-# ============================================================================ run setup: processes, devices, precision, preemption
+# ============================================================================ run setup
 
 def get_rank():
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
@@ -308,13 +312,15 @@ class Run:
         return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
 
     def scalar(self, v):
-        """A per-step number (the EMA coefficient) as a 0-d tensor on the device. A compiled model guards on the
-        value of a Python float and would recompile at every step; torch.full is a fill kernel, no host sync."""
+        """A per-step number (the EMA coefficient) as a 0-d tensor on the device. A compiled model guards
+        on the value of a Python float and would recompile every step; a fill kernel, no host sync."""
         return torch.full((), float(v), device=self.device)
 
     def to_device(self, x):
         x = x.to(self.device, non_blocking=True)
-        return x.contiguous(memory_format=torch.channels_last) if self.args.channels_last and x.ndim == 4 else x
+        if self.args.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
 
     def stop_requested(self, step):
         """True once SIGTERM/SIGUSR1 has arrived, on every rank at the same step. Alone: checked every step
@@ -366,7 +372,8 @@ def setup(args, method):
     seed_everything(args.seed + rank)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        record = {**dataclasses.asdict(args), "method": method, "world_size": world, "torch": torch.__version__,
+        record = {**dataclasses.asdict(args), "method": method, "world_size": world,
+                  "torch": torch.__version__,
                   "torchvision": torchvision.__version__, "git_sha": git_sha(), "device": str(device)}
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(record, f, indent=2)
@@ -403,7 +410,8 @@ def prepare_model(model, run, sync_bn):
         model = model.to(memory_format=torch.channels_last)
     step_model = model
     if run.world > 1:
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=[run.device] if run.device.type == "cuda" else None)
+        device_ids = [run.device] if run.device.type == "cuda" else None
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     if run.args.compile:
         step_model.compile()  # in place: state_dict keys keep their names
     return model, step_model
@@ -436,7 +444,8 @@ def render_synthetic(seed, index, px=SYNTH_PX):
     """One deterministic image: a large main shape (the label) in a colour contrasting with a plain
     background, plus 0-2 small distractor shapes; colours, positions, sizes and small rotations are
     random, so only the main shape's form identifies the class. Returns (image, label, per-pixel labels
-    [px, px] uint8: 0 background, class + 1 under each shape, occlusion respected). (No background texture: a per-image
+    [px, px] uint8: 0 background, class + 1 under each shape, occlusion respected). (No background texture:
+    a per-image
     texture survives every crop and colour jitter, so contrastive learning latches onto it instead of
     the shapes; without it MoCo v3's cpu preset beats random-init kNN within two epochs.)"""
     rng = np.random.default_rng([seed, index])
@@ -444,16 +453,18 @@ def render_synthetic(seed, index, px=SYNTH_PX):
     y, x = np.mgrid[0:px, 0:px] / px * 2 - 1  # [px, px] each, in [-1, 1]
     background = rng.uniform(0.1, 0.9, 3)
     img = np.broadcast_to(background, (px, px, 3)).copy()  # [px, px, 3]
-    shapes = [(int(rng.integers(len(SHAPES))), rng.uniform(0.12, 0.2), rng.uniform(-0.75, 0.75, 2), rng.uniform(0, 1, 3))
+    shapes = [(int(rng.integers(len(SHAPES))), rng.uniform(0.12, 0.2), rng.uniform(-0.75, 0.75, 2),
+               rng.uniform(0, 1, 3))
               for _ in range(rng.integers(0, 3))]
-    main_colour = np.clip(1 - background + rng.uniform(-0.15, 0.15, 3), 0, 1)  # contrasting: the shape stands out
-    shapes.append((label, rng.uniform(0.45, 0.6), rng.uniform(-0.15, 0.15, 2), main_colour))  # drawn last, on top
+    main_colour = np.clip(1 - background + rng.uniform(-0.15, 0.15, 3), 0, 1)  # contrasting: it stands out
+    shapes.append((label, rng.uniform(0.45, 0.6), rng.uniform(-0.15, 0.15, 2), main_colour))  # last: on top
     seg = np.zeros((px, px), np.uint8)  # [px, px] per-pixel labels: 0 background, shape class + 1
     for k, scale, (cx, cy), colour in shapes:
         t = rng.uniform(-0.5, 0.5)  # rotation (rad): small enough to keep square and frame upright-ish
-        u, v = ((x - cx) * np.cos(t) + (y - cy) * np.sin(t)) / scale, (-(x - cx) * np.sin(t) + (y - cy) * np.cos(t)) / scale
+        u = ((x - cx) * np.cos(t) + (y - cy) * np.sin(t)) / scale  # [px, px] shape coordinates
+        v = (-(x - cx) * np.sin(t) + (y - cy) * np.cos(t)) / scale
         inside = _shape_mask(k, u, v)  # [px, px]
-        img[inside], seg[inside] = colour, k + 1  # later shapes occlude earlier ones, in the image and the labels
+        img[inside], seg[inside] = colour, k + 1  # later shapes occlude earlier ones, in image and labels
     img = img + rng.normal(0, 0.04, img.shape)  # sensor-like noise so flat regions are not trivially equal
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label, seg
 
@@ -511,17 +522,19 @@ def load_dataset(args, split, name=None):
     Label -1 means unlabeled. With --data A,B the val split is A's."""
     name = name or args.data.split(",")[0]
     if name == "synthetic":
-        return Synthetic(args.synthetic_size if split == "train" else max(args.synthetic_size // 5, 10), split, args.seed)
+        size = args.synthetic_size if split == "train" else max(args.synthetic_size // 5, 10)  # val: a fifth
+        return Synthetic(size, split, args.seed)
     if name in ("cifar10", "cifar100", "stl10"):
         try:
             if name == "stl10":
-                return datasets.STL10(args.data_root, split="train" if split == "train" else "test", download=True)
+                stl_split = "train" if split == "train" else "test"
+                return datasets.STL10(args.data_root, split=stl_split, download=True)
             cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
             return cls(args.data_root, train=split == "train", download=True)
         except Exception as e:
             raise BadInput(f"cannot load {name} into {args.data_root}: {e}") from None
     if not os.path.isdir(name):
-        raise BadInput(f"data path not found: {name} (use synthetic, cifar10, cifar100, stl10 or an image folder)")
+        raise BadInput(f"data path not found: {name} (use {', '.join(BUILTIN_DATA)} or an image folder)")
     root = name
     if os.path.isdir(os.path.join(name, "train")):
         root = os.path.join(name, split)
@@ -590,14 +603,16 @@ def pretrain_data(args, run, transform):
 def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
     """This rank's loader for one epoch, starting `skip_batches` batches in (mid-epoch resume)."""
     local_bs = run.args.batch_size // run.world
-    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle=shuffle, seed=run.args.seed,
+    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle=shuffle,
+                                                  seed=run.args.seed,
                                                   drop_last=drop_last)
     sampler.set_epoch(epoch)
     ds.epoch = epoch
     indices = list(sampler)[skip_batches * local_bs:]
     return torch.utils.data.DataLoader(
         ds, local_bs, sampler=indices, num_workers=run.args.workers, pin_memory=run.device.type == "cuda",
-        drop_last=drop_last, generator=torch.Generator().manual_seed(run.args.seed + epoch),  # keeps the global RNG untouched
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(run.args.seed + epoch),  # keeps the global RNG untouched
         persistent_workers=False, prefetch_factor=4 if run.args.workers else None)
 
 
@@ -652,7 +667,8 @@ def ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solari
 
 def photometric_view(recipe):
     """The photometric part of ssl_view alone (PIL -> normalised tensor), for a method that does its own
-    geometry (DetCon crops image and mask together): jitter, grayscale, blur, solarize, to tensor, normalise."""
+    geometry (DetCon crops image and mask together): jitter, grayscale, blur, solarize, to tensor,
+    normalise."""
     return T.Compose([
         T.RandomApply([T.ColorJitter(*recipe.jitter)], p=JITTER_P),
         T.RandomGrayscale(p=GRAY_P),
@@ -725,7 +741,8 @@ def finish_views(run, x1, x2, step, recipes=None):
 
 def eval_transform(img_size):
     """Resize to 256/224 of the crop, center crop (the standard evaluation transform)."""
-    return T.Compose([T.Resize(round(img_size * 256 / 224)), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    resize = round(img_size * 256 / 224)
+    return T.Compose([T.Resize(resize), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 # ============================================================================ backbones
@@ -733,7 +750,8 @@ def eval_transform(img_size):
 ARCHS = ARCH_NAMES
 
 
-VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),  # MoCo v3's ViT-S: 12 heads, not 6
+# MoCo v3's ViT-S has 12 heads, not 6
+VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),
              "vit_base": dict(hidden_dim=768, mlp_dim=3072, num_heads=12)}
 
 
@@ -751,7 +769,8 @@ def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True):
         raise BadInput(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
     if img_size % 16:
         raise BadInput(f"--img-size {img_size} is not a multiple of the ViT patch size 16")
-    net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12, **VIT_SIZES[arch])
+    net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12,
+                                               **VIT_SIZES[arch])
     dim, net.heads = net.hidden_dim, nn.Identity()
     grid = img_size // 16
     # MoCo v3: fixed 2-D sin-cos position embedding (not learned); zero for the class token
@@ -768,7 +787,8 @@ def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True):
 
 def sincos_pos_embed(dim, grid, temperature=10000.0):
     """MoCo v3's 2-D sin-cos position embedding -> [1, grid*grid, dim]."""
-    gw, gh = torch.meshgrid(torch.arange(grid, dtype=torch.float32), torch.arange(grid, dtype=torch.float32), indexing="ij")
+    r = torch.arange(grid, dtype=torch.float32)
+    gw, gh = torch.meshgrid(r, r, indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [dim/4]
     out_w = gw.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
     out_h = gh.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
@@ -880,7 +900,8 @@ def cosine_lr(epoch, base_lr, warmup_epochs, epochs):
     """Linear warmup then half-cosine, evaluated at a fractional epoch (per iteration)."""
     if epoch < warmup_epochs:
         return base_lr * epoch / warmup_epochs
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)))
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def set_lr(optimizer, lr):
@@ -906,7 +927,8 @@ def ema_update(target_params, online_params, m):
 # ============================================================================ checkpoint, resume & export
 
 def rng_state():
-    s = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(), "torch": torch.get_rng_state()}
+    s = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
+         "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         s["cuda"] = torch.cuda.get_rng_state_all()
     return s
@@ -947,7 +969,8 @@ def save_checkpoint(run, log, state):
         return
     if run.main:
         ck = {"method": run.method, "args": dataclasses.asdict(run.args), "step": log.step,
-              "epoch": log.step / log.spe, "rng": rng_state(), **{k: v.state_dict() for k, v in state.items()}}
+              "epoch": log.step / log.spe, "rng": rng_state(),
+              **{k: v.state_dict() for k, v in state.items()}}
         save_atomic(ck, os.path.join(run.out, "checkpoint.pth"))
 
 
@@ -980,7 +1003,8 @@ def resume(run, **state):
         have = ck.get(key, ck["args"].get(key))
         want = run.method if key == "method" else getattr(run.args, key, None)
         if have != want:
-            raise BadInput(f"cannot resume from {path}: it was made with {key}={have}, this run has {key}={want}")
+            raise BadInput(f"cannot resume from {path}: it was made with {key}={have}, "
+                           f"this run has {key}={want}")
     for k, obj in state.items():
         try:
             obj.load_state_dict(ck[k])
@@ -1048,7 +1072,8 @@ def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=1024):
     bank, bank_l = extract_features(net, train_ds, run)
     feats, labels = extract_features(net, val_ds, run)
     n_cls = int(max(bank_l.max(), labels.max())) + 1
-    scores = torch.cat([knn_predict(feats[i:i + chunk], bank, bank_l, n_cls, k, t) for i in range(0, len(feats), chunk)])
+    scores = torch.cat([knn_predict(feats[i:i + chunk], bank, bank_l, n_cls, k, t)
+                        for i in range(0, len(feats), chunk)])
     return topk_accuracy(scores, labels, (1, min(5, n_cls)))
 
 
@@ -1091,7 +1116,7 @@ class Logger:
         self.t_last = self.t0 = time.perf_counter()
         self.t_warm, self.data_time, self.n_since, self.excluded, self.eval_s = None, 0.0, 0, 0.0, 0.0
         self.data_warm = 0.0  # data wait after the warm-up steps, for the summary's data_time_frac
-        self.t_end = None  # when the last step finished: the final checkpoint and export are not training time
+        self.t_end = None  # when the last step finished: the final checkpoint and export are not training
         # a resumed run appends to its log; a fresh run in an old output dir starts a new one
         self.file = None
         if run.main:
@@ -1111,7 +1136,7 @@ class Logger:
             yield epoch
 
     def batches(self, ds, epoch):
-        """(index in the epoch, batch) of this rank's loader, timed; a resumed epoch starts where it stopped."""
+        """(index in the epoch, batch) of this rank's loader, timed; a resumed epoch starts where it left."""
         skip = self.step % self.spe if epoch == self.step // self.spe else 0
         return enumerate(self.timed(epoch_loader(ds, self.run, epoch, skip)), start=skip)
 
@@ -1154,17 +1179,20 @@ class Logger:
         dt = now - self.t_last
         rec = {"step": step, "epoch": round(epoch, 4), "loss": loss,
                **{k: float(v) for k, v in metrics.items()},
-               "img_per_s": self.n_since * self.run.args.batch_size / dt, "data_time_frac": self.data_time / dt,
+               "img_per_s": self.n_since * self.run.args.batch_size / dt,
+               "data_time_frac": self.data_time / dt,
                "peak_mem_mb": peak_mem_mb(self.run.device)}
         self.last = rec
         self.t_last, self.data_time, self.n_since = now, 0.0, 0
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}; the last good checkpoint is "
-                                     f"{os.path.join(self.run.out, 'checkpoint.pth')} (never overwritten by this state)")
+                                     f"{os.path.join(self.run.out, 'checkpoint.pth')} "
+                                     "(never overwritten by this state)")
         if self.run.main:
             eta = (now - self.t0) / (step - self.start) * (self.total - step)
             extra = "".join(f" {k} {v:.4g}" for k, v in metrics.items())
-            print(f"ep {epoch:.2f} step {step}/{self.total} loss {loss:.4f}{extra} img/s {rec['img_per_s']:.1f} "
+            print(f"ep {epoch:.2f} step {step}/{self.total} loss {loss:.4f}{extra} "
+                  f"img/s {rec['img_per_s']:.1f} "
                   f"data {100 * rec['data_time_frac']:.0f}% eta {eta / 60:.1f}m", flush=True)
             self.write(rec)
 
@@ -1184,7 +1212,8 @@ class Logger:
                "train_s": time.perf_counter() - self.t0 - self.eval_s}
         self.last.update(metrics)
         if self.run.main:
-            print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()), flush=True)
+            line = " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
+            print(line, flush=True)
             self.write(rec)
         self.t_last += seconds
         self.excluded += seconds if self.t_warm and not self.t_end else 0.0
@@ -1271,7 +1300,7 @@ def plot_curves(log_path, png_path):
 # ##########################################################################################################
 
 
-# ============================================================================ augmentation on the device (--gpu-aug)
+# ============================================================================ augmentation on the device
 
 # --gpu-aug: every op takes a batch x [N, 3, H, W] float in [0, 1] and per-sample parameters [N], and follows
 # torchvision's tensor formulas (torchvision.transforms.functional); parameters are drawn per sample, never
@@ -1448,7 +1477,7 @@ def device_view(run, x, recipe, gen):
     return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
 
 
-# ============================================================================ data-study knobs (--subset, --corrupt, --data A,B)
+# ============================================================================ data-study knobs
 
 class Subset(torch.utils.data.Dataset):
     """base restricted to `indices`, labels shifted by `offset` (to keep two domains' classes apart)."""
@@ -1500,7 +1529,8 @@ def corrupt_image(img, specs, rng):
             img = Image.open(buf).convert("RGB")
         elif name == "downsample":  # down by F, back up bilinear: lower resolution at the same size
             w, h = img.size
-            img = img.resize((max(1, round(w / v)), max(1, round(h / v))), Image.BILINEAR).resize((w, h), Image.BILINEAR)
+            small = (max(1, round(w / v)), max(1, round(h / v)))
+            img = img.resize(small, Image.BILINEAR).resize((w, h), Image.BILINEAR)
         elif name == "saltpepper":
             a, u = np.array(img), rng.random(img.size[::-1])  # u: [H, W]
             a[u < v / 2], a[(u >= v / 2) & (u < v)] = 0, 255
@@ -1511,7 +1541,7 @@ def corrupt_image(img, specs, rng):
 
 
 class Corrupted(torch.utils.data.Dataset):
-    """Corrupts base[i] with an RNG seeded by (seed, i): the same stored image every epoch, in every worker."""
+    """Corrupts base[i] with an RNG seeded by (seed, i): the same stored image every epoch and worker."""
     def __init__(self, base, specs, seed=0):
         self.base, self.specs, self.seed, self.targets = base, specs, seed, labels_of(base)
 
