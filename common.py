@@ -425,47 +425,86 @@ BUILTIN_DATA = ("synthetic", "cifar10", "cifar100", "stl10")
 SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "crescent", "bar", "ell")
 
 
-SYNTH_PX = 64  # native size of synthetic images: big enough for 2-3 shapes, cheap to draw
+SYNTH_PX = 64  # native size of synthetic images: room for a main shape and a few small ones, cheap to draw
+# The scene keeps colour from being an image ID: contrastive learning separates images by whatever survives two
+# crops and colour jitter, and a per-image colour (a coloured background, a shape colour drawn per image) survives
+# both, so the network learns colour and its kNN accuracy falls below random init. Here every image has the
+# same grey background and near-white shapes: only the shapes' form tells images, and classes, apart.
+BACKGROUND = 0.45  # grey level of the background, the same in every image
+NOISE = 0.04  # sensor-like noise std on every pixel, so flat regions are never exactly equal
+MAIN_AREA = (0.12, 0.2)  # area of the main shape (the label), as a fraction of the image
+DISTRACTOR_AREA = (0.01, 0.03)  # area of each distractor: always well below the main shape's
+DISTRACTORS = (1, 3)  # number of distractor shapes (random classes), inclusive range
+OCCLUDE = 0.3  # probability that a distractor is drawn over the main shape instead of under it
 
 
 def _shape_mask(k, u, v):
-    """Boolean mask of shape k in local coordinates (u, v), unit radius."""
+    """Boolean mask of shape k in local coordinates (u, v), unit radius (every shape fits the unit disk)."""
     r = np.hypot(u, v)
     au, av = np.abs(u), np.abs(v)
-    return [r < 1, (r < 1) & (r > 0.55), np.maximum(au, av) < 0.8,
-            (np.maximum(au, av) < 0.9) & (np.maximum(au, av) > 0.5), (v > -0.6) & (v < 0.95 - 1.6 * au),
-            ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95)),
-            r < 0.45 + 0.55 * (0.5 + 0.5 * np.cos(5 * np.arctan2(v, u))) ** 2,
-            (r < 1) & (np.hypot(u - 0.5, v) > 0.75), (au < 1) & (av < 0.3),
-            ((u > -0.9) & (u < -0.35) & (av < 0.9)) | ((u > -0.9) & (u < 0.9) & (v > 0.35) & (v < 0.9))][k]
+    m = np.maximum(au, av)
+    masks = {
+        "disk": lambda: r < 1,
+        "ring": lambda: (r < 1) & (r > 0.55),
+        "square": lambda: m < 0.8,
+        "frame": lambda: (m < 0.9) & (m > 0.5),
+        "triangle": lambda: (v > -0.6) & (v < 0.95 - 1.6 * au),
+        "plus": lambda: ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95)),
+        "star": lambda: r < 0.45 + 0.55 * (0.5 + 0.5 * np.cos(5 * np.arctan2(v, u))) ** 2,
+        "crescent": lambda: (r < 1) & (np.hypot(u - 0.5, v) > 0.75),
+        "bar": lambda: (au < 1) & (av < 0.3),
+        "ell": lambda: ((u > -0.9) & (u < -0.35) & (av < 0.9)) | ((u > -0.9) & (u < 0.9) & (v > 0.35) & (v < 0.9)),
+    }
+    return masks[SHAPES[k]]()
+
+
+def _unit_areas(n=200):
+    """Area of each shape at unit radius (the [-1, 1]^2 square has area 4), measured on an n x n grid."""
+    g = (np.arange(n) + 0.5) / n * 2 - 1
+    v, u = np.meshgrid(g, g, indexing="ij")  # [n, n] each
+    return np.array([_shape_mask(k, u, v).mean() * 4 for k in range(len(SHAPES))])
+
+
+SHAPE_AREAS = _unit_areas()  # a bar covers ~0.4 of a disk: shapes are sized by area, so size tells no class
+
+
+def _draw(img, seg, k, area, centre, angle, colour):
+    """Paint shape k (area: fraction of the image; centre in [-1, 1]^2; rotation in rad) into img [px, px, 3] and
+    k + 1 into seg [px, px], in place; only the shape's bounding box is evaluated."""
+    px = img.shape[0]
+    radius = math.sqrt(area * 4 / SHAPE_AREAS[k])  # every shape fits the unit disk: its box is centre +- radius
+    lo = np.clip(((centre - radius + 1) * px / 2).astype(int), 0, px)  # [2] (x, y) first pixel of the box
+    hi = np.clip(((centre + radius + 1) * px / 2).astype(int) + 2, 0, px)  # [2] one past the last
+    coords = (np.arange(px) + 0.5) / px * 2 - 1  # pixel centres in [-1, 1]
+    x = coords[None, lo[0]:hi[0]] - centre[0]  # [1, w]
+    y = coords[lo[1]:hi[1], None] - centre[1]  # [h, 1]
+    u = (x * math.cos(angle) + y * math.sin(angle)) / radius  # [h, w] local coordinates, unit radius
+    v = (-x * math.sin(angle) + y * math.cos(angle)) / radius  # [h, w]
+    inside = _shape_mask(k, u, v)  # [h, w]
+    img[lo[1]:hi[1], lo[0]:hi[0]][inside] = colour
+    seg[lo[1]:hi[1], lo[0]:hi[0]][inside] = k + 1
 
 
 def render_synthetic(seed, index, px=SYNTH_PX):
-    """One deterministic image: a large main shape (the label) in a colour contrasting with a plain
-    background, plus 0-2 small distractor shapes; colours, positions, sizes and small rotations are
-    random, so only the main shape's form identifies the class. Returns (image, label, per-pixel labels
-    [px, px] uint8: 0 background, class + 1 under each shape, occlusion respected). (No background texture:
-    a per-image
-    texture survives every crop and colour jitter, so contrastive learning latches onto it instead of
-    the shapes; without it MoCo v3's cpu preset beats random-init kNN within two epochs.)"""
+    """One deterministic image: a main shape (the label, index % 10) among 1-3 much smaller distractor shapes of
+    random classes, near-white on a grey background. Positions, areas, small rotations and faint tints are
+    random; a distractor may overlap or occlude the main shape. Returns (image, label, per-pixel labels [px, px]
+    uint8: 0 background, class + 1 under each shape, later shapes occluding earlier ones)."""
     rng = np.random.default_rng([seed, index])
     label = index % len(SHAPES)  # balanced classes
-    y, x = np.mgrid[0:px, 0:px] / px * 2 - 1  # [px, px] each, in [-1, 1]
-    background = rng.uniform(0.1, 0.9, 3)
-    img = np.broadcast_to(background, (px, px, 3)).copy()  # [px, px, 3]
-    shapes = [(int(rng.integers(len(SHAPES))), rng.uniform(0.12, 0.2), rng.uniform(-0.75, 0.75, 2),
-               rng.uniform(0, 1, 3))
-              for _ in range(rng.integers(0, 3))]
-    main_colour = np.clip(1 - background + rng.uniform(-0.15, 0.15, 3), 0, 1)  # contrasting: it stands out
-    shapes.append((label, rng.uniform(0.45, 0.6), rng.uniform(-0.15, 0.15, 2), main_colour))  # last: on top
+    img = np.full((px, px, 3), BACKGROUND)  # [px, px, 3]
+
+    def shape(k, areas, spread):  # (class, area, centre, rotation, near-white colour with a faint tint)
+        return (k, rng.uniform(*areas), rng.uniform(-spread, spread, 2), rng.uniform(-0.5, 0.5),
+                np.clip(0.95 + rng.uniform(-0.04, 0.04, 3), 0, 1))
+    distractors = [shape(int(rng.integers(len(SHAPES))), DISTRACTOR_AREA, 0.8)
+                   for _ in range(rng.integers(DISTRACTORS[0], DISTRACTORS[1] + 1))]
+    main = shape(label, MAIN_AREA, 0.2)  # near the centre: the eval transform's centre crop keeps it
+    under = int(rng.binomial(len(distractors), 1 - OCCLUDE))  # distractors drawn before (under) the main shape
     seg = np.zeros((px, px), np.uint8)  # [px, px] per-pixel labels: 0 background, shape class + 1
-    for k, scale, (cx, cy), colour in shapes:
-        t = rng.uniform(-0.5, 0.5)  # rotation (rad): small enough to keep square and frame upright-ish
-        u = ((x - cx) * np.cos(t) + (y - cy) * np.sin(t)) / scale  # [px, px] shape coordinates
-        v = (-(x - cx) * np.sin(t) + (y - cy) * np.cos(t)) / scale
-        inside = _shape_mask(k, u, v)  # [px, px]
-        img[inside], seg[inside] = colour, k + 1  # later shapes occlude earlier ones, in image and labels
-    img = img + rng.normal(0, 0.04, img.shape)  # sensor-like noise so flat regions are not trivially equal
+    for k, area, centre, angle, colour in distractors[:under] + [main] + distractors[under:]:
+        _draw(img, seg, k, area, centre, angle, colour)
+    img = img + rng.normal(0, NOISE, img.shape)  # [px, px, 3]
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label, seg
 
 
