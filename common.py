@@ -426,10 +426,10 @@ SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "cresce
 
 
 SYNTH_PX = 64  # native size of synthetic images: room for a main shape and a few small ones, cheap to draw
-# The scene keeps colour from being an image ID: contrastive learning separates images by whatever survives two
-# crops and colour jitter, and a per-image colour (a coloured background, a shape colour drawn per image) survives
-# both, so the network learns colour and its kNN accuracy falls below random init. Here every image has the
-# same grey background and near-white shapes: only the shapes' form tells images, and classes, apart.
+# The scene keeps colour from being an image ID: contrastive learning separates images by whatever survives
+# two crops and colour jitter, and a per-image colour (a coloured background, a shape colour drawn per image)
+# survives both, so the network learns colour and its kNN accuracy falls below random init. Here every image
+# has the same grey background and near-white shapes: only the shapes' form tells images, and classes, apart.
 BACKGROUND = 0.45  # grey level of the background, the same in every image
 NOISE = 0.04  # sensor-like noise std on every pixel, so flat regions are never exactly equal
 MAIN_AREA = (0.12, 0.2)  # area of the main shape (the label), as a fraction of the image
@@ -453,7 +453,8 @@ def _shape_mask(k, u, v):
         "star": lambda: r < 0.45 + 0.55 * (0.5 + 0.5 * np.cos(5 * np.arctan2(v, u))) ** 2,
         "crescent": lambda: (r < 1) & (np.hypot(u - 0.5, v) > 0.75),
         "bar": lambda: (au < 1) & (av < 0.3),
-        "ell": lambda: ((u > -0.9) & (u < -0.35) & (av < 0.9)) | ((u > -0.9) & (u < 0.9) & (v > 0.35) & (v < 0.9)),
+        "ell": lambda: (((u > -0.9) & (u < -0.35) & (av < 0.9))
+                        | ((u > -0.9) & (u < 0.9) & (v > 0.35) & (v < 0.9))),
     }
     return masks[SHAPES[k]]()
 
@@ -469,10 +470,11 @@ SHAPE_AREAS = _unit_areas()  # a bar covers ~0.4 of a disk: shapes are sized by 
 
 
 def _draw(img, seg, k, area, centre, angle, colour):
-    """Paint shape k (area: fraction of the image; centre in [-1, 1]^2; rotation in rad) into img [px, px, 3] and
-    k + 1 into seg [px, px], in place; only the shape's bounding box is evaluated."""
+    """Paint shape k (area: fraction of the image; centre in [-1, 1]^2; rotation in rad) into img [px, px, 3]
+    and k + 1 into seg [px, px], in place; only the shape's bounding box is evaluated."""
     px = img.shape[0]
-    radius = math.sqrt(area * 4 / SHAPE_AREAS[k])  # every shape fits the unit disk: its box is centre +- radius
+    # every shape fits the unit disk: its box is centre +- radius
+    radius = math.sqrt(area * 4 / SHAPE_AREAS[k])
     lo = np.clip(((centre - radius + 1) * px / 2).astype(int), 0, px)  # [2] (x, y) first pixel of the box
     hi = np.clip(((centre + radius + 1) * px / 2).astype(int) + 2, 0, px)  # [2] one past the last
     coords = (np.arange(px) + 0.5) / px * 2 - 1  # pixel centres in [-1, 1]
@@ -486,10 +488,10 @@ def _draw(img, seg, k, area, centre, angle, colour):
 
 
 def render_synthetic(seed, index, px=SYNTH_PX):
-    """One deterministic image: a main shape (the label, index % 10) among 1-3 much smaller distractor shapes of
-    random classes, near-white on a grey background. Positions, areas, small rotations and faint tints are
-    random; a distractor may overlap or occlude the main shape. Returns (image, label, per-pixel labels [px, px]
-    uint8: 0 background, class + 1 under each shape, later shapes occluding earlier ones)."""
+    """One deterministic image: a main shape (the label, index % 10) among 1-3 much smaller distractor shapes
+    of random classes, near-white on a grey background. Positions, areas, small rotations and faint tints are
+    random; a distractor may overlap or occlude the main shape. Returns (image, label, per-pixel labels
+    [px, px] uint8: 0 background, class + 1 under each shape, later shapes occluding earlier ones)."""
     rng = np.random.default_rng([seed, index])
     label = index % len(SHAPES)  # balanced classes
     img = np.full((px, px, 3), BACKGROUND)  # [px, px, 3]
@@ -500,7 +502,8 @@ def render_synthetic(seed, index, px=SYNTH_PX):
     distractors = [shape(int(rng.integers(len(SHAPES))), DISTRACTOR_AREA, 0.8)
                    for _ in range(rng.integers(DISTRACTORS[0], DISTRACTORS[1] + 1))]
     main = shape(label, MAIN_AREA, 0.2)  # near the centre: the eval transform's centre crop keeps it
-    under = int(rng.binomial(len(distractors), 1 - OCCLUDE))  # distractors drawn before (under) the main shape
+    # distractors drawn before (under) the main shape
+    under = int(rng.binomial(len(distractors), 1 - OCCLUDE))
     seg = np.zeros((px, px), np.uint8)  # [px, px] per-pixel labels: 0 background, shape class + 1
     for k, area, centre, angle, colour in distractors[:under] + [main] + distractors[under:]:
         _draw(img, seg, k, area, centre, angle, colour)

@@ -89,7 +89,8 @@ class Args(common.CommonArgs):
     queue_size: int = 65536
     """length K of each queue, a multiple of the global batch (ImageNet: 65536; small data: 4096-16384)"""
     dense_weight: float = 0.5
-    """lambda in (1 - lambda) * L_global + lambda * L_dense (paper: 0.5); 0 = plain MoCo v2, no dense branch"""
+    """lambda in (1 - lambda) * L_global + lambda * L_dense (paper: 0.5);
+    0 = plain MoCo v2, no dense branch"""
     dense_warmup_steps: int = 0
     """lambda = 0 for this many steps first (official warm-up hook; off in the ImageNet recipe)"""
     shuffle_splits: int = 8
@@ -104,9 +105,10 @@ class Args(common.CommonArgs):
 
 PRESETS = {
     "imagenet": {},
-    # ours, after the official MoCo CIFAR-10 demo (wd 5e-4, m 0.99, queue 4096, split BN); small stem -> 4x4 grid
-    "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, epochs=200, wd=5e-4, momentum=0.99,
-                  queue_size=4096, knn_every=10),
+    # ours, after the official MoCo CIFAR-10 demo (wd 5e-4, m 0.99, queue 4096, split BN);
+    # small stem -> 4x4 grid
+    "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, epochs=200, wd=5e-4,
+                  momentum=0.99, queue_size=4096, knn_every=10),
     # ours, one quick-start tuning shared by every method file: 2 epochs of 1280 synthetic images at batch 32
     # (80 updates, a few minutes on 2 CPU cores: README's quick-start table); AdamW at lr 1.6e-2 per 256
     # (2e-3 here) and wd 1e-6, because SGD/LARS at their published lrs barely move in 80 updates; EMA
@@ -160,7 +162,8 @@ def infonce_rows(l_pos, l_neg):
 
 
 def global_loss(q, k, queue, temperature):
-    """MoCo v2 InfoNCE (paper eq. 1): q, k [N, D] un-normalised, queue [K, D] unit negatives; positive at 0."""
+    """MoCo v2 InfoNCE (paper eq. 1): q, k [N, D] un-normalised, queue [K, D] unit negatives;
+    positive at 0."""
     q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)  # [N, D]
     l_pos = (q * k).sum(1) / temperature  # [N]
     l_neg = (q / temperature) @ queue.T  # [N, K]; 1/tau on the D columns of q, not on the K of the logits
@@ -246,14 +249,17 @@ class DenseCL(nn.Module):
         for p in self.momentum_params():
             p.requires_grad = False  # updated only by EMA
         # queues are buffers, so checkpoints hold them and their pointers; random unit vectors at start
-        self.register_buffer("queue", F.normalize(torch.randn(args.queue_size, args.proj_dim), dim=1))  # [K, D]
+        self.register_buffer("queue",
+                             F.normalize(torch.randn(args.queue_size, args.proj_dim), dim=1))  # [K, D]
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
         if self.dense_head is not None:
-            self.register_buffer("dense_queue", F.normalize(torch.randn(args.queue_size, args.proj_dim), dim=1))
+            self.register_buffer("dense_queue",
+                                 F.normalize(torch.randn(args.queue_size, args.proj_dim), dim=1))
             self.register_buffer("dense_queue_ptr", torch.zeros(1, dtype=torch.long))
 
     def online_params(self):
-        return [p for m in (self.backbone, self.global_head, self.dense_head) if m is not None for p in m.parameters()]
+        return [p for m in (self.backbone, self.global_head, self.dense_head) if m is not None
+                for p in m.parameters()]
 
     def momentum_params(self):
         return [p for m in (self.momentum_backbone, self.momentum_global_head, self.momentum_dense_head)
@@ -275,7 +281,8 @@ class DenseCL(nn.Module):
         q = self.encode(x_q)
         with torch.no_grad():
             common.ema_update(self.momentum_params(), self.online_params(), m)  # before the keys, as official
-            k = shuffle_bn(lambda x: self.encode(x, momentum=True), x_k, self.splits if common.get_world_size() == 1 else 1)
+            k = shuffle_bn(lambda x: self.encode(x, momentum=True), x_k,
+                           self.splits if common.get_world_size() == 1 else 1)
         # .clone(): the queues are overwritten below, before backward needs the values the loss saw
         loss_g = global_loss(q[0], k[0], self.queue.clone(), self.temperature)
         parts = {"loss_global": loss_g.detach()}
@@ -314,11 +321,14 @@ def draw_matches(model, ds, run, path, pairs=4, px=192):
         for j, x in enumerate((x1, x2)):
             img = ((x * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
             canvas.paste(Image.fromarray(img).resize((px, px), Image.NEAREST), (j * (px + gap), y0))
-        draw.text((2, y0 - top + 4), f"pair {i}: query view (online) -> key view (momentum), {s}x{s} grid", fill="black")
+        draw.text((2, y0 - top + 4), f"pair {i}: query view (online) -> key view (momentum), {s}x{s} grid",
+                  fill="black")
         cell = px / s
-        colours = [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(a / (s * s), 0.9, 1.0)) for a in range(s * s)]
+        colours = [tuple(int(255 * c) for c in colorsys.hsv_to_rgb(a / (s * s), 0.9, 1.0))
+                   for a in range(s * s)]
         ends = [(((a % s + 0.5) * cell, y0 + (a // s + 0.5) * cell),  # query cell centre (left)
-                 (px + gap + (int(b) % s + 0.5) * cell, y0 + (int(b) // s + 0.5) * cell))  # matched key cell (right)
+                 (px + gap + (int(b) % s + 0.5) * cell,
+                  y0 + (int(b) // s + 0.5) * cell))  # matched key cell (right)
                 for a, b in enumerate(match)]
         for (pa, pb), colour in zip(ends, colours):
             draw.line([pa, pb], fill=colour, width=2)
@@ -339,14 +349,16 @@ def check_args(args):
         raise common.BadInput(f"densecl.py needs a ResNet backbone (resnet18, resnet50), not {args.arch}")
     grid = common.final_grid(args.arch, args.stem, args.img_size)
     if grid < 2:
-        raise common.BadInput(f"--img-size {args.img_size} with --stem {args.stem} gives a {grid}x{grid} final "
-                              f"feature map; DenseCL needs at least 2x2 (use a larger image or --stem small)")
+        raise common.BadInput(f"--img-size {args.img_size} with --stem {args.stem} gives a {grid}x{grid} "
+                              "final feature map; DenseCL needs at least 2x2 "
+                              "(use a larger image or --stem small)")
     if args.queue_size % args.batch_size:
         raise common.BadInput(f"--queue-size {args.queue_size} is not a multiple of the global --batch-size "
                               f"{args.batch_size}")
     alone = int(os.environ.get("WORLD_SIZE", 1)) == 1  # one process emulates shuffle-BN with sub-batches
     if alone and (args.shuffle_splits < 1 or args.batch_size % args.shuffle_splits):
-        raise common.BadInput(f"--shuffle-splits {args.shuffle_splits} must divide --batch-size {args.batch_size}")
+        raise common.BadInput(f"--shuffle-splits {args.shuffle_splits} must divide "
+                              f"--batch-size {args.batch_size}")
 
 
 @common.user_errors
@@ -361,7 +373,8 @@ def main(argv=None):
     knn = common.knn_monitor(args, run)
 
     # ---- model
-    model, step_model = common.prepare_model(DenseCL(args), run, sync_bn=False)  # official: per-GPU BN (shuffle-BN needs it)
+    # official: per-GPU BN (shuffle-BN needs it)
+    model, step_model = common.prepare_model(DenseCL(args), run, sync_bn=False)
 
     # ---- optimizer & schedules
     params = [p for p in model.parameters() if p.requires_grad]

@@ -120,7 +120,8 @@ class Args(common.CommonArgs):
     """FH Gaussian pre-smoothing (official: 0.8)"""
     mask_cache: str = "auto"
     """auto = cache FH masks in <output-dir>/fh_cache for images >= 224 px; a directory = cache every image
-    there (reuse it across runs on the same data); off = never. Delete it when the files under --data change"""
+    there (reuse it across runs on the same data); off = never.
+    Delete it when the files under --data change"""
     show_masks: str = ""
     """write a PNG of a few images, their two views and the masks on each view to this path, then exit"""
 
@@ -134,7 +135,8 @@ PRESETS = {
     # (80 updates, a few minutes on 2 CPU cores: README's quick-start table); AdamW at lr 1.6e-2 per 256
     # (2e-3 here) and wd 1e-6, because SGD/LARS at their published lrs barely move in 80 updates; EMA
     # momentum 0.9, so the target follows the online network within ~10 updates instead of ~100.
-    # Small stem at 32 px -> a 4x4 final grid (a coarser grid leaves too few cells for several masks per view).
+    # Small stem at 32 px -> a 4x4 final grid (a coarser grid leaves too few cells for several
+    # masks per view).
     "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=32, epochs=2, synthetic_size=1280,
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, warmup_epochs=0.5, crop_min=0.3,
                 blur=False, mlp_dim=1024, workers=2, log_every=10),
@@ -147,8 +149,9 @@ FH_REF_PIXELS = 400 * 350  # a typical ImageNet image: where the official scale 
 
 
 def fh_params(h, w):
-    """FH (scale, min_size) for an h x w image: the official values at ImageNet size, scaled with the pixel
-    count (min_size linearly: it is an area; scale sub-linearly, measured to keep ~10-15 segments per image)."""
+    """FH (scale, min_size) for an h x w image: the official values at ImageNet size, scaled with the
+    pixel count (min_size linearly: it is an area; scale sub-linearly, measured to keep ~10-15 segments
+    per image)."""
     r = h * w / FH_REF_PIXELS
     return 1000.0 * r ** 0.4, max(int(1000 * r), 5)
 
@@ -169,7 +172,8 @@ def fh_segments(img, fh_size=128, scale=0.0, min_size=0, sigma=0.8):
     if f < 1:
         img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
     auto_scale, auto_min = fh_params(img.height, img.width)
-    ids = _felzenszwalb()(np.asarray(img), scale=scale or auto_scale, sigma=sigma, min_size=min_size or auto_min)
+    ids = _felzenszwalb()(np.asarray(img), scale=scale or auto_scale, sigma=sigma,
+                          min_size=min_size or auto_min)
     return ids.astype(np.int32)  # never uint8: the official cast merges ids > 255
 
 
@@ -213,7 +217,8 @@ class MaskedImages(torch.utils.data.Dataset):
                 Image.fromarray(ids.astype(np.uint16)).save(tmp)
                 os.replace(tmp, path)  # atomic: another worker/rank never reads half a file
         if ids.shape != (h, w):  # back to image size, nearest, so crop boxes apply to image and mask alike
-            ids = ids[(np.arange(h) * ids.shape[0] // h)[:, None], (np.arange(w) * ids.shape[1] // w)[None, :]]
+            ids = ids[(np.arange(h) * ids.shape[0] // h)[:, None],
+                      (np.arange(w) * ids.shape[1] // w)[None, :]]
         return torch.from_numpy(np.ascontiguousarray(ids))
 
 
@@ -223,9 +228,11 @@ def reduce_mask(mask, grid):
     *lead, h, w = mask.shape
     m = mask.reshape(-1, h * w).long()  # [N, H*W]
     k = int(m.max()) + 1
-    cell = ((torch.arange(h) * grid // h)[:, None] * grid + (torch.arange(w) * grid // w)[None, :]).flatten()  # [H*W]
+    cell = ((torch.arange(h) * grid // h)[:, None] * grid
+            + (torch.arange(w) * grid // w)[None, :]).flatten()  # [H*W]
     counts = torch.zeros(m.shape[0], grid * grid * k, dtype=torch.long, device=m.device)
-    counts.scatter_add_(1, cell.to(m.device)[None] * k + m, torch.ones_like(m))  # [N, S*S*K] pixels per (cell, id)
+    # pixels per (cell, id)
+    counts.scatter_add_(1, cell.to(m.device)[None] * k + m, torch.ones_like(m))  # [N, S*S*K]
     return counts.view(-1, grid * grid, k).argmax(-1).view(*lead, grid, grid)
 
 
@@ -293,7 +300,8 @@ class JointViews:
     def __call__(self, sample):
         v1, m1, v2_, m2 = self.views(*sample)
         cells = reduce_mask(torch.stack([m1, m2]), self.grid)  # [2, S, S]
-        _, cells = torch.unique(cells, return_inverse=True)  # joint relabel: id k is the same region in both views
+        # joint relabel: id k is the same region in both views
+        _, cells = torch.unique(cells, return_inverse=True)
         return v1, cells[0], v2_, cells[1]
 
 
@@ -303,7 +311,8 @@ class JointViews:
 def sample_ids(mask, num):
     """mask [N, S, S] ids < 2 S^2 -> [N, num] ids drawn uniformly with replacement among the masks that own at
     least one cell of this view (every image has one: every cell belongs to some id)."""
-    exists = torch.zeros(mask.shape[0], 2 * mask[0].numel(), device=mask.device)  # [N, K]: static K, no host sync
+    # static K, no host sync
+    exists = torch.zeros(mask.shape[0], 2 * mask[0].numel(), device=mask.device)  # [N, K]
     exists.scatter_(1, mask.flatten(1), 1.0)  # [N, K] 1 where the id owns >= 1 cell
     return torch.multinomial(exists, num, replacement=True)  # [N, num]
 
@@ -312,7 +321,8 @@ def mask_pool(fmap, mask, ids):
     """Average of the feature map [N, C, S, S] over the cells of each sampled id (mask [N, S, S], ids [N, M])
     -> [N, M, C]."""
     if fmap.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(f"feature map {tuple(fmap.shape[-2:])} and mask grid {tuple(mask.shape[-2:])} differ")
+        raise ValueError(f"feature map {tuple(fmap.shape[-2:])} and mask grid "
+                         f"{tuple(mask.shape[-2:])} differ")
     sel = (mask.flatten(1)[:, None, :] == ids[:, :, None]).to(fmap.dtype)  # [N, M, S*S]
     sel = sel / sel.sum(-1, keepdim=True).clamp(min=1)  # [N, M, S*S], rows sum to 1
     return torch.bmm(sel, fmap.flatten(2).transpose(1, 2))  # [N, M, C]
@@ -333,7 +343,8 @@ def row_weights(ids, ids_other):
 
 
 def _gather(x):
-    """all_gather along dim 0 that keeps the gradient of this rank's slice (DetCon_S backpropagates into it)."""
+    """all_gather along dim 0 that keeps the gradient of this rank's slice
+    (DetCon_S backpropagates into it)."""
     if common.get_world_size() == 1:
         return x
     g, n, r = common.all_gather_nograd(x), x.shape[0], common.get_rank()
@@ -341,7 +352,8 @@ def _gather(x):
 
 
 def _one_direction(pred, ids, target_other, ids_other, target_same, temperature):
-    """Rows: predictions of one view; columns: the targets of both views of every image of the global batch."""
+    """Rows: predictions of one view; columns: the targets of both views of every image of the
+    global batch."""
     b, m, _ = pred.shape
     p = F.normalize(pred.float(), dim=-1)  # [B, M, D]
     t_other = _gather(F.normalize(target_other.float(), dim=-1))  # [G, M, D], G = B * world
@@ -353,19 +365,22 @@ def _one_direction(pred, ids, target_other, ids_other, target_same, temperature)
     same_id_same = (ids[:, :, None] == ids[:, None, :]).float()  # [B, M, M]: excluded (own image, incl. self)
     logits_same[rows, :, own, :] -= 1e9 * same_id_same  # official "infinity proxy": never a negative
     # log-sum-exp over all 2*G*M columns, without materialising their concatenation
-    lse = torch.logaddexp(logits_other.flatten(2).logsumexp(-1), logits_same.flatten(2).logsumexp(-1))  # [B, M]
+    lse = torch.logaddexp(logits_other.flatten(2).logsumexp(-1),
+                          logits_same.flatten(2).logsumexp(-1))  # [B, M]
     num_pos = same_id_other.sum(-1)  # [B, M]
-    pos = (same_id_other * logits_other[rows, :, own, :]).sum(-1) / num_pos.clamp(min=1)  # [B, M] mean positive logit
+    # mean positive logit
+    pos = (same_id_other * logits_other[rows, :, own, :]).sum(-1) / num_pos.clamp(min=1)  # [B, M]
     ce = lse - pos  # [B, M] = soft-label CE with the label mass split evenly over the positives
     return (row_weights(ids, ids_other) * ce).mean()
 
 
 def detcon_loss(pred1, pred2, target1, target2, ids1, ids2, temperature=0.1):
-    """Contrastive-detection loss (paper eq. 3, official byol_nce_detcon). pred*/target* [B, M, D] (un-normalised,
-    this rank's images), ids* [B, M]. Targets are gathered across ranks. Direction 1->2: each row of pred1 has as
-    positives the target2 columns of the same image and id (label mass split evenly), as negatives every other
-    column of target1 and target2 of the global batch except target1 columns of the same image and id (logit
-    -1e9, label 0); rows are weighted by row_weights and averaged. Returns loss(1->2) + loss(2->1)."""
+    """Contrastive-detection loss (paper eq. 3, official byol_nce_detcon). pred*/target* [B, M, D]
+    (un-normalised, this rank's images), ids* [B, M]. Targets are gathered across ranks. Direction 1->2: each
+    row of pred1 has as positives the target2 columns of the same image and id (label mass split evenly), as
+    negatives every other column of target1 and target2 of the global batch except target1 columns of the same
+    image and id (logit -1e9, label 0); rows are weighted by row_weights and averaged.
+    Returns loss(1->2) + loss(2->1)."""
     return (_one_direction(pred1, ids1, target2, ids2, target1, temperature) +
             _one_direction(pred2, ids2, target1, ids1, target2, temperature))
 
@@ -374,7 +389,8 @@ class DetCon(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.temperature, self.num_masks, self.byol = args.temperature, args.num_masks, args.variant == "B"
-        self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size, args.freeze_patch_proj)
+        self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size,
+                                                   args.freeze_patch_proj)
         self.projector = mlp(dim, args.mlp_dim, args.proj_dim)
         if self.byol:  # DetCon_B: predictor on the online side, EMA target = backbone + projector
             self.predictor = mlp(args.proj_dim, args.mlp_dim, args.proj_dim)
@@ -400,14 +416,17 @@ class DetCon(nn.Module):
         ids1, ids2 = sample_ids(mask1, self.num_masks), sample_ids(mask2, self.num_masks)  # [N, M] each
         z1 = self.embed(self.backbone, self.projector, x1, mask1, ids1)  # [N, M, D]
         z2 = self.embed(self.backbone, self.projector, x2, mask2, ids2)  # [N, M, D]
-        matched = (ids1[:, :, None] == ids2[:, None, :]).any(-1).float().mean()  # share of rows with a positive
+        # share of rows with a positive
+        matched = (ids1[:, :, None] == ids2[:, None, :]).any(-1).float().mean()
         if not self.byol:  # DetCon_S: the online outputs are both rows and columns
             return detcon_loss(z1, z2, z1, z2, ids1, ids2, self.temperature), matched
         p1 = self.predictor(z1.flatten(0, 1)).view_as(z1)  # [N, M, D]
         p2 = self.predictor(z2.flatten(0, 1)).view_as(z2)  # [N, M, D]
         with torch.no_grad():
-            common.ema_update(self.momentum_params(), self.online_params(), m)  # before the targets, as mocov3.py
-            t1 = self.embed(self.momentum_backbone, self.momentum_projector, x1, mask1, ids1)  # same ids as online
+            # before the targets, as mocov3.py
+            common.ema_update(self.momentum_params(), self.online_params(), m)
+            # same ids as online
+            t1 = self.embed(self.momentum_backbone, self.momentum_projector, x1, mask1, ids1)
             t2 = self.embed(self.momentum_backbone, self.momentum_projector, x2, mask2, ids2)
         return detcon_loss(p1, p2, t1, t2, ids1, ids2, self.temperature), matched
 
@@ -426,8 +445,8 @@ def _unnormalise(x):
 
 
 def show_masks(ds, views, path, n=6, tile=128):
-    """PNG: per image (rows) the image | its mask | view 1 | its mask | its feature-grid mask | same for view 2.
-    Also prints the mask cost (ms/image, one process) and the mean number of masks per image."""
+    """PNG: per image (rows) the image | its mask | view 1 | its mask | its feature-grid mask | same for
+    view 2. Also prints the mask cost (ms/image, one process) and the mean number of masks per image."""
     heads = ["image", "mask", "view 1", "mask 1", "grid 1", "view 2", "mask 2", "grid 2"]
     sheet = Image.new("RGB", (tile * len(heads), 14 + tile * n), "white")
     draw = ImageDraw.Draw(sheet)
@@ -440,8 +459,9 @@ def show_masks(ds, views, path, n=6, tile=128):
             v1, m1, v2_, m2 = views.views(img, ids)
         img = np.asarray(img, dtype=np.float64)
         cells = [reduce_mask(m, views.grid) for m in (m1, m2)]
-        pics = [img, 0.4 * img + 0.6 * _colour(ids), _unnormalise(v1), 0.4 * _unnormalise(v1) + 0.6 * _colour(m1),
-                _colour(cells[0]), _unnormalise(v2_), 0.4 * _unnormalise(v2_) + 0.6 * _colour(m2), _colour(cells[1])]
+        pics = [img, 0.4 * img + 0.6 * _colour(ids),
+                _unnormalise(v1), 0.4 * _unnormalise(v1) + 0.6 * _colour(m1), _colour(cells[0]),
+                _unnormalise(v2_), 0.4 * _unnormalise(v2_) + 0.6 * _colour(m2), _colour(cells[1])]
         for c, pic in enumerate(pics):
             pic = Image.fromarray(np.asarray(pic).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
             sheet.paste(pic, (c * tile, 14 + r * tile))
@@ -466,8 +486,9 @@ def check_args(args):
         raise BadInput(f"unknown --masks {args.masks!r}; choose fh or grid")
     grid = common.final_grid(args.arch, args.stem, args.img_size)
     if grid < 2:
-        raise BadInput(f"--img-size {args.img_size} with --arch {args.arch} --stem {args.stem} gives a {grid}x{grid} "
-                       "final feature map; DetCon needs at least 2x2 (use a larger --img-size or --stem small)")
+        raise BadInput(f"--img-size {args.img_size} with --arch {args.arch} --stem {args.stem} "
+                       f"gives a {grid}x{grid} final feature map; DetCon needs at least 2x2 "
+                       "(use a larger --img-size or --stem small)")
     if args.warmup_epochs < 0:
         args.warmup_epochs = 0.01 * args.epochs  # official: 1% warmup
     return grid
@@ -475,10 +496,12 @@ def check_args(args):
 
 def mask_cache(args, out):
     """(cache folder or None, smallest image side cached) from --mask-cache; one folder per FH setting."""
-    cache, min_side = {"auto": (os.path.join(out, "fh_cache"), 224), "off": (None, 0)}.get(args.mask_cache, (args.mask_cache, 0))
+    cache, min_side = {"auto": (os.path.join(out, "fh_cache"), 224),
+                       "off": (None, 0)}.get(args.mask_cache, (args.mask_cache, 0))
     # index i means a different image under another --data/--subset/--corrupt/--seed: all go into the key
-    key = hashlib.sha1(f"{args.fh_size} {args.fh_scale} {args.fh_min_size} {args.fh_sigma} {args.data} {args.subset} "
-                       f"{args.corrupt} {args.mix_fraction} {args.seed}".encode()).hexdigest()[:8]
+    key = hashlib.sha1(
+        f"{args.fh_size} {args.fh_scale} {args.fh_min_size} {args.fh_sigma} {args.data} {args.subset} "
+        f"{args.corrupt} {args.mix_fraction} {args.seed}".encode()).hexdigest()[:8]
     return (os.path.join(cache, f"fh{args.fh_size}-{key}"), min_side) if cache else (None, 0)
 
 

@@ -143,12 +143,13 @@ def load_backbone(path):
         model = obj["model"]
         sd = OrderedDict((k[len("backbone."):], v) for k, v in model.items() if k.startswith("backbone."))
         a = obj["args"]
-        meta = {"method": obj.get("method"), "encoder": "online", "arch": a.get("arch"), "stem": a.get("stem"),
-                "img_size": a.get("img_size")}
+        meta = {"method": obj.get("method"), "encoder": "online", "arch": a.get("arch"),
+                "stem": a.get("stem"), "img_size": a.get("img_size")}
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd, meta = obj, dict(getattr(obj, "_metadata", {}).get("effssl", {}))
     else:
-        raise common.BadInput(f"{path} is not a compatible checkpoint (expected checkpoint.pth or backbone.pth)")
+        raise common.BadInput(f"{path} is not a compatible checkpoint "
+                              "(expected checkpoint.pth or backbone.pth)")
     if not sd:
         raise common.BadInput(f"{path} holds no backbone weights")
     return sd, meta

@@ -109,7 +109,8 @@ class Args(common.CommonArgs):
 
 PRESETS = {
     "imagenet": {},
-    # ours (not in the paper): ResNet-18, small stem, 32-px images -> 16-px patches, MoCo v2-style CIFAR settings
+    # ours (not in the paper): ResNet-18, small stem, 32-px images -> 16-px patches,
+    # MoCo v2-style CIFAR settings
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=512, lr=0.06, wd=5e-4, epochs=800,
                   warmup_epochs=10, temperature=0.2, crop_min=0.08, blur=False, knn_every=10),
     # ours, one quick-start tuning shared by every method file: 2 epochs of 1280 synthetic images at batch 32
@@ -128,7 +129,8 @@ PRESETS = {
 
 def split_patches(x, grid=2):
     """[N, C, H, W] -> [grid^2, N, C, H/grid, W/grid]: non-overlapping patches by slicing (no resize).
-    Row-major order: patch i * grid + j is row i, column j (2x2: top-left, top-right, bottom-left, bottom-right)."""
+    Row-major order: patch i * grid + j is row i, column j
+    (2x2: top-left, top-right, bottom-left, bottom-right)."""
     h, w = x.shape[-2] // grid, x.shape[-1] // grid
     if h * grid != x.shape[-2] or w * grid != x.shape[-1]:
         raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by the grid {grid}")
@@ -150,7 +152,8 @@ def patch_contrastive_loss(p, z, temperature):
     p = F.normalize(p, dim=2).flatten(0, 1)  # [K*N, D]; row c*N + i is combination c of image i
     z = common.all_gather_nograd(F.normalize(z, dim=1))  # [B, D], B = N * world; no gradient into the keys
     logits = p @ z.T / temperature  # [K*N, B]
-    labels = (torch.arange(n, device=p.device) + n * common.get_rank()).repeat(n_comb)  # [K*N]; my keys at rank*N
+    # my keys are at rank*N
+    labels = (torch.arange(n, device=p.device) + n * common.get_rank()).repeat(n_comb)  # [K*N]
     return F.cross_entropy(logits, labels)  # equal-size chunks: mean over K*N rows = mean of the K chunk CEs
 
 
@@ -179,8 +182,10 @@ class FastMoCo(nn.Module):
         self.channels_last = args.channels_last
         self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size)
         hid, out = args.mlp_dim, args.proj_dim or args.mlp_dim
-        self.projector = build_mlp([dim, hid, hid, out])  # 3 layers, BN after each (C -> 2048 -> 2048 -> 2048)
-        self.predictor = build_mlp([out, args.pred_dim or hid // 4, out], last_bn=False)  # 2048 -> 512 -> 2048
+        # 3 layers, BN after each (C -> 2048 -> 2048 -> 2048)
+        self.projector = build_mlp([dim, hid, hid, out])
+        # 2048 -> 512 -> 2048
+        self.predictor = build_mlp([out, args.pred_dim or hid // 4, out], last_bn=False)
         self.momentum_backbone = copy.deepcopy(self.backbone)  # exact copy at init
         self.momentum_projector = copy.deepcopy(self.projector)
         for p in [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]:
@@ -198,8 +203,9 @@ class FastMoCo(nn.Module):
         patches = split_patches(x, self.grid).flatten(0, 1)  # [P*N, 3, H/g, W/g], P = grid^2
         if self.channels_last:
             patches = patches.contiguous(memory_format=torch.channels_last)
-        feats = self.backbone(patches).unflatten(0, (-1, n))  # [P, N, C]: one pass, BN statistics over all P*N
-        combined = combine_patches(feats, self.combine).flatten(0, 1)  # [K*N, C]: combine *before* the projector
+        feats = self.backbone(patches).unflatten(0, (-1, n))  # [P, N, C]: one pass, BN stats over all P*N
+        # combine *before* the projector
+        combined = combine_patches(feats, self.combine).flatten(0, 1)  # [K*N, C]
         return self.predictor(self.projector(combined)).unflatten(0, (-1, n))  # [K, N, D]
 
     def forward(self, x1, x2, m):
@@ -214,7 +220,8 @@ class FastMoCo(nn.Module):
 def param_groups(model):
     """Two optimizer groups: everything trainable, and the predictor, marked "fixed_lr": set_lrs keeps
     it at the base lr through warm-up and cosine decay (official: constant predictor lr)."""
-    rest = [p for name, p in model.named_parameters() if p.requires_grad and not name.startswith("predictor.")]
+    rest = [p for name, p in model.named_parameters()
+            if p.requires_grad and not name.startswith("predictor.")]
     return [{"params": rest}, {"params": list(model.predictor.parameters()), "fixed_lr": True}]
 
 
@@ -244,7 +251,8 @@ def check_args(args):
     if args.grid < 1 or args.img_size % args.grid:
         raise common.BadInput(f"--img-size {args.img_size} must be divisible by --grid {args.grid}")
     if not 1 <= args.combine <= args.grid ** 2:
-        raise common.BadInput(f"--combine must be between 1 and grid^2 = {args.grid ** 2}, got {args.combine}")
+        raise common.BadInput(f"--combine must be between 1 and grid^2 = {args.grid ** 2}, "
+                              f"got {args.combine}")
 
 
 # ---------------------------------------------------------------------------- training
@@ -279,7 +287,8 @@ def main(argv=None):
     for epoch in log.epochs():  # the epochs left: none when a finished run is resumed
         model.train()
         for _, ((x1, x2), _) in log.batches(train_ds, epoch):
-            lr = fast_moco_lr(log.step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs)  # 0-based iteration
+            # 0-based iteration
+            lr = fast_moco_lr(log.step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs)
             set_lrs(optimizer, lr, base_lr)  # the predictor's group keeps base_lr
             x1, x2 = views.finish(run, x1, x2, log.step)  # [n, 3, H, W] each, n = batch / world
             with run.autocast():

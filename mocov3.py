@@ -94,7 +94,8 @@ PRESETS = {
     # (80 updates, a few minutes on 2 CPU cores: README's quick-start table); AdamW at lr 1.6e-2 per 256
     # (2e-3 here) and wd 1e-6, because SGD/LARS at their published lrs barely move in 80 updates; EMA
     # momentum 0.9, so the target follows the online network within ~10 updates instead of ~100.
-    # Crops of >= 60% keep the main shape in both views; no blur: at 64 px a sigma up to 2 px erases the shapes.
+    # Crops of >= 60% keep the main shape in both views;
+    # no blur: at 64 px a sigma up to 2 px erases the shapes.
     "cpu": dict(arch="resnet18", stem="imagenet", img_size=64, batch_size=32, epochs=2, synthetic_size=1280,
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, warmup_epochs=0.5, temperature=0.2,
                 crop_min=0.6, blur=False, mlp_dim=1024, workers=2, log_every=20),
@@ -105,7 +106,8 @@ PRESETS = {
 
 
 def build_mlp(num_layers, in_dim, mlp_dim, out_dim, last_bn=True):
-    """MoCo v3 MLP: Linear layers without bias; Linear-BN-ReLU hidden layers; optional last BN without affine."""
+    """MoCo v3 MLP: Linear layers without bias; Linear-BN-ReLU hidden layers;
+    optional last BN without affine."""
     layers = []
     for i in range(num_layers):
         d_in, d_out = in_dim if i == 0 else mlp_dim, out_dim if i == num_layers - 1 else mlp_dim
@@ -131,7 +133,8 @@ class MoCoV3(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.temperature = args.temperature
-        self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size, args.freeze_patch_proj)
+        self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size,
+                                                   args.freeze_patch_proj)
         vit = args.arch.startswith("vit")
         # ResNet: 2-layer projector + last BN, predictor without last BN; ViT: 3-layer projector, both last BN
         self.projector = build_mlp(3 if vit else 2, dim, args.mlp_dim, args.proj_dim)

@@ -1,4 +1,5 @@
-"""MoCo v3 + rotation prediction: "Towards Efficient and Effective Self-Supervised Learning of Visual Representations".
+"""MoCo v3 + rotation prediction: "Towards Efficient and Effective Self-Supervised \
+Learning of Visual Representations".
 
 Paper: Addepalli, Bhogale, Dey, Babu, ECCV 2022, arXiv:2210.09866. Official code: github.com/val-iisc/EffSSL
 
@@ -68,9 +69,11 @@ import mocov3
 @dataclasses.dataclass
 class Args(mocov3.Args):
     rot_weight: float = 0.1
-    """weight of the rotation loss CE(view 1) + CE(view 2) (paper: 0.1); 0 = equal-compute ablation without its gradient"""
+    """weight of the rotation loss CE(view 1) + CE(view 2) (paper: 0.1);
+    0 = equal-compute ablation without its gradient"""
     rot_size: int = 0
-    """side of the rotated copies, 0 = the crop size (paper); half the crop cuts the extra cost to ~1/4 (ResNet only)"""
+    """side of the rotated copies, 0 = the crop size (paper);
+    half the crop cuts the extra cost to ~1/4 (ResNet only)"""
 
 
 PRESETS = mocov3.PRESETS  # MoCo v3's recipes: the auxiliary task needs no other setting changed
@@ -87,7 +90,8 @@ def rotate_batch(x, generator=None):
         raise ValueError(f"rotate_batch needs square images, got {h}x{w}")  # rot90 would change the shape
     device = generator.device if generator is not None else x.device
     k = torch.randint(4, (n,), generator=generator, device=device).to(x.device)  # [N]
-    rots = torch.stack([torch.rot90(x, j, dims=(2, 3)) for j in range(4)])  # [4, N, C, H, W], counter-clockwise
+    # counter-clockwise quarter turns
+    rots = torch.stack([torch.rot90(x, j, dims=(2, 3)) for j in range(4)])  # [4, N, C, H, W]
     return rots[k, torch.arange(n, device=x.device)], k  # [N, C, H, W]: a gather, so no host sync on CUDA
 
 
@@ -99,16 +103,19 @@ class RotationAux(mocov3.MoCoV3):
         dim = self.projector[0].in_features  # C, the pooled backbone feature dim
         # Linear(C, C) -> BN -> ReLU -> Linear(C, 4); pretraining only, never exported
         self.rot_head = mocov3.build_mlp(2, dim, dim, 4, last_bn=False)
-        self.rot_weight, self.rot_size, self.channels_last = args.rot_weight, args.rot_size, args.channels_last
+        self.rot_weight, self.rot_size, self.channels_last = (args.rot_weight, args.rot_size,
+                                                              args.channels_last)
 
     def rotation_loss(self, x):
-        """Rotation CE and accuracy (percent) of one view: its own online backbone pass, so its own BN statistics."""
+        """Rotation CE and accuracy (percent) of one view: its own online backbone pass,
+        so its own BN statistics."""
         if self.rot_size and self.rot_size != x.shape[-1]:  # the cheap option: a downscaled copy
             x = F.interpolate(x, size=self.rot_size, mode="bilinear", antialias=True)  # [N, 3, S, S]
         x, k = rotate_batch(x)  # [N, 3, S, S], [N]
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.rot_head(self.backbone(x))  # [N, 4]; backbone only: no projector, predictor or momentum encoder
+        # backbone only: no projector, predictor or momentum encoder
+        logits = self.rot_head(self.backbone(x))  # [N, 4]
         return F.cross_entropy(logits, k), 100.0 * (logits.argmax(1) == k).float().mean()
 
     def forward(self, x1, x2, m):
@@ -126,7 +133,8 @@ def check_args(args):
     """MoCo v3's checks plus the rotation flags (one line, exit 2), before any work."""
     mocov3.check_args(args)
     if args.rot_size and (args.arch.startswith("vit") or not 0 < args.rot_size <= args.img_size):
-        raise common.BadInput(f"--rot-size {args.rot_size} needs a ResNet and 0 < size <= --img-size {args.img_size}")
+        raise common.BadInput(f"--rot-size {args.rot_size} needs a ResNet and "
+                              f"0 < size <= --img-size {args.img_size}")
 
 
 @common.user_errors
