@@ -7,7 +7,9 @@ Copy this file together with one method file.
 
 Sections, in the order a method file uses them: errors & args | run setup | data | augmentations |
 backbones | optimizer & schedules | checkpoint, resume & export | kNN monitor | logging. After a
-banner, what only some runs need: augmentation on the device (--gpu-aug) | data-study knobs.
+banner, what only some runs need: augmentation on the device (--gpu-aug) | data-study knobs; then the
+plumbing under the sections above, which a method reader can skip: argument parsing | synthetic scenes |
+image files | checkpoint files | run records.
 """
 import argparse
 import ast
@@ -38,6 +40,7 @@ from torchvision.transforms import v2
 
 
 # ============================================================================ errors & args
+# (parse_args' helpers and setup's check_paths: "argument parsing", below the banner)
 
 class BadInput(Exception):
     """A user error: reported as one line on stderr with exit code 2, never a traceback."""
@@ -71,11 +74,6 @@ def user_errors(main):
 
 
 ARCH_NAMES = ("resnet18", "resnet50", "vit_small", "vit_base")  # torchvision backbones
-
-
-PRESET_HELP = ("--preset auto picks cpu for --data synthetic, cifar for cifar10/cifar100 and imagenet "
-               "otherwise; "
-               "explicit flags override the preset.")
 
 
 def default_workers():
@@ -137,57 +135,11 @@ class CommonArgs:
     """with --data A,B: the share of --subset drawn from A (without --subset both are used whole)"""
 
 
-def field_docs(cls):
-    """The docstring under each dataclass field (read from the source, as tyro does)."""
-    docs = {}
-    for klass in reversed(cls.__mro__):
-        try:
-            tree = ast.parse(inspect.getsource(klass).lstrip())
-        except (OSError, TypeError, IndentationError, SyntaxError):
-            continue
-        body = tree.body[0].body
-        for a, b in zip(body, body[1:]):
-            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
-                docs[a.target.id] = " ".join(str(b.value.value).split())
-    return docs
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, exit 2 (argparse would print the usage block first)
-        raise BadInput(f"{message} (see --help)")
-
-
 def auto_preset(data):
     """--preset auto: cpu for the built-in synthetic data, cifar for the 32-px sets, imagenet otherwise."""
     if data == "synthetic":
         return "cpu"
     return "cifar" if data in ("cifar10", "cifar100") else "imagenet"
-
-
-CHOICES = {"arch": ARCH_NAMES, "stem": ("imagenet", "small"), "precision": ("auto", "fp32", "bf16", "fp16"),
-           "optimizer": ("lars", "sgd", "adamw")}  # listed in --help; checked after parsing (one-line errors)
-
-
-def _help(f, doc, presets):
-    """A field's --help text: its doc, its choices, its default and what each preset sets it to."""
-    text = doc
-    if f.name in CHOICES:
-        text += f" {{{', '.join(CHOICES[f.name])}}}"
-    if f.name == "preset":
-        text += f" {{auto, {', '.join(presets)}}}"
-    set_by = [f"{name}: {values[f.name]}" for name, values in presets.items() if f.name in values]
-    return text + f" [default: {f.default}" + "".join(f"; {s}" for s in set_by) + "]"
-
-
-def _add_flag(group, f, help_):
-    flag = "--" + f.name.replace("_", "-")
-    typ = {"bool": bool, "int": int, "float": float}.get(str(f.type), f.type)
-    if typ is bool:
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-    elif typ in (int, float):
-        group.add_argument(flag, type=typ, metavar=typ.__name__.upper(), help=help_)
-    else:
-        group.add_argument(flag, type=str, metavar="STR", help=help_)
 
 
 def parse_args(cls, presets, argv=None):
@@ -217,60 +169,6 @@ def parse_args(cls, presets, argv=None):
     parse_corruptions(args.corrupt)  # fail before any work
     check_ranges(args)
     return args
-
-
-# the range of every numeric flag that any script has (a script checks only the fields it has):
-# (lowest value, is the lowest value itself allowed, highest value or None)
-RANGES = {
-    "batch_size": (1, True, None), "img_size": (1, True, None), "epochs": (0, True, None),
-    "workers": (0, True, None), "max_steps": (0, True, None), "knn_every": (0, True, None),
-    "knn_k": (1, True, None), "knn_t": (0, False, None), "log_every": (1, True, None),
-    "save_every": (0, True, None), "synthetic_size": (1, True, None), "subset": (0, True, None),
-    "mix_fraction": (0, True, 1), "lr": (0, True, None), "wd": (0, True, None),
-    "warmup_epochs": (0, True, None), "temperature": (0, False, None), "momentum": (0, True, 1),
-    "trust_coefficient": (0, False, None), "proj_dim": (1, True, None), "mlp_dim": (1, True, None),
-    "crop_min": (0, False, 1), "clip_grad": (0, True, None), "queue_size": (1, True, None),
-    "num_masks": (1, True, None), "rot_weight": (0, True, None), "labels_per_class": (0, True, None),
-}
-
-
-# out-of-range values that a script documents as "the default" in the flag's help
-SPECIAL_VALUES = {("detcon", "warmup_epochs"): lambda v: v < 0, ("eval_linear", "wd"): lambda v: v < 0,
-                  ("fast_moco", "proj_dim"): lambda v: v == 0}
-
-
-def check_ranges(args):
-    """Every numeric flag in its range (NaN never is): one line naming the flag, before any work."""
-    module = sys.modules.get(type(args).__module__)  # "__main__" when run as a script: use its file name
-    script = os.path.splitext(os.path.basename(getattr(module, "__file__", None) or ""))[0]
-    for name, (lo, lo_ok, hi) in RANGES.items():
-        v = getattr(args, name, None)
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            continue
-        if SPECIAL_VALUES.get((script, name), lambda v: False)(v):
-            continue
-        above = v >= lo if lo_ok else v > lo
-        if not (above and (hi is None or v <= hi)):  # written so that NaN fails too
-            bound = f">= {lo}" if lo_ok else f"> {lo}"
-            bound += f" and <= {hi}" if hi is not None else ""
-            raise BadInput(f"--{name.replace('_', '-')} {v} is out of range: it must be {bound}")
-
-
-def check_paths(args):
-    """Path flags of the right kind: --output-dir not a file, --resume an existing file (or auto/empty),
-    --data an existing folder when it is not a built-in dataset name."""
-    out = args.output_dir
-    if out and os.path.exists(out) and not os.path.isdir(out):
-        raise BadInput(f"--output-dir {out} exists and is not a folder")
-    if args.resume not in ("", "auto") and not os.path.isfile(args.resume):
-        raise BadInput(f"--resume {args.resume}: no such checkpoint file "
-                       "(use auto, a checkpoint.pth path or nothing)")
-    for name in args.data.split(","):
-        if name not in BUILTIN_DATA and not os.path.isdir(name):
-            raise BadInput(f"--data: data path not found: {name} "
-                           f"(use {', '.join(BUILTIN_DATA)} or an image folder)")
-    if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
-        raise BadInput(f"--data-root {args.data_root} exists and is not a folder")
 
 
 # ============================================================================ run setup
@@ -386,14 +284,6 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-def git_sha():
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
-                              capture_output=True, text=True, timeout=5).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
 def use_sync_bn(sync_bn, run):
     """SyncBN only where the method's official code uses it, and only on multi-GPU CUDA runs
     (PyTorch's SyncBatchNorm is CUDA-only: CPU/gloo runs keep per-process BN)."""
@@ -418,145 +308,10 @@ def prepare_model(model, run, sync_bn):
 
 
 # ============================================================================ data
+# (below the banner: Synthetic in "synthetic scenes", load_image and FlatFolder in "image files",
+# pretrain_base in "data-study knobs")
 
 BUILTIN_DATA = ("synthetic", "cifar10", "cifar100", "stl10")
-
-
-SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "crescent", "bar", "ell")
-
-
-SYNTH_PX = 64  # native size of synthetic images: room for a main shape and a few small ones, cheap to draw
-# The scene keeps colour from being an image ID: contrastive learning separates images by whatever survives
-# two crops and colour jitter, and a per-image colour (a coloured background, a shape colour drawn per image)
-# survives both, so the network learns colour and its kNN accuracy falls below random init. Here every image
-# has the same grey background and near-white shapes: only the shapes' form tells images, and classes, apart.
-BACKGROUND = 0.45  # grey level of the background, the same in every image
-NOISE = 0.04  # sensor-like noise std on every pixel, so flat regions are never exactly equal
-MAIN_AREA = (0.12, 0.2)  # area of the main shape (the label), as a fraction of the image
-DISTRACTOR_AREA = (0.01, 0.03)  # area of each distractor: always well below the main shape's
-DISTRACTORS = (1, 3)  # number of distractor shapes (random classes), inclusive range
-OCCLUDE = 0.3  # probability that a distractor is drawn over the main shape instead of under it
-
-
-def _shape_mask(k, u, v):
-    """Boolean mask of shape k in local coordinates (u, v), unit radius (every shape fits the unit disk)."""
-    r = np.hypot(u, v)
-    au, av = np.abs(u), np.abs(v)
-    m = np.maximum(au, av)
-    masks = {
-        "disk": lambda: r < 1,
-        "ring": lambda: (r < 1) & (r > 0.55),
-        "square": lambda: m < 0.8,
-        "frame": lambda: (m < 0.9) & (m > 0.5),
-        "triangle": lambda: (v > -0.6) & (v < 0.95 - 1.6 * au),
-        "plus": lambda: ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95)),
-        "star": lambda: r < 0.45 + 0.55 * (0.5 + 0.5 * np.cos(5 * np.arctan2(v, u))) ** 2,
-        "crescent": lambda: (r < 1) & (np.hypot(u - 0.5, v) > 0.75),
-        "bar": lambda: (au < 1) & (av < 0.3),
-        "ell": lambda: (((u > -0.9) & (u < -0.35) & (av < 0.9))
-                        | ((u > -0.9) & (u < 0.9) & (v > 0.35) & (v < 0.9))),
-    }
-    return masks[SHAPES[k]]()
-
-
-def _unit_areas(n=200):
-    """Area of each shape at unit radius (the [-1, 1]^2 square has area 4), measured on an n x n grid."""
-    g = (np.arange(n) + 0.5) / n * 2 - 1
-    v, u = np.meshgrid(g, g, indexing="ij")  # [n, n] each
-    return np.array([_shape_mask(k, u, v).mean() * 4 for k in range(len(SHAPES))])
-
-
-SHAPE_AREAS = _unit_areas()  # a bar covers ~0.4 of a disk: shapes are sized by area, so size tells no class
-
-
-def _draw(img, seg, k, area, centre, angle, colour):
-    """Paint shape k (area: fraction of the image; centre in [-1, 1]^2; rotation in rad) into img [px, px, 3]
-    and k + 1 into seg [px, px], in place; only the shape's bounding box is evaluated."""
-    px = img.shape[0]
-    # every shape fits the unit disk: its box is centre +- radius
-    radius = math.sqrt(area * 4 / SHAPE_AREAS[k])
-    lo = np.clip(((centre - radius + 1) * px / 2).astype(int), 0, px)  # [2] (x, y) first pixel of the box
-    hi = np.clip(((centre + radius + 1) * px / 2).astype(int) + 2, 0, px)  # [2] one past the last
-    coords = (np.arange(px) + 0.5) / px * 2 - 1  # pixel centres in [-1, 1]
-    x = coords[None, lo[0]:hi[0]] - centre[0]  # [1, w]
-    y = coords[lo[1]:hi[1], None] - centre[1]  # [h, 1]
-    u = (x * math.cos(angle) + y * math.sin(angle)) / radius  # [h, w] local coordinates, unit radius
-    v = (-x * math.sin(angle) + y * math.cos(angle)) / radius  # [h, w]
-    inside = _shape_mask(k, u, v)  # [h, w]
-    img[lo[1]:hi[1], lo[0]:hi[0]][inside] = colour
-    seg[lo[1]:hi[1], lo[0]:hi[0]][inside] = k + 1
-
-
-def render_synthetic(seed, index, px=SYNTH_PX):
-    """One deterministic image: a main shape (the label, index % 10) among 1-3 much smaller distractor shapes
-    of random classes, near-white on a grey background. Positions, areas, small rotations and faint tints are
-    random; a distractor may overlap or occlude the main shape. Returns (image, label, per-pixel labels
-    [px, px] uint8: 0 background, class + 1 under each shape, later shapes occluding earlier ones)."""
-    rng = np.random.default_rng([seed, index])
-    label = index % len(SHAPES)  # balanced classes
-    img = np.full((px, px, 3), BACKGROUND)  # [px, px, 3]
-
-    def shape(k, areas, spread):  # (class, area, centre, rotation, near-white colour with a faint tint)
-        return (k, rng.uniform(*areas), rng.uniform(-spread, spread, 2), rng.uniform(-0.5, 0.5),
-                np.clip(0.95 + rng.uniform(-0.04, 0.04, 3), 0, 1))
-    distractors = [shape(int(rng.integers(len(SHAPES))), DISTRACTOR_AREA, 0.8)
-                   for _ in range(rng.integers(DISTRACTORS[0], DISTRACTORS[1] + 1))]
-    main = shape(label, MAIN_AREA, 0.2)  # near the centre: the eval transform's centre crop keeps it
-    # distractors drawn before (under) the main shape
-    under = int(rng.binomial(len(distractors), 1 - OCCLUDE))
-    seg = np.zeros((px, px), np.uint8)  # [px, px] per-pixel labels: 0 background, shape class + 1
-    for k, area, centre, angle, colour in distractors[:under] + [main] + distractors[under:]:
-        _draw(img, seg, k, area, centre, angle, colour)
-    img = img + rng.normal(0, NOISE, img.shape)  # [px, px, 3]
-    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label, seg
-
-
-class Synthetic(torch.utils.data.Dataset):
-    """Built-in procedural dataset: deterministic, labeled (class = main shape), multi-object."""
-    classes = SHAPES
-
-    def __init__(self, size, split="train", seed=0):
-        self.size, self.seed = size, seed + (0 if split == "train" else 10_000)  # disjoint val images
-        self.targets = [i % len(SHAPES) for i in range(size)]
-
-    def __len__(self):
-        return self.size
-
-    def __getitem__(self, i):
-        img, label, _ = render_synthetic(self.seed, i)
-        return img, label
-
-    def segmentation(self, i):
-        """(PIL image, PIL "L" mask of per-pixel labels: 0 background, class + 1 under each shape)."""
-        img, _, seg = render_synthetic(self.seed, i)
-        return img, Image.fromarray(seg)  # uint8 -> mode "L"
-
-
-IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-
-
-def load_image(path):
-    """PIL RGB image; an unreadable file is a BadInput naming it."""
-    try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
-    except Exception as e:
-        raise BadInput(f"cannot read image {path}: {e}") from None
-
-
-class FlatFolder(torch.utils.data.Dataset):
-    """A folder of images without class subfolders: unlabeled (label -1)."""
-    def __init__(self, root):
-        self.files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMG_EXT))
-        if not self.files:
-            raise BadInput(f"no images found in {root}")
-        self.targets = [-1] * len(self.files)
-
-    def __len__(self):
-        return len(self.files)
-
-    def __getitem__(self, i):
-        return load_image(self.files[i]), -1
 
 
 def load_dataset(args, split, name=None):
@@ -614,23 +369,6 @@ class Views(torch.utils.data.Dataset):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
             return self.transform(img), label
-
-
-def pretrain_base(args):
-    """The pretraining images: the train split of --data (A,B mixes two domains), then --subset, --corrupt."""
-    names, parts, offset = args.data.split(","), [], 0
-    shares = [args.subset] if len(names) == 1 else [round(args.subset * args.mix_fraction)] * 2
-    shares[-1] = args.subset - sum(shares[:-1])
-    for name, share in zip(names, shares):
-        ds = load_dataset(args, "train", name)
-        if share > len(ds):
-            raise BadInput(f"--subset asks for {share} images of {name}, which has {len(ds)}")
-        order = balanced_order(labels_of(ds), args.seed)[:share] if args.subset else range(len(ds))
-        parts.append(Subset(ds, sorted(order), offset))
-        offset += num_classes(ds) if min(labels_of(ds)) >= 0 else 0
-    base = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
-    base.targets = [t for p in parts for t in p.targets]
-    return Corrupted(base, parse_corruptions(args.corrupt), args.seed) if args.corrupt else base
 
 
 def pretrain_data(args, run, transform):
@@ -967,42 +705,7 @@ def ema_update(target_params, online_params, m):
 
 
 # ============================================================================ checkpoint, resume & export
-
-def rng_state():
-    s = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
-         "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
-
-
-def set_rng_state(s):
-    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
-    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), 624, 0, 0.0))
-    torch.set_rng_state(s["torch"])
-    if "cuda" in s and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, then os.replace: a crash never leaves a broken file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def load_file(path):
-    """torch.load with weights_only=True (a checkpoint is data, never code); BadInput if unreadable."""
-    if not os.path.isfile(path):
-        raise BadInput(f"checkpoint not found: {path}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"{path} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from None
-
+# (rng_state, set_rng_state, save_atomic, load_file: "checkpoint files", below the banner)
 
 def save_checkpoint(run, log, state):
     """Full training state -> checkpoint.pth (rank 0, atomic). `state`: {name: object with a state_dict}.
@@ -1133,14 +836,7 @@ def knn_monitor(args, run):
 
 
 # ============================================================================ logging
-
-def peak_mem_mb(device):
-    """Peak memory: CUDA allocator peak on GPU, peak resident set size of this process on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
+# (peak_mem_mb, tensorboard_writer, plot_curves and setup's git_sha: "run records", below the banner)
 
 class Logger:
     """log.jsonl + a progress line every --log-every steps + the JSON summary line.
@@ -1286,59 +982,12 @@ class Logger:
         return rec
 
 
-def tensorboard_writer(run):
-    """torch.utils.tensorboard's SummaryWriter in <output-dir>/tb; BadInput if tensorboard is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise BadInput("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(os.path.join(run.out, "tb"))
-
-
-PLOT_SKIP = ("step", "epoch", "event", "img_per_s", "data_time_frac", "peak_mem_mb", "train_s")  # not curves
-
-
-def plot_curves(log_path, png_path):
-    """curves.png: every logged metric (loss, lr, momentum, kNN, the method's own) against the step, one panel
-    each. Needs matplotlib; without it the run simply has no picture. Returns the panel names drawn."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")  # no display needed
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return []
-    with open(log_path) as f:
-        records = [r for r in map(json.loads, f) if r.get("event") != "summary"]
-    series = {}
-    for r in records:
-        for k, v in r.items():
-            if k not in PLOT_SKIP and isinstance(v, (int, float)) and math.isfinite(v):
-                series.setdefault(k, []).append((r["step"], v))
-    if not series:
-        return []
-    cols = min(3, len(series))
-    rows = math.ceil(len(series) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
-    for ax, (name, points) in zip(axes.flat, series.items()):
-        steps, values = zip(*points)
-        ax.plot(steps, values, marker="o" if len(points) < 20 else None, ms=3)
-        ax.set_title(name)
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(series):]:
-        ax.axis("off")
-    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(log_path))))
-    fig.tight_layout()
-    tmp = f"{png_path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, png_path)  # atomic, like every other output
-    return list(series)
-
-
 # ##########################################################################################################
-# Everything above is what a method file uses on every run. Below: what only some runs need --
-# the device-side augmentation (--gpu-aug) and the data-study knobs (--subset, --corrupt, --data A,B).
+# Everything above is what a reader of a method file needs. Below: what only some runs need -- the
+# device-side augmentation (--gpu-aug) and the data-study knobs (--subset, --corrupt, --data A,B) -- then the
+# plumbing under the sections above, which a method reader can skip: argument parsing (--help text, range and
+# path checks), synthetic scenes (the built-in data), image files, checkpoint files (RNG state, atomic save,
+# safe load) and run records (git sha, peak memory, TensorBoard, curves.png).
 # ##########################################################################################################
 
 
@@ -1521,6 +1170,23 @@ def device_view(run, x, recipe, gen):
 
 # ============================================================================ data-study knobs
 
+def pretrain_base(args):
+    """The pretraining images: the train split of --data (A,B mixes two domains), then --subset, --corrupt."""
+    names, parts, offset = args.data.split(","), [], 0
+    shares = [args.subset] if len(names) == 1 else [round(args.subset * args.mix_fraction)] * 2
+    shares[-1] = args.subset - sum(shares[:-1])
+    for name, share in zip(names, shares):
+        ds = load_dataset(args, "train", name)
+        if share > len(ds):
+            raise BadInput(f"--subset asks for {share} images of {name}, which has {len(ds)}")
+        order = balanced_order(labels_of(ds), args.seed)[:share] if args.subset else range(len(ds))
+        parts.append(Subset(ds, sorted(order), offset))
+        offset += num_classes(ds) if min(labels_of(ds)) >= 0 else 0
+    base = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    base.targets = [t for p in parts for t in p.targets]
+    return Corrupted(base, parse_corruptions(args.corrupt), args.seed) if args.corrupt else base
+
+
 class Subset(torch.utils.data.Dataset):
     """base restricted to `indices`, labels shifted by `offset` (to keep two domains' classes apart)."""
     def __init__(self, base, indices, offset=0):
@@ -1593,3 +1259,357 @@ class Corrupted(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, label = self.base[i]
         return corrupt_image(img, self.specs, np.random.default_rng([self.seed, i])), label
+
+
+# ============================================================================ argument parsing
+
+PRESET_HELP = ("--preset auto picks cpu for --data synthetic, cifar for cifar10/cifar100 and imagenet "
+               "otherwise; "
+               "explicit flags override the preset.")
+
+
+def field_docs(cls):
+    """The docstring under each dataclass field (read from the source, as tyro does)."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        try:
+            tree = ast.parse(inspect.getsource(klass).lstrip())
+        except (OSError, TypeError, IndentationError, SyntaxError):
+            continue
+        body = tree.body[0].body
+        for a, b in zip(body, body[1:]):
+            if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+                docs[a.target.id] = " ".join(str(b.value.value).split())
+    return docs
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse would print the usage block first)
+        raise BadInput(f"{message} (see --help)")
+
+
+CHOICES = {"arch": ARCH_NAMES, "stem": ("imagenet", "small"), "precision": ("auto", "fp32", "bf16", "fp16"),
+           "optimizer": ("lars", "sgd", "adamw")}  # listed in --help; checked after parsing (one-line errors)
+
+
+def _help(f, doc, presets):
+    """A field's --help text: its doc, its choices, its default and what each preset sets it to."""
+    text = doc
+    if f.name in CHOICES:
+        text += f" {{{', '.join(CHOICES[f.name])}}}"
+    if f.name == "preset":
+        text += f" {{auto, {', '.join(presets)}}}"
+    set_by = [f"{name}: {values[f.name]}" for name, values in presets.items() if f.name in values]
+    return text + f" [default: {f.default}" + "".join(f"; {s}" for s in set_by) + "]"
+
+
+def _add_flag(group, f, help_):
+    flag = "--" + f.name.replace("_", "-")
+    typ = {"bool": bool, "int": int, "float": float}.get(str(f.type), f.type)
+    if typ is bool:
+        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+    elif typ in (int, float):
+        group.add_argument(flag, type=typ, metavar=typ.__name__.upper(), help=help_)
+    else:
+        group.add_argument(flag, type=str, metavar="STR", help=help_)
+
+
+# the range of every numeric flag that any script has (a script checks only the fields it has):
+# (lowest value, is the lowest value itself allowed, highest value or None)
+RANGES = {
+    "batch_size": (1, True, None), "img_size": (1, True, None), "epochs": (0, True, None),
+    "workers": (0, True, None), "max_steps": (0, True, None), "knn_every": (0, True, None),
+    "knn_k": (1, True, None), "knn_t": (0, False, None), "log_every": (1, True, None),
+    "save_every": (0, True, None), "synthetic_size": (1, True, None), "subset": (0, True, None),
+    "mix_fraction": (0, True, 1), "lr": (0, True, None), "wd": (0, True, None),
+    "warmup_epochs": (0, True, None), "temperature": (0, False, None), "momentum": (0, True, 1),
+    "trust_coefficient": (0, False, None), "proj_dim": (1, True, None), "mlp_dim": (1, True, None),
+    "crop_min": (0, False, 1), "clip_grad": (0, True, None), "queue_size": (1, True, None),
+    "num_masks": (1, True, None), "rot_weight": (0, True, None), "labels_per_class": (0, True, None),
+}
+
+
+# out-of-range values that a script documents as "the default" in the flag's help
+SPECIAL_VALUES = {("detcon", "warmup_epochs"): lambda v: v < 0, ("eval_linear", "wd"): lambda v: v < 0,
+                  ("fast_moco", "proj_dim"): lambda v: v == 0}
+
+
+def check_ranges(args):
+    """Every numeric flag in its range (NaN never is): one line naming the flag, before any work."""
+    module = sys.modules.get(type(args).__module__)  # "__main__" when run as a script: use its file name
+    script = os.path.splitext(os.path.basename(getattr(module, "__file__", None) or ""))[0]
+    for name, (lo, lo_ok, hi) in RANGES.items():
+        v = getattr(args, name, None)
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            continue
+        if SPECIAL_VALUES.get((script, name), lambda v: False)(v):
+            continue
+        above = v >= lo if lo_ok else v > lo
+        if not (above and (hi is None or v <= hi)):  # written so that NaN fails too
+            bound = f">= {lo}" if lo_ok else f"> {lo}"
+            bound += f" and <= {hi}" if hi is not None else ""
+            raise BadInput(f"--{name.replace('_', '-')} {v} is out of range: it must be {bound}")
+
+
+def check_paths(args):
+    """Path flags of the right kind: --output-dir not a file, --resume an existing file (or auto/empty),
+    --data an existing folder when it is not a built-in dataset name."""
+    out = args.output_dir
+    if out and os.path.exists(out) and not os.path.isdir(out):
+        raise BadInput(f"--output-dir {out} exists and is not a folder")
+    if args.resume not in ("", "auto") and not os.path.isfile(args.resume):
+        raise BadInput(f"--resume {args.resume}: no such checkpoint file "
+                       "(use auto, a checkpoint.pth path or nothing)")
+    for name in args.data.split(","):
+        if name not in BUILTIN_DATA and not os.path.isdir(name):
+            raise BadInput(f"--data: data path not found: {name} "
+                           f"(use {', '.join(BUILTIN_DATA)} or an image folder)")
+    if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
+        raise BadInput(f"--data-root {args.data_root} exists and is not a folder")
+
+
+# ============================================================================ synthetic scenes
+
+SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "crescent", "bar", "ell")
+
+
+SYNTH_PX = 64  # native size of synthetic images: room for a main shape and a few small ones, cheap to draw
+# The scene keeps colour from being an image ID: contrastive learning separates images by whatever survives
+# two crops and colour jitter, and a per-image colour (a coloured background, a shape colour drawn per image)
+# survives both, so the network learns colour and its kNN accuracy falls below random init. Here every image
+# has the same grey background and near-white shapes: only the shapes' form tells images, and classes, apart.
+BACKGROUND = 0.45  # grey level of the background, the same in every image
+NOISE = 0.04  # sensor-like noise std on every pixel, so flat regions are never exactly equal
+MAIN_AREA = (0.12, 0.2)  # area of the main shape (the label), as a fraction of the image
+DISTRACTOR_AREA = (0.01, 0.03)  # area of each distractor: always well below the main shape's
+DISTRACTORS = (1, 3)  # number of distractor shapes (random classes), inclusive range
+OCCLUDE = 0.3  # probability that a distractor is drawn over the main shape instead of under it
+
+
+def _shape_mask(k, u, v):
+    """Boolean mask of shape k in local coordinates (u, v), unit radius (every shape fits the unit disk)."""
+    r = np.hypot(u, v)
+    au, av = np.abs(u), np.abs(v)
+    m = np.maximum(au, av)
+    masks = {
+        "disk": lambda: r < 1,
+        "ring": lambda: (r < 1) & (r > 0.55),
+        "square": lambda: m < 0.8,
+        "frame": lambda: (m < 0.9) & (m > 0.5),
+        "triangle": lambda: (v > -0.6) & (v < 0.95 - 1.6 * au),
+        "plus": lambda: ((au < 0.3) & (av < 0.95)) | ((av < 0.3) & (au < 0.95)),
+        "star": lambda: r < 0.45 + 0.55 * (0.5 + 0.5 * np.cos(5 * np.arctan2(v, u))) ** 2,
+        "crescent": lambda: (r < 1) & (np.hypot(u - 0.5, v) > 0.75),
+        "bar": lambda: (au < 1) & (av < 0.3),
+        "ell": lambda: (((u > -0.9) & (u < -0.35) & (av < 0.9))
+                        | ((u > -0.9) & (u < 0.9) & (v > 0.35) & (v < 0.9))),
+    }
+    return masks[SHAPES[k]]()
+
+
+def _unit_areas(n=200):
+    """Area of each shape at unit radius (the [-1, 1]^2 square has area 4), measured on an n x n grid."""
+    g = (np.arange(n) + 0.5) / n * 2 - 1
+    v, u = np.meshgrid(g, g, indexing="ij")  # [n, n] each
+    return np.array([_shape_mask(k, u, v).mean() * 4 for k in range(len(SHAPES))])
+
+
+SHAPE_AREAS = _unit_areas()  # a bar covers ~0.4 of a disk: shapes are sized by area, so size tells no class
+
+
+def _draw(img, seg, k, area, centre, angle, colour):
+    """Paint shape k (area: fraction of the image; centre in [-1, 1]^2; rotation in rad) into img [px, px, 3]
+    and k + 1 into seg [px, px], in place; only the shape's bounding box is evaluated."""
+    px = img.shape[0]
+    # every shape fits the unit disk: its box is centre +- radius
+    radius = math.sqrt(area * 4 / SHAPE_AREAS[k])
+    lo = np.clip(((centre - radius + 1) * px / 2).astype(int), 0, px)  # [2] (x, y) first pixel of the box
+    hi = np.clip(((centre + radius + 1) * px / 2).astype(int) + 2, 0, px)  # [2] one past the last
+    coords = (np.arange(px) + 0.5) / px * 2 - 1  # pixel centres in [-1, 1]
+    x = coords[None, lo[0]:hi[0]] - centre[0]  # [1, w]
+    y = coords[lo[1]:hi[1], None] - centre[1]  # [h, 1]
+    u = (x * math.cos(angle) + y * math.sin(angle)) / radius  # [h, w] local coordinates, unit radius
+    v = (-x * math.sin(angle) + y * math.cos(angle)) / radius  # [h, w]
+    inside = _shape_mask(k, u, v)  # [h, w]
+    img[lo[1]:hi[1], lo[0]:hi[0]][inside] = colour
+    seg[lo[1]:hi[1], lo[0]:hi[0]][inside] = k + 1
+
+
+def render_synthetic(seed, index, px=SYNTH_PX):
+    """One deterministic image: a main shape (the label, index % 10) among 1-3 much smaller distractor shapes
+    of random classes, near-white on a grey background. Positions, areas, small rotations and faint tints are
+    random; a distractor may overlap or occlude the main shape. Returns (image, label, per-pixel labels
+    [px, px] uint8: 0 background, class + 1 under each shape, later shapes occluding earlier ones)."""
+    rng = np.random.default_rng([seed, index])
+    label = index % len(SHAPES)  # balanced classes
+    img = np.full((px, px, 3), BACKGROUND)  # [px, px, 3]
+
+    def shape(k, areas, spread):  # (class, area, centre, rotation, near-white colour with a faint tint)
+        return (k, rng.uniform(*areas), rng.uniform(-spread, spread, 2), rng.uniform(-0.5, 0.5),
+                np.clip(0.95 + rng.uniform(-0.04, 0.04, 3), 0, 1))
+    distractors = [shape(int(rng.integers(len(SHAPES))), DISTRACTOR_AREA, 0.8)
+                   for _ in range(rng.integers(DISTRACTORS[0], DISTRACTORS[1] + 1))]
+    main = shape(label, MAIN_AREA, 0.2)  # near the centre: the eval transform's centre crop keeps it
+    # distractors drawn before (under) the main shape
+    under = int(rng.binomial(len(distractors), 1 - OCCLUDE))
+    seg = np.zeros((px, px), np.uint8)  # [px, px] per-pixel labels: 0 background, shape class + 1
+    for k, area, centre, angle, colour in distractors[:under] + [main] + distractors[under:]:
+        _draw(img, seg, k, area, centre, angle, colour)
+    img = img + rng.normal(0, NOISE, img.shape)  # [px, px, 3]
+    return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label, seg
+
+
+class Synthetic(torch.utils.data.Dataset):
+    """Built-in procedural dataset: deterministic, labeled (class = main shape), multi-object."""
+    classes = SHAPES
+
+    def __init__(self, size, split="train", seed=0):
+        self.size, self.seed = size, seed + (0 if split == "train" else 10_000)  # disjoint val images
+        self.targets = [i % len(SHAPES) for i in range(size)]
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        img, label, _ = render_synthetic(self.seed, i)
+        return img, label
+
+    def segmentation(self, i):
+        """(PIL image, PIL "L" mask of per-pixel labels: 0 background, class + 1 under each shape)."""
+        img, _, seg = render_synthetic(self.seed, i)
+        return img, Image.fromarray(seg)  # uint8 -> mode "L"
+
+
+# ============================================================================ image files
+
+IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+
+def load_image(path):
+    """PIL RGB image; an unreadable file is a BadInput naming it."""
+    try:
+        with open(path, "rb") as f:
+            return Image.open(f).convert("RGB")
+    except Exception as e:
+        raise BadInput(f"cannot read image {path}: {e}") from None
+
+
+class FlatFolder(torch.utils.data.Dataset):
+    """A folder of images without class subfolders: unlabeled (label -1)."""
+    def __init__(self, root):
+        self.files = sorted(os.path.join(root, f) for f in os.listdir(root) if f.lower().endswith(IMG_EXT))
+        if not self.files:
+            raise BadInput(f"no images found in {root}")
+        self.targets = [-1] * len(self.files)
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        return load_image(self.files[i]), -1
+
+
+# ============================================================================ checkpoint files
+
+def rng_state():
+    s = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
+         "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        s["cuda"] = torch.cuda.get_rng_state_all()
+    return s
+
+
+def set_rng_state(s):
+    random.setstate((s["python"][0], tuple(s["python"][1]), s["python"][2]))
+    np.random.set_state(("MT19937", np.array(s["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    torch.set_rng_state(s["torch"])
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def save_atomic(obj, path):
+    """torch.save to a temporary file, fsync, then os.replace: a crash never leaves a broken file."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_file(path):
+    """torch.load with weights_only=True (a checkpoint is data, never code); BadInput if unreadable."""
+    if not os.path.isfile(path):
+        raise BadInput(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise BadInput(f"{path} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from None
+
+
+# ============================================================================ run records
+
+def git_sha():
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def peak_mem_mb(device):
+    """Peak memory: CUDA allocator peak on GPU, peak resident set size of this process on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def tensorboard_writer(run):
+    """torch.utils.tensorboard's SummaryWriter in <output-dir>/tb; BadInput if tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise BadInput("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(run.out, "tb"))
+
+
+PLOT_SKIP = ("step", "epoch", "event", "img_per_s", "data_time_frac", "peak_mem_mb", "train_s")  # not curves
+
+
+def plot_curves(log_path, png_path):
+    """curves.png: every logged metric (loss, lr, momentum, kNN, the method's own) against the step, one panel
+    each. Needs matplotlib; without it the run simply has no picture. Returns the panel names drawn."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")  # no display needed
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    with open(log_path) as f:
+        records = [r for r in map(json.loads, f) if r.get("event") != "summary"]
+    series = {}
+    for r in records:
+        for k, v in r.items():
+            if k not in PLOT_SKIP and isinstance(v, (int, float)) and math.isfinite(v):
+                series.setdefault(k, []).append((r["step"], v))
+    if not series:
+        return []
+    cols = min(3, len(series))
+    rows = math.ceil(len(series) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    for ax, (name, points) in zip(axes.flat, series.items()):
+        steps, values = zip(*points)
+        ax.plot(steps, values, marker="o" if len(points) < 20 else None, ms=3)
+        ax.set_title(name)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(series):]:
+        ax.axis("off")
+    fig.suptitle(os.path.basename(os.path.dirname(os.path.abspath(log_path))))
+    fig.tight_layout()
+    tmp = f"{png_path}.tmp{os.getpid()}.png"
+    fig.savefig(tmp, dpi=80)
+    plt.close(fig)
+    os.replace(tmp, png_path)  # atomic, like every other output
+    return list(series)
