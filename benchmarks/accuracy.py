@@ -30,24 +30,29 @@ def run(cmd, reuse=False):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data", default=IMAGENETTE)
-    ap.add_argument("--methods", default=",".join(m for m in METHODS if os.path.exists(os.path.join(ROOT, f"{m}.py"))))
+    ap.add_argument("--methods", default=",".join(m for m in METHODS
+                                                  if os.path.exists(os.path.join(ROOT, f"{m}.py"))))
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--subset", type=int, default=1000, help="pretrain on a balanced subset of the train split (0: all)")
+    ap.add_argument("--subset", type=int, default=1000,
+                    help="pretrain on a balanced subset of the train split (0: all)")
     ap.add_argument("--linear-epochs", type=int, default=5)
-    ap.add_argument("--probe-labels", type=int, default=100, help="labeled images per class for the linear probe (0: all)")
+    ap.add_argument("--probe-labels", type=int, default=100,
+                    help="labeled images per class for the linear probe (0: all)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--extra", default="", help="extra flags for every training script")
-    ap.add_argument("--reuse", action="store_true", help="reuse finished runs of identical commands (runs/acc/results)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="reuse finished runs of identical commands (runs/acc/results)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "accuracy"))
     a = ap.parse_args()
     data = os.path.abspath(a.data)
     base = ["--data", data, "--arch", "resnet18", "--stem", "imagenet", "--img-size", str(a.img_size),
             "--workers", str(a.workers)]
-    train = base + ["--preset", "cpu", "--batch-size", str(a.batch_size), "--knn-every", "1", "--subset", str(a.subset),
-                    *a.extra.split()]
-    evals = base + ["--batch-size", "128", "--epochs", str(a.linear_epochs), "--labels-per-class", str(a.probe_labels)]
+    train = base + ["--preset", "cpu", "--batch-size", str(a.batch_size), "--knn-every", "1",
+                    "--subset", str(a.subset), *a.extra.split()]
+    evals = base + ["--batch-size", "128", "--epochs", str(a.linear_epochs),
+                    "--labels-per-class", str(a.probe_labels)]
     curves = {}
 
     def pretrain(name, script, epochs):
@@ -58,11 +63,13 @@ def main():
             shutil.rmtree(out, ignore_errors=True)  # a fresh run: log.jsonl must hold this run's curve only
         s = run(cmd, a.reuse)
         log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
-        curves[name] = [(r["epoch"], r["train_s"], r["knn_top1"]) for r in log if "knn_top1" in r and "train_s" in r]
-        lin = run(["eval_linear.py", "--pretrained", os.path.join(out, "backbone.pth"), "--mode", "linear", *evals,
-                   "--output-dir", os.path.join(out, "linear")], a.reuse)
+        curves[name] = [(r["epoch"], r["train_s"], r["knn_top1"]) for r in log
+                        if "knn_top1" in r and "train_s" in r]
+        lin = run(["eval_linear.py", "--pretrained", os.path.join(out, "backbone.pth"), "--mode", "linear",
+                   *evals, "--output-dir", os.path.join(out, "linear")], a.reuse)
         print(name, curves[name], lin["top1"], flush=True)
-        return (name, str(epochs), f"{curves[name][-1][1]:.0f}", curves[name][-1][2], lin["top1"], f"{s['img_per_s']:.1f}")
+        return (name, str(epochs), f"{curves[name][-1][1]:.0f}", curves[name][-1][2], lin["top1"],
+                f"{s['img_per_s']:.1f}")
 
     floor_knn = run(["eval_linear.py", "--pretrained", "none", "--mode", "knn", *evals,
                      "--output-dir", os.path.join(ROOT, "runs", "acc", "random_knn")], a.reuse)
@@ -77,18 +84,19 @@ def main():
         e_eq = round(a.epochs * t_max / t_base)
         if e_eq > a.epochs:
             rows.append(pretrain(f"mocov3_{e_eq}ep", "mocov3", e_eq))
-            note = (f" Equal wall-clock: `mocov3_{e_eq}ep` is MoCo v3 given {e_eq} epochs (its own full cosine "
-                    f"schedule), about the slowest method's training time; compare each method with the MoCo v3 "
-                    f"row closest to its train seconds.")
+            note = (f" Equal wall-clock: `mocov3_{e_eq}ep` is MoCo v3 given {e_eq} epochs (its own full "
+                    f"cosine schedule), about the slowest method's training time; compare each method with "
+                    f"the MoCo v3 row closest to its train seconds.")
     cmd = "python benchmarks/accuracy.py " + " ".join(sys.argv[1:])
-    lines = [f"Command: `{cmd.strip()}`. Data: {os.path.basename(data.rstrip('/'))}"
-             f"{f' (balanced subset of {a.subset})' if a.subset else ''}, ResNet-18, imagenet stem, {a.img_size} px, "
-             f"global batch {a.batch_size}, each method's `cpu` preset hyperparameters, one CPU process "
-             f"({os.cpu_count()} cores). kNN: weighted kNN (k=200, T=0.1), full train split as the bank, val split. "
-             f"Linear: MoCo v3 linear protocol, {a.linear_epochs} epochs on "
-             f"{f'{a.probe_labels} labeled images per class' if a.probe_labels else 'the full train split'}, val split."
-             f" Train s: pretraining seconds without the kNN evaluations.{note}", "",
-             "| method | epochs | train s | kNN top-1 | linear top-1 | img/s |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"Command: `{cmd.strip()}`. Data: {os.path.basename(data.rstrip('/'))}"
+        f"{f' (balanced subset of {a.subset})' if a.subset else ''}, ResNet-18, imagenet stem, "
+        f"{a.img_size} px, global batch {a.batch_size}, each method's `cpu` preset hyperparameters, "
+        f"one CPU process ({os.cpu_count()} cores). kNN: weighted kNN (k=200, T=0.1), full train split as "
+        f"the bank, val split. Linear: MoCo v3 linear protocol, {a.linear_epochs} epochs on "
+        f"{f'{a.probe_labels} labeled images per class' if a.probe_labels else 'the full train split'}"
+        f", val split. Train s: pretraining seconds without the kNN evaluations.{note}", "",
+        "| method | epochs | train s | kNN top-1 | linear top-1 | img/s |", "|---|---|---|---|---|---|"]
     for row in rows:
         lines.append("| " + " | ".join(v if isinstance(v, str) else f"{v:.1f}" for v in row) + " |")
     os.makedirs(os.path.dirname(a.out), exist_ok=True)

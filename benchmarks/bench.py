@@ -33,5 +33,6 @@ def run_summary(script, args, cache_dir=None, reuse=False, env=None):
     return summary
 
 
-def add_data_flag(parser, default=IMAGENETTE, what="the imagenette2-224 copy (ImageFolder with train/ and val/)"):
+def add_data_flag(parser, default=IMAGENETTE,
+                  what="the imagenette2-224 copy (ImageFolder with train/ and val/)"):
     parser.add_argument("--data", default=default, help=f"{what}; default: {default}")

@@ -221,8 +221,8 @@ def write_outputs(a, floor, ref, results, masks, note):
         f"The papers' dense claims, at full scale and with other protocols (their numbers are not "
         f"comparable with these): DenseCL (R50, ImageNet 200 ep) over MoCo v2, fine-tuned: VOC segmentation "
         f"+3.0 mIoU, VOC detection +2.0 AP; DetCon_B (R50, ImageNet 1000 ep): COCO 42.7 AP box / 38.2 AP "
-        f"mask, the transfer accuracy of SimCLR/BYOL with up to 10x less pretraining; frozen linear VOC probe "
-        f"anchors: VICRegL R50 55.9, VICReg ~47.8 mIoU.", "",
+        f"mask, the transfer accuracy of SimCLR/BYOL with up to 10x less pretraining; frozen linear VOC "
+        f"probe anchors: VICRegL R50 55.9, VICReg ~47.8 mIoU.", "",
         "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     rows = [("random init", "-", "-", "-", *floor)]
     for name, r in results.items():

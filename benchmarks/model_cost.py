@@ -6,10 +6,10 @@ data loading) are timed on the same random batch, alternating the variants so dr
 them alike. Reports each median and its ratio to its baseline, plus DetCon's Felzenszwalb-Huttenlocher mask
 cost (paid in the loader workers, so not in the steps); writes markdown, prints it, ends with a JSON line.
 
-  python benchmarks/model_cost.py                                      # CPU: cpu preset (ResNet-18, 64 px, batch 32)
+  python benchmarks/model_cost.py                             # CPU: cpu preset (ResNet-18, 64 px, batch 32)
   python benchmarks/model_cost.py --img-size 32 --stem small --methods densecl,detcon
   python benchmarks/model_cost.py --preset imagenet --arch resnet50 --img-size 224 --batch-size 128 \\
-      --precision bf16 --channels-last                                 # one GPU
+      --precision bf16 --channels-last                        # one GPU
 
 REPS=N or --reps N: timed steps per variant (default 10). --methods: comma list of mocov3, fast_moco, densecl,
 detcon, rotation_aux (mocov3 joins when a method measured against it is picked). Other flags are the training
@@ -51,7 +51,8 @@ IMAGENETTE = os.path.join(bench.IMAGENETTE, "train")  # README: where the 224-px
 
 
 def plan(flags, same, run, x1, x2):
-    """[(variant, method, baseline, build)]; build() -> (model, its Args, forward inputs) or raises BadInput."""
+    """[(variant, method, baseline, build)]; build() -> (model, its Args, forward inputs) or raises
+    BadInput."""
     def margs(mod, **over):  # the method's own preset and flags, the shared settings forced equal
         return dataclasses.replace(common.parse_args(mod.Args, mod.PRESETS, flags), **same, **over)
 
@@ -66,7 +67,8 @@ def plan(flags, same, run, x1, x2):
         s = common.final_grid(a.arch, a.stem, a.img_size)
         why = [w for w, bad in [(f"a ResNet, not {a.arch}", not a.arch.startswith("resnet")),
                                 (f"a final grid >= 2x2, not {s}x{s}", s < 2),
-                                (f"--shuffle-splits {a.shuffle_splits} to divide the batch", a.batch_size % a.shuffle_splits)] if bad]
+                                (f"--shuffle-splits {a.shuffle_splits} to divide the batch",
+                                 a.batch_size % a.shuffle_splits)] if bad]
         if why:  # the checks of densecl.main()
             raise common.BadInput("densecl needs " + " and ".join(why))
         return densecl.DenseCL(a), a, (x1, x2, a.momentum, a.dense_weight)
@@ -75,7 +77,8 @@ def plan(flags, same, run, x1, x2):
         a = margs(detcon, variant=variant, masks="grid")
         s = detcon.check_args(a)
         # masks come from the loader workers in training: built once here, outside the timed step
-        cells = detcon.reduce_mask(torch.from_numpy(detcon.grid_mask(a.img_size, a.img_size, a.grid_masks)), s)
+        cells = detcon.reduce_mask(
+            torch.from_numpy(detcon.grid_mask(a.img_size, a.img_size, a.grid_masks)), s)
         ids = torch.unique(cells, return_inverse=True)[1]  # ids 0..U-1 < 2 S^2, as JointViews relabels them
         m = run.to_device(ids.expand(a.batch_size, s, s).contiguous())  # [N, S, S]
         return detcon.DetCon(a), a, (x1, m, x2, m, a.momentum)
@@ -106,23 +109,28 @@ def mask_cost(a, img_size, n=16):
     def timed(masker, images):
         t = time.perf_counter()
         ids = [masker.mask(im, i) for i, im in enumerate(images)]
-        return 1000 * (time.perf_counter() - t) / len(images), np.mean([len(np.unique(m.numpy())) for m in ids])
+        return (1000 * (time.perf_counter() - t) / len(images),
+                np.mean([len(np.unique(m.numpy())) for m in ids]))
 
     def fh_at(im):
         f = min(1.0, a.fh_size / max(im.size)) if a.fh_size else 1.0
         return f"{round(im.width * f)}x{round(im.height * f)}"
 
     small = [im.resize((img_size, img_size), Image.BILINEAR) for im in imgs]
-    rows = [(f"{img_size}x{img_size} (benchmark --img-size)", fh_at(small[0]), *timed(detcon.MaskedImages([], a), small)),
-            (f"{imgs[0].width}x{imgs[0].height} (native)", fh_at(imgs[0]), *timed(detcon.MaskedImages([], a), imgs))]
+    rows = [(f"{img_size}x{img_size} (benchmark --img-size)", fh_at(small[0]),
+             *timed(detcon.MaskedImages([], a), small)),
+            (f"{imgs[0].width}x{imgs[0].height} (native)", fh_at(imgs[0]),
+             *timed(detcon.MaskedImages([], a), imgs))]
     with tempfile.TemporaryDirectory() as d:
         cached = detcon.MaskedImages([], a, d, 0)
         timed(cached, imgs)  # fills the cache
-        rows.append((f"{imgs[0].width}x{imgs[0].height} (native), cache hit", "- (16-bit PNG read)", *timed(cached, imgs)))
-    return [f"DetCon mask cost (Felzenszwalb-Huttenlocher, --fh-size {a.fh_size}; one process = one loader worker; "
-            f"{len(imgs)} {source}). Paid in the loader workers, not in the step times above.", "",
-            "| image | FH runs at | ms/image | masks/image |", "|---|---|---|---|",
-            *(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} |" for r in rows)], {r[0]: round(r[2], 2) for r in rows}
+        rows.append((f"{imgs[0].width}x{imgs[0].height} (native), cache hit", "- (16-bit PNG read)",
+                     *timed(cached, imgs)))
+    return ([f"DetCon mask cost (Felzenszwalb-Huttenlocher, --fh-size {a.fh_size}; one process = one loader "
+             f"worker; {len(imgs)} {source}). Paid in the loader workers, not in the step times above.", "",
+             "| image | FH runs at | ms/image | masks/image |", "|---|---|---|---|",
+             *(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} |" for r in rows)],
+            {r[0]: round(r[2], 2) for r in rows})
 
 
 @common.user_errors
@@ -130,17 +138,21 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
-    ap.add_argument("--reps", type=int, default=int(os.environ.get("REPS", 10)), help="timed steps per variant")
+    ap.add_argument("--reps", type=int, default=int(os.environ.get("REPS", 10)),
+                    help="timed steps per variant")
     ap.add_argument("--preset", default="cpu")
-    ap.add_argument("--out", default="", help="markdown file (default benchmarks/results/model_cost_{cpu,gpu}.md)")
+    ap.add_argument("--out", default="",
+                    help="markdown file (default benchmarks/results/model_cost_{cpu,gpu}.md)")
     opts, rest = ap.parse_known_args(argv)
     wanted = set(filter(None, opts.methods.split(",")))
     if wanted - set(METHODS):
-        raise common.BadInput(f"unknown --methods {','.join(sorted(wanted - set(METHODS)))}; choose from {', '.join(METHODS)}")
+        raise common.BadInput(f"unknown --methods {','.join(sorted(wanted - set(METHODS)))}; "
+                              f"choose from {', '.join(METHODS)}")
     if wanted & {"fast_moco", "detcon", "rotation_aux"}:
         wanted.add("mocov3")  # their ratios are against it
     flags = ["--preset", opts.preset, *rest]
-    base = common.parse_args(mocov3.Args, mocov3.PRESETS, flags)  # the shared settings: mocov3's preset + flags
+    # the shared settings: mocov3's preset + flags
+    base = common.parse_args(mocov3.Args, mocov3.PRESETS, flags)
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
@@ -158,7 +170,8 @@ def main(argv=None):
         model, opt, clip, params, inputs = setups[name]
         with run.autocast():
             out = model(*inputs)
-        loss = out[0] if isinstance(out, tuple) else out  # densecl, detcon, rotation_aux return (loss, extras...)
+        # densecl, detcon, rotation_aux return (loss, extras...)
+        loss = out[0] if isinstance(out, tuple) else out
         common.optimizer_step(loss, opt, scaler, params, clip)
 
     setups, baseline, skipped = {}, {}, {}
@@ -172,16 +185,19 @@ def main(argv=None):
             skipped[name] = str(e)
             print(f"skip {name}: {e}", flush=True)
             continue
-        model = model.to(device, memory_format=torch.channels_last if base.channels_last else torch.preserve_format).train()
+        model = model.to(device, memory_format=torch.channels_last if base.channels_last
+                         else torch.preserve_format).train()
         params = [p for p in model.parameters() if p.requires_grad]
         groups = fast_moco.param_groups(model) if method == "fast_moco" else params
-        setups[name], baseline[name] = (model, common.build_optimizer(a, groups, getattr(a, "trust_coefficient", 0.001)), getattr(a, "clip_grad", 0.0),
-                                        params, inputs), ref
+        setups[name], baseline[name] = (
+            model, common.build_optimizer(a, groups, getattr(a, "trust_coefficient", 0.001)),
+            getattr(a, "clip_grad", 0.0), params, inputs), ref
         sync()
         t = time.perf_counter()
         step(name), step(name)  # warm-up: allocator, cudnn autotune
         sync()
-        print(f"{name}: built ({a.optimizer}), 2 warm-up steps {1000 * (time.perf_counter() - t) / 2:.0f} ms/step", flush=True)
+        print(f"{name}: built ({a.optimizer}), 2 warm-up steps "
+              f"{1000 * (time.perf_counter() - t) / 2:.0f} ms/step", flush=True)
 
     times = {name: [] for name in setups}
     for _ in range(opts.reps):
@@ -194,20 +210,24 @@ def main(argv=None):
     ms = {name: statistics.median(v) for name, v in times.items()}
     ratio = {n: ms[n] / ms[r] for n, r in baseline.items() if r in ms}
     peak = {}
-    for name in setups if cuda else ():  # one step's peak above what is resident, plus this variant's own state
+    # one step's peak above what is resident, plus this variant's own state
+    for name in setups if cuda else ():
         model, opt = setups[name][:2]
-        own = [*model.parameters(), *model.buffers(), *(p.grad for p in model.parameters() if p.grad is not None),
+        own = [*model.parameters(), *model.buffers(),
+               *(p.grad for p in model.parameters() if p.grad is not None),
                *(v for s in opt.state.values() for v in s.values() if torch.is_tensor(v))]
         before = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step(name)
-        peak[name] = (torch.cuda.max_memory_allocated() - before + sum(t.numel() * t.element_size() for t in own)) / 2**20
+        peak[name] = (torch.cuda.max_memory_allocated() - before
+                      + sum(t.numel() * t.element_size() for t in own)) / 2**20
 
     cmd = " ".join(["python benchmarks/model_cost.py", *map(shlex.quote, argv)])
     lines = [f"Device: {device_name()}. Command: `{cmd}`. {base.arch}, {base.stem} stem, {base.img_size} px, "
-             f"global batch {base.batch_size}, {base.precision}, channels_last {'on' if base.channels_last else 'off'}, "
-             f"--preset {base.preset}; model-only step (forward + backward + optimizer step, no data loading), "
-             f"median of {opts.reps} alternating steps.", "",
+             f"global batch {base.batch_size}, {base.precision}, "
+             f"channels_last {'on' if base.channels_last else 'off'}, --preset {base.preset}; model-only "
+             f"step (forward + backward + optimizer step, no data loading), median of {opts.reps} "
+             f"alternating steps.", "",
              "| variant | step ms | ratio | vs | target |", "|---|---|---|---|---|"]
     for name in setups:
         r = f"{ratio[name]:.2f}x" if name in ratio else "-"
@@ -216,8 +236,8 @@ def main(argv=None):
     if skipped:
         lines += [""] + [f"- skipped {name}: {why}" for name, why in skipped.items()]
     if peak:
-        lines += ["", "Peak GPU memory per variant (its weights, grads and optimizer state + one step's peak): "
-                  + ", ".join(f"{n} {v:.0f} MiB" for n, v in peak.items()) + "."]
+        lines += ["", "Peak GPU memory per variant (its weights, grads and optimizer state + one step's "
+                  "peak): " + ", ".join(f"{n} {v:.0f} MiB" for n, v in peak.items()) + "."]
     mask_ms = None
     if "detcon" in wanted:
         a = dataclasses.replace(common.parse_args(detcon.Args, detcon.PRESETS, flags), **same)
@@ -232,8 +252,9 @@ def main(argv=None):
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines) + f"\n(wrote {out})")
     print(json.dumps({"event": "summary", "device": device_name(), "threads": torch.get_num_threads(), **same,
-                      "preset": base.preset, "reps": opts.reps, "step_ms": ms, "ratio": ratio, "peak_mem_mb": peak or None,
-                      "skipped": skipped, "mask_ms_per_image": mask_ms}), flush=True)
+                      "preset": base.preset, "reps": opts.reps, "step_ms": ms, "ratio": ratio,
+                      "peak_mem_mb": peak or None, "skipped": skipped, "mask_ms_per_image": mask_ms}),
+          flush=True)
 
 
 if __name__ == "__main__":

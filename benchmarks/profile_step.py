@@ -1,7 +1,8 @@
 """Where a training step's time goes: torch.profiler over the real training loop of one method.
 
-  python benchmarks/profile_step.py mocov3 --preset imagenet --arch resnet50 --img-size 224 --batch-size 256 \\
-      --precision bf16 --channels-last --workers 15 --knn-every 0 --synthetic-size 4096 --max-steps 15
+  python benchmarks/profile_step.py mocov3 --preset imagenet --arch resnet50 --img-size 224 \\
+      --batch-size 256 --precision bf16 --channels-last --workers 15 --knn-every 0 --synthetic-size 4096 \\
+      --max-steps 15
 
 Runs `<method>.main` with the given flags, skips 6 steps, warms the profiler up for 2 and records 6. Prints
 the wall time per recorded step, the device time per step by kind of kernel (batch norm, convolution,
@@ -20,8 +21,10 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 
 WAIT, WARMUP, ACTIVE = 6, 2, 6
-KINDS = [("batch norm", ("batch_norm",)), ("convolution", ("convolution", "conv", "xmma", "cutlass", "cudnn")),
-         ("matmul", ("mm", "gemm", "linear")), ("elementwise (add, relu, ...)", ("add", "threshold", "clamp", "relu", "mul", "elementwise")),
+KINDS = [("batch norm", ("batch_norm",)),
+         ("convolution", ("convolution", "conv", "xmma", "cutlass", "cudnn")),
+         ("matmul", ("mm", "gemm", "linear")),
+         ("elementwise (add, relu, ...)", ("add", "threshold", "clamp", "relu", "mul", "elementwise")),
          ("optimizer", ("Optimizer", "foreach", "multi_tensor")), ("copies", ("Memcpy", "copy_", "to_copy"))]
 
 

@@ -19,7 +19,8 @@ from bench import IMAGENETTE, ROOT, run_summary  # noqa: E402  (benchmarks/ is t
 # imagenette's 10 classes grouped into 3 coarse classes (the granularity lens)
 COARSE = {"n01440764": "animal", "n02102040": "animal", "n02979186": "device", "n03000684": "device",
           "n03394916": "device", "n03445777": "device", "n03028079": "structure_or_vehicle",
-          "n03417042": "structure_or_vehicle", "n03425413": "structure_or_vehicle", "n03888257": "structure_or_vehicle"}
+          "n03417042": "structure_or_vehicle", "n03425413": "structure_or_vehicle",
+          "n03888257": "structure_or_vehicle"}
 
 
 def run(script, *args):
@@ -37,19 +38,24 @@ def main():
     ap.add_argument("--subsets", default="500,1000,2500")
     ap.add_argument("--corruptions", default="jpeg:10,downsample:4,saltpepper:0.1,blur:2")
     ap.add_argument("--probe-epochs", type=int, default=3)
-    ap.add_argument("--probe-labels", type=int, default=250, help="labeled images per class for the probes (0: all; 250 = the 2500 pretraining images)")
-    ap.add_argument("--train-size", type=int, default=2500, help="images for the quality/domain/granularity runs")
+    ap.add_argument("--probe-labels", type=int, default=250,
+                    help="labeled images per class for the probes (0: all; 250 = the 2500 pretraining "
+                         "images)")
+    ap.add_argument("--train-size", type=int, default=2500,
+                    help="images for the quality/domain/granularity runs")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "study"))
     a = ap.parse_args()
     data, runs = os.path.abspath(a.data), os.path.join(ROOT, "runs", "study")
     common = ["--arch", "resnet18", "--stem", "imagenet", "--img-size", a.img_size, "--workers", "2"]
-    probe = [*common, "--data", data, "--batch-size", 128, "--epochs", a.probe_epochs, "--labels-per-class", a.probe_labels]
+    probe = [*common, "--data", data, "--batch-size", 128, "--epochs", a.probe_epochs,
+             "--labels-per-class", a.probe_labels]
 
     def pretrain(name, subset, *extra):
         epochs = math.ceil(a.steps / (subset // a.batch_size))  # the schedule ends where the step budget does
         out = os.path.join(runs, name)
-        run(f"{a.method}.py", *common, "--preset", "cpu", "--data", data, "--subset", subset, "--epochs", epochs,
-            "--batch-size", a.batch_size, "--max-steps", a.steps, "--knn-every", 0, "--output-dir", out, *extra)
+        run(f"{a.method}.py", *common, "--preset", "cpu", "--data", data, "--subset", subset,
+            "--epochs", epochs, "--batch-size", a.batch_size, "--max-steps", a.steps, "--knn-every", 0,
+            "--output-dir", out, *extra)
         return os.path.join(out, "backbone.pth")
 
     def linear(backbone, *extra):
@@ -66,16 +72,21 @@ def main():
             rows.append(("quantity", f"{n} pretraining images", linear(pretrain(f"n{n}", n)), None))
     if "quality" in lenses:
         clean = pretrain("clean", a.train_size)
-        rows.append(("quality", "clean", linear(clean), supervised("sup_clean", "--labels-per-class", a.train_size // 10)))
+        rows.append(("quality", "clean", linear(clean),
+                     supervised("sup_clean", "--labels-per-class", a.train_size // 10)))
         for spec in a.corruptions.split(","):
             name = spec.replace(":", "")
             rows.append(("quality", spec, linear(pretrain(name, a.train_size, "--corrupt", spec)),
-                         supervised(f"sup_{name}", "--labels-per-class", a.train_size // 10, "--corrupt", spec)))
+                         supervised(f"sup_{name}", "--labels-per-class", a.train_size // 10,
+                                    "--corrupt", spec)))
     if "domain" in lenses:
-        mixed = pretrain("mixed", a.train_size, "--data", f"{data},synthetic", "--synthetic-size", a.train_size)
-        rows.append(("domain", f"{a.train_size // 2} imagenette + {a.train_size // 2} synthetic", linear(mixed), None))
+        mixed = pretrain("mixed", a.train_size, "--data", f"{data},synthetic",
+                         "--synthetic-size", a.train_size)
+        rows.append(("domain", f"{a.train_size // 2} imagenette + {a.train_size // 2} synthetic",
+                     linear(mixed), None))
         if "quality" not in lenses:
-            rows.append(("domain", f"{a.train_size} imagenette", linear(pretrain("clean", a.train_size)), None))
+            rows.append(("domain", f"{a.train_size} imagenette", linear(pretrain("clean", a.train_size)),
+                         None))
     if "granularity" in lenses:
         cmap = os.path.join(runs, "coarse_map.json")
         os.makedirs(runs, exist_ok=True)
@@ -87,12 +98,13 @@ def main():
                          linear(backbone, "--granularity", g, "--coarse-map", cmap),
                          supervised(f"sup_{g}", "--granularity", g, "--coarse-map", cmap)))
     cmd = "python benchmarks/study.py " + " ".join(sys.argv[1:])
-    lines = [f"Command: `{cmd.strip()}`. {a.method}.py, ResNet-18, {a.img_size} px, {a.steps} pretraining steps "
-             f"at batch {a.batch_size} for every run (equal compute), imagenette train split (subsets balanced and "
-             f"nested; quality/domain/granularity runs on {a.train_size} images). SSL column: MoCo v3 linear "
-             f"protocol, {a.probe_epochs} epochs on "
-             f"{f'{a.probe_labels} labeled images per class of' if a.probe_labels else ''} the clean train split, top-1 on the clean val split. Supervised "
-             f"column: ResNet-18 from scratch, {a.probe_epochs} epochs on the same (corrupted) images, clean val.",
+    lines = [f"Command: `{cmd.strip()}`. {a.method}.py, ResNet-18, {a.img_size} px, {a.steps} pretraining "
+             f"steps at batch {a.batch_size} for every run (equal compute), imagenette train split (subsets "
+             f"balanced and nested; quality/domain/granularity runs on {a.train_size} images). SSL column: "
+             f"MoCo v3 linear protocol, {a.probe_epochs} epochs on "
+             f"{f'{a.probe_labels} labeled images per class of' if a.probe_labels else ''} the clean train "
+             f"split, top-1 on the clean val split. Supervised column: ResNet-18 from scratch, "
+             f"{a.probe_epochs} epochs on the same (corrupted) images, clean val.",
              "", "| lens | pretraining data | SSL linear top-1 | supervised top-1 |", "|---|---|---|---|"]
     for lens, setting, ssl, sup in rows:
         lines.append(f"| {lens} | {setting} | {ssl:.1f} | {'-' if sup is None else f'{sup:.1f}'} |")

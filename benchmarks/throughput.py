@@ -8,8 +8,8 @@ the loader's prefetch buffer, so they time the training step; --sustained N adds
 that shows whether the loader keeps up. Writes a markdown table as it goes (and prints it):
 
   python benchmarks/throughput.py --repeats 1 --switches --sustained 40      # CPU: resnet18, 64 px, batch 32
-  python benchmarks/throughput.py --preset imagenet --arch resnet50 --img-size 224 --batch-size 256 --steps 30 \\
-      --precision bf16 --channels-last --workers 15 --repeats 1 --sustained 150 --switches \\
+  python benchmarks/throughput.py --preset imagenet --arch resnet50 --img-size 224 --batch-size 256 \\
+      --steps 30 --precision bf16 --channels-last --workers 15 --repeats 1 --sustained 150 --switches \\
       --out benchmarks/results/throughput_gpu.md                                # one GPU
 
 --switches: MoCo v3 without channels_last and compile, then with each and both, and in fp32 when
@@ -50,12 +50,14 @@ def device_name():
     import torch
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
-    return f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    return (f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+            f"torch threads {torch.get_num_threads()})")
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--preset", default="cpu", help="every script's preset (heads, optimizer); flags below override it")
+    ap.add_argument("--preset", default="cpu",
+                    help="every script's preset (heads, optimizer); flags below override it")
     ap.add_argument("--arch", default="resnet18")
     ap.add_argument("--img-size", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
@@ -67,15 +69,18 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stem", default="imagenet")
     ap.add_argument("--methods", default="", help="comma-separated labels to run (default: all present)")
-    ap.add_argument("--switches", action="store_true", help="also measure channels_last and compile on mocov3")
+    ap.add_argument("--switches", action="store_true",
+                    help="also measure channels_last and compile on mocov3")
     ap.add_argument("--sustained", type=int, default=0,
-                    help="also run mocov3 for N steps, long enough to drain the loader's prefetch buffer (data rate)")
+                    help="also run mocov3 for N steps, long enough to drain the loader's prefetch buffer "
+                         "(data rate)")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "throughput_cpu.md"))
     a = ap.parse_args()
-    common = ["--data", "synthetic", "--preset", a.preset, "--arch", a.arch, "--stem", a.stem, "--img-size", str(a.img_size),
-              "--batch-size", str(a.batch_size), "--max-steps", str(a.steps), "--precision", a.precision,
-              "--workers", str(a.workers), "--knn-every", "0", "--log-every", str(a.steps),
-              "--output-dir", os.path.join(ROOT, "runs", "bench"), "--synthetic-size", str(a.batch_size * (a.steps + 1))]
+    common = ["--data", "synthetic", "--preset", a.preset, "--arch", a.arch, "--stem", a.stem,
+              "--img-size", str(a.img_size), "--batch-size", str(a.batch_size), "--max-steps", str(a.steps),
+              "--precision", a.precision, "--workers", str(a.workers), "--knn-every", "0",
+              "--log-every", str(a.steps), "--output-dir", os.path.join(ROOT, "runs", "bench"),
+              "--synthetic-size", str(a.batch_size * (a.steps + 1))]
     common += ["--channels-last"] * a.channels_last + ["--compile"] * a.compile
     wanted = set(a.methods.split(",")) if a.methods else None
     results = {}
@@ -85,37 +90,43 @@ def main():
         results[label] = measure(script, common + extra, a.repeats)
         print(label, results[label]["step_ms_all"], flush=True)
     cmd = "python benchmarks/throughput.py " + " ".join(sys.argv[1:])
-    lines = [f"Device: {device_name()}. Command: `{cmd.strip()}`. `{a.preset}` presets, {a.arch}, {a.stem} stem, {a.img_size} px, "
+    lines = [f"Device: {device_name()}. Command: `{cmd.strip()}`. `{a.preset}` presets, {a.arch}, "
+             f"{a.stem} stem, {a.img_size} px, "
              f"global batch {a.batch_size}, {a.precision}{', channels_last' if a.channels_last else ''}"
-             f"{', compile' if a.compile else ''}; {a.steps} steps per run (2 warm-up steps excluded), median of "
-             f"{a.repeats} runs. Short runs are mostly served from the loader's prefetch buffer ({a.workers} workers "
-             f"x 4 batches, filled during warm-up): they measure the training step, not the data pipeline.", "",
-             "| method | img/s | step ms | data wait | peak mem MB | vs baseline | target |", "|---|---|---|---|---|---|---|"]
+             f"{', compile' if a.compile else ''}; {a.steps} steps per run (2 warm-up steps excluded), "
+             f"median of {a.repeats} runs. Short runs are mostly served from the loader's prefetch buffer "
+             f"({a.workers} workers x 4 batches, filled during warm-up): they measure the training step, not "
+             f"the data pipeline.", "",
+             "| method | img/s | step ms | data wait | peak mem MB | vs baseline | target |",
+             "|---|---|---|---|---|---|---|"]
     for label, script, extra, base in CONFIGS:
         if label not in results:
             continue
         r = results[label]
-        ratio = f"{r['step_ms'] / results[base]['step_ms']:.2f}x {base.split(' ')[0]}" if base in results else "-"
+        ratio = (f"{r['step_ms'] / results[base]['step_ms']:.2f}x {base.split(' ')[0]}" if base in results
+                 else "-")
         target = f"<= {TARGETS[label]:.2f}x" if label in TARGETS else "-"
-        lines.append(f"| {label} | {r['img_per_s']:.1f} | {r['step_ms']:.0f} | {100 * r['data_time_frac']:.0f}% | "
-                     f"{r['peak_mem_mb']:.0f} | {ratio} | {target} |")
+        lines.append(f"| {label} | {r['img_per_s']:.1f} | {r['step_ms']:.0f} | "
+                     f"{100 * r['data_time_frac']:.0f}% | {r['peak_mem_mb']:.0f} | {ratio} | {target} |")
     write(a.out, lines)
     print("\n".join(lines), flush=True)
     if a.sustained:  # steps >> workers x prefetch: the loader must keep up on its own
         flags = with_values(common, {"--max-steps": a.sustained, "--log-every": a.sustained,
                                      "--synthetic-size": a.batch_size * (a.sustained + 1)})
         r = measure("mocov3.py", flags, 1)
-        lines += ["", f"Sustained, data loading included: mocov3.py over {a.sustained} steps with {a.workers} loader workers "
-                  f"({os.cpu_count()} CPU cores): {r['img_per_s']:.1f} img/s, {r['step_ms']:.0f} ms/step, data wait "
-                  f"{100 * r['data_time_frac']:.0f}%."]
+        lines += ["", f"Sustained, data loading included: mocov3.py over {a.sustained} steps with "
+                  f"{a.workers} loader workers ({os.cpu_count()} CPU cores): {r['img_per_s']:.1f} img/s, "
+                  f"{r['step_ms']:.0f} ms/step, data wait {100 * r['data_time_frac']:.0f}%."]
         write(a.out, lines)
     if a.switches:  # each switch on mocov3.py against the same settings without channels_last and compile
         plain = [f for f in common if f not in ("--channels-last", "--compile")]
         rows = [("none", plain)] + [(" ".join(f), plain + f) for f in
                                     (["--channels-last"], ["--compile"], ["--channels-last", "--compile"])]
         if a.precision != "fp32":  # what the lower precision itself brings
-            rows.append((f"--precision fp32 (not {a.precision})", with_values(plain, {"--precision": "fp32"})))
-        lines += ["", f"Speed switches on mocov3.py ({a.precision}; gain = step time of none / step time):", "",
+            rows.append((f"--precision fp32 (not {a.precision})",
+                         with_values(plain, {"--precision": "fp32"})))
+        lines += ["", f"Speed switches on mocov3.py ({a.precision}; gain = step time of none / step time):",
+                  "",
                   "| switch | img/s | step ms | data wait | gain |", "|---|---|---|---|---|"]
         base_ms = None
         for name, flags in rows:
@@ -123,8 +134,8 @@ def main():
             r = same or measure("mocov3.py", flags, a.repeats)
             base_ms = base_ms or r["step_ms"]
             print("switch", name, r["step_ms_all"], flush=True)
-            lines.append(f"| {name} | {r['img_per_s']:.1f} | {r['step_ms']:.0f} | {100 * r['data_time_frac']:.0f}% | "
-                         f"{base_ms / r['step_ms']:.2f}x |")
+            lines.append(f"| {name} | {r['img_per_s']:.1f} | {r['step_ms']:.0f} | "
+                         f"{100 * r['data_time_frac']:.0f}% | {base_ms / r['step_ms']:.2f}x |")
             write(a.out, lines)
 
 

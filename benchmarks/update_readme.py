@@ -54,8 +54,8 @@ def table(name):
 
 def existing_pictures(text):
     """Drop the ![...](path) links of pictures a benchmark has not written yet."""
-    return re.sub(r" ?!\[[^\]]*\]\(([^)]+)\)", lambda m: m.group(0) if os.path.exists(os.path.join(ROOT, m.group(1)))
-                  else "", text)
+    return re.sub(r" ?!\[[^\]]*\]\(([^)]+)\)",
+                  lambda m: m.group(0) if os.path.exists(os.path.join(ROOT, m.group(1))) else "", text)
 
 
 def fill_blocks(text):
@@ -63,7 +63,8 @@ def fill_blocks(text):
         body = table(name)
         if body is not None:
             text = re.sub(rf"<!-- results:{name} -->.*?<!-- /results:{name} -->",
-                          lambda m: f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->", text, flags=re.S)
+                          lambda m: f"<!-- results:{name} -->\n{body}\n<!-- /results:{name} -->", text,
+                          flags=re.S)
             print("README: updated", name)
     return text
 
@@ -71,9 +72,9 @@ def fill_blocks(text):
 def results_md():
     out = ["# Results", "",
            "Every table here is written by a script in `benchmarks/` (its caption names the command, device, "
-           "budget and protocol) and collected by `python benchmarks/update_readme.py`. CPU tables come from a "
-           "2-core machine at miniature budgets: they show the pipeline working and relative costs, not the "
-           "papers' accuracies.", ""]
+           "budget and protocol) and collected by `python benchmarks/update_readme.py`. CPU tables come from "
+           "a 2-core machine at miniature budgets: they show the pipeline working and relative costs, not "
+           "the papers' accuracies.", ""]
     for heading, names, reading in SECTIONS:
         bodies = [(n, table(n)) for n in names]
         if not any(b for _, b in bodies):

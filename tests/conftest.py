@@ -19,8 +19,10 @@ def run_script(script, *args, env=None, torchrun=0, check=True, timeout=600):
     """Run `python script args` (or torchrun with N CPU processes); returns CompletedProcess."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
            os.path.join(ROOT, script)] if torchrun else [sys.executable, os.path.join(ROOT, script)]
-    e = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"), **(env or {})}
-    p = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=e, timeout=timeout)
+    e = {**os.environ, "OMP_NUM_THREADS": "1" if torchrun else os.environ.get("OMP_NUM_THREADS", "2"),
+         **(env or {})}
+    p = subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, cwd=ROOT, env=e,
+                       timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p

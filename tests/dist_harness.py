@@ -33,8 +33,8 @@ import mocov3  # noqa: E402
 import rotation_aux  # noqa: E402
 
 OUT = sys.argv[1]
-TINY = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--batch-size", "8", "--workers", "0",
-        "--log-every", "1", "--knn-every", "0", "--mlp-dim", "64"]
+TINY = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--batch-size", "8",
+        "--workers", "0", "--log-every", "1", "--knn-every", "0", "--mlp-dim", "64"]
 EXTRA = {"densecl": ["--stem", "small", "--queue-size", "64"], "detcon": ["--stem", "small"]}
 MODULES = {"mocov3": mocov3, "fast_moco": fast_moco, "densecl": densecl, "detcon": detcon,
            "rotation_aux": rotation_aux}
@@ -57,14 +57,17 @@ def one_step(name, model, run, args, forward, sync_bn):
     x1, x2 = torch.randn(8, 3, 32, 32, generator=g), torch.randn(8, 3, 32, 32, generator=g)
     n = 8 // run.world
     mine = slice(run.rank * n, (run.rank + 1) * n)
-    groups = fast_moco.param_groups(model) if name == "fast_moco" else [p for p in model.parameters() if p.requires_grad]
+    groups = (fast_moco.param_groups(model) if name == "fast_moco"
+              else [p for p in model.parameters() if p.requires_grad])
     optimizer = common.build_optimizer(args, groups)
     loss = forward(step_model, x1[mine], x2[mine])
     common.optimizer_step(loss, optimizer, common.grad_scaler(run))
     weights = torch.cat([p.detach().flatten() for p in model.parameters()]).double()
-    rec = {"loss": rank_mean(loss).item(), "weights": weights.sum().item(), "weights_abs": weights.abs().sum().item()}
+    rec = {"loss": rank_mean(loss).item(), "weights": weights.sum().item(),
+           "weights_abs": weights.abs().sum().item()}
     if name == "densecl":
-        rec.update(queue=model.queue.double().sum().item(), dense_queue=model.dense_queue.double().abs().sum().item(),
+        rec.update(queue=model.queue.double().sum().item(),
+                   dense_queue=model.dense_queue.double().abs().sum().item(),
                    ptr=int(model.queue_ptr), dense_ptr=int(model.dense_queue_ptr))
     return rec
 
@@ -134,8 +137,9 @@ for name, mod in MODULES.items():
     lines = [line for line in stdout.getvalue().splitlines() if line.startswith('{"event": "summary"')]
     results[f"run_{name}"] = {"summary_lines": lines}
     if run.rank == 0:
-        results[f"run_{name}"].update(world_size=json.load(open(os.path.join(out, "args.json")))["world_size"],
-                                      backbone=os.path.exists(os.path.join(out, "backbone.pth")))
+        results[f"run_{name}"].update(
+            world_size=json.load(open(os.path.join(out, "args.json")))["world_size"],
+            backbone=os.path.exists(os.path.join(out, "backbone.pth")))
 if run.world > 1:
     stderr = io.StringIO()
     with contextlib.redirect_stderr(stderr):
@@ -146,7 +150,8 @@ if run.world > 1:
             code = e.code
     results["bad_batch"] = {"code": code, "stderr": stderr.getvalue().strip().splitlines()}
 
-# rank 0 reports; every rank's own view of the smoke runs is gathered so the test sees that only rank 0 printed
+# rank 0 reports; every rank's own view of the smoke runs is gathered so the test sees that only rank 0
+# printed
 views = [None] * run.world
 if run.world > 1:
     dist.all_gather_object(views, {k: v for k, v in results.items() if k.startswith("run_")})

@@ -193,7 +193,8 @@ def test_momentum_schedule_known_points():
 
 
 def test_set_lr_sets_every_group():
-    """common holds no method rule: a group that keeps its lr (Fast-MoCo's predictor) is the method's business."""
+    """common holds no method rule: a group that keeps its lr (Fast-MoCo's predictor) is the method's
+    business."""
     opt = torch.optim.SGD([{"params": [nn.Parameter(torch.zeros(1))]},
                            {"params": [nn.Parameter(torch.zeros(1))], "fixed_lr": True}], lr=0.5)
     common.set_lr(opt, 0.1)
@@ -334,7 +335,8 @@ def test_summary_times_the_steps_only(tmp_path, monkeypatch):
         return now[0]
 
     monkeypatch.setattr(common.time, "perf_counter", perf_counter)
-    args = common.parse_args(mocov3.Args, mocov3.PRESETS, ["--batch-size", "4", "--log-every", "100", "--epochs", "1"])
+    args = common.parse_args(mocov3.Args, mocov3.PRESETS,
+                             ["--batch-size", "4", "--log-every", "100", "--epochs", "1"])
     run = common.Run(args, "mocov3", 0, 1, torch.device("cpu"), str(tmp_path))
     log = common.Logger(run, steps_per_epoch=6, start_step=0)
 
@@ -359,9 +361,10 @@ def test_summary_times_the_steps_only(tmp_path, monkeypatch):
 def test_plot_curves_draws_every_logged_metric(tmp_path):
     pytest.importorskip("matplotlib")
     log = tmp_path / "log.jsonl"
-    recs = [{"step": s, "epoch": s / 4, "loss": 3.0 - 0.1 * s, "lr": 0.1, "momentum": 0.99, "rot_acc": 50.0 + s,
-             "img_per_s": 10.0} for s in range(1, 9)]
-    recs += [{"step": 8, "epoch": 2, "knn_top1": 40.0, "train_s": 3.0}, {"event": "summary", "steps": 8, "loss": 2.2}]
+    recs = [{"step": s, "epoch": s / 4, "loss": 3.0 - 0.1 * s, "lr": 0.1, "momentum": 0.99,
+             "rot_acc": 50.0 + s, "img_per_s": 10.0} for s in range(1, 9)]
+    recs += [{"step": 8, "epoch": 2, "knn_top1": 40.0, "train_s": 3.0},
+             {"event": "summary", "steps": 8, "loss": 2.2}]
     log.write_text("".join(json.dumps(r) + "\n" for r in recs))
     panels = common.plot_curves(str(log), str(tmp_path / "curves.png"))
     assert panels == ["loss", "lr", "momentum", "rot_acc", "knn_top1"]  # throughput and timing are not curves
@@ -370,8 +373,9 @@ def test_plot_curves_draws_every_logged_metric(tmp_path):
 
 def test_tensorboard_flag_writes_scalars_or_names_the_missing_package(tmp_path, capsys):
     import importlib.util
-    argv = ["--data", "synthetic", "--synthetic-size", "16", "--img-size", "32", "--batch-size", "8", "--workers", "0",
-            "--knn-every", "0", "--mlp-dim", "32", "--max-steps", "2", "--tensorboard", "--output-dir", str(tmp_path)]
+    argv = ["--data", "synthetic", "--synthetic-size", "16", "--img-size", "32", "--batch-size", "8",
+            "--workers", "0", "--knn-every", "0", "--mlp-dim", "32", "--max-steps", "2", "--tensorboard",
+            "--output-dir", str(tmp_path)]
     if importlib.util.find_spec("tensorboard") is None:
         with pytest.raises(SystemExit) as e:
             mocov3.main(argv)

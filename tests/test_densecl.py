@@ -16,8 +16,9 @@ import common  # noqa: E402
 import densecl  # noqa: E402
 from conftest import run_script  # noqa: E402
 
-TINY_DCL = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--batch-size", "8", "--workers", "0",
-            "--log-every", "1", "--knn-every", "0", "--mlp-dim", "64", "--stem", "small", "--queue-size", "64"]
+TINY_DCL = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--batch-size", "8",
+            "--workers", "0", "--log-every", "1", "--knn-every", "0", "--mlp-dim", "64", "--stem", "small",
+            "--queue-size", "64"]
 
 
 def small_model(seed=0, **kw):
@@ -34,7 +35,8 @@ def synthetic_batch(n, px=32):
 
 
 def np_infonce(q, pos, queue, tau):
-    """NumPy: rows q [M, D] (normalised here), positives pos [M, D] (normalised here), queue [K, D]; CE at 0."""
+    """NumPy: rows q [M, D] (normalised here), positives pos [M, D] (normalised here), queue [K, D];
+    CE at 0."""
     q = q / np.linalg.norm(q, axis=1, keepdims=True)
     pos = pos / np.linalg.norm(pos, axis=1, keepdims=True)
     logits = np.concatenate([(q * pos).sum(1, keepdims=True), q @ queue.T], 1) / tau
@@ -49,7 +51,8 @@ def test_identical_views_match_identity():
     model = small_model().eval()
     x = synthetic_batch(4)
     with torch.no_grad():
-        fq, fk = common.feature_map(model.backbone, x), common.feature_map(model.momentum_backbone, x)  # [4, 512, 4, 4]
+        fq, fk = (common.feature_map(model.backbone, x),  # [4, 512, 4, 4]
+                  common.feature_map(model.momentum_backbone, x))
     match = densecl.match_locations(fq, fk)
     assert match.shape == (4, 16) and match.dtype == torch.long
     assert (match == torch.arange(16)).float().mean() >= 0.95
@@ -60,9 +63,11 @@ def test_match_follows_a_known_permutation_query_to_key():
     fq = torch.randn(3, 8, 5, 5, generator=g)  # [N, C, S, S]
     perm = torch.randperm(25, generator=g)
     fk = torch.empty(3, 8, 25)
-    fk[:, :, perm] = fq.flatten(2) * 3.0  # key location perm[i] holds query location i (scaled: cosine ignores it)
+    # key location perm[i] holds query location i (scaled: cosine ignores it)
+    fk[:, :, perm] = fq.flatten(2) * 3.0
     match = densecl.match_locations(fq, fk.view(3, 8, 5, 5))
-    assert torch.equal(match, perm.expand(3, -1))  # query i -> key perm[i]; key -> query would give argsort(perm)
+    # query i -> key perm[i]; key -> query would give argsort(perm)
+    assert torch.equal(match, perm.expand(3, -1))
     assert not torch.equal(perm, torch.argsort(perm))
 
 
@@ -224,10 +229,12 @@ def test_total_is_one_minus_lambda_global_plus_lambda_dense():
     for lam in (0.5, 0.3):
         model = small_model()
         loss, parts = model(x1, x2, 0.999, lam)
-        assert parts["loss_global"].item() != pytest.approx(parts["loss_dense"].item(), rel=1e-3)  # else a swap hides
+        # else a swap hides
+        assert parts["loss_global"].item() != pytest.approx(parts["loss_dense"].item(), rel=1e-3)
         want = (1 - lam) * parts["loss_global"] + lam * parts["loss_dense"]
         assert loss.item() == pytest.approx(want.item(), rel=1e-6)
-    # gradients follow the weights: lambda 0 -> nothing reaches the dense head, lambda 1 -> nothing the global head
+    # gradients follow the weights: lambda 0 -> nothing reaches the dense head, lambda 1 -> nothing the
+    # global head
     for lam, silent, active in ((0.0, "dense_head", "global_head"), (1.0, "global_head", "dense_head")):
         model = small_model()
         model(x1, x2, 0.999, lam)[0].backward()
@@ -239,7 +246,8 @@ def test_dense_weight_warmup_and_zero_weight_is_plain_mocov2():
     assert [densecl.dense_lambda(s, 0.5, 3) for s in range(5)] == [0, 0, 0, 0.5, 0.5]
     assert densecl.dense_lambda(0, 0.5, 0) == 0.5
     model = small_model(dense_weight=0.0)  # the dense branch is not built at all
-    assert model.dense_head is None and model.momentum_dense_head is None and not hasattr(model, "dense_queue")
+    assert (model.dense_head is None and model.momentum_dense_head is None
+            and not hasattr(model, "dense_queue"))
     loss, parts = model(torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32), 0.999, 0.0)
     assert set(parts) == {"loss_global"} and loss.item() == pytest.approx(parts["loss_global"].item())
 
@@ -249,15 +257,16 @@ def test_dense_weight_warmup_and_zero_weight_is_plain_mocov2():
 
 def direct_keys(model, x, momentum=True):
     """Keys computed by hand: (global [n, D], pooled dense [n, D]) L2-normalised, BN in eval mode."""
-    net, gh, dh = ((model.momentum_backbone, model.momentum_global_head, model.momentum_dense_head) if momentum
-                   else (model.backbone, model.global_head, model.dense_head))
+    net, gh, dh = ((model.momentum_backbone, model.momentum_global_head, model.momentum_dense_head)
+                   if momentum else (model.backbone, model.global_head, model.dense_head))
     with torch.no_grad():
         f = common.feature_map(net, x)  # [n, C, S, S]
         return F.normalize(gh(f.mean((2, 3))), dim=1), F.normalize(dh(f).flatten(2).mean(2), dim=1)
 
 
 def test_queues_hold_momentum_keys_pooled_dense_keys_and_wrap():
-    model = small_model(queue_size=8).eval()  # eval: BN on running stats, so hand-computed keys are comparable
+    # eval: BN on running stats, so hand-computed keys are comparable
+    model = small_model(queue_size=8).eval()
     with torch.no_grad():  # make the online encoder differ from the momentum one (they start as copies)
         for p in model.online_params():
             p.add_(0.05 * torch.randn_like(p))
@@ -325,7 +334,8 @@ def test_shuffle_bn_restores_order_and_really_splits():
     a, b = densecl.shuffle_bn(enc, x, splits=3)
     assert torch.equal(a, x * 2) and torch.equal(b, x.sum(1))  # the original order is back
     assert [len(c) for c in seen] == [4, 4, 4]  # three sub-batches
-    assert sorted(torch.cat(seen).tolist()) == list(range(12)) and not torch.equal(torch.cat(seen), x[:, 0])  # shuffled
+    assert (sorted(torch.cat(seen).tolist()) == list(range(12))
+            and not torch.equal(torch.cat(seen), x[:, 0]))  # shuffled
     # with BN in train mode the sub-batches have their own statistics (so the split matters) ...
     bn = nn.BatchNorm1d(3)
     z = torch.randn(12, 3)

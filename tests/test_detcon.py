@@ -24,7 +24,8 @@ def _np_log_softmax(x):
 
 
 def np_detcon_loss(pred1, pred2, target1, target2, ids1, ids2, temperature):
-    """Line by line the official deepmind/detcon byol_nce_detcon (one replica, local negatives), in float64."""
+    """Line by line the official deepmind/detcon byol_nce_detcon (one replica, local negatives), in
+    float64."""
     b, r, _ = pred1.shape
 
     def same_obj(i0, i1):  # [B, R, 1, R]
@@ -37,7 +38,8 @@ def np_detcon_loss(pred1, pred2, target1, target2, ids1, ids2, temperature):
     l_bb = np.einsum("abk,uvk->abuv", p2, t2) / temperature
     l_ab = np.einsum("abk,uvk->abuv", p1, t2) / temperature
     l_ba = np.einsum("abk,uvk->abuv", p2, t1) / temperature
-    lab_aa, lab_ab, lab_ba, lab_bb = labels_local * aa, labels_local * ab, labels_local * ba, labels_local * bb
+    lab_aa, lab_ab, lab_ba, lab_bb = (labels_local * aa, labels_local * ab, labels_local * ba,
+                                      labels_local * bb)
     l_aa = l_aa - 1e9 * labels_local * aa
     l_bb = l_bb - 1e9 * labels_local * bb
     lab_aa, lab_bb = 0 * lab_aa, 0 * lab_bb
@@ -69,7 +71,8 @@ def test_loss_matches_numpy_transcription(seed):
     want = np_detcon_loss(*(x.double().numpy() for x in (p1, p2, t1, t2)), i1.numpy(), i2.numpy(), 0.1)
     assert got.item() == pytest.approx(want, rel=1e-5)
     assert detcon.detcon_loss(p1, p2, t1, t2, i1, i2, 0.5).item() == pytest.approx(
-        np_detcon_loss(*(x.double().numpy() for x in (p1, p2, t1, t2)), i1.numpy(), i2.numpy(), 0.5), rel=1e-5)
+        np_detcon_loss(*(x.double().numpy() for x in (p1, p2, t1, t2)), i1.numpy(), i2.numpy(), 0.5),
+        rel=1e-5)
 
 
 def test_identical_views_and_ids_give_a_loss_far_below_uniform():
@@ -107,8 +110,10 @@ def test_same_view_same_id_columns_are_not_negatives():
     for ids1, masked in ((torch.tensor([[0, 0, 0]]), True), (torch.tensor([[0, 0, 1]]), False)):
         before = detcon._one_direction(p1, ids1, t2, ids2, t1, 0.1).item()
         after = detcon._one_direction(p1, ids1, t2, ids2, t1b, 0.1).item()
-        assert (after == pytest.approx(before, rel=1e-6)) == masked  # masked for id-0 rows, a negative for id 1
-        want = np_detcon_loss(*(x.double().numpy() for x in (p1, p2, t1b, t2)), ids1.numpy(), ids2.numpy(), 0.1)
+        # masked for id-0 rows, a negative for id 1
+        assert (after == pytest.approx(before, rel=1e-6)) == masked
+        want = np_detcon_loss(*(x.double().numpy() for x in (p1, p2, t1b, t2)), ids1.numpy(), ids2.numpy(),
+                              0.1)
         assert detcon.detcon_loss(p1, p2, t1b, t2, ids1, ids2, 0.1).item() == pytest.approx(want, rel=1e-5)
 
 
@@ -127,17 +132,20 @@ def _region_image(h=48, w=64):
 def test_crop_and_flip_move_the_mask_identically(crop_min):
     img, ids, palette = _region_image()
     views = detcon.JointViews(32, crop_min, False, grid=4)
-    views.colour = (lambda im: torch.from_numpy(np.asarray(im).copy()),) * 2  # geometry only, to read colours back
+    # geometry only, to read colours back
+    views.colour = (lambda im: torch.from_numpy(np.asarray(im).copy()),) * 2
     flipped = set()
     for seed in range(24):
         torch.manual_seed(seed)
         v1, m1, v2, m2 = views.views(img, ids)
         for v, m in ((v1, m1), (v2, m2)):
             assert v.shape == (32, 32, 3) and m.shape == (32, 32) and m.dtype == torch.int32
-            dist = ((v[:, :, None, :].float() - torch.tensor(palette, dtype=torch.float)[None, None]) ** 2).sum(-1)
+            dist = ((v[:, :, None, :].float()
+                     - torch.tensor(palette, dtype=torch.float)[None, None]) ** 2).sum(-1)
             from_colour = dist.argmin(-1)  # [32, 32] the region each image pixel shows
             pad = F.pad(m[None, None].float(), (1, 1, 1, 1), mode="replicate")[0, 0]
-            interior = torch.ones_like(m, dtype=torch.bool)  # pixels whose 3x3 mask neighbourhood is one region
+            # pixels whose 3x3 mask neighbourhood is one region
+            interior = torch.ones_like(m, dtype=torch.bool)
             for dy in range(3):
                 for dx in range(3):
                     interior &= pad[dy:dy + 32, dx:dx + 32] == m
@@ -237,7 +245,8 @@ def test_reduced_mask_assigns_every_cell_to_exactly_one_id():
     assert torch.all(pooled.gather(1, cells[:, None]) > 0)  # and that id is present in the cell
     assert torch.all(cells[:, :2] == 3)
     # a 4x4 grid mask reduced to a 4x4 grid keeps every block
-    assert torch.equal(detcon.reduce_mask(torch.from_numpy(detcon.grid_mask(32, 32, 4)), 4), torch.arange(16).view(4, 4))
+    assert torch.equal(detcon.reduce_mask(torch.from_numpy(detcon.grid_mask(32, 32, 4)), 4),
+                       torch.arange(16).view(4, 4))
 
 
 def test_joint_views_share_ids_between_views():
@@ -253,7 +262,8 @@ def test_joint_views_share_ids_between_views():
     raw = torch.stack([detcon.reduce_mask(m1, 4), detcon.reduce_mask(m2, 4)])
     # the relabelling is one map for both views: equal raw ids <-> equal new ids, across views
     new = torch.stack([c1, c2])
-    assert torch.equal(raw.flatten()[:, None] == raw.flatten()[None], new.flatten()[:, None] == new.flatten()[None])
+    assert torch.equal(raw.flatten()[:, None] == raw.flatten()[None],
+                       new.flatten()[:, None] == new.flatten()[None])
 
 
 def test_mask_pooling_of_a_constant_map_returns_the_constant():
@@ -299,7 +309,7 @@ def test_fh_params_follow_the_official_values_scaled_by_pixels():
     assert 250 < scale < 350 and 40 < min_size < 60  # ~300 / ~50 at 64-96 px
 
 
-# ---------------------------------------------------------------------------- model, grid masks without scikit-image
+# --------------------------------------------------------------------- model, grid masks without scikit-image
 
 
 def test_heads_are_the_official_mlp_output_layer_without_bias():
@@ -317,9 +327,11 @@ def test_heads_are_the_official_mlp_output_layer_without_bias():
 @pytest.mark.parametrize("variant", ["B", "S"])
 def test_model_step_both_variants(variant):
     torch.manual_seed(0)
-    args = detcon.Args(arch="resnet18", stem="small", img_size=32, mlp_dim=32, proj_dim=16, variant=variant, num_masks=4)
+    args = detcon.Args(arch="resnet18", stem="small", img_size=32, mlp_dim=32, proj_dim=16, variant=variant,
+                       num_masks=4)
     model = detcon.DetCon(args)
-    assert hasattr(model, "momentum_backbone") == (variant == "B") and hasattr(model, "predictor") == (variant == "B")
+    assert (hasattr(model, "momentum_backbone") == (variant == "B")
+            and hasattr(model, "predictor") == (variant == "B"))
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     m1, m2 = torch.randint(0, 5, (4, 4, 4)), torch.randint(0, 5, (4, 4, 4))
     loss, matched = model(x1, m1, x2, m2, 0.99)
@@ -342,7 +354,8 @@ def test_grid_masks_work_without_scikit_image(monkeypatch):
     base = common.Synthetic(4)
     with pytest.raises(common.BadInput, match=r"pip install scikit-image.*--masks grid"):
         detcon.MaskedImages(base, detcon.Args(masks="fh"))
-    ds = common.Views(detcon.MaskedImages(base, detcon.Args(masks="grid", grid_masks=5)), detcon.JointViews(32, 0.3, False, 4))
+    ds = common.Views(detcon.MaskedImages(base, detcon.Args(masks="grid", grid_masks=5)),
+                      detcon.JointViews(32, 0.3, False, 4))
     (v1, c1, v2, c2), _ = ds[0]
     assert v1.shape == (3, 32, 32) and c1.shape == (4, 4)
     (_, ids), _ = ds.base[0]
@@ -407,13 +420,15 @@ def _dist_worker(rank, world, init, out, inputs):
 
 def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
     inputs = _random_inputs(b=4, m=5, d=8, n_ids=4, seed=3)
-    torch.multiprocessing.spawn(_dist_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path), inputs), nprocs=2)
+    torch.multiprocessing.spawn(_dist_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path), inputs),
+                                nprocs=2)
     (p1, p2, t1, t2), (i1, i2) = inputs
     p1, p2 = p1.clone().requires_grad_(), p2.clone().requires_grad_()
     full = detcon.detcon_loss(p1, p2, t1, t2, i1, i2, 0.1)
     full.backward()
     r = [torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in range(2)]
-    assert ((r[0]["loss"] + r[1]["loss"]) / 2).item() == pytest.approx(full.item(), rel=1e-5)  # DDP averages ranks
+    # DDP averages ranks
+    assert ((r[0]["loss"] + r[1]["loss"]) / 2).item() == pytest.approx(full.item(), rel=1e-5)
     assert torch.allclose(torch.cat([r[0]["g1"], r[1]["g1"]]) / 2, p1.grad, atol=1e-6)
     assert torch.allclose(torch.cat([r[0]["g2"], r[1]["g2"]]) / 2, p2.grad, atol=1e-6)
 

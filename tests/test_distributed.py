@@ -19,7 +19,8 @@ def harness(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("name", ["step_mocov3", "step_fast_moco", "step_densecl", "detcon_loss", "fast_moco_loss"])
+@pytest.mark.parametrize("name", ["step_mocov3", "step_fast_moco", "step_densecl", "detcon_loss",
+                                  "fast_moco_loss"])
 def test_two_processes_equal_one_process(harness, name):
     """Same global batch: rank-averaged loss, updated weights (and DenseCL's queues) as one process."""
     one, two = harness[1][name], harness[2][name]
@@ -44,4 +45,5 @@ def test_torchrun_runs_every_script_and_only_rank_0_reports(harness, method):
 
 def test_batch_not_divisible_by_world_is_one_line_exit_2(harness):
     bad = harness[2]["bad_batch"]
-    assert bad["code"] == 2 and len(bad["stderr"]) == 1 and "not divisible by the world size 2" in bad["stderr"][0]
+    assert (bad["code"] == 2 and len(bad["stderr"]) == 1
+            and "not divisible by the world size 2" in bad["stderr"][0])

@@ -39,7 +39,8 @@ def test_split_row_major_2x2_and_bad_size():
     x = torch.arange(16.0).view(1, 1, 4, 4)
     p = fm.split_patches(x)[:, 0, 0]  # [4, 2, 2]
     assert p[0].tolist() == [[0, 1], [4, 5]] and p[1].tolist() == [[2, 3], [6, 7]]  # top-left, top-right
-    assert p[2].tolist() == [[8, 9], [12, 13]] and p[3].tolist() == [[10, 11], [14, 15]]  # bottom-left, -right
+    # bottom-left, -right
+    assert p[2].tolist() == [[8, 9], [12, 13]] and p[3].tolist() == [[10, 11], [14, 15]]
     with pytest.raises(ValueError):
         fm.split_patches(torch.zeros(1, 3, 5, 4))
 
@@ -81,14 +82,17 @@ def numpy_loss(p1, p2, z1, z2, t):
 @pytest.mark.parametrize("t", [1.0, 0.2])
 def test_loss_matches_numpy(t):
     g = torch.Generator().manual_seed(0)
-    p1, p2 = torch.randn(6, 10, 16, generator=g, dtype=torch.float64), torch.randn(6, 10, 16, generator=g, dtype=torch.float64)
-    z1, z2 = torch.randn(10, 16, generator=g, dtype=torch.float64), torch.randn(10, 16, generator=g, dtype=torch.float64)
+    p1, p2 = (torch.randn(6, 10, 16, generator=g, dtype=torch.float64),
+              torch.randn(6, 10, 16, generator=g, dtype=torch.float64))
+    z1, z2 = (torch.randn(10, 16, generator=g, dtype=torch.float64),
+              torch.randn(10, 16, generator=g, dtype=torch.float64))
     z1[0] = p2[3, 0] * 5  # a few strong positives, so a swapped pairing would change the value
     z2[1] = p1[0, 1] * 3
     got = fm.fast_moco_loss(p1, p2, z1, z2, t).item()
     assert got == pytest.approx(numpy_loss(*(a.numpy() for a in (p1, p2, z1, z2)), t), rel=1e-10)
     # no 2*tau factor: the value at random init is ~ln N, whatever tau
-    assert fm.fast_moco_loss(p1 * 0, p2 * 0 + 1, z1 * 0 + 1, z2 * 0 + 1, t).item() == pytest.approx(np.log(10))
+    assert fm.fast_moco_loss(p1 * 0, p2 * 0 + 1, z1 * 0 + 1, z2 * 0 + 1, t).item() == pytest.approx(
+        np.log(10))
 
 
 # ---------------------------------------------------------------------------- who sees what
@@ -104,7 +108,8 @@ def test_momentum_sees_full_views_online_sees_only_patches(monkeypatch):
     monkeypatch.setattr(fm, "fast_moco_loss", lambda *a: got.setdefault("args", a)[0].sum())
     x1, x2 = torch.randn(4, 3, 32, 32), torch.randn(4, 3, 32, 32)
     model(x1, x2, 0.99)
-    assert [tuple(x.shape) for x in seen["backbone"]] == [(16, 3, 16, 16)] * 2  # 4N patches, one pass per view
+    # 4N patches, one pass per view
+    assert [tuple(x.shape) for x in seen["backbone"]] == [(16, 3, 16, 16)] * 2
     assert torch.equal(seen["backbone"][0], fm.split_patches(x1).flatten(0, 1))
     assert len(seen["momentum_backbone"]) == 2  # the full, un-split views, nothing else
     assert seen["momentum_backbone"][0] is x1 and seen["momentum_backbone"][1] is x2

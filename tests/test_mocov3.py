@@ -39,7 +39,8 @@ def test_contrastive_loss_matches_numpy():
 def test_contrastive_loss_rank_offset_labels(monkeypatch):
     """As rank 1 of 2: keys are gathered [rank0 keys; my keys] and my positives sit at N + i."""
     g = torch.Generator().manual_seed(1)
-    q, k, other = torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g)
+    q, k, other = (torch.randn(4, 8, generator=g), torch.randn(4, 8, generator=g),
+                   torch.randn(4, 8, generator=g))
     other = torch.nn.functional.normalize(other, dim=1)  # rank 0 normalises its keys before the gather
     monkeypatch.setattr(common, "all_gather_nograd", lambda x: torch.cat([other, x]))
     monkeypatch.setattr(common, "get_rank", lambda: 1)
@@ -59,11 +60,13 @@ def test_heads_follow_mocov3_rules():
     model = small_model()
     linears = [m for m in [*model.projector, *model.predictor] if isinstance(m, nn.Linear)]
     assert linears and all(m.bias is None for m in linears)
-    assert isinstance(model.projector[-1], nn.BatchNorm1d) and not model.projector[-1].affine  # ResNet: last BN
+    # ResNet: last BN
+    assert isinstance(model.projector[-1], nn.BatchNorm1d) and not model.projector[-1].affine
     assert isinstance(model.predictor[-1], nn.Linear)  # ResNet predictor: no last BN
     vit = mocov3.MoCoV3(mocov3.Args(arch="vit_small", img_size=32, mlp_dim=32, proj_dim=16))
     assert sum(isinstance(m, nn.Linear) for m in vit.projector) == 3  # ViT: 3-layer projector
-    assert isinstance(vit.predictor[-1], nn.BatchNorm1d) and not vit.predictor[-1].affine  # ViT: last BN on both
+    # ViT: last BN on both
+    assert isinstance(vit.predictor[-1], nn.BatchNorm1d) and not vit.predictor[-1].affine
 
 
 def test_momentum_encoder_gets_no_gradient_and_makes_the_keys():
@@ -109,8 +112,9 @@ def test_ema_update_values():
 
 def test_backbone_pth_loads_into_plain_torchvision_resnet(tmp_path):
     out = str(tmp_path / "run")
-    run_script("mocov3.py", "--synthetic-size", "16", "--img-size", "32", "--batch-size", "8", "--workers", "0",
-               "--max-steps", "1", "--knn-every", "0", "--mlp-dim", "32", "--output-dir", out)
+    run_script("mocov3.py", "--synthetic-size", "16", "--img-size", "32", "--batch-size", "8",
+               "--workers", "0", "--max-steps", "1", "--knn-every", "0", "--mlp-dim", "32",
+               "--output-dir", out)
     sd = torch.load(os.path.join(out, "backbone.pth"), weights_only=True)
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(sd, strict=False)

@@ -13,7 +13,8 @@ from conftest import ROOT, TINY, losses, read_log
 
 METHODS = ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")
 EXTRA = {"densecl": ["--stem", "small", "--queue-size", "64"], "detcon": ["--stem", "small"]}
-# the official code of every method but DenseCL synchronises BN across GPUs; DenseCL's shuffle-BN needs per-GPU BN
+# the official code of every method but DenseCL synchronises BN across GPUs; DenseCL's shuffle-BN needs
+# per-GPU BN
 OFFICIAL_SYNC_BN = {"mocov3": True, "fast_moco": True, "densecl": False, "detcon": True, "rotation_aux": True}
 
 
@@ -56,7 +57,8 @@ def test_sync_bn_only_on_multi_gpu_cuda():
 
 
 def _uninterrupted(method, out):
-    importlib.import_module(method).main(tiny(method, out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "7"))
+    importlib.import_module(method).main(tiny(method, out, "--synthetic-size", "32", "--epochs", "3",
+                                              "--max-steps", "7"))
     return losses(out)
 
 
@@ -65,7 +67,8 @@ def test_preempted_resumed_and_finished(method, tmp_path, monkeypatch, capsys):
     """32 images / batch 8 = 4 steps per epoch. SIGUSR1 (SLURM's --signal) arrives after step 3 is logged: a
     checkpoint at step 3 (mid-epoch), exit PREEMPTED_EXIT. `--resume auto` continues across the epoch boundary
     and its losses equal the uninterrupted run's (queues, masks, RNG and all). Rerunning the finished command
-    with --resume auto trains no more: 0 steps logged, the checkpoint stays at step 7, a summary is printed."""
+    with --resume auto trains no more: 0 steps logged, the checkpoint stays at step 7, a summary is
+    printed."""
     mod, out = importlib.import_module(method), tmp_path / "pre"
     argv = tiny(method, out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "7")
     log_step = common.Logger.log_step
@@ -146,7 +149,8 @@ def test_bad_path_flags(script, tmp_path, capsys):
     if script == "eval_linear":
         cases = [(["--output-dir", str(tmp_path / "a_file")], "--output-dir"),
                  (["--pretrained", str(tmp_path / "missing.pth")], "missing.pth")]
-    base = TINY if script == "mocov3" else ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32"]
+    base = (TINY if script == "mocov3"
+            else ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32"])
     for argv, expected in cases:
         with pytest.raises(SystemExit) as e:
             importlib.import_module(script).main([*base, *argv])

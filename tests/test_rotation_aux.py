@@ -56,7 +56,8 @@ def record_calls(model):
     calls = {}
     for name in ("backbone", "projector", "predictor", "momentum_backbone", "momentum_projector", "rot_head"):
         calls[name] = []
-        getattr(model, name).register_forward_hook(lambda mod, inp, out, n=name: calls[n].append((inp[0].detach().clone(), out.detach().clone())))
+        getattr(model, name).register_forward_hook(
+            lambda mod, inp, out, n=name: calls[n].append((inp[0].detach().clone(), out.detach().clone())))
     return calls
 
 
@@ -69,7 +70,8 @@ def test_rotated_views_go_through_the_online_backbone_only_each_in_its_own_pass(
     assert loss.requires_grad and 0 <= float(rot_acc) <= 100
     # momentum encoder: exactly the two unrotated views
     assert [c[0].shape[0] for c in calls["momentum_backbone"]] == [8, 8]
-    assert torch.equal(calls["momentum_backbone"][0][0], x1) and torch.equal(calls["momentum_backbone"][1][0], x2)
+    assert (torch.equal(calls["momentum_backbone"][0][0], x1)
+            and torch.equal(calls["momentum_backbone"][1][0], x2))
     for a, b in zip(calls["momentum_projector"], calls["momentum_backbone"], strict=True):
         assert torch.equal(a[0], b[1])
     # online backbone: 4 passes of N images each (never one 2N or 4N batch): x1, x2, rot(x1), rot(x2)
@@ -81,7 +83,8 @@ def test_rotated_views_go_through_the_online_backbone_only_each_in_its_own_pass(
         assert None not in ks and any(ks), ks  # every image a rotation of its view, not all by 0
     # projector and predictor: only the unrotated views' features; rotation head: only the rotated ones'
     assert len(calls["projector"]) == len(calls["predictor"]) == 2
-    for (proj_in, proj_out), (bb_in, bb_out), (pred_in, _) in zip(calls["projector"], bb[:2], calls["predictor"]):
+    for (proj_in, proj_out), (bb_in, bb_out), (pred_in, _) in zip(calls["projector"], bb[:2],
+                                                                   calls["predictor"]):
         assert torch.equal(proj_in, bb_out) and torch.equal(pred_in, proj_out)
     assert len(calls["rot_head"]) == 2
     for (head_in, head_out), (_, bb_out) in zip(calls["rot_head"], bb[2:]):
@@ -112,13 +115,15 @@ def grads(model):
 def test_moco_part_equals_mocov3_and_rot_weight_0_gives_its_loss_and_gradients(rot_weight):
     ref, rot = build_pair(rot_weight)
     sd = rot.state_dict()
-    assert all(torch.equal(v, sd[k]) for k, v in ref.state_dict().items())  # same seed -> same MoCo v3 weights
+    # same seed -> same MoCo v3 weights
+    assert all(torch.equal(v, sd[k]) for k, v in ref.state_dict().items())
     x1, x2 = views()
     torch.manual_seed(1)
     loss_ref = ref(x1, x2, 0.99)
     torch.manual_seed(1)
     loss, rot_ce, _ = rot(x1, x2, 0.99)
-    torch.testing.assert_close(loss - rot_weight * rot_ce, loss_ref, rtol=1e-6, atol=1e-6)  # MoCo v3 unchanged
+    # MoCo v3 unchanged
+    torch.testing.assert_close(loss - rot_weight * rot_ce, loss_ref, rtol=1e-6, atol=1e-6)
     loss_ref.backward()
     loss.backward()
     g_ref, g_rot = grads(ref), grads(rot)
@@ -154,7 +159,8 @@ def test_script_logs_rotation_metrics_and_exports_without_the_head(tmp_path):
 
 def test_bad_rotation_flags_are_user_errors(tmp_path):
     for bad in (dict(rot_weight=-1.0), dict(arch="vit_small", rot_size=16), dict(rot_size=64)):
-        with pytest.raises(common.BadInput):  # before any work: the range table, then rotation_aux's own checks
+        # before any work: the range table, then rotation_aux's own checks
+        with pytest.raises(common.BadInput):
             args = rotation_aux.Args(**{**SMALL, **bad})
             common.check_ranges(args)
             rotation_aux.check_args(args)

@@ -1,6 +1,6 @@
-"""Every training script as a user runs it (in-process main(argv) unless the process itself matters): outputs
-contract, export, bad input, --help, eval_linear on either file, real images, --compile. Resume, preemption and
-the finished-run guard: test_reliability.py; torchrun: test_distributed.py."""
+"""Every training script as a user runs it (in-process main(argv) unless the process itself matters):
+outputs contract, export, bad input, --help, eval_linear on either file, real images, --compile. Resume,
+preemption and the finished-run guard: test_reliability.py; torchrun: test_distributed.py."""
 import importlib
 import json
 import os
@@ -11,7 +11,8 @@ import torchvision
 
 from conftest import ROOT, TINY, read_log, run_script, summary
 
-METHODS = [m for m in ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux") if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
+METHODS = [m for m in ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")
+           if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
 # methods that need a spatial map of >= 4x4 at 32 px use the CIFAR stem; DenseCL's queue fits the tiny batch
 EXTRA = {"densecl": ["--stem", "small", "--queue-size", "64"], "detcon": ["--stem", "small"]}
 
@@ -80,7 +81,8 @@ def _corrupt_folder(tmp_path):
 
 BAD_INPUTS = {
     "missing path": (lambda t: ["--data", str(t / "nope")], "data path not found"),
-    "empty folder": (lambda t: (t / "empty" / "cls").mkdir(parents=True) or ["--data", str(t / "empty")], "no images found"),
+    "empty folder": (lambda t: (t / "empty" / "cls").mkdir(parents=True) or ["--data", str(t / "empty")],
+                     "no images found"),
     "corrupt image": (lambda t: ["--data", str(_corrupt_folder(t)), "--max-steps", "3"], "broken.png"),
     "unknown arch": (lambda t: ["--arch", "resnet9"], "unknown arch 'resnet9'"),
     "unknown preset": (lambda t: ["--preset", "huge"], "unknown preset 'huge'"),
@@ -103,10 +105,11 @@ def test_bad_input_one_line_exit_2(method, case, tmp_path, capsys):
 
 def test_bad_input_from_the_command_line_has_no_traceback(tmp_path):
     """The same as a user sees it: a subprocess, one stderr line, exit code 2."""
-    p = run_script("mocov3.py", *tiny("mocov3", str(tmp_path / "bad")), "--data", str(tmp_path / "nope"), check=False)
+    p = run_script("mocov3.py", *tiny("mocov3", str(tmp_path / "bad")), "--data", str(tmp_path / "nope"),
+                   check=False)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [
-        f"error: --data: data path not found: {tmp_path / 'nope'} (use synthetic, cifar10, cifar100, stl10 or an "
-        "image folder)"], p.stderr
+        f"error: --data: data path not found: {tmp_path / 'nope'} (use synthetic, cifar10, cifar100, "
+        "stl10 or an image folder)"], p.stderr
 
 
 def test_corrupt_image_named_from_worker_process(tmp_path, capsys):
@@ -165,12 +168,14 @@ def test_eval_linear_all_modes_from_either_file(pretrained, mode, file, tmp_path
                    "--knn-k", "10", "--output-dir", str(tmp_path / "ev"))
     rec = summary(p)
     assert 0 <= rec["top1"] <= rec["top5"] <= 100
-    assert rec["protocol"].startswith({"knn": "weighted kNN", "linear": "linear probe", "finetune": "fine-tune"}[mode])
+    assert rec["protocol"].startswith(
+        {"knn": "weighted kNN", "linear": "linear probe", "finetune": "fine-tune"}[mode])
 
 
 def test_eval_linear_reads_arch_from_file_and_refuses_conflicts(pretrained, tmp_path):
-    p = run_script("eval_linear.py", "--pretrained", os.path.join(pretrained, "backbone.pth"), "--arch", "resnet50",
-                   "--synthetic-size", "64", "--workers", "0", "--output-dir", str(tmp_path / "ev"), check=False)
+    p = run_script("eval_linear.py", "--pretrained", os.path.join(pretrained, "backbone.pth"),
+                   "--arch", "resnet50", "--synthetic-size", "64", "--workers", "0",
+                   "--output-dir", str(tmp_path / "ev"), check=False)
     assert p.returncode == 2 and "conflicts with the pretrained file" in p.stderr
     (tmp_path / "junk.pth").write_bytes(b"junk")
     p = run_script("eval_linear.py", "--pretrained", str(tmp_path / "junk.pth"), check=False)
@@ -180,9 +185,9 @@ def test_eval_linear_reads_arch_from_file_and_refuses_conflicts(pretrained, tmp_
 def test_real_images_from_an_imagefolder(imagenette, tmp_path):
     """A real ImageFolder with train/ and val/: JPEG decoding, labels and the kNN monitor on real data."""
     out = str(tmp_path / "real")
-    p = run_script("mocov3.py", "--data", imagenette, "--arch", "resnet18", "--subset", "40", "--img-size", "32",
-                   "--batch-size", "8", "--max-steps", "2", "--workers", "0", "--knn-every", "0",
-                   "--mlp-dim", "64", "--output-dir", out)
+    p = run_script("mocov3.py", "--data", imagenette, "--arch", "resnet18", "--subset", "40",
+                   "--img-size", "32", "--batch-size", "8", "--max-steps", "2", "--workers", "0",
+                   "--knn-every", "0", "--mlp-dim", "64", "--output-dir", out)
     rec = summary(p)
     assert rec["steps"] == 2 and rec["loss"] > 0
     assert json.load(open(os.path.join(out, "args.json")))["preset"] == "imagenet"

@@ -34,9 +34,11 @@ def test_balanced_order_with_uneven_classes():
 
 
 def test_domain_mix_fixed_total():
-    base = common.pretrain_base(args_for("--data", "synthetic,synthetic", "--subset", "40", "--mix-fraction", "0.25"))
+    base = common.pretrain_base(args_for("--data", "synthetic,synthetic", "--subset", "40",
+                                         "--mix-fraction", "0.25"))
     assert len(base) == 40
-    assert sum(t < 10 for t in base.targets) == 10 and sum(t >= 10 for t in base.targets) == 30  # domains apart
+    # domains apart
+    assert sum(t < 10 for t in base.targets) == 10 and sum(t >= 10 for t in base.targets) == 30
 
 
 def test_corruption_is_deterministic_per_index_across_epochs_and_workers():
@@ -79,14 +81,16 @@ def test_evaluation_data_is_never_corrupted():
 
 
 def test_labels_per_class_picks_k_per_class():
-    a = common.parse_args(eval_linear.Args, eval_linear.PRESETS, ["--synthetic-size", "200", "--labels-per-class", "3"])
+    a = common.parse_args(eval_linear.Args, eval_linear.PRESETS,
+                          ["--synthetic-size", "200", "--labels-per-class", "3"])
     train, val = eval_linear.eval_splits(a)
     assert len(train) == 30 and set(collections.Counter(train.targets).values()) == {3}
     assert len(val) == 40  # val is untouched
 
 
 def test_coarse_granularity_on_synthetic():
-    a = common.parse_args(eval_linear.Args, eval_linear.PRESETS, ["--synthetic-size", "20", "--granularity", "coarse"])
+    a = common.parse_args(eval_linear.Args, eval_linear.PRESETS,
+                          ["--synthetic-size", "20", "--granularity", "coarse"])
     train, _ = eval_linear.eval_splits(a)
     names = sorted(set(eval_linear.SYNTHETIC_COARSE.values()))
     for i in range(20):
