@@ -101,7 +101,8 @@ def test_sigterm_checkpoints_the_step_and_resume_matches(tmp_path):
     uninterrupted run's."""
     out = tmp_path / "pre"
     argv = tiny("mocov3", out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "7")
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    # the same intra-op threads as this process, which runs the resume and the reference: the float sums match
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "mocov3.py"), *argv], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in p.stdout:
