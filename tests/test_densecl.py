@@ -14,7 +14,6 @@ from PIL import Image
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 import densecl  # noqa: E402
-from conftest import run_script  # noqa: E402
 
 TINY_DCL = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--batch-size", "8",
             "--workers", "0", "--log-every", "1", "--knn-every", "0", "--mlp-dim", "64", "--stem", "small",
@@ -354,12 +353,12 @@ def test_shuffle_bn_restores_order_and_really_splits():
 
 def test_resume_restores_queues_and_pointers_and_draws_matches(tmp_path):
     out, png = str(tmp_path / "run"), str(tmp_path / "m.png")
-    run_script("densecl.py", *TINY_DCL, "--output-dir", out, "--max-steps", "2", "--show-matches", png)
+    densecl.main([*TINY_DCL, "--output-dir", out, "--max-steps", "2", "--show-matches", png])
     ck = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["model"]
     assert int(ck["queue_ptr"]) == int(ck["dense_queue_ptr"]) == 16  # 2 steps x batch 8
     img = Image.open(png)
     assert img.size[0] > 2 * 192 and img.size[1] >= 4 * 192
-    run_script("densecl.py", *TINY_DCL, "--output-dir", out, "--max-steps", "3", "--resume", "auto")
+    densecl.main([*TINY_DCL, "--output-dir", out, "--max-steps", "3", "--resume", "auto"])
     ck2 = torch.load(os.path.join(out, "checkpoint.pth"), weights_only=True)["model"]
     assert int(ck2["queue_ptr"]) == int(ck2["dense_queue_ptr"]) == 24  # continued from 16, not from 0
     for name in ("queue", "dense_queue"):  # the restored entries survive; only 16:24 is new

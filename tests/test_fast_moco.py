@@ -11,7 +11,7 @@ import torch
 
 import common
 import fast_moco as fm
-from conftest import TINY, read_log, run_script
+from conftest import TINY, read_log
 
 
 def tiny_args(**kw):
@@ -195,7 +195,7 @@ def test_predictor_lr_constant_rest_follows_schedule():
 
 def test_script_keeps_predictor_lr_constant(tmp_path):
     out = tmp_path / "run"
-    run_script("fast_moco.py", *TINY, "--max-steps", "3", "--warmup-epochs", "0.5", "--output-dir", out)
+    fm.main([*TINY, "--max-steps", "3", "--warmup-epochs", "0.5", "--output-dir", str(out)])
     log = [r for r in read_log(out) if "lr" in r]
     assert len(log) == 3 and len({r["lr"] for r in log}) == 3  # warmup: the scheduled lr changes every step
     base = fm.PRESETS["cpu"]["lr"] * 8 / 256  # the predictor keeps the cpu preset's base lr at batch 8

@@ -14,7 +14,7 @@ from PIL import Image, ImageFilter
 
 import common
 import mocov3
-from conftest import TINY, losses, run_script
+from conftest import TINY, losses
 
 KERNEL = 13  # the kernel rule: 2 * ceil(3 * 2.0) + 1 taps for every sigma (3 sigma of the largest one)
 TOL = 1e-5  # float32 formulas re-ordered (closed-form HSV, separable blur) vs torchvision's
@@ -300,14 +300,15 @@ def test_mocov3_gpu_aug_feeds_uint8_crops_to_the_device_ops(tmp_path, monkeypatc
     assert [r for _, r in seen] == list(common.byol_views(32, 0.2, blur=False, gpu=True).photometric)
 
 
-def test_mocov3_gpu_aug_resume_equals_uninterrupted(tmp_path):
+def test_mocov3_gpu_aug_resume_equals_uninterrupted(tmp_path, capsys):
     # as tests/test_scripts.py: 4 steps per epoch, the resume at step 3 is mid-epoch, step 6 crosses an epoch
     common_ = [*TINY, "--synthetic-size", "32", "--epochs", "3", "--gpu-aug", "--blur"]  # --blur: all ops
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    run_script("mocov3.py", *common_, "--output-dir", a, "--max-steps", "6")
-    run_script("mocov3.py", *common_, "--output-dir", b, "--max-steps", "3")
-    p = run_script("mocov3.py", *common_, "--output-dir", b, "--max-steps", "6", "--resume", "auto")
-    assert "resumed from" in p.stdout
+    mocov3.main([*common_, "--output-dir", a, "--max-steps", "6"])
+    mocov3.main([*common_, "--output-dir", b, "--max-steps", "3"])
+    capsys.readouterr()
+    mocov3.main([*common_, "--output-dir", b, "--max-steps", "6", "--resume", "auto"])
+    assert "resumed from" in capsys.readouterr().out
     la, lb = losses(a), losses(b)
     assert len(la) == 6 and len(lb) == 6
     assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)

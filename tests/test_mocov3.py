@@ -9,7 +9,6 @@ import torchvision
 
 import common
 import mocov3
-from conftest import run_script
 
 
 def np_ctr(q, k, tau, rank=0, all_keys=None):
@@ -112,9 +111,8 @@ def test_ema_update_values():
 
 def test_backbone_pth_loads_into_plain_torchvision_resnet(tmp_path):
     out = str(tmp_path / "run")
-    run_script("mocov3.py", "--synthetic-size", "16", "--img-size", "32", "--batch-size", "8",
-               "--workers", "0", "--max-steps", "1", "--knn-every", "0", "--mlp-dim", "32",
-               "--output-dir", out)
+    mocov3.main(["--synthetic-size", "16", "--img-size", "32", "--batch-size", "8", "--workers", "0",
+                 "--max-steps", "1", "--knn-every", "0", "--mlp-dim", "32", "--output-dir", out])
     sd = torch.load(os.path.join(out, "backbone.pth"), weights_only=True)
     net = torchvision.models.resnet18()
     missing, unexpected = net.load_state_dict(sd, strict=False)

@@ -9,7 +9,7 @@ import torchvision
 import common
 import mocov3
 import rotation_aux
-from conftest import TINY, read_log, run_script
+from conftest import TINY, read_log
 
 SMALL = dict(arch="resnet18", img_size=32, mlp_dim=64, proj_dim=32, temperature=0.2)
 
@@ -143,7 +143,7 @@ def test_moco_part_equals_mocov3_and_rot_weight_0_gives_its_loss_and_gradients(r
 def test_script_logs_rotation_metrics_and_exports_without_the_head(tmp_path):
     """The generic contract (summary, resume, torchrun, export) is in test_scripts.py; here what is ours."""
     out = tmp_path / "run"
-    run_script("rotation_aux.py", *TINY, "--max-steps", 2, "--rot-size", 16, "--output-dir", out)
+    rotation_aux.main([*TINY, "--max-steps", "2", "--rot-size", "16", "--output-dir", str(out)])
     steps = [r for r in read_log(out) if "loss" in r and r.get("event") != "summary"]
     assert len(steps) == 2 and all(0 <= r["rot_acc"] <= 100 and r["rot_ce"] > 0 for r in steps)
     recorded = json.loads((out / "args.json").read_text())
@@ -157,13 +157,14 @@ def test_script_logs_rotation_metrics_and_exports_without_the_head(tmp_path):
     net.load_state_dict(sd, strict=True)
 
 
-def test_bad_rotation_flags_are_user_errors(tmp_path):
+def test_bad_rotation_flags_are_user_errors(tmp_path, capsys):
     for bad in (dict(rot_weight=-1.0), dict(arch="vit_small", rot_size=16), dict(rot_size=64)):
         # before any work: the range table, then rotation_aux's own checks
         with pytest.raises(common.BadInput):
             args = rotation_aux.Args(**{**SMALL, **bad})
             common.check_ranges(args)
             rotation_aux.check_args(args)
-    p = run_script("rotation_aux.py", *TINY, "--rot-size", "64", "--output-dir", tmp_path, check=False)
-    assert p.returncode == 2 and p.stderr.strip().startswith("error: --rot-size 64")
-    assert len(p.stderr.strip().splitlines()) == 1
+    with pytest.raises(SystemExit) as e:  # from the command line: one "error:" line, exit code 2
+        rotation_aux.main([*TINY, "--rot-size", "64", "--output-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("error: --rot-size 64"), err

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchvision
 
-from conftest import ROOT, TINY, read_log, run_script, summary
+from conftest import ROOT, TINY, read_log, run_script
 
 METHODS = [m for m in ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")
            if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
@@ -156,39 +156,42 @@ def test_help_lists_every_field_with_its_doc_choices_and_presets(script, capsys)
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pre") / "run")
-    run_script("mocov3.py", *tiny("mocov3", out, "--max-steps", "2"))
+    importlib.import_module("mocov3").main(tiny("mocov3", out, "--max-steps", "2"))
     return out
 
 
 @pytest.mark.parametrize("mode", ["knn", "linear", "finetune"])
 @pytest.mark.parametrize("file", ["backbone.pth", "checkpoint.pth"])
-def test_eval_linear_all_modes_from_either_file(pretrained, mode, file, tmp_path):
-    p = run_script("eval_linear.py", "--pretrained", os.path.join(pretrained, file), "--mode", mode,
-                   "--synthetic-size", "64", "--batch-size", "16", "--epochs", "1", "--workers", "0",
-                   "--knn-k", "10", "--output-dir", str(tmp_path / "ev"))
-    rec = summary(p)
+def test_eval_linear_all_modes_from_either_file(pretrained, mode, file, tmp_path, capsys):
+    rec = run_main("eval_linear", ["--pretrained", os.path.join(pretrained, file), "--mode", mode,
+                                   "--synthetic-size", "64", "--batch-size", "16", "--epochs", "1",
+                                   "--workers", "0", "--knn-k", "10", "--output-dir", str(tmp_path / "ev")],
+                   capsys)
     assert 0 <= rec["top1"] <= rec["top5"] <= 100
     assert rec["protocol"].startswith(
         {"knn": "weighted kNN", "linear": "linear probe", "finetune": "fine-tune"}[mode])
 
 
-def test_eval_linear_reads_arch_from_file_and_refuses_conflicts(pretrained, tmp_path):
-    p = run_script("eval_linear.py", "--pretrained", os.path.join(pretrained, "backbone.pth"),
-                   "--arch", "resnet50", "--synthetic-size", "64", "--workers", "0",
-                   "--output-dir", str(tmp_path / "ev"), check=False)
-    assert p.returncode == 2 and "conflicts with the pretrained file" in p.stderr
+def test_eval_linear_reads_arch_from_file_and_refuses_conflicts(pretrained, tmp_path, capsys):
+    import eval_linear
     (tmp_path / "junk.pth").write_bytes(b"junk")
-    p = run_script("eval_linear.py", "--pretrained", str(tmp_path / "junk.pth"), check=False)
-    assert p.returncode == 2 and "not a readable checkpoint" in p.stderr and "Traceback" not in p.stderr
+    for argv, expected in [
+        (["--pretrained", os.path.join(pretrained, "backbone.pth"), "--arch", "resnet50", "--synthetic-size",
+          "64", "--workers", "0", "--output-dir", str(tmp_path / "ev")], "conflicts with the pretrained file"),
+        (["--pretrained", str(tmp_path / "junk.pth")], "not a readable checkpoint"),
+    ]:
+        with pytest.raises(SystemExit) as e:
+            eval_linear.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and expected in err[0], err
 
 
-def test_real_images_from_an_imagefolder(imagenette, tmp_path):
+def test_real_images_from_an_imagefolder(imagenette, tmp_path, capsys):
     """A real ImageFolder with train/ and val/: JPEG decoding, labels and the kNN monitor on real data."""
     out = str(tmp_path / "real")
-    p = run_script("mocov3.py", "--data", imagenette, "--arch", "resnet18", "--subset", "40",
-                   "--img-size", "32", "--batch-size", "8", "--max-steps", "2", "--workers", "0",
-                   "--knn-every", "0", "--mlp-dim", "64", "--output-dir", out)
-    rec = summary(p)
+    rec = run_main("mocov3", ["--data", imagenette, "--arch", "resnet18", "--subset", "40", "--img-size", "32",
+                              "--batch-size", "8", "--max-steps", "2", "--workers", "0", "--knn-every", "0",
+                              "--mlp-dim", "64", "--output-dir", out], capsys)
     assert rec["steps"] == 2 and rec["loss"] > 0
     assert json.load(open(os.path.join(out, "args.json")))["preset"] == "imagenet"
 
