@@ -141,8 +141,13 @@ def split_patches(x, grid=2):
 def combine_patches(feats, k=2):
     """[P, N, C] -> [C(P, k), N, C]: mean feature of every k-subset of the P patches, in the order of
     itertools.combinations(range(P), k) (P = 4, k = 2: (0,1), (0,2), (0,3), (1,2), (1,3), (2,3))."""
-    idx = torch.tensor(list(itertools.combinations(range(feats.shape[0]), k)), device=feats.device)  # [K, k]
-    return feats[idx].mean(1)  # [K, k, N, C] -> [K, N, C]
+    subsets = list(itertools.combinations(range(feats.shape[0]), k))
+    weights = feats.new_zeros(len(subsets), feats.shape[0])  # [K, P]: 1/k on the patches of each subset
+    for row, subset in enumerate(subsets):
+        weights[row, list(subset)] = 1 / k
+    # a matmul, not feats[idx].mean(1): the backward of that gather accumulates in a thread-dependent order
+    # on the CPU, so runs (and a resume) would differ in the last bits
+    return torch.einsum("kp,pnc->knc", weights, feats)  # [K, N, C]
 
 
 def patch_contrastive_loss(p, z, temperature):

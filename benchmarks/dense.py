@@ -198,11 +198,24 @@ def measure_memory(path, train_images=1464, img_size=448, stride=32, dim=2048, n
     print("\n".join(lines))
 
 
+def result_flags(argv):
+    """The flags that change the results: --reuse and --runs only say where runs are kept and read back."""
+    out, skip = [], False
+    for flag in argv:
+        if skip or flag == "--reuse" or flag.startswith("--runs="):
+            skip = False
+            continue
+        skip = flag == "--runs"
+        if not skip:
+            out.append(flag)
+    return out
+
+
 def write_outputs(a, floor, ref, results, masks, note):
     seg_ep = a.seg_epochs or "eval_linear's default number of"
     budget = (f"ResNet-18, {a.stem} stem, {a.img_size} px, {a.synthetic_size} synthetic images, "
               f"{a.epochs} pretraining epochs" + (f" capped at {a.max_steps} steps" if a.max_steps else ""))
-    cmd = " ".join(["python benchmarks/dense.py", *sys.argv[1:]])
+    cmd = " ".join(["python benchmarks/dense.py", *result_flags(sys.argv[1:])])
     grid = ref["grid"]
     columns = ["method", "epochs", "train s", "kNN top-1", "seg mIoU", "seg pixel acc", "seg-kNN mIoU",
                "seg-kNN pixel acc"]
