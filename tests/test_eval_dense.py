@@ -368,12 +368,13 @@ def test_bad_input_data_without_masks(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["linear", "knn", "seg-knn"])  # seg shares seg-knn's val loop
-def test_two_processes_count_each_val_image_once(mode, tmp_path):
+def test_two_processes_count_each_val_image_once(mode, tmp_path, capsys):
     """11 val images (odd): DistributedSampler would pad rank 1 with a duplicate. 2 processes give the metrics
-    of 1 process."""
+    of 1 process (run in this process)."""
     flags = ["--mode", mode, "--pretrained", "none", "--synthetic-size", "55", "--img-size", "32", "--stem",
              "small", "--batch-size", "8", "--workers", "0", "--knn-k", "10", "--epochs", "1"]
-    one = summary(run_script("eval_linear.py", *flags, "--output-dir", tmp_path / "one"))
+    E.main([*flags, "--output-dir", str(tmp_path / "one")])
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     two = summary(run_script("eval_linear.py", *flags, "--output-dir", tmp_path / "two", torchrun=2))
     assert one["val_images"] == two["val_images"] == 11
     for key in ("top1", "top5") if mode in ("linear", "knn") else ("miou", "pixel_acc", "iou"):
