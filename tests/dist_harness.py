@@ -128,8 +128,9 @@ if run.world > 1:
     dist.all_reduce(flags, op=dist.ReduceOp.MIN)
 results["shuffle_bn"] = {"restored": bool(flags[0]), "foreign": bool(flags[1])}
 
-# ---- 3. each script's main() for 2 steps, and 4. a batch the world size does not divide
-for name, mod in MODULES.items():
+# ---- 3. each script's main() for 2 steps (under torchrun only: the test reads these from the 2-process
+# launch), and 4. a batch the world size does not divide
+for name, mod in (MODULES.items() if run.world > 1 else []):
     out = os.path.join(OUT, f"run_{name}")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
