@@ -177,7 +177,8 @@ def test_eval_linear_reads_arch_from_file_and_refuses_conflicts(pretrained, tmp_
     (tmp_path / "junk.pth").write_bytes(b"junk")
     for argv, expected in [
         (["--pretrained", os.path.join(pretrained, "backbone.pth"), "--arch", "resnet50", "--synthetic-size",
-          "64", "--workers", "0", "--output-dir", str(tmp_path / "ev")], "conflicts with the pretrained file"),
+          "64", "--workers", "0", "--output-dir", str(tmp_path / "ev")],
+         "conflicts with the pretrained file"),
         (["--pretrained", str(tmp_path / "junk.pth")], "not a readable checkpoint"),
     ]:
         with pytest.raises(SystemExit) as e:
@@ -189,9 +190,9 @@ def test_eval_linear_reads_arch_from_file_and_refuses_conflicts(pretrained, tmp_
 def test_real_images_from_an_imagefolder(imagenette, tmp_path, capsys):
     """A real ImageFolder with train/ and val/: JPEG decoding, labels and the kNN monitor on real data."""
     out = str(tmp_path / "real")
-    rec = run_main("mocov3", ["--data", imagenette, "--arch", "resnet18", "--subset", "40", "--img-size", "32",
-                              "--batch-size", "8", "--max-steps", "2", "--workers", "0", "--knn-every", "0",
-                              "--mlp-dim", "64", "--output-dir", out], capsys)
+    rec = run_main("mocov3", ["--data", imagenette, "--arch", "resnet18", "--subset", "40",
+                              "--img-size", "32", "--batch-size", "8", "--max-steps", "2", "--workers", "0",
+                              "--knn-every", "0", "--mlp-dim", "64", "--output-dir", out], capsys)
     assert rec["steps"] == 2 and rec["loss"] > 0
     assert json.load(open(os.path.join(out, "args.json")))["preset"] == "imagenet"
 
