@@ -216,6 +216,6 @@ def test_compile_keeps_one_graph_per_frame(method, tmp_path, monkeypatch):
     monkeypatch.setattr(common.Logger, "log_step", counting)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
-    mod.main(tiny(method, str(tmp_path), "--compile", "--max-steps", "4"))
-    assert len(graphs) == 4 and graphs[0] > 0, graphs
+    mod.main(tiny(method, str(tmp_path), "--compile", "--max-steps", "3"))
+    assert len(graphs) == 3 and graphs[0] > 0, graphs
     assert graphs[-1] == graphs[0], f"graphs compiled after each step: {graphs} (recompiled after step 1)"
