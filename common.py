@@ -8,8 +8,9 @@ Copy this file together with one method file.
 Sections, in the order a method file uses them: errors & args | run setup | data | augmentations |
 backbones | optimizer & schedules | checkpoint, resume & export | kNN monitor | logging. After a
 banner, what only some runs need: augmentation on the device (--gpu-aug) | data-study knobs; then the
-plumbing under the sections above, which a method reader can skip: argument parsing | synthetic scenes |
-image files | checkpoint files | run records.
+plumbing under the sections above, which a method reader can skip: errors & argument parsing |
+preemption signals | synthetic scenes | image files | optimizer internals | checkpoint files | kNN internals |
+run records.
 """
 import argparse
 import ast
@@ -40,7 +41,7 @@ from torchvision.transforms import v2
 
 
 # ============================================================================ errors & args
-# (parse_args' helpers and setup's check_paths: "argument parsing", below the banner)
+# (user_errors, parse_args' helpers and setup's check_paths: "errors & argument parsing", below the banner)
 
 class BadInput(Exception):
     """A user error: reported as one line on stderr with exit code 2, never a traceback."""
@@ -51,26 +52,6 @@ PREEMPTED_EXIT = 3  # exit code of a run stopped by SIGTERM/SIGUSR1 after writin
 
 class Preempted(Exception):
     """SIGTERM or SIGUSR1 arrived: the current step was finished and checkpoint.pth written."""
-
-
-def user_errors(main):
-    """Decorator for main(): BadInput (also when re-raised from a loader worker) -> 1 line, exit 2."""
-    def wrapped(argv=None):
-        try:
-            return main(argv)
-        except BadInput as e:
-            # errors from DataLoader workers come back wrapped with the worker's traceback;
-            # the original message is its last line ("common.BadInput: ...")
-            msg = str(e).strip().splitlines()[-1].split("BadInput: ")[-1]
-            print(f"error: {msg}", file=sys.stderr)
-            sys.exit(2)
-        except FloatingPointError as e:  # non-finite loss: stop, name the step and the last good checkpoint
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(1)
-        except Preempted as e:  # requeue and rerun the same command with --resume auto: no work is lost
-            print(f"stopped: {e}", file=sys.stderr, flush=True)
-            sys.exit(PREEMPTED_EXIT)
-    return wrapped
 
 
 ARCH_NAMES = ("resnet18", "resnet50", "vit_small", "vit_base")  # torchvision backbones
@@ -135,13 +116,6 @@ class CommonArgs:
     """with --data A,B: the share of --subset drawn from A (without --subset both are used whole)"""
 
 
-def auto_preset(data):
-    """--preset auto: cpu for the built-in synthetic data, cifar for the 32-px sets, imagenet otherwise."""
-    if data == "synthetic":
-        return "cpu"
-    return "cifar" if data in ("cifar10", "cifar100") else "imagenet"
-
-
 def parse_args(cls, presets, argv=None):
     """Dataclass -> argparse. Precedence: explicit flag > preset > dataclass default. --help lists the
     method's own hyperparameters first, then the shared plumbing, each with the values the presets set."""
@@ -160,13 +134,8 @@ def parse_args(cls, presets, argv=None):
     if preset not in presets:
         raise BadInput(f"unknown preset {preset!r}; choose from auto, {', '.join(presets)}")
     args = cls(**{**presets[preset], **given, "preset": preset})
-    if getattr(args, "arch", None) is not None and args.arch not in ARCHS:
-        raise BadInput(f"unknown arch {args.arch!r}; choose from {', '.join(ARCHS)}")
-    if args.stem not in ("imagenet", "small"):
-        raise BadInput(f"unknown stem {args.stem!r}; choose from imagenet, small")
-    if args.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise BadInput(f"unknown precision {args.precision!r}; choose from auto, fp32, bf16, fp16")
-    parse_corruptions(args.corrupt)  # fail before any work
+    check_choices(args)  # --arch, --stem, --precision, --optimizer: one line naming the flag, before any work
+    parse_corruptions(args.corrupt)
     check_ranges(args)
     return args
 
@@ -220,33 +189,6 @@ class Run:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
-    def stop_requested(self, step):
-        """True once SIGTERM/SIGUSR1 has arrived, on every rank at the same step. Alone: checked every step
-        (a Python flag, free). Distributed: the ranks agree every --log-every steps with one all_reduce
-        (it waits for the step's kernels, as the log line does), so at most log_every steps late."""
-        if self.world == 1:
-            return STOP_SIGNAL[0] is not None
-        if step % self.args.log_every:
-            return False
-        flag = torch.tensor(float(STOP_SIGNAL[0] is not None), device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag)
-
-
-STOP_SIGNAL = [None]  # name of the preemption signal received, set by the handler below
-
-
-def _on_stop_signal(signum, frame):
-    STOP_SIGNAL[0] = signal.Signals(signum).name  # acted on after the current step (Run.stop_requested)
-
-
-def catch_stop_signals():
-    """SIGTERM (torchrun, Kubernetes, `kill`) and SIGUSR1 (SLURM's `--signal`) finish the current step,
-    write checkpoint.pth and exit with PREEMPTED_EXIT instead of killing the run mid-step."""
-    STOP_SIGNAL[0] = None
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
-        signal.signal(sig, _on_stop_signal)
-
 
 def setup(args, method):
     """torchrun-native setup: process group (only when WORLD_SIZE > 1), device, seeds, run dir, args.json."""
@@ -270,18 +212,11 @@ def setup(args, method):
     seed_everything(args.seed + rank)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
-        record = {**dataclasses.asdict(args), "method": method, "world_size": world,
-                  "torch": torch.__version__,
-                  "torchvision": torchvision.__version__, "git_sha": git_sha(), "device": str(device)}
+        record = {**dataclasses.asdict(args), "method": method, "world_size": world, "git_sha": git_sha(),
+                  "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device)}
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(record, f, indent=2)
     return Run(args, method, rank, world, device, args.output_dir)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def use_sync_bn(sync_bn, run):
@@ -308,7 +243,7 @@ def prepare_model(model, run, sync_bn):
 
 
 # ============================================================================ data
-# (below the banner: Synthetic in "synthetic scenes", load_image and FlatFolder in "image files",
+# (below the banner: Synthetic in "synthetic scenes", load_folder and FlatFolder in "image files",
 # pretrain_base in "data-study knobs")
 
 BUILTIN_DATA = ("synthetic", "cifar10", "cifar100", "stl10")
@@ -330,21 +265,7 @@ def load_dataset(args, split, name=None):
             return cls(args.data_root, train=split == "train", download=True)
         except Exception as e:
             raise BadInput(f"cannot load {name} into {args.data_root}: {e}") from None
-    if not os.path.isdir(name):
-        raise BadInput(f"data path not found: {name} (use {', '.join(BUILTIN_DATA)} or an image folder)")
-    root = name
-    if os.path.isdir(os.path.join(name, "train")):
-        root = os.path.join(name, split)
-        if not os.path.isdir(root):
-            return None
-    elif split != "train":
-        return None  # a single folder: pretraining data only, no val split for the monitor
-    if not any(os.path.isdir(os.path.join(root, d)) for d in os.listdir(root)):
-        return FlatFolder(root)
-    try:
-        return datasets.ImageFolder(root, loader=load_image)
-    except (FileNotFoundError, RuntimeError) as e:
-        raise BadInput(f"no images found in {root}: {str(e).splitlines()[0]}") from None
+    return load_folder(name, split)
 
 
 def labels_of(ds):
@@ -383,30 +304,21 @@ def pretrain_data(args, run, transform):
 def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
     """This rank's loader for one epoch, starting `skip_batches` batches in (mid-epoch resume)."""
     local_bs = run.args.batch_size // run.world
-    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle=shuffle,
-                                                  seed=run.args.seed,
-                                                  drop_last=drop_last)
+    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle, run.args.seed, drop_last)
     sampler.set_epoch(epoch)
     ds.epoch = epoch
     indices = list(sampler)[skip_batches * local_bs:]
     return torch.utils.data.DataLoader(
         ds, local_bs, sampler=indices, num_workers=run.args.workers, pin_memory=run.device.type == "cuda",
-        drop_last=drop_last,
-        generator=torch.Generator().manual_seed(run.args.seed + epoch),  # keeps the global RNG untouched
-        persistent_workers=False, prefetch_factor=4 if run.args.workers else None)
+        drop_last=drop_last, persistent_workers=False, prefetch_factor=4 if run.args.workers else None,
+        generator=torch.Generator().manual_seed(run.args.seed + epoch))  # keeps the global RNG untouched
 
 
 # ============================================================================ augmentations
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
-
-
 JITTER_P, GRAY_P = 0.8, 0.2  # SimCLR / MoCo v2 / BYOL: colour jitter with p 0.8, grayscale with p 0.2
-
-
 BLUR_SIGMA = (0.1, 2.0)  # blur sigma range in pixels, as the official MoCo / BYOL code
-
-
 SOLARIZE_AT = 128  # solarize inverts the pixels >= 128 of 255 (PIL's ImageOps.solarize default, BYOL)
 
 
@@ -431,41 +343,24 @@ class RandomBlur:
         return f"RandomBlur(sigma={self.sigma})"
 
 
+def photometric_ops(recipe):
+    """The PIL photometric ops of one view, in order: colour jitter, grayscale, blur, solarize."""
+    return [T.RandomApply([T.ColorJitter(*recipe.jitter)], p=JITTER_P), T.RandomGrayscale(p=GRAY_P),
+            T.RandomApply([RandomBlur()], p=recipe.blur_p),
+            T.RandomSolarize(threshold=SOLARIZE_AT, p=recipe.solarize_p)]
+
+
 def ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0):
-    """One augmented view (PIL -> normalised tensor [3, img_size, img_size])."""
-    return T.Compose([
-        T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
-        T.RandomApply([T.ColorJitter(*jitter)], p=JITTER_P),
-        T.RandomGrayscale(p=GRAY_P),
-        T.RandomApply([RandomBlur()], p=blur_p),
-        T.RandomSolarize(threshold=SOLARIZE_AT, p=solarize_p),
-        T.RandomHorizontalFlip(),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
+    """One augmented view: crop, photometric_ops, flip (PIL -> normalised tensor [3, img_size, img_size])."""
+    crop = T.RandomResizedCrop(img_size, scale=(crop_min, 1.0))
+    ops = photometric_ops(Photometric(jitter, blur_p, solarize_p))
+    return T.Compose([crop, *ops, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 def photometric_view(recipe):
-    """The photometric part of ssl_view alone (PIL -> normalised tensor), for a method that does its own
-    geometry (DetCon crops image and mask together): jitter, grayscale, blur, solarize, to tensor,
-    normalise."""
-    return T.Compose([
-        T.RandomApply([T.ColorJitter(*recipe.jitter)], p=JITTER_P),
-        T.RandomGrayscale(p=GRAY_P),
-        T.RandomApply([RandomBlur()], p=recipe.blur_p),
-        T.RandomSolarize(threshold=SOLARIZE_AT, p=recipe.solarize_p),
-        T.ToTensor(),
-        T.Normalize(MEAN, STD),
-    ])
-
-
-def geometry_view(img_size, crop_min):
-    """The worker side of a --gpu-aug view: crop and flip only, PIL -> uint8 tensor [3, img_size, img_size].
-    The flip commutes with every photometric op, so crop + flip here then photometric on the device is the
-    PIL path's crop, photometric, flip. The crop's box and the flip are drawn as in ssl_view; the resize runs
-    on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
-    crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
-    return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
+    """photometric_ops alone (PIL -> normalised tensor), for a method that does its own geometry (DetCon
+    crops image and mask together)."""
+    return T.Compose([*photometric_ops(recipe), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 def make_views(img_size, crop_min, recipes, gpu):
@@ -510,15 +405,6 @@ class TwoViews:
         return finish_views(run, x1, x2, step, self.photometric)
 
 
-def finish_views(run, x1, x2, step, recipes=None):
-    """TwoViews.finish for any pair of views: to the device, and with recipes (--gpu-aug: uint8 crops) the
-    photometric ops there, drawn from a generator seeded by (seed, rank, step)."""
-    if recipes is None:
-        return run.to_device(x1), run.to_device(x2)
-    gen = torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
-    return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
-
-
 def eval_transform(img_size):
     """Resize to 256/224 of the crop, center crop (the standard evaluation transform)."""
     resize = round(img_size * 256 / 224)
@@ -526,9 +412,6 @@ def eval_transform(img_size):
 
 
 # ============================================================================ backbones
-
-ARCHS = ARCH_NAMES
-
 
 # MoCo v3's ViT-S has 12 heads, not 6
 VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),
@@ -546,7 +429,7 @@ def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True):
         dim, net.fc = net.fc.in_features, nn.Identity()
         return net, dim
     if arch not in VIT_SIZES:
-        raise BadInput(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+        raise BadInput(f"unknown arch {arch!r}; choose from {', '.join(ARCH_NAMES)}")
     if img_size % 16:
         raise BadInput(f"--img-size {img_size} is not a multiple of the ViT patch size 16")
     net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12,
@@ -594,59 +477,7 @@ def final_grid(arch, stem, img_size):
 
 
 # ============================================================================ optimizer & schedules
-
-class LARS(torch.optim.Optimizer):
-    """LARS as in MoCo v3: 1-D parameters (biases, norm weights) get neither weight decay nor trust scaling.
-    For the others dp = grad + wd * p is scaled by q = trust * |p| / |dp| (q = 1 where either norm is 0); then
-    mu = momentum * mu + dp and p -= lr * mu. One step is a few multi-tensor (torch._foreach_*) ops per group
-    of same-kind parameters, with no host sync; the state is one momentum buffer "mu" per parameter."""
-    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
-        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
-                                      trust_coefficient=trust_coefficient))
-
-    @staticmethod
-    def buckets(params):
-        """Parameters that have a gradient -> {(is >1-D, device, dtype): [params]}, in parameter order
-        (one multi-tensor op needs a single device and dtype)."""
-        out = {}
-        for p in params:
-            if p.grad is not None:
-                out.setdefault((p.ndim > 1, p.device, p.dtype), []).append(p)
-        return out
-
-    @staticmethod
-    def trust_ratios(params, grads, weight_decay, trust_coefficient):
-        """(dp, q): new tensors dp_i = g_i + wd * p_i and q [P] with q_i = trust * |p_i| / |dp_i|, or 1
-        where either norm is 0."""
-        dp = torch._foreach_add(grads, params, alpha=weight_decay)
-        param_norm = torch.stack(torch._foreach_norm(params))  # [P]
-        update_norm = torch.stack(torch._foreach_norm(dp))  # [P]
-        q = torch.where((param_norm > 0) & (update_norm > 0), trust_coefficient * param_norm / update_norm,
-                        torch.ones_like(param_norm))  # [P]
-        return dp, q
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for g in self.param_groups:
-            for (scaled, _, _), params in self.buckets(g["params"]).items():
-                for p in params:
-                    if "mu" not in self.state[p]:  # setdefault would build a zero tensor at every step
-                        self.state[p]["mu"] = torch.zeros_like(p)
-                mu = [self.state[p]["mu"] for p in params]
-                grads = [p.grad for p in params]
-                torch._foreach_mul_(mu, g["momentum"])
-                if scaled:
-                    dp, q = self.trust_ratios(params, grads, g["weight_decay"], g["trust_coefficient"])
-                    torch._foreach_addcmul_(mu, dp, q.unbind())  # mu += q * dp: dp * q never stored
-                else:
-                    torch._foreach_add_(mu, grads)
-                torch._foreach_add_(params, mu, alpha=-g["lr"])
-        return loss
-
+# (the LARS optimizer itself: "optimizer internals", below the banner)
 
 def build_optimizer(args, params, trust_coefficient=0.001):
     """`params`: parameters or param groups; every group starts at the scaled lr (the loop sets it per step).
@@ -705,7 +536,8 @@ def ema_update(target_params, online_params, m):
 
 
 # ============================================================================ checkpoint, resume & export
-# (rng_state, set_rng_state, save_atomic, load_file: "checkpoint files", below the banner)
+# (load_checkpoint, load_states, RNG state, save_atomic, load_file: "checkpoint files", below the banner;
+# end_of_step's stop_requested: "preemption signals")
 
 def save_checkpoint(run, log, state):
     """Full training state -> checkpoint.pth (rank 0, atomic). `state`: {name: object with a state_dict}.
@@ -724,7 +556,7 @@ def end_of_step(run, log, state):
     step and Preempted (exit PREEMPTED_EXIT). True once the step budget is spent: leave the epoch."""
     if run.args.save_every and log.step % run.args.save_every == 0:
         save_checkpoint(run, log, state)
-    if run.stop_requested(log.step):
+    if stop_requested(run, log.step):
         save_checkpoint(run, log, state)
         raise Preempted(f"{STOP_SIGNAL[0] or 'a stop signal on another rank'} at step {log.step}: wrote "
                         f"{os.path.join(run.out, 'checkpoint.pth')}; rerun with --resume auto to continue")
@@ -741,21 +573,8 @@ def resume(run, **state):
             return 0
     elif not path:
         return 0
-    ck = load_file(path)
-    if not isinstance(ck, dict) or "model" not in ck or "args" not in ck:
-        raise BadInput(f"{path} is not a training checkpoint of this project")
-    for key in ("method", "arch", "stem", "batch_size"):
-        have = ck.get(key, ck["args"].get(key))
-        want = run.method if key == "method" else getattr(run.args, key, None)
-        if have != want:
-            raise BadInput(f"cannot resume from {path}: it was made with {key}={have}, "
-                           f"this run has {key}={want}")
-    for k, obj in state.items():
-        try:
-            obj.load_state_dict(ck[k])
-        except (RuntimeError, KeyError, ValueError) as e:  # e.g. another --queue-size, --variant or head size
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise BadInput(f"cannot resume from {path}: its {k} does not fit this run's ({first})") from None
+    ck = load_checkpoint(path, run)  # BadInput unless it is this method's, with this arch, stem and batch
+    load_states(ck, state, path)  # BadInput naming the part that does not fit (e.g. another --queue-size)
     set_rng_state(ck["rng"])
     if run.main:
         print(f"resumed from {path} at step {ck['step']} (epoch {ck['epoch']})", flush=True)
@@ -776,51 +595,7 @@ def export_backbone(run, net):
 
 
 # ============================================================================ kNN monitor
-
-@torch.no_grad()
-def extract_features(net, ds, run, batch_size=256):
-    """L2-normalised pooled features [N, C] and labels [N] of the whole dataset (sharded across ranks)."""
-    was_training = net.training
-    net.eval()
-    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=run.args.workers)
-    feats, labels, idx = [], [], torch.tensor(list(sampler))
-    for x, y in loader:
-        with run.autocast():
-            feats.append(F.normalize(net(run.to_device(x)).float(), dim=1))  # [n, C]
-        labels.append(y.to(run.device))
-    feats, labels = all_gather_nograd(torch.cat(feats)), all_gather_nograd(torch.cat(labels))
-    idx = all_gather_nograd(idx.to(run.device))
-    out_f = torch.empty(len(ds), feats.shape[1], device=run.device)
-    out_l = torch.empty(len(ds), dtype=torch.long, device=run.device)
-    out_f[idx], out_l[idx] = feats, labels  # undo the sampler's padding and rank interleaving
-    net.train(was_training)
-    return out_f, out_l
-
-
-def knn_predict(feats, bank, bank_labels, n_classes, k=200, t=0.1):
-    """Weighted kNN (InstDisc): votes exp(cos / t) of the k nearest -> class scores [N, n_classes]."""
-    sim = feats @ bank.T  # [N, M]
-    w, nn_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # [N, k]
-    one_hot = F.one_hot(bank_labels[nn_idx], n_classes).float()  # [N, k, n_classes]
-    return (one_hot * (w / t).exp()[..., None]).sum(1)  # [N, n_classes]
-
-
-def topk_accuracy(scores, labels, ks=(1, 5)):
-    """Top-k accuracies in percent."""
-    pred = scores.topk(max(ks), dim=1).indices  # [N, max k]
-    return [100.0 * (pred[:, :k] == labels[:, None]).any(1).float().mean().item() for k in ks]
-
-
-def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=1024):
-    """kNN top-1/top-5 (percent) of `net` with train_ds as the bank and val_ds as queries."""
-    bank, bank_l = extract_features(net, train_ds, run)
-    feats, labels = extract_features(net, val_ds, run)
-    n_cls = int(max(bank_l.max(), labels.max())) + 1
-    scores = torch.cat([knn_predict(feats[i:i + chunk], bank, bank_l, n_cls, k, t)
-                        for i in range(0, len(feats), chunk)])
-    return topk_accuracy(scores, labels, (1, min(5, n_cls)))
-
+# (knn_eval and its parts, also used by eval_linear.py: "kNN internals", below the banner)
 
 def knn_monitor(args, run):
     """(train, val) datasets with the eval transform for the kNN monitor, or None when unlabeled/off."""
@@ -836,11 +611,12 @@ def knn_monitor(args, run):
 
 
 # ============================================================================ logging
-# (peak_mem_mb, tensorboard_writer, plot_curves and setup's git_sha: "run records", below the banner)
+# (Meter, the Logger's clock, and peak_mem_mb, tensorboard_writer, plot_curves, git_sha: "run records",
+# below the banner)
 
 class Logger:
-    """log.jsonl + a progress line every --log-every steps + the JSON summary line.
-    Throughput counts source images per second over all ranks, measured after 2 warm-up steps."""
+    """log.jsonl + a progress line every --log-every steps + the JSON summary line. Throughput counts source
+    images per second over all ranks after 2 warm-up steps, without data waits and evaluation (Meter)."""
     WARMUP = 2  # first steps include lazy init / compilation and are left out of img/s
 
     def __init__(self, run, steps_per_epoch, start_step):
@@ -851,14 +627,9 @@ class Logger:
         self.start = self.step = start_step
         self.loss = torch.zeros(())  # the last step's loss (a tensor: read only on log steps and checkpoints)
         self.last = {}
-        self.t_last = self.t0 = time.perf_counter()
-        self.t_warm, self.data_time, self.n_since, self.excluded, self.eval_s = None, 0.0, 0, 0.0, 0.0
-        self.data_warm = 0.0  # data wait after the warm-up steps, for the summary's data_time_frac
-        self.t_end = None  # when the last step finished: the final checkpoint and export are not training
+        self.clock = Meter(run)
         # a resumed run appends to its log; a fresh run in an old output dir starts a new one
-        self.file = None
-        if run.main:
-            self.file = open(os.path.join(run.out, "log.jsonl"), "a" if start_step else "w")
+        self.file = open(os.path.join(run.out, "log.jsonl"), "a" if start_step else "w") if run.main else None
         self.tb = tensorboard_writer(run) if run.main and run.args.tensorboard else None
 
     @property
@@ -876,21 +647,7 @@ class Logger:
     def batches(self, ds, epoch):
         """(index in the epoch, batch) of this rank's loader, timed; a resumed epoch starts where it left."""
         skip = self.step % self.spe if epoch == self.step // self.spe else 0
-        return enumerate(self.timed(epoch_loader(ds, self.run, epoch, skip)), start=skip)
-
-    def timed(self, loader):
-        """Iterate the loader, accumulating the time spent waiting for data."""
-        it = iter(loader)
-        while True:
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            waited = time.perf_counter() - t
-            self.data_time += waited
-            self.data_warm += waited if self.t_warm else 0.0
-            yield batch
+        return enumerate(self.clock.timed(epoch_loader(ds, self.run, epoch, skip)), start=skip)
 
     def write(self, record):
         if self.file:
@@ -903,35 +660,27 @@ class Logger:
 
     def log_step(self, loss, **metrics):
         """Call after every optimizer step with the (tensor) loss; syncs only on log steps."""
-        self.step, self.n_since, self.loss = self.step + 1, self.n_since + 1, loss
+        self.step, self.loss = self.step + 1, loss
         step, epoch = self.step, self.step / self.spe
-        if step - self.start == self.WARMUP:
-            self._sync()
-            self.t_warm = time.perf_counter()
+        self.clock.tick(warm=step - self.start == self.WARMUP)
         if step % self.run.args.log_every and step != self.total:
             return
         loss = float(loss)  # waits for the step's kernels
-        now = time.perf_counter()
-        if step == self.total:
-            self.t_end = now
-        dt = now - self.t_last
+        now, img_per_s, data_frac = self.clock.interval(last=step == self.total)
         rec = {"step": step, "epoch": round(epoch, 4), "loss": loss,
                **{k: float(v) for k, v in metrics.items()},
-               "img_per_s": self.n_since * self.run.args.batch_size / dt,
-               "data_time_frac": self.data_time / dt,
+               "img_per_s": img_per_s, "data_time_frac": data_frac,
                "peak_mem_mb": peak_mem_mb(self.run.device)}
         self.last = rec
-        self.t_last, self.data_time, self.n_since = now, 0.0, 0
         if not math.isfinite(loss):
             raise FloatingPointError(f"loss is {loss} at step {step}; the last good checkpoint is "
                                      f"{os.path.join(self.run.out, 'checkpoint.pth')} "
                                      "(never overwritten by this state)")
         if self.run.main:
-            eta = (now - self.t0) / (step - self.start) * (self.total - step)
+            eta = (now - self.clock.t0) / (step - self.start) * (self.total - step)
             extra = "".join(f" {k} {v:.4g}" for k, v in metrics.items())
-            print(f"ep {epoch:.2f} step {step}/{self.total} loss {loss:.4f}{extra} "
-                  f"img/s {rec['img_per_s']:.1f} "
-                  f"data {100 * rec['data_time_frac']:.0f}% eta {eta / 60:.1f}m", flush=True)
+            print(f"ep {epoch:.2f} step {step}/{self.total} loss {loss:.4f}{extra} img/s {img_per_s:.1f} "
+                  f"data {100 * data_frac:.0f}% eta {eta / 60:.1f}m", flush=True)
             self.write(rec)
 
     def evaluate(self, net, knn, epoch):
@@ -945,33 +694,20 @@ class Logger:
     def log_eval(self, seconds, **metrics):
         """Log evaluation metrics; `seconds` spent evaluating are left out of img/s and step_ms.
         `train_s` is the training wall-clock so far (evaluation excluded), for equal-time comparisons."""
-        self.eval_s += seconds
         rec = {"step": self.step, "epoch": round(self.step / self.spe, 4), **metrics,
-               "train_s": time.perf_counter() - self.t0 - self.eval_s}
+               "train_s": self.clock.evaluated(seconds)}
         self.last.update(metrics)
         if self.run.main:
-            line = " ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items())
-            print(line, flush=True)
+            print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
+                  flush=True)
             self.write(rec)
-        self.t_last += seconds
-        self.excluded += seconds if self.t_warm and not self.t_end else 0.0
-
-    def _sync(self):
-        if self.run.device.type == "cuda":
-            torch.cuda.synchronize(self.run.device)
 
     def summary(self, **extra):
         """Print the JSON summary as the last line of the run."""
-        self._sync()
-        steps = self.step - self.start - self.WARMUP
-        end = self.t_end or time.perf_counter()
-        dt = end - self.t_warm - self.excluded if self.t_warm and steps > 0 else float("nan")
-        rec = {"event": "summary", "method": self.run.method, "steps": self.step,
-               "img_per_s": steps * self.run.args.batch_size / dt if steps > 0 else None,
-               "step_ms": 1000 * dt / steps if steps > 0 else None,
-               "data_time_frac": self.data_warm / dt if steps > 0 else None,
-               "peak_mem_mb": peak_mem_mb(self.run.device), "loss": self.last.get("loss"),
-               "knn_top1": self.last.get("knn_top1"), **extra}
+        img_per_s, step_ms, data_frac = self.clock.totals(self.step - self.start - self.WARMUP)
+        rec = {"event": "summary", "method": self.run.method, "steps": self.step, "img_per_s": img_per_s,
+               "step_ms": step_ms, "data_time_frac": data_frac, "peak_mem_mb": peak_mem_mb(self.run.device),
+               "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1"), **extra}
         if self.run.main:
             self.write(rec)
             self.file.close()
@@ -985,9 +721,10 @@ class Logger:
 # ##########################################################################################################
 # Everything above is what a reader of a method file needs. Below: what only some runs need -- the
 # device-side augmentation (--gpu-aug) and the data-study knobs (--subset, --corrupt, --data A,B) -- then the
-# plumbing under the sections above, which a method reader can skip: argument parsing (--help text, range and
-# path checks), synthetic scenes (the built-in data), image files, checkpoint files (RNG state, atomic save,
-# safe load) and run records (git sha, peak memory, TensorBoard, curves.png).
+# plumbing under the sections above, which a method reader can skip, in the same order: errors & argument
+# parsing (exit codes, --help text, range and path checks), preemption signals, synthetic scenes (the
+# built-in data), image files, optimizer internals (LARS), checkpoint files (checks, RNG state, atomic save,
+# safe load), kNN internals and run records (the Logger's clock, git sha, peak memory, TensorBoard, curves).
 # ##########################################################################################################
 
 
@@ -996,6 +733,24 @@ class Logger:
 # --gpu-aug: every op takes a batch x [N, 3, H, W] float in [0, 1] and per-sample parameters [N], and follows
 # torchvision's tensor formulas (torchvision.transforms.functional); parameters are drawn per sample, never
 # one per batch (torchvision v2 on a batch and kornia's defaults share one draw across the batch).
+
+def geometry_view(img_size, crop_min):
+    """The worker side of a --gpu-aug view: crop and flip only, PIL -> uint8 tensor [3, img_size, img_size].
+    The flip commutes with every photometric op, so crop + flip here then photometric on the device is the
+    PIL path's crop, photometric, flip. The crop's box and the flip are drawn as in ssl_view; the resize runs
+    on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
+    crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
+    return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
+
+
+def finish_views(run, x1, x2, step, recipes=None):
+    """TwoViews.finish for any pair of views: to the device, and with recipes (--gpu-aug: uint8 crops) the
+    photometric ops there, drawn from a generator seeded by (seed, rank, step)."""
+    if recipes is None:
+        return run.to_device(x1), run.to_device(x2)
+    gen = torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
+    return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
+
 
 LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
 
@@ -1261,7 +1016,34 @@ class Corrupted(torch.utils.data.Dataset):
         return corrupt_image(img, self.specs, np.random.default_rng([self.seed, i])), label
 
 
-# ============================================================================ argument parsing
+# ============================================================================ errors & argument parsing
+
+def auto_preset(data):
+    """--preset auto: cpu for the built-in synthetic data, cifar for the 32-px sets, imagenet otherwise."""
+    if data == "synthetic":
+        return "cpu"
+    return "cifar" if data in ("cifar10", "cifar100") else "imagenet"
+
+
+def user_errors(main):
+    """Decorator for main(): BadInput (also when re-raised from a loader worker) -> 1 line, exit 2."""
+    def wrapped(argv=None):
+        try:
+            return main(argv)
+        except BadInput as e:
+            # errors from DataLoader workers come back wrapped with the worker's traceback;
+            # the original message is its last line ("common.BadInput: ...")
+            msg = str(e).strip().splitlines()[-1].split("BadInput: ")[-1]
+            print(f"error: {msg}", file=sys.stderr)
+            sys.exit(2)
+        except FloatingPointError as e:  # non-finite loss: stop, name the step and the last good checkpoint
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+        except Preempted as e:  # requeue and rerun the same command with --resume auto: no work is lost
+            print(f"stopped: {e}", file=sys.stderr, flush=True)
+            sys.exit(PREEMPTED_EXIT)
+    return wrapped
+
 
 PRESET_HELP = ("--preset auto picks cpu for --data synthetic, cifar for cifar10/cifar100 and imagenet "
                "otherwise; "
@@ -1290,6 +1072,14 @@ class _Parser(argparse.ArgumentParser):
 
 CHOICES = {"arch": ARCH_NAMES, "stem": ("imagenet", "small"), "precision": ("auto", "fp32", "bf16", "fp16"),
            "optimizer": ("lars", "sgd", "adamw")}  # listed in --help; checked after parsing (one-line errors)
+
+
+def check_choices(args):
+    """Every flag listed in CHOICES holds one of its choices."""
+    for name, allowed in CHOICES.items():
+        v = getattr(args, name, None)
+        if v is not None and v not in allowed:
+            raise BadInput(f"unknown {name} {v!r}; choose from {', '.join(allowed)}")
 
 
 def _help(f, doc, presets):
@@ -1366,6 +1156,36 @@ def check_paths(args):
                            f"(use {', '.join(BUILTIN_DATA)} or an image folder)")
     if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
         raise BadInput(f"--data-root {args.data_root} exists and is not a folder")
+
+
+# ============================================================================ preemption signals
+
+STOP_SIGNAL = [None]  # name of the preemption signal received, set by the handler below
+
+
+def _on_stop_signal(signum, frame):
+    STOP_SIGNAL[0] = signal.Signals(signum).name  # acted on after the current step (stop_requested)
+
+
+def catch_stop_signals():
+    """SIGTERM (torchrun, Kubernetes, `kill`) and SIGUSR1 (SLURM's `--signal`) finish the current step,
+    write checkpoint.pth and exit with PREEMPTED_EXIT instead of killing the run mid-step."""
+    STOP_SIGNAL[0] = None
+    for sig in (signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, _on_stop_signal)
+
+
+def stop_requested(run, step):
+    """True once SIGTERM/SIGUSR1 has arrived, on every rank at the same step. Alone: checked every step
+    (a Python flag, free). Distributed: the ranks agree every --log-every steps with one all_reduce
+    (it waits for the step's kernels, as the log line does), so at most log_every steps late."""
+    if run.world == 1:
+        return STOP_SIGNAL[0] is not None
+    if step % run.args.log_every:
+        return False
+    flag = torch.tensor(float(STOP_SIGNAL[0] is not None), device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
 
 
 # ============================================================================ synthetic scenes
@@ -1494,6 +1314,26 @@ def load_image(path):
         raise BadInput(f"cannot read image {path}: {e}") from None
 
 
+def load_folder(name, split):
+    """An image folder: ImageFolder (class subfolders) or FlatFolder (unlabeled); `train/` and `val/`
+    subfolders are the splits when present, else the folder is the train split and there is no val."""
+    if not os.path.isdir(name):
+        raise BadInput(f"data path not found: {name} (use {', '.join(BUILTIN_DATA)} or an image folder)")
+    root = name
+    if os.path.isdir(os.path.join(name, "train")):
+        root = os.path.join(name, split)
+        if not os.path.isdir(root):
+            return None
+    elif split != "train":
+        return None  # a single folder: pretraining data only, no val split for the monitor
+    if not any(os.path.isdir(os.path.join(root, d)) for d in os.listdir(root)):
+        return FlatFolder(root)
+    try:
+        return datasets.ImageFolder(root, loader=load_image)
+    except (FileNotFoundError, RuntimeError) as e:
+        raise BadInput(f"no images found in {root}: {str(e).splitlines()[0]}") from None
+
+
 class FlatFolder(torch.utils.data.Dataset):
     """A folder of images without class subfolders: unlabeled (label -1)."""
     def __init__(self, root):
@@ -1509,7 +1349,68 @@ class FlatFolder(torch.utils.data.Dataset):
         return load_image(self.files[i]), -1
 
 
+# ============================================================================ optimizer internals: LARS
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in MoCo v3: 1-D parameters (biases, norm weights) get neither weight decay nor trust scaling.
+    For the others dp = grad + wd * p is scaled by q = trust * |p| / |dp| (q = 1 where either norm is 0); then
+    mu = momentum * mu + dp and p -= lr * mu. One step is a few multi-tensor (torch._foreach_*) ops per group
+    of same-kind parameters, with no host sync; the state is one momentum buffer "mu" per parameter."""
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @staticmethod
+    def buckets(params):
+        """Parameters that have a gradient -> {(is >1-D, device, dtype): [params]}, in parameter order
+        (one multi-tensor op needs a single device and dtype)."""
+        out = {}
+        for p in params:
+            if p.grad is not None:
+                out.setdefault((p.ndim > 1, p.device, p.dtype), []).append(p)
+        return out
+
+    @staticmethod
+    def trust_ratios(params, grads, weight_decay, trust_coefficient):
+        """(dp, q): new tensors dp_i = g_i + wd * p_i and q [P] with q_i = trust * |p_i| / |dp_i|, or 1
+        where either norm is 0."""
+        dp = torch._foreach_add(grads, params, alpha=weight_decay)
+        param_norm = torch.stack(torch._foreach_norm(params))  # [P]
+        update_norm = torch.stack(torch._foreach_norm(dp))  # [P]
+        q = torch.where((param_norm > 0) & (update_norm > 0), trust_coefficient * param_norm / update_norm,
+                        torch.ones_like(param_norm))  # [P]
+        return dp, q
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for g in self.param_groups:
+            for (scaled, _, _), params in self.buckets(g["params"]).items():
+                for p in params:
+                    if "mu" not in self.state[p]:  # setdefault would build a zero tensor at every step
+                        self.state[p]["mu"] = torch.zeros_like(p)
+                mu = [self.state[p]["mu"] for p in params]
+                grads = [p.grad for p in params]
+                torch._foreach_mul_(mu, g["momentum"])
+                if scaled:
+                    dp, q = self.trust_ratios(params, grads, g["weight_decay"], g["trust_coefficient"])
+                    torch._foreach_addcmul_(mu, dp, q.unbind())  # mu += q * dp: dp * q never stored
+                else:
+                    torch._foreach_add_(mu, grads)
+                torch._foreach_add_(params, mu, alpha=-g["lr"])
+        return loss
+
+
 # ============================================================================ checkpoint files
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
 
 def rng_state():
     s = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
@@ -1547,6 +1448,77 @@ def load_file(path):
         raise BadInput(f"{path} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from None
 
 
+def load_checkpoint(path, run):
+    """A training checkpoint of this run's method, arch, stem and global batch (load_file), else BadInput."""
+    ck = load_file(path)
+    if not isinstance(ck, dict) or "model" not in ck or "args" not in ck:
+        raise BadInput(f"{path} is not a training checkpoint of this project")
+    for key in ("method", "arch", "stem", "batch_size"):
+        have = ck.get(key, ck["args"].get(key))
+        want = run.method if key == "method" else getattr(run.args, key, None)
+        if have != want:
+            raise BadInput(f"cannot resume from {path}: it was made with {key}={have}, "
+                           f"this run has {key}={want}")
+    return ck
+
+
+def load_states(ck, state, path):
+    """load_state_dict of every object in `state` from ck; BadInput naming the one that does not fit."""
+    for k, obj in state.items():
+        try:
+            obj.load_state_dict(ck[k])
+        except (RuntimeError, KeyError, ValueError) as e:  # e.g. another --queue-size, --variant or head size
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise BadInput(f"cannot resume from {path}: its {k} does not fit this run's ({first})") from None
+
+
+# ============================================================================ kNN internals
+
+@torch.no_grad()
+def extract_features(net, ds, run, batch_size=256):
+    """L2-normalised pooled features [N, C] and labels [N] of the whole dataset (sharded across ranks)."""
+    was_training = net.training
+    net.eval()
+    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle=False)
+    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=run.args.workers)
+    feats, labels, idx = [], [], torch.tensor(list(sampler))
+    for x, y in loader:
+        with run.autocast():
+            feats.append(F.normalize(net(run.to_device(x)).float(), dim=1))  # [n, C]
+        labels.append(y.to(run.device))
+    feats, labels = all_gather_nograd(torch.cat(feats)), all_gather_nograd(torch.cat(labels))
+    idx = all_gather_nograd(idx.to(run.device))
+    out_f = torch.empty(len(ds), feats.shape[1], device=run.device)
+    out_l = torch.empty(len(ds), dtype=torch.long, device=run.device)
+    out_f[idx], out_l[idx] = feats, labels  # undo the sampler's padding and rank interleaving
+    net.train(was_training)
+    return out_f, out_l
+
+
+def knn_predict(feats, bank, bank_labels, n_classes, k=200, t=0.1):
+    """Weighted kNN (InstDisc): votes exp(cos / t) of the k nearest -> class scores [N, n_classes]."""
+    sim = feats @ bank.T  # [N, M]
+    w, nn_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # [N, k]
+    one_hot = F.one_hot(bank_labels[nn_idx], n_classes).float()  # [N, k, n_classes]
+    return (one_hot * (w / t).exp()[..., None]).sum(1)  # [N, n_classes]
+
+
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """Top-k accuracies in percent."""
+    pred = scores.topk(max(ks), dim=1).indices  # [N, max k]
+    return [100.0 * (pred[:, :k] == labels[:, None]).any(1).float().mean().item() for k in ks]
+
+
+def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=1024):
+    """kNN top-1/top-5 (percent) of `net` with train_ds as the bank and val_ds as queries."""
+    bank, bank_l = extract_features(net, train_ds, run)
+    feats, labels = extract_features(net, val_ds, run)
+    n_cls = int(max(bank_l.max(), labels.max())) + 1
+    scores = torch.cat([knn_predict(feats[i:i + chunk], bank, bank_l, n_cls, k, t)
+                        for i in range(0, len(feats), chunk)])
+    return topk_accuracy(scores, labels, (1, min(5, n_cls)))
+
+
 # ============================================================================ run records
 
 def git_sha():
@@ -1572,6 +1544,69 @@ def tensorboard_writer(run):
     except ImportError:
         raise BadInput("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter(os.path.join(run.out, "tb"))
+
+
+class Meter:
+    """The Logger's clock. img/s and step_ms count the steps after the warm-up and leave out the time spent
+    evaluating; data_time_frac is the share of that time spent waiting for the loader."""
+    def __init__(self, run):
+        self.run = run
+        self.t_last = self.t0 = time.perf_counter()
+        self.t_warm = None  # when the warm-up steps ended
+        self.t_end = None  # when the last step finished: the final checkpoint and export are not training
+        self.data_time, self.n_since = 0.0, 0  # data wait and steps since the last log line
+        self.data_warm = 0.0  # data wait after the warm-up steps, for the summary's data_time_frac
+        self.excluded = self.eval_s = 0.0  # evaluation time after the warm-up / in all
+
+    def sync(self):
+        if self.run.device.type == "cuda":
+            torch.cuda.synchronize(self.run.device)
+
+    def timed(self, loader):
+        """Iterate the loader, accumulating the time spent waiting for data."""
+        it = iter(loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - t
+            self.data_time += waited
+            self.data_warm += waited if self.t_warm else 0.0
+            yield batch
+
+    def tick(self, warm):
+        """One optimizer step done; `warm`: it was the last warm-up step, the throughput clock starts."""
+        self.n_since += 1
+        if warm:
+            self.sync()
+            self.t_warm = time.perf_counter()
+
+    def interval(self, last):
+        """A log line: (now, img/s, data-time fraction) since the previous one. `last`: the final step."""
+        now = time.perf_counter()
+        if last:
+            self.t_end = now
+        dt = now - self.t_last
+        out = now, self.n_since * self.run.args.batch_size / dt, self.data_time / dt
+        self.t_last, self.data_time, self.n_since = now, 0.0, 0
+        return out
+
+    def evaluated(self, seconds):
+        """`seconds` of evaluation, left out of the throughput -> training wall-clock so far (train_s)."""
+        self.eval_s += seconds
+        self.t_last += seconds
+        self.excluded += seconds if self.t_warm and not self.t_end else 0.0
+        return time.perf_counter() - self.t0 - self.eval_s
+
+    def totals(self, steps):
+        """(img/s, step_ms, data_time_frac) over `steps` steps after the warm-up; None each without any."""
+        self.sync()
+        if not (self.t_warm and steps > 0):
+            return None, None, None
+        dt = (self.t_end or time.perf_counter()) - self.t_warm - self.excluded
+        return steps * self.run.args.batch_size / dt, 1000 * dt / steps, self.data_warm / dt
 
 
 PLOT_SKIP = ("step", "epoch", "event", "img_per_s", "data_time_frac", "peak_mem_mb", "train_s")  # not curves
