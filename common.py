@@ -10,7 +10,7 @@ backbones | optimizer & schedules | checkpoint, resume & export | kNN monitor | 
 banner, what only some runs need: augmentation on the device (--gpu-aug) | data-study knobs; then the
 plumbing under the sections above, which a method reader can skip: errors & argument parsing |
 preemption signals | synthetic scenes | image files | optimizer internals | checkpoint files | kNN internals |
-run records.
+run records & pictures.
 """
 import argparse
 import ast
@@ -34,7 +34,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 from torchvision import datasets
 from torchvision import transforms as T
 from torchvision.transforms import v2
@@ -724,7 +724,8 @@ class Logger:
 # plumbing under the sections above, which a method reader can skip, in the same order: errors & argument
 # parsing (exit codes, --help text, range and path checks), preemption signals, synthetic scenes (the
 # built-in data), image files, optimizer internals (LARS), checkpoint files (checks, RNG state, atomic save,
-# safe load), kNN internals and run records (the Logger's clock, git sha, peak memory, TensorBoard, curves).
+# safe load), kNN internals and run records & pictures (the Logger's clock, git sha, peak memory, TensorBoard,
+# curves.png, the contact sheets of --show-masks / --show-seg).
 # ##########################################################################################################
 
 
@@ -1349,6 +1350,22 @@ class FlatFolder(torch.utils.data.Dataset):
         return load_image(self.files[i]), -1
 
 
+def cached_ids(path, shape, compute):
+    """Integer ids [h, w] (a mask): read from the 16-bit PNG at `path` when it holds `shape`, else compute()
+    and store them there atomically when they fit 16 bits. `path` None: always compute."""
+    if path and os.path.isfile(path):  # written atomically: never half a file
+        ids = np.asarray(Image.open(path), dtype=np.int32)
+        if ids.shape == shape:  # another size: the image under this index changed
+            return ids
+    ids = compute()
+    if path and ids.max() < 2**16:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = f"{path}.tmp{os.getpid()}.png"
+        Image.fromarray(ids.astype(np.uint16)).save(tmp)
+        os.replace(tmp, path)  # atomic: another worker or rank never reads half a file
+    return ids
+
+
 # ============================================================================ optimizer internals: LARS
 
 class LARS(torch.optim.Optimizer):
@@ -1519,7 +1536,7 @@ def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=1024):
     return topk_accuracy(scores, labels, (1, min(5, n_cls)))
 
 
-# ============================================================================ run records
+# ============================================================================ run records & pictures
 
 def git_sha():
     try:
@@ -1648,3 +1665,37 @@ def plot_curves(log_path, png_path):
     plt.close(fig)
     os.replace(tmp, png_path)  # atomic, like every other output
     return list(series)
+
+
+def to_image(x):
+    """A normalised image tensor [3, H, W] -> uint8 array [H, W, 3] (undoes Normalize(MEAN, STD))."""
+    mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
+    return ((x.float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+
+
+def save_sheet(path, rows, heads, tile, title=""):
+    """A PNG contact sheet: `rows` of panels (arrays [h, w, 3] in 0..255), each drawn at tile x tile px
+    (nearest: masks stay sharp), the column `heads` above them and `title` on top, wrapped to the width."""
+    width, line_px = tile * len(heads), 12  # the default font is 10 px high
+    measure, lines = ImageDraw.Draw(Image.new("RGB", (1, 1))), []
+    for word in title.split():
+        trial = f"{lines[-1]} {word}" if lines else word
+        if lines and measure.textlength(trial) <= width - 4:
+            lines[-1] = trial
+        else:
+            lines.append(word)
+    top = line_px * (len(lines) + 1) + 4
+    sheet = Image.new("RGB", (width, top + tile * len(rows)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for i, text in enumerate(lines):
+        draw.text((2, 2 + i * line_px), text, fill="black")
+    for c, head in enumerate(heads):
+        draw.text((c * tile + 2, 2 + len(lines) * line_px), head, fill="black")
+    for r, row in enumerate(rows):
+        for c, pic in enumerate(row):
+            pic = Image.fromarray(np.asarray(pic).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
+            sheet.paste(pic, (c * tile, top + r * tile))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}.png"
+    sheet.save(tmp)
+    os.replace(tmp, path)  # atomic, like every other output

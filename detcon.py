@@ -42,13 +42,11 @@ Commands:
   python detcon.py --resume auto                     # continue the run in --output-dir
   python detcon.py --variant S --masks grid          # DetCon_S on 5x5 grid masks (no scikit-image)
 
-Healthy loss: each direction is a mean over rows of weight x CE, and an image's row weights add up to
-its number of distinct sampled ids that also appear in the other view, so the start value is about
-2 * (matched distinct ids / 16) * ln(2 * B * 16): ~12 for R50 at 224 px, B 4096 (~8 of ~12 FH masks
-matched); ~2.6 in the cpu preset (B 32, 4x4 grid, ~3 matched masks per view), where it drifts down slowly
-and noisily; README's quick-start table (benchmarks/results/quickstart_all.md) shows what the no-argument
-run reaches. The level moves with the number of matched masks (logged as `matched`, the share of rows with
-a positive), so compare runs at equal image size, grid and mask settings.
+Healthy loss: each direction averages weight x CE over rows, and an image's weights add up to its distinct
+sampled ids also drawn in the other view, so it starts near 2 * (matched distinct ids / 16) * ln(2 * B * 16):
+~12 for R50 at 224 px, B 4096 (~8 of ~12 FH masks matched); ~2.6 in the cpu preset (B 32, 4x4 grid), where
+it drifts down slowly and noisily (README's quick-start table shows where it ends). The level moves with the
+share of rows with a positive (logged as `matched`): compare runs at equal image size, grid and masks.
 """
 import copy
 import dataclasses
@@ -61,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms import v2
 
@@ -120,8 +118,7 @@ class Args(common.CommonArgs):
     """FH Gaussian pre-smoothing (official: 0.8)"""
     mask_cache: str = "auto"
     """auto = cache FH masks in <output-dir>/fh_cache for images >= 224 px; a directory = cache every image
-    there (reuse it across runs on the same data); off = never.
-    Delete it when the files under --data change"""
+    there (reuse it across runs on the same data; delete it when the files under --data change); off: never"""
     show_masks: str = ""
     """write a PNG of a few images, their two views and the masks on each view to this path, then exit"""
 
@@ -165,13 +162,17 @@ def _felzenszwalb():
     return felzenszwalb
 
 
-def fh_segments(img, fh_size=128, scale=0.0, min_size=0, sigma=0.8):
-    """FH segments of a PIL image at <= fh_size px (longer side) -> int32 ids [h', w'], 0..n-1."""
-    w, h = img.size
+def fh_shape(h, w, fh_size):
+    """(h', w') that FH runs at: the image scaled so its longer side is <= fh_size (0 = native size)."""
     f = fh_size / max(h, w) if fh_size else 1.0
-    if f < 1:
-        img = img.resize((max(1, round(w * f)), max(1, round(h * f))), Image.BILINEAR)
-    auto_scale, auto_min = fh_params(img.height, img.width)
+    return (max(1, round(h * f)), max(1, round(w * f))) if f < 1 else (h, w)
+
+
+def fh_segments(img, fh_size=128, scale=0.0, min_size=0, sigma=0.8):
+    """FH segments of a PIL image at fh_shape -> int32 ids [h', w'], 0..n-1."""
+    h, w = fh_shape(img.height, img.width, fh_size)
+    img = img.resize((w, h), Image.BILINEAR) if (h, w) != (img.height, img.width) else img
+    auto_scale, auto_min = fh_params(h, w)
     ids = _felzenszwalb()(np.asarray(img), scale=scale or auto_scale, sigma=sigma,
                           min_size=min_size or auto_min)
     return ids.astype(np.int32)  # never uint8: the official cast merges ids > 255
@@ -204,18 +205,9 @@ class MaskedImages(torch.utils.data.Dataset):
         if a.masks == "grid":
             return torch.from_numpy(grid_mask(h, w, a.grid_masks))
         cached = self.cache_dir and min(h, w) >= self.cache_min_side
-        path, ids = os.path.join(self.cache_dir, f"{i}.png") if cached else None, None
-        if path and os.path.isfile(path):  # written atomically: never half a file
-            ids = np.asarray(Image.open(path), dtype=np.int32)
-        f = min(1.0, a.fh_size / max(h, w)) if a.fh_size else 1.0
-        fh_hw = (max(1, round(h * f)), max(1, round(w * f))) if f < 1 else (h, w)
-        if ids is None or ids.shape != fh_hw:
-            ids = fh_segments(img, a.fh_size, a.fh_scale, a.fh_min_size, a.fh_sigma)
-            if path and ids.max() < 2**16:
-                os.makedirs(self.cache_dir, exist_ok=True)
-                tmp = f"{path}.tmp{os.getpid()}.png"
-                Image.fromarray(ids.astype(np.uint16)).save(tmp)
-                os.replace(tmp, path)  # atomic: another worker/rank never reads half a file
+        path = os.path.join(self.cache_dir, f"{i}.png") if cached else None
+        ids = common.cached_ids(path, fh_shape(h, w, a.fh_size),
+                                lambda: fh_segments(img, a.fh_size, a.fh_scale, a.fh_min_size, a.fh_sigma))
         if ids.shape != (h, w):  # back to image size, nearest, so crop boxes apply to image and mask alike
             ids = ids[(np.arange(h) * ids.shape[0] // h)[:, None],
                       (np.arange(w) * ids.shape[1] // w)[None, :]]
@@ -237,11 +229,10 @@ def reduce_mask(mask, grid):
 
 
 def crop_box(h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
-    """The official crop window (BYOL's get_random_crop_window), drawn once from torch's RNG:
-    area ~ U(scale) x h*w, log aspect ~ U(log ratio), width = round(sqrt(area * aspect)),
-    height = round(sqrt(area / aspect)), each clamped to the image, offset uniform over the valid positions.
-    No retries and no centre-crop fallback (torchvision's RandomResizedCrop redraws up to 10 times until a box
-    fits unclamped, so its boxes are smaller on average). -> (top, left, height, width) ints."""
+    """The official crop window (BYOL's get_random_crop_window), one draw of torch's RNG: area ~ U(scale) x
+    h*w, log aspect ~ U(log ratio), width round(sqrt(area * aspect)), height round(sqrt(area / aspect)), each
+    clamped to the image, offset uniform over the valid positions -> (top, left, height, width). No retries
+    (torchvision's RandomResizedCrop redraws up to 10 times until a box fits unclamped: smaller boxes)."""
     u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()  # area, aspect, top, left
     area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
     aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
@@ -273,21 +264,17 @@ def crop_flip(img, ids, size, scale, generator=None):
     return img, ids
 
 
-class JointViews:
+class JointViews(common.TwoViews):
     """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]). Each view: ONE official crop box and ONE
     flip applied to image (bilinear) and mask (nearest) alike; colour, blur and solarize touch the image only
     (BYOL's asymmetric pair, as MoCo v3). Both views keep the image's ids, relabelled jointly to 0..U-1
-    (U <= 2 S^2). With gpu (--gpu-aug) the views leave the worker as uint8 crops and finish() runs the colour
-    ops on the device; the joint geometry always stays in the worker."""
+    (U <= 2 S^2). With gpu (--gpu-aug) the views leave the worker as uint8 crops and finish() (TwoViews')
+    runs the colour ops on the device; the joint geometry always stays in the worker."""
     def __init__(self, img_size, crop_min, blur, grid, gpu=False):
         self.img_size, self.scale, self.grid = img_size, (crop_min, 1.0), grid
         recipes = common.byol_recipes(blur)
-        self.recipes = recipes if gpu else None
+        self.photometric = recipes if gpu else None  # what TwoViews.finish runs on the device
         self.colour = [T.PILToTensor()] * 2 if gpu else [common.photometric_view(r) for r in recipes]
-
-    def finish(self, run, x1, x2, step):
-        """The two view batches on the device, ready for the model (see common.TwoViews.finish)."""
-        return common.finish_views(run, x1, x2, step, self.recipes)
 
     def views(self, img, ids):
         """Full-resolution views and masks (the --show-masks picture uses these)."""
@@ -300,8 +287,7 @@ class JointViews:
     def __call__(self, sample):
         v1, m1, v2_, m2 = self.views(*sample)
         cells = reduce_mask(torch.stack([m1, m2]), self.grid)  # [2, S, S]
-        # joint relabel: id k is the same region in both views
-        _, cells = torch.unique(cells, return_inverse=True)
+        _, cells = torch.unique(cells, return_inverse=True)  # joint relabel: id k is one region in both views
         return v1, cells[0], v2_, cells[1]
 
 
@@ -343,8 +329,7 @@ def row_weights(ids, ids_other):
 
 
 def _gather(x):
-    """all_gather along dim 0 that keeps the gradient of this rank's slice
-    (DetCon_S backpropagates into it)."""
+    """all_gather along dim 0 keeping the gradient of this rank's slice (DetCon_S backpropagates into it)."""
     if common.get_world_size() == 1:
         return x
     g, n, r = common.all_gather_nograd(x), x.shape[0], common.get_rank()
@@ -352,8 +337,7 @@ def _gather(x):
 
 
 def _one_direction(pred, ids, target_other, ids_other, target_same, temperature):
-    """Rows: predictions of one view; columns: the targets of both views of every image of the
-    global batch."""
+    """Rows: one view's predictions; columns: both views' targets of every image of the global batch."""
     b, m, _ = pred.shape
     p = F.normalize(pred.float(), dim=-1)  # [B, M, D]
     t_other = _gather(F.normalize(target_other.float(), dim=-1))  # [G, M, D], G = B * world
@@ -416,18 +400,15 @@ class DetCon(nn.Module):
         ids1, ids2 = sample_ids(mask1, self.num_masks), sample_ids(mask2, self.num_masks)  # [N, M] each
         z1 = self.embed(self.backbone, self.projector, x1, mask1, ids1)  # [N, M, D]
         z2 = self.embed(self.backbone, self.projector, x2, mask2, ids2)  # [N, M, D]
-        # share of rows with a positive
-        matched = (ids1[:, :, None] == ids2[:, None, :]).any(-1).float().mean()
+        matched = (ids1[:, :, None] == ids2[:, None, :]).any(-1).float().mean()  # rows with a positive
         if not self.byol:  # DetCon_S: the online outputs are both rows and columns
             return detcon_loss(z1, z2, z1, z2, ids1, ids2, self.temperature), matched
         p1 = self.predictor(z1.flatten(0, 1)).view_as(z1)  # [N, M, D]
         p2 = self.predictor(z2.flatten(0, 1)).view_as(z2)  # [N, M, D]
         with torch.no_grad():
-            # before the targets, as mocov3.py
-            common.ema_update(self.momentum_params(), self.online_params(), m)
-            # same ids as online
+            common.ema_update(self.momentum_params(), self.online_params(), m)  # first, as mocov3.py
             t1 = self.embed(self.momentum_backbone, self.momentum_projector, x1, mask1, ids1)
-            t2 = self.embed(self.momentum_backbone, self.momentum_projector, x2, mask2, ids2)
+            t2 = self.embed(self.momentum_backbone, self.momentum_projector, x2, mask2, ids2)  # online ids
         return detcon_loss(p1, p2, t1, t2, ids1, ids2, self.temperature), matched
 
 
@@ -440,33 +421,21 @@ def _colour(ids):
     return palette[np.asarray(ids)]
 
 
-def _unnormalise(x):
-    return (x.permute(1, 2, 0).numpy() * np.array(common.STD) + np.array(common.MEAN)).clip(0, 1) * 255
-
-
 def show_masks(ds, views, path, n=6, tile=128):
     """PNG: per image (rows) the image | its mask | view 1 | its mask | its feature-grid mask | same for
     view 2. Also prints the mask cost (ms/image, one process) and the mean number of masks per image."""
-    heads = ["image", "mask", "view 1", "mask 1", "grid 1", "view 2", "mask 2", "grid 2"]
-    sheet = Image.new("RGB", (tile * len(heads), 14 + tile * n), "white")
-    draw = ImageDraw.Draw(sheet)
-    for c, head in enumerate(heads):
-        draw.text((c * tile + 4, 1), head, fill="black")
-    for r, i in enumerate(np.linspace(0, len(ds) - 1, n).astype(int)):
+    rows = []
+    for i in np.linspace(0, len(ds) - 1, n).astype(int):
         (img, ids), _ = ds[int(i)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(i))
             v1, m1, v2_, m2 = views.views(img, ids)
-        img = np.asarray(img, dtype=np.float64)
-        cells = [reduce_mask(m, views.grid) for m in (m1, m2)]
-        pics = [img, 0.4 * img + 0.6 * _colour(ids),
-                _unnormalise(v1), 0.4 * _unnormalise(v1) + 0.6 * _colour(m1), _colour(cells[0]),
-                _unnormalise(v2_), 0.4 * _unnormalise(v2_) + 0.6 * _colour(m2), _colour(cells[1])]
-        for c, pic in enumerate(pics):
-            pic = Image.fromarray(np.asarray(pic).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
-            sheet.paste(pic, (c * tile, 14 + r * tile))
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    sheet.save(path)
+        img, v1, v2_ = np.asarray(img, dtype=np.float64), common.to_image(v1), common.to_image(v2_)
+        g1, g2 = (reduce_mask(m, views.grid) for m in (m1, m2))
+        rows.append([img, 0.4 * img + 0.6 * _colour(ids), v1, 0.4 * v1 + 0.6 * _colour(m1), _colour(g1),
+                     v2_, 0.4 * v2_ + 0.6 * _colour(m2), _colour(g2)])
+    heads = ["image", "mask", "view 1", "mask 1", "grid 1", "view 2", "mask 2", "grid 2"]
+    common.save_sheet(path, rows, heads, tile)
     imgs = [ds.base[int(i)][0] for i in np.linspace(0, len(ds) - 1, min(len(ds), 32)).astype(int)]
     t = time.perf_counter()
     masks = [ds.mask(im, -1) for im in imgs]  # index -1: never cached

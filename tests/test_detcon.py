@@ -398,7 +398,7 @@ def test_show_masks_writes_a_picture(tmp_path):
     path = tmp_path / "masks.png"
     detcon.main(["--show-masks", str(path), "--synthetic-size", "12", "--stem", "small", "--img-size", "32"])
     with Image.open(path) as im:
-        assert im.size == (8 * 128, 14 + 6 * 128)
+        assert im.size == (8 * 128, 16 + 6 * 128)  # 8 panels of 128 px per row, one row of headings
         assert len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 50  # not blank
 
 
