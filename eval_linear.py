@@ -73,7 +73,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
 import torchvision.transforms.functional as TF
-from PIL import Image, ImageDraw
+from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -622,32 +622,11 @@ def palette():
 
 def save_seg_figure(path, shown, title):
     """A PNG: one row per val image (image | ground truth | prediction), VOC colours, title on top."""
-    cmap, cell = palette(), 96  # each panel drawn at >= 96 px (nearest) so small masks stay readable
-    mean, std = torch.tensor(common.MEAN)[:, None, None], torch.tensor(common.STD)[:, None, None]
-    rows = []
-    for x, y, p in shown:
-        img = ((x * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()  # [H, W, 3]
-        rows.append(np.concatenate([img, cmap[y.numpy()], cmap[p.numpy()]], 1))  # [H, 3W, 3]
-    grid = np.concatenate(rows, 0)
-    scale = max(1, math.ceil(cell / shown[0][1].shape[-1]))
-    grid = np.kron(grid, np.ones((scale, scale, 1), np.uint8))
-    measure, lines = ImageDraw.Draw(Image.new("RGB", (1, 1))), [""]
-    for word in title.split():  # wrap the title to the figure's width
-        trial = f"{lines[-1]} {word}".strip()
-        if lines[-1] and measure.textlength(trial) > grid.shape[1] - 4:
-            lines.append(word)
-        else:
-            lines[-1] = trial
-    line_px = 12  # the default font is 10 px high
-    out = Image.new("RGB", (grid.shape[1], grid.shape[0] + line_px * (len(lines) + 1) + 4), "white")
-    out.paste(Image.fromarray(grid), (0, out.height - grid.shape[0]))
-    draw = ImageDraw.Draw(out)
-    for i, line in enumerate(lines):
-        draw.text((2, 2 + i * line_px), line, fill="black")
-    for j, name in enumerate(("image", "ground truth", "prediction")):
-        draw.text((2 + j * grid.shape[1] // 3, 2 + len(lines) * line_px), name, fill="black")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    out.save(path)
+    cmap = palette()
+    rows = [[common.to_image(x), cmap[y.numpy()], cmap[p.numpy()]] for x, y, p in shown]
+    side = shown[0][1].shape[-1]
+    tile = side * max(1, math.ceil(96 / side))  # panels at >= 96 px, an integer zoom: masks stay readable
+    common.save_sheet(path, rows, ["image", "ground truth", "prediction"], tile, title)
 
 
 def dense_eval(args, meta, net, dim, run):
