@@ -4,33 +4,33 @@ Paper: Hénaff, Koppula, Alayrac, van den Oord, Vinyals, Carreira, ICCV 2021, ar
 Official code (JAX): github.com/deepmind/detcon
 
 Idea: instead of one embedding per image, contrast one embedding per *object*. Unsupervised masks
-(Felzenszwalb-Huttenlocher segments, or a plain grid) are computed once on the un-augmented image
-and follow each view through the same crop and flip. The backbone's final feature map is averaged
-inside each mask; the pooled vectors go through the projector (and, for DetCon_B, a predictor
-against an EMA target). The loss pulls together the same mask seen in the two views and pushes
-apart every other mask of the global batch, both views. Many objects per image = many more
-contrastive pairs per forward pass, hence up to 10x less pretraining for the same COCO transfer.
+(Felzenszwalb-Huttenlocher segments, or a plain grid) are computed once on the un-augmented image and follow
+each view through the same crop and flip. The backbone's final feature map is averaged inside each mask; the
+pooled vectors go through the projector (and, for DetCon_B, a predictor against an EMA target). The loss pulls
+together the same mask seen in the two views and pushes apart every other mask of the global batch, both
+views. Many objects per image = many more contrastive pairs per forward pass, hence up to 10x less pretraining
+for the same COCO transfer.
 
-Kept from the official code: the loss term by term (targets of both views of the global batch as
-columns, same-view same-mask columns masked with -1e9, positive label mass split over duplicate
-draws, rows weighted 1/number of draws and 0 without a counterpart, two directions summed, tau 0.1),
-16 masks sampled per view uniformly over masks present in that view with replacement and shared by
-the online and target passes, BYOL heads (output layer without bias) and asymmetric augmentation, one
-crop window per view drawn as the official one (area ~ U(--crop-min, 1), log aspect ~ U(log 3/4, log 4/3),
-sides clamped to the image; no retries, unlike torchvision's RandomResizedCrop), EMA 0.996 -> 1 (cosine),
-LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup, FH scale 1000 / min_size 1000 / sigma 0.8 at ImageNet
-resolution. Changed: FH runs in the loader workers (official: offline, stored with the images) on
-the image scaled to <= --fh-size px with its parameters scaled to that pixel count, results cached
-on disk for images >= 224 px; ids are int32 (the official uint8 cast merges ids > 255); masks are
-reduced to the feature grid by a majority vote per cell (= one-hot -> average-pool -> argmax); the
-EMA update runs at the start of a step (as in mocov3.py) rather than after it; DetCon_S keeps the
-gradient of the local targets (SimCLR-style). The colour ops are torchvision's/PIL's, not the official
-dm_pix-style ones: brightness multiplies (official: adds a delta ~ U(-0.4, 0.4)), contrast scales around
-the grayscale mean (official: the per-channel mean), saturation blends with grayscale (official: scales S
-in HSV), blur is PIL's GaussianBlur with radius sigma (official: a 23-tap separable Gaussian kernel, same
-sigma range). Default precision on CUDA is bf16 autocast with TF32 matmuls (official: JAX on TPU).
-Backbones are torchvision's. The `cifar` and `cpu` presets are ours (final feature grid 4x4 via the small
-stem).
+Kept from the official code: the loss term by term (targets of both views of the global batch as columns,
+same-view same-mask columns masked with -1e9, positive label mass split over duplicate draws, rows weighted
+1/number of draws and 0 without a counterpart, two directions summed, tau 0.1), 16 masks sampled per view
+uniformly over masks present in that view with replacement and shared by the online and target passes, BYOL
+heads (output layer without bias) and asymmetric augmentation, one crop window per view drawn as the official
+one (area ~ U(--crop-min, 1), log aspect ~ U(log 3/4, log 4/3), sides clamped to the image; no retries, unlike
+torchvision's RandomResizedCrop), EMA 0.996 -> 1 (cosine), LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup, FH scale
+1000 / min_size 1000 / sigma 0.8 at ImageNet resolution.
+
+Changed: FH runs in the loader workers (official: offline, stored with the images) on the image scaled to <=
+--fh-size px with its parameters scaled to that pixel count, results cached on disk for images >= 224 px; ids
+are int32 (the official uint8 cast merges ids > 255); masks are reduced to the feature grid by a majority vote
+per cell (= one-hot -> average-pool -> argmax); the EMA update runs at the start of a step (as in mocov3.py)
+rather than after it; DetCon_S keeps the gradient of the local targets (SimCLR-style). The colour ops are
+torchvision's/PIL's, not the official dm_pix-style ones: brightness multiplies (official: adds a delta ~
+U(-0.4, 0.4)), contrast scales around the grayscale mean (official: the per-channel mean), saturation blends
+with grayscale (official: scales S in HSV), blur is PIL's GaussianBlur with radius sigma (official: a 23-tap
+separable Gaussian kernel, same sigma range). Default precision on CUDA is bf16 autocast with TF32 matmuls
+(official: JAX on TPU). Backbones are torchvision's. The `cifar` and `cpu` presets are ours (final feature
+grid 4x4 via the small stem).
 
 Commands:
   python detcon.py                                   # CPU smoke run on built-in synthetic data
@@ -44,8 +44,8 @@ Commands:
 
 Healthy loss: each direction averages weight x CE over rows, and an image's weights add up to its distinct
 sampled ids also drawn in the other view, so it starts near 2 * (matched distinct ids / 16) * ln(2 * B * 16):
-~12 for R50 at 224 px, B 4096 (~8 of ~12 FH masks matched); ~2.6 in the cpu preset (B 32, 4x4 grid), where
-it drifts down slowly and noisily (README's quick-start table shows where it ends). The level moves with the
+~12 for R50 at 224 px, B 4096 (~8 of ~12 FH masks matched); ~2.6 in the cpu preset (B 32, 4x4 grid), where it
+drifts down slowly and noisily (README's quick-start table shows where it ends). The level moves with the
 share of rows with a positive (logged as `matched`): compare runs at equal image size, grid and masks.
 """
 import copy
