@@ -49,3 +49,14 @@ def imagenette():
     if not os.path.isdir(IMAGENETTE):
         pytest.skip("../shared/data/imagenette2-224 not present")
     return IMAGENETTE
+
+
+@pytest.fixture(scope="session")
+def harness(tmp_path_factory):
+    """results.json of tests/dist_harness.py run alone (key 1) and under a 2-process torchrun (key 2)."""
+    out = {}
+    for world in (1, 2):
+        d = tmp_path_factory.mktemp(f"world{world}")
+        run_script("tests/dist_harness.py", str(d), torchrun=world if world > 1 else 0)
+        out[world] = json.load(open(d / "results.json"))
+    return out

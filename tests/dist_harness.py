@@ -13,6 +13,9 @@ every method what needs more than one process, in one launch, and rank 0 writes 
    samples of the other rank.
 3. Each training script's main() for 2 steps, as `torchrun ... METHOD.py` runs it (rank 0 alone logs).
 4. A global batch not divisible by the world size: one line, exit 2.
+5. eval_linear.py's linear, knn and seg-knn modes on 11 val images (odd: DistributedSampler would pad rank 1
+   with a duplicate): the metrics and the val image count of 2 processes must be those of 1 (seg shares
+   seg-knn's val loop).
 """
 import contextlib
 import io
@@ -28,6 +31,7 @@ sys.path.insert(0, ROOT)
 import common  # noqa: E402
 import densecl  # noqa: E402
 import detcon  # noqa: E402
+import eval_linear  # noqa: E402
 import fast_moco  # noqa: E402
 import mocov3  # noqa: E402
 import rotation_aux  # noqa: E402
@@ -150,6 +154,16 @@ if run.world > 1:
         except SystemExit as e:
             code = e.code
     results["bad_batch"] = {"code": code, "stderr": stderr.getvalue().strip().splitlines()}
+
+# ---- 5. eval_linear counts each val image once, alone and under torchrun
+EVAL = ["--pretrained", "none", "--synthetic-size", "55", "--img-size", "32", "--stem", "small", "--batch-size",
+        "8", "--workers", "0", "--knn-k", "10", "--epochs", "1"]
+for mode in ("linear", "knn", "seg-knn"):
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        eval_linear.main(["--mode", mode, *EVAL, "--output-dir", os.path.join(OUT, f"eval_{mode}")])
+    if common.get_rank() == 0:
+        results[f"eval_{mode}"] = json.loads(stdout.getvalue().strip().splitlines()[-1])
 
 # rank 0 reports; every rank's own view of the smoke runs is gathered so the test sees that only rank 0
 # printed

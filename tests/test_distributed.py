@@ -1,22 +1,11 @@
 """Distributed equivalence with a real 2-process torchrun (gloo, CPU): one launch of tests/dist_harness.py
-alone and one under torchrun cover every method (see the harness docstring for what each part checks)."""
+alone and one under torchrun cover every method (see the harness docstring for what each part checks; the
+`harness` fixture is in conftest.py, and test_eval_dense.py reads eval_linear's part of it)."""
 import json
 
 import pytest
 
-from conftest import run_script
-
 METHODS = ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")
-
-
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
-    out = {}
-    for world in (1, 2):
-        d = tmp_path_factory.mktemp(f"world{world}")
-        run_script("tests/dist_harness.py", str(d), torchrun=world if world > 1 else 0)
-        out[world] = json.load(open(d / "results.json"))
-    return out
 
 
 @pytest.mark.parametrize("name", ["step_mocov3", "step_fast_moco", "step_densecl", "detcon_loss",

@@ -11,7 +11,6 @@ from PIL import Image
 
 import common
 import eval_linear as E
-from conftest import run_script, summary
 
 # ---------------------------------------------------------------------------- metric
 
@@ -368,14 +367,10 @@ def test_bad_input_data_without_masks(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("mode", ["linear", "knn", "seg-knn"])  # seg shares seg-knn's val loop
-def test_two_processes_count_each_val_image_once(mode, tmp_path, capsys):
+def test_two_processes_count_each_val_image_once(harness, mode):
     """11 val images (odd): DistributedSampler would pad rank 1 with a duplicate. 2 processes give the metrics
-    of 1 process (run in this process)."""
-    flags = ["--mode", mode, "--pretrained", "none", "--synthetic-size", "55", "--img-size", "32", "--stem",
-             "small", "--batch-size", "8", "--workers", "0", "--knn-k", "10", "--epochs", "1"]
-    E.main([*flags, "--output-dir", str(tmp_path / "one")])
-    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    two = summary(run_script("eval_linear.py", *flags, "--output-dir", tmp_path / "two", torchrun=2))
+    of 1 process (both runs in tests/dist_harness.py, part 5)."""
+    one, two = harness[1][f"eval_{mode}"], harness[2][f"eval_{mode}"]
     assert one["val_images"] == two["val_images"] == 11
     for key in ("top1", "top5") if mode in ("linear", "knn") else ("miou", "pixel_acc", "iou"):
         assert one[key] == two[key], key
