@@ -327,8 +327,8 @@ def test_photometric_view_is_ssl_view_without_its_geometry():
 
 def test_detcon_gpu_aug_runs_and_resumes_exactly(tmp_path):
     import detcon
-    argv = [*TINY, "--stem", "small", "--gpu-aug", "--synthetic-size", "32", "--epochs", "2",
-            "--max-steps", "5"]
+    argv = [*TINY, "--stem", "small", "--img-size", "16", "--gpu-aug", "--synthetic-size", "32",
+            "--epochs", "2", "--max-steps", "5"]
     a, b = tmp_path / "a", tmp_path / "b"
     detcon.main([*argv, "--output-dir", str(a)])
     detcon.main([*argv, "--output-dir", str(b), "--max-steps", "2"])
