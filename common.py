@@ -26,7 +26,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -287,9 +287,15 @@ class Views(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img, label = self.base[i]
+        with self.rng(i):
+            return self.transform(img), label
+
+    @contextmanager
+    def rng(self, i):
+        """torch's global RNG, forked and seeded by (seed, epoch, i) for sample i's transform."""
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-            return self.transform(img), label
+            yield
 
 
 def pretrain_data(args, run, transform):
@@ -777,19 +783,6 @@ def rgb_to_gray(x):
     """x [N, 3, H, W] -> luma [N, 1, H, W]."""
     r, g, b = x.unbind(1)  # [N, H, W] each
     return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
-
-
-def adjust_brightness(x, f):
-    return blend(x, torch.zeros((), dtype=x.dtype, device=x.device), f)
-
-
-def adjust_contrast(x, f):
-    """Blend with the mean of each image's grayscale version."""
-    return blend(x, rgb_to_gray(x).mean((1, 2, 3), keepdim=True), f)  # mean [N, 1, 1, 1]
-
-
-def adjust_saturation(x, f):
-    return blend(x, rgb_to_gray(x), f)
 
 
 def rgb_to_hsv(x):

@@ -412,18 +412,11 @@ class SegTransform:
         return x.as_subclass(torch.Tensor), m[0].as_subclass(torch.Tensor)  # [3, S, S], [S, S]
 
 
-class SegViews(torch.utils.data.Dataset):
-    """The paired transform seeded by (seed, epoch, i), as common.Views: reproducible in any worker."""
-    def __init__(self, base, transform, seed=0):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
-
-    def __len__(self):
-        return len(self.base)
-
+class SegViews(common.Views):
+    """common.Views for (image, mask) pairs: the paired transform, seeded as Views seeds its samples."""
     def __getitem__(self, i):
         img, ids = self.base[i]
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+        with self.rng(i):
             return self.transform(img, ids)
 
 

@@ -140,19 +140,19 @@ def split_patches(x, grid=2):
 
 
 @functools.lru_cache(maxsize=None)
-def combination_weights(p, k):
-    """[C(p, k), p] CPU matrix, 1/k on the patches of each k-subset, in itertools.combinations order (built
-    once per (p, k), not every step)."""
+def combination_weights(p, k, dtype, device):
+    """[C(p, k), p] matrix, 1/k on the patches of each k-subset, in itertools.combinations order; built once
+    per (p, k, dtype, device), so a training step neither rebuilds nor copies it."""
     subsets = list(itertools.combinations(range(p), k))
-    weights = torch.zeros(len(subsets), p, dtype=torch.float64)  # cast to the features: 1/k rounds once
+    weights = torch.zeros(len(subsets), p, dtype=torch.float64)  # cast from float64: 1/k rounds once
     weights[torch.arange(len(subsets)).repeat_interleave(k), torch.tensor(subsets).flatten()] = 1 / k
-    return weights
+    return weights.to(device=device, dtype=dtype)
 
 
 def combine_patches(feats, k=2):
     """[P, N, C] -> [C(P, k), N, C]: mean feature of every k-subset of the P patches, in the order of
     itertools.combinations(range(P), k) (P = 4, k = 2: (0,1), (0,2), (0,3), (1,2), (1,3), (2,3))."""
-    weights = combination_weights(feats.shape[0], k).to(feats)  # [K, P]
+    weights = combination_weights(feats.shape[0], k, feats.dtype, feats.device)  # [K, P]
     # a matmul, not feats[idx].mean(1): the backward of that gather accumulates in a thread-dependent order
     # on the CPU, so runs (and a resume) would differ in the last bits
     return torch.einsum("kp,pnc->knc", weights, feats)  # [K, N, C]

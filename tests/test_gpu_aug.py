@@ -66,10 +66,20 @@ def reference(x, p, i, recipe):
     return TF.normalize(x, common.MEAN, common.STD)
 
 
+def bcs(op):
+    """common.adjust_bcs (the op the device pipeline runs) with every sample on one op: 0 brightness,
+    1 contrast, 2 saturation; f [N] the per-sample factors."""
+    def run(x, f):
+        factors = torch.ones(len(f), 4)
+        factors[:, op] = f
+        return common.adjust_bcs(x, torch.full((len(f),), op), factors)
+    return run
+
+
 @pytest.mark.parametrize("name,ours,theirs,factors", [
-    ("brightness", common.adjust_brightness, TF.adjust_brightness, [0.6, 1.0, 1.23, 1.4]),
-    ("contrast", common.adjust_contrast, TF.adjust_contrast, [0.6, 0.91, 1.0, 1.4]),
-    ("saturation", common.adjust_saturation, TF.adjust_saturation, [0.0, 0.8, 1.0, 1.4]),
+    ("brightness", bcs(0), TF.adjust_brightness, [0.6, 1.0, 1.23, 1.4]),
+    ("contrast", bcs(1), TF.adjust_contrast, [0.6, 0.91, 1.0, 1.4]),
+    ("saturation", bcs(2), TF.adjust_saturation, [0.0, 0.8, 1.0, 1.4]),
     ("hue", common.adjust_hue, TF.adjust_hue, [-0.5, -0.1, 0.07, 0.5]),
 ])
 def test_jitter_ops_equal_torchvision_per_sample(name, ours, theirs, factors):
@@ -82,8 +92,9 @@ def test_jitter_ops_equal_torchvision_per_sample(name, ours, theirs, factors):
 def test_factor_one_is_the_identity_exactly():
     x = quantised_batch(2)
     one = torch.ones(2)
-    for fn in (common.adjust_brightness, common.adjust_contrast, common.adjust_saturation):
+    for fn in (bcs(0), bcs(1), bcs(2)):
         assert torch.equal(fn(x, one), x)  # what lets the pipeline skip an op by its factor
+    assert torch.equal(common.adjust_bcs(x, torch.full((2,), -1), torch.full((2, 4), 0.5)), x)  # op -1: none
 
 
 def test_grayscale_solarize_and_flip_equal_torchvision():
