@@ -1,6 +1,7 @@
 """Shared test helpers: run a script as a user would (subprocess) and read its outputs."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -8,6 +9,11 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# Test outputs live in RAM where the machine has /dev/shm: a tiny run still writes and fsyncs ~200 MB of
+# checkpoints, and on a disk that is much of the suite's time. `tmp_path` below removes each passing test's
+# outputs, so little RAM stays in use. PYTEST_DEBUG_TEMPROOT is pytest's own knob for its temp root.
+if os.access("/dev/shm", os.W_OK):
+    os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", "/dev/shm")
 IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224")
 
 # the smallest settings that still exercise everything: 32-px synthetic images, tiny batches
@@ -44,6 +50,21 @@ def losses(out_dir):
     return [r["loss"] for r in read_log(out_dir) if "loss" in r and r.get("event") != "summary"]
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = (yield).get_result()
+    if report.when == "call":
+        item.passed = report.passed  # read by tmp_path's teardown
+
+
+@pytest.fixture
+def tmp_path(tmp_path, request):
+    """pytest's tmp_path, removed when the test passes (a failing test's outputs stay for a look)."""
+    yield tmp_path
+    if getattr(request.node, "passed", False):
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
 @pytest.fixture
 def imagenette():
     if not os.path.isdir(IMAGENETTE):
@@ -59,4 +80,5 @@ def harness(tmp_path_factory):
         d = tmp_path_factory.mktemp(f"world{world}")
         run_script("tests/dist_harness.py", str(d), torchrun=world if world > 1 else 0)
         out[world] = json.load(open(d / "results.json"))
+        shutil.rmtree(d)  # the runs' checkpoints: only results.json is read
     return out

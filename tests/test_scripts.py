@@ -4,6 +4,7 @@ preemption and the finished-run guard: test_reliability.py; torchrun: test_distr
 import importlib
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -161,7 +162,8 @@ def test_help_lists_every_field_with_its_doc_choices_and_presets(script, capsys)
 def pretrained(tmp_path_factory):
     out = str(tmp_path_factory.mktemp("pre") / "run")
     importlib.import_module("mocov3").main(tiny("mocov3", out, "--max-steps", "2"))
-    return out
+    yield out
+    shutil.rmtree(out)
 
 
 @pytest.mark.parametrize("mode", ["knn", "linear", "finetune"])
