@@ -170,6 +170,7 @@ class Run:
     world: int
     device: torch.device
     out: str
+    checkpoint: tuple = None  # (path, contents) of the --resume checkpoint, read and checked by setup
 
     @property
     def main(self):
@@ -192,8 +193,11 @@ class Run:
 
 
 def setup(args, method):
-    """torchrun-native setup: process group (only when WORLD_SIZE > 1), device, seeds, run dir, args.json."""
+    """torchrun-native setup: process group (only when WORLD_SIZE > 1), device, seeds, run dir, args.json.
+    A --resume checkpoint is read and checked here, before anything is built or written."""
     check_paths(args)
+    args.output_dir = args.output_dir or os.path.join("runs", method)
+    checkpoint = find_checkpoint(args, method)  # BadInput unless it is this method's, arch, stem and batch
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.batch_size % world:
@@ -208,7 +212,6 @@ def setup(args, method):
         dist.init_process_group("nccl" if cuda else "gloo")
     if args.precision == "auto":
         args.precision = "bf16" if cuda else "fp32"
-    args.output_dir = args.output_dir or os.path.join("runs", method)
     catch_stop_signals()
     seed_everything(args.seed + rank)
     if rank == 0:
@@ -217,7 +220,7 @@ def setup(args, method):
                   "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device)}
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
             json.dump(record, f, indent=2)
-    return Run(args, method, rank, world, device, args.output_dir)
+    return Run(args, method, rank, world, device, args.output_dir, checkpoint)
 
 
 def use_sync_bn(sync_bn, run):
@@ -543,7 +546,7 @@ def ema_update(target_params, online_params, m):
 
 
 # ============================================================================ checkpoint, resume & export
-# (load_checkpoint, load_states, RNG state, save_atomic, load_file: "checkpoint files", below the banner;
+# (find_checkpoint, load_states, RNG state, save_atomic, load_file: "checkpoint files", below the banner;
 # end_of_step's stop_requested: "preemption signals")
 
 def save_checkpoint(run, log, state):
@@ -571,16 +574,11 @@ def end_of_step(run, log, state):
 
 
 def resume(run, **state):
-    """Load --resume (auto/path) into the given objects (model=..., optimizer=..., scaler=...).
-    Returns the global step to continue from (0 for a fresh run)."""
-    path = run.args.resume
-    if path == "auto":
-        path = os.path.join(run.out, "checkpoint.pth")
-        if not os.path.isfile(path):
-            return 0
-    elif not path:
+    """Load --resume (auto/path; setup has read and checked it) into the given objects (model=...,
+    optimizer=..., scaler=...). Returns the global step to continue from (0 for a fresh run)."""
+    if run.checkpoint is None:
         return 0
-    ck = load_checkpoint(path, run)  # BadInput unless it is this method's, with this arch, stem and batch
+    (path, ck), run.checkpoint = run.checkpoint, None  # the run no longer holds the file's tensors
     load_states(ck, state, path)  # BadInput naming the part that does not fit (e.g. another --queue-size)
     set_rng_state(ck["rng"])
     if run.main:
@@ -1460,18 +1458,26 @@ def load_file(path):
         raise BadInput(f"{path} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from None
 
 
-def load_checkpoint(path, run):
-    """A training checkpoint of this run's method, arch, stem and global batch (load_file), else BadInput."""
+def find_checkpoint(args, method):
+    """(path, contents) of --resume (auto: <output-dir>/checkpoint.pth if there is one), or None. BadInput
+    unless it is a training checkpoint of this method, arch, stem and global batch."""
+    path = args.resume
+    if path == "auto":
+        path = os.path.join(args.output_dir, "checkpoint.pth")
+        if not os.path.isfile(path):
+            return None
+    elif not path:
+        return None
     ck = load_file(path)
     if not isinstance(ck, dict) or "model" not in ck or "args" not in ck:
         raise BadInput(f"{path} is not a training checkpoint of this project")
     for key in ("method", "arch", "stem", "batch_size"):
         have = ck.get(key, ck["args"].get(key))
-        want = run.method if key == "method" else getattr(run.args, key, None)
+        want = method if key == "method" else getattr(args, key, None)
         if have != want:
             raise BadInput(f"cannot resume from {path}: it was made with {key}={have}, "
                            f"this run has {key}={want}")
-    return ck
+    return path, ck
 
 
 def load_states(ck, state, path):

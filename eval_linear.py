@@ -711,6 +711,8 @@ def main(argv=None):
     check_meta(args, meta, flags_given, free=("img_size",) if dense else ())
     if args.seg_res < 0 or args.num_classes < 0:
         raise common.BadInput("--seg-res and --num-classes must be >= 0")
+    if args.resume:
+        raise common.BadInput("--resume is for training runs: an evaluation starts from --pretrained")
     run = common.setup(args, f"eval_{args.mode}")
     common.seed_everything(args.seed)  # the same random init (--pretrained none) and head on every rank
 

@@ -74,11 +74,16 @@ def imagenette():
 
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory):
-    """results.json of tests/dist_harness.py run alone (key 1) and under a 2-process torchrun (key 2)."""
+    """results.json of tests/dist_harness.py run alone (key 1: in this process, which has imported everything
+    already) and under a 2-process torchrun (key 2)."""
+    import dist_harness
     out = {}
     for world in (1, 2):
         d = tmp_path_factory.mktemp(f"world{world}")
-        run_script("tests/dist_harness.py", str(d), torchrun=world if world > 1 else 0)
+        if world == 1:
+            dist_harness.main(str(d))
+        else:
+            run_script("tests/dist_harness.py", str(d), torchrun=world)
         out[world] = json.load(open(d / "results.json"))
         shutil.rmtree(d)  # the runs' checkpoints: only results.json is read
     return out

@@ -1,5 +1,6 @@
-"""The one distributed harness: run alone or under `torchrun --nproc_per_node=2` (gloo, CPU), it does for
-every method what needs more than one process, in one launch, and rank 0 writes OUT/results.json.
+"""The one distributed harness: main(out_dir) in one process (the tests call it in theirs) or under
+`torchrun --nproc_per_node=2 tests/dist_harness.py OUT` (gloo, CPU), it does for every method what needs more
+than one process, in one launch, and rank 0 writes OUT/results.json.
 
 1. One training step on a fixed global batch (each rank takes its slice), BN layers in eval mode:
    PyTorch's SyncBatchNorm is CUDA-only, so CPU processes would otherwise normalise with their own
@@ -8,7 +9,7 @@ every method what needs more than one process, in one launch, and rank 0 writes 
    checksums of the updated weights (and DenseCL's queues) must equal one process's on the whole batch.
    rotation_aux draws its rotations per rank, so its step is MoCo v3's plus a per-sample local loss:
    it is covered by the smoke run (3). DetCon's ids are sampled per rank too, so its loss is checked on
-   fixed embeddings and ids: value and gradient against one process.
+   fixed embeddings and ids: the value and every element of both gradients against one process.
 2. DenseCL's shuffle-BN across ranks: every sample comes back in place, and the key encoder saw
    samples of the other rank.
 3. Each training script's main() for 2 steps, as `torchrun ... METHOD.py` runs it (rank 0 alone logs).
@@ -36,7 +37,6 @@ import fast_moco  # noqa: E402
 import mocov3  # noqa: E402
 import rotation_aux  # noqa: E402
 
-OUT = sys.argv[1]
 TINY = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--batch-size", "8",
         "--workers", "0", "--log-every", "1", "--knn-every", "0", "--mlp-dim", "64"]
 # the small stem at 16 px: a 2x2 final grid (enough for dense matches and masks) at a quarter of 32 px's cost
@@ -44,7 +44,6 @@ EXTRA = {"densecl": ["--stem", "small", "--img-size", "16", "--queue-size", "64"
          "detcon": ["--stem", "small", "--img-size", "16"]}
 MODULES = {"mocov3": mocov3, "fast_moco": fast_moco, "densecl": densecl, "detcon": detcon,
            "rotation_aux": rotation_aux}
-results = {}
 
 
 def rank_mean(x):
@@ -78,105 +77,113 @@ def one_step(name, model, run, args, forward, sync_bn):
     return rec
 
 
-def tiny_args(cls, presets, name):
+def tiny_args(cls, presets, name, out):
     return common.parse_args(cls, presets, [*TINY, *EXTRA.get(name, []), "--optimizer", "sgd", "--lr", "0.5",
-                                            "--wd", "0", "--output-dir", os.path.join(OUT, f"step_{name}")])
+                                            "--wd", "0", "--output-dir", os.path.join(out, f"step_{name}")])
 
 
-# ---- 1. one step per method, BN in eval mode
-run = None
-for name, forward in [
-    ("mocov3", lambda m, a, b: m(a, b, 0.99)),
-    ("fast_moco", lambda m, a, b: m(a, b, 0.99)),
-    ("densecl", lambda m, a, b: m(a, b, 0.99, 0.5)[0]),
-]:
-    mod = MODULES[name]
-    args = tiny_args(mod.Args, mod.PRESETS, name)
-    if name == "densecl":
-        args.shuffle_splits, args.queue_size, args.proj_dim = 2, 16, 16
-    run = common.setup(args, name)
-    torch.manual_seed(0)  # the same initial weights on every rank
-    model = {"mocov3": mocov3.MoCoV3, "fast_moco": fast_moco.FastMoCo, "densecl": densecl.DenseCL}[name](args)
-    results[f"step_{name}"] = one_step(name, model, run, args, forward, sync_bn=name != "densecl")
+def main(out_dir):
+    """Parts 1-5 in this process (alone, or as one rank of torchrun); rank 0 writes out_dir/results.json."""
+    results = {}
+    # ---- 1. one step per method, BN in eval mode
+    run = None
+    for name, forward in [
+        ("mocov3", lambda m, a, b: m(a, b, 0.99)),
+        ("fast_moco", lambda m, a, b: m(a, b, 0.99)),
+        ("densecl", lambda m, a, b: m(a, b, 0.99, 0.5)[0]),
+    ]:
+        mod = MODULES[name]
+        args = tiny_args(mod.Args, mod.PRESETS, name, out_dir)
+        if name == "densecl":
+            args.shuffle_splits, args.queue_size, args.proj_dim = 2, 16, 16
+        run = common.setup(args, name)
+        torch.manual_seed(0)  # the same initial weights on every rank
+        build = {"mocov3": mocov3.MoCoV3, "fast_moco": fast_moco.FastMoCo, "densecl": densecl.DenseCL}[name]
+        model = build(args)
+        results[f"step_{name}"] = one_step(name, model, run, args, forward, sync_bn=name != "densecl")
 
-# DetCon's loss on fixed embeddings and ids (its id sampling is per rank)
-g = torch.Generator().manual_seed(2)
-b, m, d = 8, 4, 16
-pred1, pred2, t1, t2 = (torch.randn(b, m, d, generator=g) for _ in range(4))
-ids1, ids2 = torch.randint(0, 5, (b, m), generator=g), torch.randint(0, 5, (b, m), generator=g)
-n = b // run.world
-mine = slice(run.rank * n, (run.rank + 1) * n)
-p1 = pred1[mine].clone().requires_grad_()
-loss = detcon.detcon_loss(p1, pred2[mine], t1[mine], t2[mine], ids1[mine], ids2[mine], 0.1)
-loss.backward()
-grad = p1.grad.clone()
-if run.world > 1:
-    full = [torch.empty_like(grad) for _ in range(run.world)]
-    dist.all_gather(full, grad)
-    grad = torch.cat(full) / run.world  # d(rank-mean loss) / d pred1
-results["detcon_loss"] = {"loss": rank_mean(loss).item(), "grad_sum": grad.double().sum().item(),
-                          "grad_abs": grad.double().abs().sum().item()}
+    # DetCon's loss on fixed embeddings and ids (its id sampling is per rank)
+    g = torch.Generator().manual_seed(2)
+    b, m, d = 8, 4, 16
+    pred1, pred2, t1, t2 = (torch.randn(b, m, d, generator=g) for _ in range(4))
+    ids1, ids2 = torch.randint(0, 5, (b, m), generator=g), torch.randint(0, 5, (b, m), generator=g)
+    n = b // run.world
+    mine = slice(run.rank * n, (run.rank + 1) * n)
+    p1, p2 = pred1[mine].clone().requires_grad_(), pred2[mine].clone().requires_grad_()
+    loss = detcon.detcon_loss(p1, p2, t1[mine], t2[mine], ids1[mine], ids2[mine], 0.1)
+    loss.backward()
+    results["detcon_loss"] = {"loss": rank_mean(loss).item()}
+    for key, grad in (("grad1", p1.grad), ("grad2", p2.grad)):  # every element of d(rank-mean loss) / d pred
+        if run.world > 1:
+            full = [torch.empty_like(grad) for _ in range(run.world)]
+            dist.all_gather(full, grad)
+            grad = torch.cat(full) / run.world
+        results["detcon_loss"][key] = grad.flatten().tolist()
 
-# Fast-MoCo's loss on fixed embeddings: the mean of the per-rank losses is the one-process loss
-p1, p2 = torch.randn(6, 8, 16, generator=g), torch.randn(6, 8, 16, generator=g)
-z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
-loss = fast_moco.fast_moco_loss(p1[:, mine], p2[:, mine], z1[mine], z2[mine], 0.2)
-results["fast_moco_loss"] = {"loss": rank_mean(loss).item()}
+    # Fast-MoCo's loss on fixed embeddings: the mean of the per-rank losses is the one-process loss
+    p1, p2 = torch.randn(6, 8, 16, generator=g), torch.randn(6, 8, 16, generator=g)
+    z1, z2 = torch.randn(8, 16, generator=g), torch.randn(8, 16, generator=g)
+    loss = fast_moco.fast_moco_loss(p1[:, mine], p2[:, mine], z1[mine], z2[mine], 0.2)
+    results["fast_moco_loss"] = {"loss": rank_mean(loss).item()}
 
-# ---- 2. DenseCL's shuffle-BN across ranks
-n = 8 // run.world
-x = (torch.arange(8.0)[:, None] * torch.ones(1, 2))[run.rank * n:(run.rank + 1) * n]  # [n, 2]: row i holds i
-seen = []
-out_x, = densecl.shuffle_bn(lambda c: (seen.append(c[:, 0].tolist()) or c + 0.5,), x)
-foreign = any(int(v) // n != run.rank for v in seen[0])  # the encoder saw a sample of another rank
-flags = torch.tensor([float(torch.equal(out_x, x + 0.5)), float(foreign)])
-if run.world > 1:
-    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
-results["shuffle_bn"] = {"restored": bool(flags[0]), "foreign": bool(flags[1])}
+    # ---- 2. DenseCL's shuffle-BN across ranks
+    n = 8 // run.world
+    x = (torch.arange(8.0)[:, None] * torch.ones(1, 2))[run.rank * n:(run.rank + 1) * n]  # [n, 2]: row i is i
+    seen = []
+    out_x, = densecl.shuffle_bn(lambda c: (seen.append(c[:, 0].tolist()) or c + 0.5,), x)
+    foreign = any(int(v) // n != run.rank for v in seen[0])  # the encoder saw a sample of another rank
+    flags = torch.tensor([float(torch.equal(out_x, x + 0.5)), float(foreign)])
+    if run.world > 1:
+        dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    results["shuffle_bn"] = {"restored": bool(flags[0]), "foreign": bool(flags[1])}
 
-# ---- 3. each script's main() for 2 steps (under torchrun only: the test reads these from the 2-process
-# launch), and 4. a batch the world size does not divide
-for name, mod in (MODULES.items() if run.world > 1 else []):
-    out = os.path.join(OUT, f"run_{name}")
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        mod.main([*TINY, *EXTRA.get(name, []), "--max-steps", "2", "--output-dir", out])
-    lines = [line for line in stdout.getvalue().splitlines() if line.startswith('{"event": "summary"')]
-    results[f"run_{name}"] = {"summary_lines": lines}
+    # ---- 3. each script's main() for 2 steps (under torchrun only: the test reads these from the 2-process
+    # launch), and 4. a batch the world size does not divide
+    for name, mod in (MODULES.items() if run.world > 1 else []):
+        run_dir = os.path.join(out_dir, f"run_{name}")
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            mod.main([*TINY, *EXTRA.get(name, []), "--max-steps", "2", "--output-dir", run_dir])
+        lines = [line for line in stdout.getvalue().splitlines() if line.startswith('{"event": "summary"')]
+        results[f"run_{name}"] = {"summary_lines": lines}
+        if run.rank == 0:
+            results[f"run_{name}"].update(
+                world_size=json.load(open(os.path.join(run_dir, "args.json")))["world_size"],
+                backbone=os.path.exists(os.path.join(run_dir, "backbone.pth")))
+    if run.world > 1:
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            try:
+                mocov3.main([*TINY, "--batch-size", "7", "--output-dir", os.path.join(out_dir, "bad")])
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        results["bad_batch"] = {"code": code, "stderr": stderr.getvalue().strip().splitlines()}
+
+    # ---- 5. eval_linear counts each val image once, alone and under torchrun
+    EVAL = ["--pretrained", "none", "--synthetic-size", "55", "--img-size", "32", "--stem", "small",
+            "--batch-size", "8", "--workers", "0", "--knn-k", "10", "--epochs", "1"]
+    for mode in ("linear", "knn", "seg-knn"):
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            eval_linear.main(["--mode", mode, *EVAL, "--output-dir", os.path.join(out_dir, f"eval_{mode}")])
+        if common.get_rank() == 0:
+            results[f"eval_{mode}"] = json.loads(stdout.getvalue().strip().splitlines()[-1])
+
+    # rank 0 reports; every rank's own view of the smoke runs is gathered so the test sees that only rank 0
+    # printed
+    views = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(views, {k: v for k, v in results.items() if k.startswith("run_")})
+    else:
+        views = [{k: v for k, v in results.items() if k.startswith("run_")}]
     if run.rank == 0:
-        results[f"run_{name}"].update(
-            world_size=json.load(open(os.path.join(out, "args.json")))["world_size"],
-            backbone=os.path.exists(os.path.join(out, "backbone.pth")))
-if run.world > 1:
-    stderr = io.StringIO()
-    with contextlib.redirect_stderr(stderr):
-        try:
-            mocov3.main([*TINY, "--batch-size", "7", "--output-dir", os.path.join(OUT, "bad")])
-            code = 0
-        except SystemExit as e:
-            code = e.code
-    results["bad_batch"] = {"code": code, "stderr": stderr.getvalue().strip().splitlines()}
+        results["per_rank_runs"] = views
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(results, f)
+    if run.world > 1:
+        dist.destroy_process_group()
 
-# ---- 5. eval_linear counts each val image once, alone and under torchrun
-EVAL = ["--pretrained", "none", "--synthetic-size", "55", "--img-size", "32", "--stem", "small",
-        "--batch-size", "8", "--workers", "0", "--knn-k", "10", "--epochs", "1"]
-for mode in ("linear", "knn", "seg-knn"):
-    stdout = io.StringIO()
-    with contextlib.redirect_stdout(stdout):
-        eval_linear.main(["--mode", mode, *EVAL, "--output-dir", os.path.join(OUT, f"eval_{mode}")])
-    if common.get_rank() == 0:
-        results[f"eval_{mode}"] = json.loads(stdout.getvalue().strip().splitlines()[-1])
 
-# rank 0 reports; every rank's own view of the smoke runs is gathered so the test sees that only rank 0
-# printed
-views = [None] * run.world
-if run.world > 1:
-    dist.all_gather_object(views, {k: v for k, v in results.items() if k.startswith("run_")})
-else:
-    views = [{k: v for k, v in results.items() if k.startswith("run_")}]
-if run.rank == 0:
-    results["per_rank_runs"] = views
-    with open(os.path.join(OUT, "results.json"), "w") as f:
-        json.dump(results, f)
-if run.world > 1:
-    dist.destroy_process_group()
+if __name__ == "__main__":
+    main(sys.argv[1])

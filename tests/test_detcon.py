@@ -402,37 +402,6 @@ def test_show_masks_writes_a_picture(tmp_path):
         assert len(np.unique(np.asarray(im).reshape(-1, 3), axis=0)) > 50  # not blank
 
 
-# ---------------------------------------------------------------------------- distributed: gather logic
-
-
-def _dist_worker(rank, world, init, out, inputs):
-    import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    (p1, p2, t1, t2), (i1, i2) = inputs
-    n = p1.shape[0] // world
-    sl = slice(rank * n, (rank + 1) * n)
-    q1, q2 = p1[sl].clone().requires_grad_(), p2[sl].clone().requires_grad_()
-    loss = detcon.detcon_loss(q1, q2, t1[sl], t2[sl], i1[sl], i2[sl], 0.1)
-    loss.backward()
-    torch.save({"loss": loss.detach(), "g1": q1.grad, "g2": q2.grad}, os.path.join(out, f"{rank}.pt"))
-    dist.destroy_process_group()
-
-
-def test_two_ranks_equal_one_process_on_the_whole_batch(tmp_path):
-    inputs = _random_inputs(b=4, m=5, d=8, n_ids=4, seed=3)
-    torch.multiprocessing.spawn(_dist_worker, args=(2, f"file://{tmp_path}/init", str(tmp_path), inputs),
-                                nprocs=2)
-    (p1, p2, t1, t2), (i1, i2) = inputs
-    p1, p2 = p1.clone().requires_grad_(), p2.clone().requires_grad_()
-    full = detcon.detcon_loss(p1, p2, t1, t2, i1, i2, 0.1)
-    full.backward()
-    r = [torch.load(tmp_path / f"{k}.pt", weights_only=True) for k in range(2)]
-    # DDP averages ranks
-    assert ((r[0]["loss"] + r[1]["loss"]) / 2).item() == pytest.approx(full.item(), rel=1e-5)
-    assert torch.allclose(torch.cat([r[0]["g1"], r[1]["g1"]]) / 2, p1.grad, atol=1e-6)
-    assert torch.allclose(torch.cat([r[0]["g2"], r[1]["g2"]]) / 2, p2.grad, atol=1e-6)
-
-
 def test_help_documents_the_method_flags(capsys):
     code, out, _ = _main(capsys, "--help")
     assert code == 0 and "--fh-size" in out and "--variant" in out and "Felzenszwalb" in out

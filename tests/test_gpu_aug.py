@@ -312,16 +312,17 @@ def test_mocov3_gpu_aug_feeds_uint8_crops_to_the_device_ops(tmp_path, monkeypatc
 
 
 def test_mocov3_gpu_aug_resume_equals_uninterrupted(tmp_path, capsys):
-    # as tests/test_scripts.py: 4 steps per epoch, the resume at step 3 is mid-epoch, step 6 crosses an epoch
-    common_ = [*TINY, "--synthetic-size", "32", "--epochs", "3", "--gpu-aug", "--blur"]  # --blur: all ops
+    # as tests/test_reliability.py: 2 steps per epoch, the resume after step 1 is mid-epoch, step 3 is in the
+    # next epoch
+    common_ = [*TINY, "--synthetic-size", "16", "--epochs", "3", "--gpu-aug", "--blur"]  # --blur: all ops
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    mocov3.main([*common_, "--output-dir", a, "--max-steps", "6"])
-    mocov3.main([*common_, "--output-dir", b, "--max-steps", "3"])
+    mocov3.main([*common_, "--output-dir", a, "--max-steps", "3"])
+    mocov3.main([*common_, "--output-dir", b, "--max-steps", "1"])
     capsys.readouterr()
-    mocov3.main([*common_, "--output-dir", b, "--max-steps", "6", "--resume", "auto"])
+    mocov3.main([*common_, "--output-dir", b, "--max-steps", "3", "--resume", "auto"])
     assert "resumed from" in capsys.readouterr().out
     la, lb = losses(a), losses(b)
-    assert len(la) == 6 and len(lb) == 6
+    assert len(la) == 3 and len(lb) == 3
     assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)
 
 
@@ -338,10 +339,10 @@ def test_photometric_view_is_ssl_view_without_its_geometry():
 
 def test_detcon_gpu_aug_runs_and_resumes_exactly(tmp_path):
     import detcon
-    argv = [*TINY, "--stem", "small", "--img-size", "16", "--gpu-aug", "--synthetic-size", "32",
-            "--epochs", "2", "--max-steps", "5"]
+    argv = [*TINY, "--stem", "small", "--img-size", "16", "--gpu-aug", "--synthetic-size", "16",
+            "--epochs", "2", "--max-steps", "3"]  # 2 steps per epoch: stopped mid-epoch, resumed across it
     a, b = tmp_path / "a", tmp_path / "b"
     detcon.main([*argv, "--output-dir", str(a)])
-    detcon.main([*argv, "--output-dir", str(b), "--max-steps", "2"])
+    detcon.main([*argv, "--output-dir", str(b), "--max-steps", "1"])
     detcon.main([*argv, "--output-dir", str(b), "--resume", "auto"])
-    assert losses(str(a)) == pytest.approx(losses(str(b)), rel=1e-6, abs=1e-7) and len(losses(str(a))) == 5
+    assert losses(str(a)) == pytest.approx(losses(str(b)), rel=1e-6, abs=1e-7) and len(losses(str(a))) == 3

@@ -1,6 +1,7 @@
 """Runs that are interrupted, repeated or preempted, the per-method SyncBN choice, and bad flag values."""
 import importlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -58,58 +59,70 @@ def test_sync_bn_only_on_multi_gpu_cuda():
     assert not common.use_sync_bn(True, run(1, "cuda")) and not common.use_sync_bn(True, run(2, "cpu"))
 
 
-def _uninterrupted(method, out, steps=7):
-    importlib.import_module(method).main(tiny(method, out, "--synthetic-size", "32", "--epochs", "3",
-                                              "--max-steps", str(steps)))
-    return losses(out)
+# 16 images / batch 8 = 2 steps per epoch: a stop after step 1 is mid-epoch, and the resumed steps 2 and 3
+# cross an epoch boundary
+PREEMPT = ["--synthetic-size", "16", "--epochs", "3", "--max-steps", "3"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """method -> the losses of its uninterrupted PREEMPT run (run once: two tests compare with mocov3's)."""
+    done = {}
+
+    def losses_of(method):
+        if method not in done:
+            out = tmp_path_factory.mktemp(f"full_{method}")
+            importlib.import_module(method).main(tiny(method, out, *PREEMPT))
+            done[method] = losses(out)
+            shutil.rmtree(out)
+        return done[method]
+    return losses_of
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_preempted_resumed_and_finished(method, tmp_path, monkeypatch, capsys):
-    """32 images / batch 8 = 4 steps per epoch. SIGUSR1 (SLURM's --signal) arrives after step 3 is logged: a
-    checkpoint at step 3 (mid-epoch), exit PREEMPTED_EXIT. `--resume auto` continues across the epoch boundary
-    and its losses equal the uninterrupted run's (queues, masks, RNG and all). Rerunning the finished command
-    with --resume auto trains no more: 0 steps logged, the checkpoint stays at step 5, a summary is
-    printed."""
+def test_preempted_resumed_and_finished(method, uninterrupted, tmp_path, monkeypatch, capsys):
+    """SIGUSR1 (SLURM's --signal) arrives after step 1 is logged: a checkpoint at step 1 (mid-epoch), exit
+    PREEMPTED_EXIT. `--resume auto` continues across the epoch boundary and its losses equal the
+    uninterrupted run's (queues, masks, RNG and all). Rerunning the finished command with --resume auto
+    trains no more: 0 steps logged, the checkpoint stays at step 3, a summary is printed."""
     mod, out = importlib.import_module(method), tmp_path / "pre"
-    argv = tiny(method, out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "5")
+    argv = tiny(method, out, *PREEMPT)
     log_step = common.Logger.log_step
 
     def signalling(self, *a, **kw):
         log_step(self, *a, **kw)
-        if self.step == 3:
+        if self.step == 1:
             os.kill(os.getpid(), signal.SIGUSR1)
 
     monkeypatch.setattr(common.Logger, "log_step", signalling)
     with pytest.raises(SystemExit) as e:
         mod.main(argv)
     assert e.value.code == common.PREEMPTED_EXIT
-    assert "stopped: SIGUSR1 at step 3" in capsys.readouterr().err
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3
+    assert "stopped: SIGUSR1 at step 1" in capsys.readouterr().err
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 1
     monkeypatch.setattr(common.Logger, "log_step", log_step)
     mod.main([*argv, "--resume", "auto"])
     assert "resumed from" in capsys.readouterr().out
-    reference = _uninterrupted(method, tmp_path / "full", steps=5)
-    assert losses(out) == pytest.approx(reference, rel=1e-6, abs=1e-7)
+    assert losses(out) == pytest.approx(uninterrupted(method), rel=1e-6, abs=1e-7)
     mod.main([*argv, "--resume", "auto"])  # the finished run, again
     steps = [r["step"] for r in read_log(out) if "img_per_s" in r and r.get("event") != "summary"]
-    assert steps == list(range(1, 6))  # nothing logged by the third run
-    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 5
-    assert [r["steps"] for r in read_log(out) if r.get("event") == "summary"][-1] == 5
+    assert steps == [1, 2, 3]  # nothing logged by the third run
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 3
+    assert [r["steps"] for r in read_log(out) if r.get("event") == "summary"][-1] == 3
 
 
-def test_sigterm_checkpoints_the_step_and_resume_matches(tmp_path):
-    """SIGTERM from outside (as a scheduler sends it) after step 2 is logged: the step in flight finishes,
+def test_sigterm_checkpoints_the_step_and_resume_matches(uninterrupted, tmp_path):
+    """SIGTERM from outside (as a scheduler sends it) after step 1 is logged: the step in flight finishes,
     checkpoint.pth holds it, the exit code is PREEMPTED_EXIT, and the resumed run's losses are the
     uninterrupted run's."""
     out = tmp_path / "pre"
-    argv = tiny("mocov3", out, "--synthetic-size", "32", "--epochs", "3", "--max-steps", "7")
+    argv = tiny("mocov3", out, *PREEMPT)
     # the same intra-op threads as this process, which runs the resume and the reference: the float sums match
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
     p = subprocess.Popen([sys.executable, os.path.join(ROOT, "mocov3.py"), *argv], cwd=ROOT, env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in p.stdout:
-        if " step 2/7 " in line:
+        if " step 1/3 " in line:
             p.send_signal(signal.SIGTERM)
             break
     stdout, stderr = p.communicate(timeout=300)
@@ -117,9 +130,9 @@ def test_sigterm_checkpoints_the_step_and_resume_matches(tmp_path):
     assert "stopped: SIGTERM at step" in stderr and "Traceback" not in stderr, stderr
     logged = [r["step"] for r in read_log(out) if "img_per_s" in r]
     ck = torch.load(out / "checkpoint.pth", weights_only=True)
-    assert 2 <= ck["step"] < 7 and ck["step"] == logged[-1]  # stopped at the step it logged last
+    assert 1 <= ck["step"] < 3 and ck["step"] == logged[-1]  # stopped at the step it logged last
     importlib.import_module("mocov3").main([*argv, "--resume", "auto"])
-    assert losses(out) == pytest.approx(_uninterrupted("mocov3", tmp_path / "full"), rel=1e-6, abs=1e-7)
+    assert losses(out) == pytest.approx(uninterrupted("mocov3"), rel=1e-6, abs=1e-7)
 
 
 BAD_VALUES = [
@@ -152,7 +165,8 @@ def test_bad_path_flags(script, tmp_path, capsys):
              (["--data", str(tmp_path / "nowhere")], "data path not found")]
     if script == "eval_linear":
         cases = [(["--output-dir", str(tmp_path / "a_file")], "--output-dir"),
-                 (["--pretrained", str(tmp_path / "missing.pth")], "missing.pth")]
+                 (["--pretrained", str(tmp_path / "missing.pth")], "missing.pth"),
+                 (["--resume", "auto"], "--resume is for training runs")]
     base = (TINY if script == "mocov3"
             else ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32"])
     for argv, expected in cases:
