@@ -298,7 +298,9 @@ def test_finish_without_gpu_aug_is_to_device():
     assert torch.equal(y1, x1) and torch.equal(y2, x2) and y1.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_mocov3_gpu_aug_feeds_uint8_crops_to_the_device_ops(tmp_path, monkeypatch):
+def test_mocov3_gpu_aug_feeds_uint8_crops_and_resumes_exactly(tmp_path, capsys, monkeypatch):
+    """The workers hand uint8 crops to the device ops (both views' recipes, every step), and a resumed
+    --gpu-aug run equals the uninterrupted one."""
     seen, device_view = [], common.device_view
 
     def spy(run, x, recipe, gen):
@@ -306,17 +308,13 @@ def test_mocov3_gpu_aug_feeds_uint8_crops_to_the_device_ops(tmp_path, monkeypatc
         return device_view(run, x, recipe, gen)
 
     monkeypatch.setattr(common, "device_view", spy)
-    mocov3.main([*TINY, "--gpu-aug", "--max-steps", "1", "--output-dir", str(tmp_path)])
-    assert [d for d, _ in seen] == [torch.uint8] * 2
-    assert [r for _, r in seen] == list(common.byol_views(32, 0.2, blur=False, gpu=True).photometric)
-
-
-def test_mocov3_gpu_aug_resume_equals_uninterrupted(tmp_path, capsys):
     # as tests/test_reliability.py: 2 steps per epoch, the resume after step 1 is mid-epoch, step 3 is in the
     # next epoch
     common_ = [*TINY, "--synthetic-size", "16", "--epochs", "3", "--gpu-aug", "--blur"]  # --blur: all ops
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     mocov3.main([*common_, "--output-dir", a, "--max-steps", "3"])
+    assert [d for d, _ in seen] == [torch.uint8] * 6
+    assert [r for _, r in seen] == list(common.byol_views(32, 0.2, blur=True, gpu=True).photometric) * 3
     mocov3.main([*common_, "--output-dir", b, "--max-steps", "1"])
     capsys.readouterr()
     mocov3.main([*common_, "--output-dir", b, "--max-steps", "3", "--resume", "auto"])
