@@ -9,8 +9,8 @@ Sections, in the order a method file uses them: errors & args | run setup | data
 backbones | optimizer & schedules | checkpoint, resume & export | kNN monitor | logging. After a
 banner, what only some runs need: augmentation on the device (--gpu-aug) | data-study knobs; then the
 plumbing under the sections above, which a method reader can skip: errors & argument parsing |
-preemption signals | synthetic scenes | image files | optimizer internals | checkpoint files | kNN internals |
-run records & pictures.
+preemption signals | synthetic scenes | image files | backbone internals | optimizer internals | checkpoint
+files | kNN internals | run records & pictures.
 """
 import argparse
 import ast
@@ -247,8 +247,8 @@ def prepare_model(model, run, sync_bn):
 
 
 # ============================================================================ data
-# (below the banner: Synthetic in "synthetic scenes", load_folder and FlatFolder in "image files",
-# pretrain_base in "data-study knobs")
+# (below the banner: Synthetic in "synthetic scenes", load_torchvision, load_folder and FlatFolder in
+# "image files", pretrain_base in "data-study knobs", labels_of in "kNN internals")
 
 BUILTIN_DATA = ("synthetic", "cifar10", "cifar100", "stl10")
 
@@ -261,23 +261,8 @@ def load_dataset(args, split, name=None):
         size = args.synthetic_size if split == "train" else max(args.synthetic_size // 5, 10)  # val: a fifth
         return Synthetic(size, split, args.seed)
     if name in ("cifar10", "cifar100", "stl10"):
-        try:
-            if name == "stl10":
-                stl_split = "train" if split == "train" else "test"
-                return datasets.STL10(args.data_root, split=stl_split, download=True)
-            cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-            return cls(args.data_root, train=split == "train", download=True)
-        except Exception as e:
-            raise BadInput(f"cannot load {name} into {args.data_root}: {e}") from None
+        return load_torchvision(name, split, args.data_root)
     return load_folder(name, split)
-
-
-def labels_of(ds):
-    return list(getattr(ds, "targets", None) or getattr(ds, "labels"))
-
-
-def num_classes(ds):
-    return max(labels_of(ds)) + 1
 
 
 class Views(torch.utils.data.Dataset):
@@ -422,6 +407,7 @@ def eval_transform(img_size):
 
 
 # ============================================================================ backbones
+# (sincos_pos_embed, MoCo v3's ViT position embedding: "backbone internals", below the banner)
 
 # MoCo v3's ViT-S has 12 heads, not 6
 VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),
@@ -456,16 +442,6 @@ def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True):
     nn.init.zeros_(net.conv_proj.bias)
     net.conv_proj.requires_grad_(not freeze_patch_proj)
     return net, dim
-
-
-def sincos_pos_embed(dim, grid, temperature=10000.0):
-    """MoCo v3's 2-D sin-cos position embedding -> [1, grid*grid, dim]."""
-    r = torch.arange(grid, dtype=torch.float32)
-    gw, gh = torch.meshgrid(r, r, indexing="ij")
-    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [dim/4]
-    out_w = gw.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
-    out_h = gh.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
-    return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], 1)[None]
 
 
 def feature_map(net, x):
@@ -616,8 +592,8 @@ def knn_monitor(args, run):
 
 
 # ============================================================================ logging
-# (Meter, the Logger's clock, and peak_mem_mb, tensorboard_writer, plot_curves, git_sha: "run records",
-# below the banner)
+# (Meter, the Logger's clock, and peak_mem_mb, tensorboard_writer, add_scalars, plot_curves, git_sha: "run
+# records", below the banner)
 
 class Logger:
     """log.jsonl + a progress line every --log-every steps + the JSON summary line. Throughput counts source
@@ -659,9 +635,7 @@ class Logger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         if self.tb and "step" in record and record.get("event") != "summary":
-            for k, v in record.items():
-                if k not in ("step", "epoch") and isinstance(v, (int, float)):
-                    self.tb.add_scalar(k, v, record["step"])
+            add_scalars(self.tb, record)
 
     def log_step(self, loss, **metrics):
         """Call after every optimizer step with the (tensor) loss; syncs only on log steps."""
@@ -728,9 +702,10 @@ class Logger:
 # device-side augmentation (--gpu-aug) and the data-study knobs (--subset, --corrupt, --data A,B) -- then the
 # plumbing under the sections above, which a method reader can skip, in the same order: errors & argument
 # parsing (exit codes, --help text, range and path checks), preemption signals, synthetic scenes (the
-# built-in data), image files, optimizer internals (LARS), checkpoint files (checks, RNG state, atomic save,
-# safe load), kNN internals and run records & pictures (the Logger's clock, git sha, peak memory, TensorBoard,
-# curves.png, the contact sheets of --show-masks / --show-seg).
+# built-in data), image files, backbone internals (MoCo v3's ViT position embedding), optimizer internals
+# (LARS), checkpoint files (checks, RNG state, atomic save, safe load), kNN internals and run records &
+# pictures (the Logger's clock, git sha, peak memory, TensorBoard, curves.png, the VOC colours and the
+# contact sheets of --show-masks / --show-seg).
 # ##########################################################################################################
 
 
@@ -1308,6 +1283,17 @@ def load_image(path):
         raise BadInput(f"cannot read image {path}: {e}") from None
 
 
+def load_torchvision(name, split, root):
+    """CIFAR-10/100 or STL-10 from torchvision, downloaded into `root` (STL-10's val split: its test set)."""
+    try:
+        if name == "stl10":
+            return datasets.STL10(root, split="train" if split == "train" else "test", download=True)
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        return cls(root, train=split == "train", download=True)
+    except Exception as e:
+        raise BadInput(f"cannot load {name} into {root}: {e}") from None
+
+
 def load_folder(name, split):
     """An image folder: ImageFolder (class subfolders) or FlatFolder (unlabeled); `train/` and `val/`
     subfolders are the splits when present, else the folder is the train split and there is no val."""
@@ -1357,6 +1343,18 @@ def cached_ids(path, shape, compute):
         Image.fromarray(ids.astype(np.uint16)).save(tmp)
         os.replace(tmp, path)  # atomic: another worker or rank never reads half a file
     return ids
+
+
+# ============================================================================ backbone internals: ViT
+
+def sincos_pos_embed(dim, grid, temperature=10000.0):
+    """MoCo v3's 2-D sin-cos position embedding -> [1, grid*grid, dim]."""
+    r = torch.arange(grid, dtype=torch.float32)
+    gw, gh = torch.meshgrid(r, r, indexing="ij")
+    omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [dim/4]
+    out_w = gw.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
+    out_h = gh.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
+    return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], 1)[None]
 
 
 # ============================================================================ optimizer internals: LARS
@@ -1492,6 +1490,14 @@ def load_states(ck, state, path):
 
 # ============================================================================ kNN internals
 
+def labels_of(ds):
+    return list(getattr(ds, "targets", None) or getattr(ds, "labels"))
+
+
+def num_classes(ds):
+    return max(labels_of(ds)) + 1
+
+
 @torch.no_grad()
 def extract_features(net, ds, run, batch_size=256):
     """L2-normalised pooled features [N, C] and labels [N] of the whole dataset (sharded across ranks)."""
@@ -1553,6 +1559,13 @@ def peak_mem_mb(device):
         return torch.cuda.max_memory_allocated(device) / 2**20
     import resource
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def add_scalars(tb, record):
+    """Every number of a log record (but its step and epoch) as a TensorBoard scalar at its step."""
+    for k, v in record.items():
+        if k not in ("step", "epoch") and isinstance(v, (int, float)):
+            tb.add_scalar(k, v, record["step"])
 
 
 def tensorboard_writer(run):
@@ -1673,6 +1686,19 @@ def to_image(x):
     """A normalised image tensor [3, H, W] -> uint8 array [H, W, 3] (undoes Normalize(MEAN, STD))."""
     mean, std = torch.tensor(MEAN)[:, None, None], torch.tensor(STD)[:, None, None]
     return ((x.float().cpu() * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+
+
+def palette():
+    """The PASCAL VOC colour map [256, 3] uint8 (class id -> colour; 255, ignore, is (224, 224, 192))."""
+    cmap = np.zeros((256, 3), np.uint8)
+    for i in range(256):
+        c, rgb = i, [0, 0, 0]
+        for j in range(8):  # the bits of the id, interleaved over r, g, b from the most significant bit down
+            for ch in range(3):
+                rgb[ch] |= ((c >> ch) & 1) << (7 - j)
+            c >>= 3
+        cmap[i] = rgb
+    return cmap
 
 
 def save_sheet(path, rows, heads, tile, title=""):

@@ -146,9 +146,8 @@ FH_REF_PIXELS = 400 * 350  # a typical ImageNet image: where the official scale 
 
 
 def fh_params(h, w):
-    """FH (scale, min_size) for an h x w image: the official values at ImageNet size, scaled with the
-    pixel count (min_size linearly: it is an area; scale sub-linearly, measured to keep ~10-15 segments
-    per image)."""
+    """FH (scale, min_size) for an h x w image: the official values at ImageNet size, scaled with the pixel
+    count (min_size linearly, it is an area; scale sub-linearly, measured to keep ~10-15 segments/image)."""
     r = h * w / FH_REF_PIXELS
     return 1000.0 * r ** 0.4, max(int(1000 * r), 5)
 
@@ -222,8 +221,7 @@ def reduce_mask(mask, grid):
     k = int(m.max()) + 1
     cell = ((torch.arange(h) * grid // h)[:, None] * grid
             + (torch.arange(w) * grid // w)[None, :]).flatten()  # [H*W]
-    counts = torch.zeros(m.shape[0], grid * grid * k, dtype=torch.long, device=m.device)
-    # pixels per (cell, id)
+    counts = torch.zeros(m.shape[0], grid * grid * k, dtype=torch.long, device=m.device)  # per (cell, id)
     counts.scatter_add_(1, cell.to(m.device)[None] * k + m, torch.ones_like(m))  # [N, S*S*K]
     return counts.view(-1, grid * grid, k).argmax(-1).view(*lead, grid, grid)
 
@@ -297,8 +295,7 @@ class JointViews(common.TwoViews):
 def sample_ids(mask, num):
     """mask [N, S, S] ids < 2 S^2 -> [N, num] ids drawn uniformly with replacement among the masks that own at
     least one cell of this view (every image has one: every cell belongs to some id)."""
-    # static K, no host sync
-    exists = torch.zeros(mask.shape[0], 2 * mask[0].numel(), device=mask.device)  # [N, K]
+    exists = torch.zeros(mask.shape[0], 2 * mask[0].numel(), device=mask.device)  # [N, K]: static K, no sync
     exists.scatter_(1, mask.flatten(1), 1.0)  # [N, K] 1 where the id owns >= 1 cell
     return torch.multinomial(exists, num, replacement=True)  # [N, num]
 
@@ -415,16 +412,11 @@ class DetCon(nn.Module):
 # ---------------------------------------------------------------------------- the mask picture
 
 
-def _colour(ids):
-    """ids [H, W] -> RGB uint8 [H, W, 3], a fixed colour per id."""
-    palette = np.random.default_rng(0).integers(40, 256, (int(ids.max()) + 1, 3), dtype=np.uint8)
-    return palette[np.asarray(ids)]
-
-
 def show_masks(ds, views, path, n=6, tile=128):
     """PNG: per image (rows) the image | its mask | view 1 | its mask | its feature-grid mask | same for
     view 2. Also prints the mask cost (ms/image, one process) and the mean number of masks per image."""
-    rows = []
+    rows, cmap = [], common.palette()
+    colour = lambda ids: cmap[np.asarray(ids) % 255]  # noqa: E731 -- a fixed colour per id, never "ignore"
     for i in np.linspace(0, len(ds) - 1, n).astype(int):
         (img, ids), _ = ds[int(i)]
         with torch.random.fork_rng(devices=[]):
@@ -432,8 +424,8 @@ def show_masks(ds, views, path, n=6, tile=128):
             v1, m1, v2_, m2 = views.views(img, ids)
         img, v1, v2_ = np.asarray(img, dtype=np.float64), common.to_image(v1), common.to_image(v2_)
         g1, g2 = (reduce_mask(m, views.grid) for m in (m1, m2))
-        rows.append([img, 0.4 * img + 0.6 * _colour(ids), v1, 0.4 * v1 + 0.6 * _colour(m1), _colour(g1),
-                     v2_, 0.4 * v2_ + 0.6 * _colour(m2), _colour(g2)])
+        rows.append([img, 0.4 * img + 0.6 * colour(ids), v1, 0.4 * v1 + 0.6 * colour(m1), colour(g1),
+                     v2_, 0.4 * v2_ + 0.6 * colour(m2), colour(g2)])
     heads = ["image", "mask", "view 1", "mask 1", "grid 1", "view 2", "mask 2", "grid 2"]
     common.save_sheet(path, rows, heads, tile)
     imgs = [ds.base[int(i)][0] for i in np.linspace(0, len(ds) - 1, min(len(ds), 32)).astype(int)]

@@ -600,22 +600,9 @@ def train_seg_probe(net, head, train_ds, run, args, res):
     return log
 
 
-def palette():
-    """The PASCAL VOC colour map [256, 3] uint8 (class id -> colour; 255, ignore, is (224, 224, 192))."""
-    cmap = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, rgb = i, [0, 0, 0]
-        for j in range(8):  # the bits of the id, interleaved over r, g, b from the most significant bit down
-            for ch in range(3):
-                rgb[ch] |= ((c >> ch) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = rgb
-    return cmap
-
-
 def save_seg_figure(path, shown, title):
     """A PNG: one row per val image (image | ground truth | prediction), VOC colours, title on top."""
-    cmap = palette()
+    cmap = common.palette()
     rows = [[common.to_image(x), cmap[y.numpy()], cmap[p.numpy()]] for x, y, p in shown]
     side = shown[0][1].shape[-1]
     tile = side * max(1, math.ceil(96 / side))  # panels at >= 96 px, an integer zoom: masks stay readable

@@ -213,7 +213,7 @@ def voc_root(tmp_path, masks, aug_masks=None):
     root = tmp_path / "VOC2012"
     for d in ("JPEGImages", "SegmentationClass", "ImageSets/Segmentation"):
         (root / d).mkdir(parents=True)
-    cmap = E.palette()
+    cmap = common.palette()
     for name, ids in masks.items():
         Image.fromarray(np.full(ids.shape + (3,), 120, np.uint8)).save(root / "JPEGImages" / f"{name}.jpg")
         m = Image.fromarray(ids.astype(np.uint8), "P")

@@ -1,5 +1,5 @@
 """Every training script as a user runs it (in-process main(argv) unless the process itself matters):
-outputs contract, export, bad input, --help, eval_linear on either file, real images, --compile. Resume,
+outputs contract under --compile, export, bad input, --help, eval_linear on either file, real images. Resume,
 preemption and the finished-run guard: test_reliability.py; torchrun: test_distributed.py."""
 import importlib
 import json
@@ -33,10 +33,30 @@ def run_main(method, argv, capsys):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_outputs_contract(method, tmp_path, capsys):
+def test_outputs_contract_with_compile_and_one_graph(method, tmp_path, capsys, monkeypatch):
+    """A --compile run's outputs: summary, args.json, log.jsonl, checkpoint.pth, backbone.pth, curves.png.
+    --compile must not recompile as the schedules move (a Python-float EMA coefficient did, every step):
+    dynamo's eager backend keeps the same graph capture and guards that decide a recompile, without AOT
+    tracing or codegen."""
+    import torch._dynamo.utils as dynamo_utils
+    import common
+    compile_ = torch.nn.Module.compile
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
+    graphs, log_step = [], common.Logger.log_step
+
+    def counting(self, *args, **kwargs):
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+        return log_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(common.Logger, "log_step", counting)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
     out = str(tmp_path / "run")
     # 3 steps: the speed figures count the steps after the 2 warm-up steps
-    rec = run_main(method, tiny(method, out, "--max-steps", "3", "--knn-every", "1", "--knn-k", "20"), capsys)
+    rec = run_main(method, tiny(method, out, "--compile", "--max-steps", "3", "--knn-every", "1",
+                                "--knn-k", "20"), capsys)
+    assert len(graphs) == 3 and graphs[0] > 0, graphs
+    assert graphs[2] == graphs[0], f"graphs compiled after each step: {graphs} (recompiled after step 1)"
     assert rec["method"] == method and rec["steps"] == 3
     for key in ("img_per_s", "step_ms", "peak_mem_mb", "loss", "knn_top1"):
         assert isinstance(rec[key], float) and rec[key] == rec[key], key  # present and not NaN
@@ -204,28 +224,3 @@ def test_real_images_from_an_imagefolder(imagenette, tmp_path, capsys):
                               "--knn-every", "0", "--mlp-dim", "64", "--output-dir", out], capsys)
     assert rec["steps"] == 2 and rec["loss"] > 0
     assert json.load(open(os.path.join(out, "args.json")))["preset"] == "imagenet"
-
-
-@pytest.mark.parametrize("method", METHODS)
-def test_compile_keeps_one_graph_per_frame(method, tmp_path, monkeypatch):
-    """--compile must not recompile as the schedules move (a Python-float EMA coefficient did, every step).
-    Runs the real training loop in-process with dynamo's eager backend: the same graph capture and guards
-    that decide a recompile, without AOT tracing or codegen."""
-    import importlib
-    import torch._dynamo.utils as dynamo_utils
-    import common
-    mod = importlib.import_module(method)
-    compile_ = torch.nn.Module.compile
-    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compile_(self, backend="eager"))
-    graphs, log_step = [], common.Logger.log_step
-
-    def counting(self, *args, **kwargs):
-        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
-        return log_step(self, *args, **kwargs)
-
-    monkeypatch.setattr(common.Logger, "log_step", counting)
-    torch._dynamo.reset()
-    dynamo_utils.counters.clear()
-    mod.main(tiny(method, str(tmp_path), "--compile", "--max-steps", "2"))  # step 2: new lr, momentum
-    assert len(graphs) == 2 and graphs[0] > 0, graphs
-    assert graphs[1] == graphs[0], f"graphs compiled after each step: {graphs} (recompiled in step 2)"
