@@ -609,8 +609,8 @@ class Logger:
         self.loss = torch.zeros(())  # the last step's loss (a tensor: read only on log steps and checkpoints)
         self.last = {}
         self.clock = Meter(run)
-        # a resumed run appends to its log; a fresh run in an old output dir starts a new one
-        self.file = open(os.path.join(run.out, "log.jsonl"), "a" if start_step else "w") if run.main else None
+        mode = "a" if start_step else "w"  # a resumed run appends; a fresh run in an old dir starts anew
+        self.file = open(os.path.join(run.out, "log.jsonl"), mode) if run.main else None
         self.tb = tensorboard_writer(run) if run.main and run.args.tensorboard else None
 
     @property

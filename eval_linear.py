@@ -730,7 +730,8 @@ def main(argv=None):
     head = head.to(run.device)
     linear = args.mode == "linear"
     args.lr = args.lr or (3.0 if linear and args.arch.startswith("vit") else 0.1)
-    args.wd = args.wd if args.wd >= 0 else (0.0 if linear else 1e-4)
+    if args.wd < 0:  # the default: none for the linear probe, 1e-4 for fine-tuning
+        args.wd = 0.0 if linear else 1e-4
     if linear:
         net.requires_grad_(False)
         frozen = {k: v.clone() for k, v in net.state_dict().items()}

@@ -11,8 +11,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 # Test outputs live in RAM where the machine has a roomy /dev/shm: a tiny run still writes and fsyncs ~200 MB
 # of checkpoints, and on a disk that is much of the suite's time. `tmp_path` below removes each passing test's
-# outputs, so at most ~2 GB are in use at once; a smaller /dev/shm (Docker's default is 64 MB) is left alone.
-# PYTEST_DEBUG_TEMPROOT is pytest's own knob for its temp root.
+# outputs, so about 1 GB at most is in use at once; a smaller /dev/shm (Docker's default is 64 MB) is left
+# alone. PYTEST_DEBUG_TEMPROOT is pytest's own knob for its temp root.
 if os.access("/dev/shm", os.W_OK) and shutil.disk_usage("/dev/shm").free >= 4 << 30:
     os.environ.setdefault("PYTEST_DEBUG_TEMPROOT", "/dev/shm")
 IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224")
