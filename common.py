@@ -1339,9 +1339,8 @@ def cached_ids(path, shape, compute):
     ids = compute()
     if path and ids.max() < 2**16:
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}.png"
-        Image.fromarray(ids.astype(np.uint16)).save(tmp)
-        os.replace(tmp, path)  # atomic: another worker or rank never reads half a file
+        with atomic_path(path, ".png") as tmp:  # another worker or rank never reads half a file
+            Image.fromarray(ids.astype(np.uint16)).save(tmp)
     return ids
 
 
@@ -1436,14 +1435,21 @@ def set_rng_state(s):
         torch.cuda.set_rng_state_all(s["cuda"])
 
 
+@contextmanager
+def atomic_path(path, suffix=""):
+    """A temporary name beside `path` (ending in `suffix`, which picks the image format) for the block to
+    write, then os.replace onto `path`: a crash or a concurrent reader never sees half a file."""
+    tmp = f"{path}.tmp{os.getpid()}{suffix}"
+    yield tmp
+    os.replace(tmp, path)
+
+
 def save_atomic(obj, path):
-    """torch.save to a temporary file, fsync, then os.replace: a crash never leaves a broken file."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
+    """torch.save through atomic_path, fsynced before the rename: a crash never leaves a broken file."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(obj, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def load_file(path):
@@ -1676,9 +1682,8 @@ def plot_curves(log_path, png_path):
     # fixed margins in inches (tight_layout measures every label: it cost as much as drawing the figure)
     fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=1 - 0.6 / height,
                         wspace=0.35, hspace=0.6)
-    tmp = f"{png_path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=80)
-    os.replace(tmp, png_path)  # atomic, like every other output
+    with atomic_path(png_path, ".png") as tmp:  # like every other output
+        fig.savefig(tmp, dpi=80)
     return list(series)
 
 
@@ -1724,6 +1729,5 @@ def save_sheet(path, rows, heads, tile, title=""):
             pic = Image.fromarray(np.asarray(pic).astype(np.uint8)).resize((tile, tile), Image.NEAREST)
             sheet.paste(pic, (c * tile, top + r * tile))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)  # atomic, like every other output
+    with atomic_path(path, ".png") as tmp:  # like every other output
+        sheet.save(tmp)

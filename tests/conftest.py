@@ -20,6 +20,15 @@ IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224")
 # the smallest settings that still exercise everything: 32-px synthetic images, tiny batches
 TINY = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--batch-size", "8",
         "--workers", "0", "--log-every", "1", "--knn-every", "0", "--mlp-dim", "64"]
+# DenseCL and DetCon need a spatial map: the small stem at 16 px gives 2x2 (enough for dense matches and
+# masks) at a quarter of 32 px's cost; DenseCL's queue fits the tiny batch
+EXTRA = {"densecl": ["--stem", "small", "--img-size", "16", "--queue-size", "64"],
+         "detcon": ["--stem", "small", "--img-size", "16"]}
+
+
+def tiny(method, out, *more):
+    """The tiny run of `method` writing to `out`, with `more` flags."""
+    return [*TINY, *EXTRA.get(method, []), "--output-dir", str(out), *more]
 
 
 def run_script(script, *args, env=None, torchrun=0, check=True, timeout=600):
@@ -33,13 +42,6 @@ def run_script(script, *args, env=None, torchrun=0, check=True, timeout=600):
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
     return p
-
-
-def summary(proc):
-    """The JSON summary: the last line a run prints."""
-    rec = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert rec["event"] == "summary"
-    return rec
 
 
 def read_log(out_dir):
@@ -78,13 +80,10 @@ def harness(tmp_path_factory):
     """results.json of tests/dist_harness.py run alone (key 1: in this process, which has imported everything
     already) and under a 2-process torchrun (key 2)."""
     import dist_harness
-    out = {}
-    for world in (1, 2):
-        d = tmp_path_factory.mktemp(f"world{world}")
-        if world == 1:
-            dist_harness.main(str(d))
-        else:
-            run_script("tests/dist_harness.py", str(d), torchrun=world)
-        out[world] = json.load(open(d / "results.json"))
+    one, two = tmp_path_factory.mktemp("world1"), tmp_path_factory.mktemp("world2")
+    dist_harness.main(str(one))
+    run_script("tests/dist_harness.py", str(two), torchrun=2)
+    out = {world: json.load(open(d / "results.json")) for world, d in ((1, one), (2, two))}
+    for d in (one, two):
         shutil.rmtree(d)  # the runs' checkpoints: only results.json is read
     return out

@@ -36,12 +36,8 @@ import eval_linear  # noqa: E402
 import fast_moco  # noqa: E402
 import mocov3  # noqa: E402
 import rotation_aux  # noqa: E402
+from conftest import TINY, tiny  # noqa: E402 -- the tests' tiny runs (this file's folder is on sys.path)
 
-TINY = ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--batch-size", "8",
-        "--workers", "0", "--log-every", "1", "--knn-every", "0", "--mlp-dim", "64"]
-# the small stem at 16 px: a 2x2 final grid (enough for dense matches and masks) at a quarter of 32 px's cost
-EXTRA = {"densecl": ["--stem", "small", "--img-size", "16", "--queue-size", "64"],
-         "detcon": ["--stem", "small", "--img-size", "16"]}
 MODULES = {"mocov3": mocov3, "fast_moco": fast_moco, "densecl": densecl, "detcon": detcon,
            "rotation_aux": rotation_aux}
 
@@ -78,8 +74,8 @@ def one_step(name, model, run, args, forward, sync_bn):
 
 
 def tiny_args(cls, presets, name, out):
-    return common.parse_args(cls, presets, [*TINY, *EXTRA.get(name, []), "--optimizer", "sgd", "--lr", "0.5",
-                                            "--wd", "0", "--output-dir", os.path.join(out, f"step_{name}")])
+    return common.parse_args(cls, presets, tiny(name, os.path.join(out, f"step_{name}"), "--optimizer", "sgd",
+                                                "--lr", "0.5", "--wd", "0"))
 
 
 def main(out_dir):
@@ -143,7 +139,7 @@ def main(out_dir):
         run_dir = os.path.join(out_dir, f"run_{name}")
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            mod.main([*TINY, *EXTRA.get(name, []), "--max-steps", "2", "--output-dir", run_dir])
+            mod.main(tiny(name, run_dir, "--max-steps", "2"))
         lines = [line for line in stdout.getvalue().splitlines() if line.startswith('{"event": "summary"')]
         results[f"run_{name}"] = {"summary_lines": lines}
         if run.rank == 0:

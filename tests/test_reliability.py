@@ -10,19 +10,12 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, TINY, losses, read_log
+from conftest import ROOT, TINY, losses, read_log, tiny
 
 METHODS = ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")
-# the small stem at 16 px: a 2x2 final grid (enough for dense matches and masks) at a quarter of 32 px's cost
-EXTRA = {"densecl": ["--stem", "small", "--img-size", "16", "--queue-size", "64"],
-         "detcon": ["--stem", "small", "--img-size", "16"]}
 # the official code of every method but DenseCL synchronises BN across GPUs; DenseCL's shuffle-BN needs
 # per-GPU BN
 OFFICIAL_SYNC_BN = {"mocov3": True, "fast_moco": True, "densecl": False, "detcon": True, "rotation_aux": True}
-
-
-def tiny(method, out, *more):
-    return [*TINY, *EXTRA.get(method, []), "--output-dir", str(out), *more]
 
 
 @pytest.fixture(autouse=True)

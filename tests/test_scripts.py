@@ -10,20 +10,10 @@ import pytest
 import torch
 import torchvision
 
-from conftest import ROOT, TINY, read_log, run_script
+from conftest import ROOT, read_log, run_script, tiny
 
 METHODS = [m for m in ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")
            if os.path.exists(os.path.join(ROOT, f"{m}.py"))]
-# methods that need a spatial map of >= 4x4 at 32 px use the CIFAR stem; DenseCL's queue fits the tiny batch
-# the small stem at 16 px: a 2x2 final grid (enough for dense matches and masks) at a quarter of 32 px's cost
-EXTRA = {"densecl": ["--stem", "small", "--img-size", "16", "--queue-size", "64"],
-         "detcon": ["--stem", "small", "--img-size", "16"]}
-
-
-def tiny(method, out, *more):
-    return [*TINY, *EXTRA.get(method, []), "--output-dir", out, *more]
-
-
 def run_main(method, argv, capsys):
     """main(argv) in-process; its JSON summary (the last line it printed)."""
     importlib.import_module(method).main(argv)
