@@ -81,6 +81,12 @@ class CommonArgs:
     """data loader worker processes per GPU/process (default: 8, at most the machine's cores)"""
     gpu_aug: bool = False
     """photometric augmentation batched on the device (per-sample parameters); workers decode, crop, flip"""
+    data_on_device: bool = False
+    """decode the data set once into one uint8 tensor held on the device; crops, flips and colour run there,
+    batched and per sample (no loader workers); for data that fits in memory (synthetic, CIFAR, Imagenette)"""
+    store_size: int = 0
+    """--data-on-device: side of the stored square images (0 = native for synthetic, CIFAR and STL-10, else
+    1.25 x --img-size, as lightly stores Imagenette at 160 px for 128-px crops)"""
     precision: str = "auto"
     """fp32, bf16 or fp16 (GradScaler); auto = bf16 on CUDA, fp32 on CPU"""
     channels_last: bool = False
@@ -95,6 +101,9 @@ class CommonArgs:
     """auto (latest checkpoint in --output-dir, if any), a checkpoint path, or empty for a fresh run"""
     max_steps: int = 0
     """stop after this many optimizer steps in total (0 = run all epochs); for smoke tests and benchmarks"""
+    time_limit: float = 0
+    """end the run cleanly (kNN, checkpoint, backbone.pth, summary) after this many seconds of training
+    (evaluation excluded; 0 = no limit): a slower device trains fewer steps instead of being cut off"""
     knn_every: int = 1
     """run the weighted-kNN monitor on the labeled val split every N epochs (0 = off)"""
     knn_k: int = 200
@@ -287,9 +296,14 @@ class Views(torch.utils.data.Dataset):
             yield
 
 
-def pretrain_data(args, run, transform):
-    """The pretraining dataset (train split with `transform`) and steps per epoch."""
-    ds = Views(pretrain_base(args), transform, args.seed)
+def pretrain_data(args, run, transform, ids=None):
+    """The pretraining dataset (train split with `transform`) and steps per epoch. With --data-on-device the
+    split is decoded once into the device's memory (held_split) and `transform` runs in its finish() there;
+    `ids`: a method's per-image mask function, computed once on each stored image (DetCon's)."""
+    if args.data_on_device:
+        ds = held_split(args, run, pretrain_base(args), copies=2, ids=ids)
+    else:
+        ds = Views(pretrain_base(args), transform, args.seed)
     steps = len(ds) // args.batch_size
     if steps == 0:
         raise BadInput(f"--batch-size {args.batch_size} is larger than the dataset ({len(ds)} images)")
@@ -303,6 +317,8 @@ def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
     sampler.set_epoch(epoch)
     ds.epoch = epoch
     indices = list(sampler)[skip_batches * local_bs:]
+    if isinstance(ds, HeldSplit):  # --data-on-device: the same order, batches indexed on the device
+        return ds.batches(indices, local_bs, drop_last)
     return torch.utils.data.DataLoader(
         ds, local_bs, sampler=indices, num_workers=run.args.workers, pin_memory=run.device.type == "cuda",
         drop_last=drop_last, persistent_workers=False, prefetch_factor=4 if run.args.workers else None,
@@ -360,11 +376,14 @@ def photometric_view(recipe):
 
 def make_views(img_size, crop_min, recipes, gpu):
     """TwoViews of the two recipes: the whole view in the workers (PIL) or the geometry there and the
-    photometric ops in TwoViews.finish (gpu)."""
+    photometric ops in TwoViews.finish (gpu). With --data-on-device, finish() does all of it."""
     if gpu:
         geometry = geometry_view(img_size, crop_min)
-        return TwoViews(geometry, geometry, recipes)
-    return TwoViews(*(ssl_view(img_size, crop_min, **dataclasses.asdict(r)) for r in recipes))
+        views = TwoViews(geometry, geometry, recipes)
+    else:
+        views = TwoViews(*(ssl_view(img_size, crop_min, **dataclasses.asdict(r)) for r in recipes))
+    views.on_device = (img_size, crop_min, recipes)  # what finish() runs with --data-on-device
+    return views
 
 
 def byol_recipes(blur=True):
@@ -395,8 +414,11 @@ class TwoViews:
 
     def finish(self, run, x1, x2, step):
         """x1, x2 [n, 3, H, W] from the loader -> the model's inputs on the device. `step`: the global step
-        (optimizer steps done before this batch); with --gpu-aug it seeds the draw, so a resumed run redraws
-        exactly what the uninterrupted run drew at that step. Without --gpu-aug it is unused."""
+        (optimizer steps done before this batch); with --gpu-aug or --data-on-device it seeds the draw, so a
+        resumed run redraws exactly what the uninterrupted run drew at that step. With --data-on-device x1
+        and x2 are the stored images, and each view's crop, flip and colour are drawn here."""
+        if run.args.data_on_device:
+            return device_views(run, x1, step, *self.on_device)
         return finish_views(run, x1, x2, step, self.photometric)
 
 
@@ -587,6 +609,8 @@ def knn_monitor(args, run):
         if run.main:
             print("kNN monitor off: the data has no labeled val split", flush=True)
         return None
+    if args.data_on_device:
+        return held_split(args, run, train), held_split(args, run, val)
     tf = eval_transform(args.img_size)
     return Views(train, tf), Views(val, tf)
 
@@ -642,6 +666,8 @@ class Logger:
         self.step, self.loss = self.step + 1, loss
         step, epoch = self.step, self.step / self.spe
         self.clock.tick(warm=step - self.start == self.WARMUP)
+        if self.time_up():
+            self.total = step  # this step is the run's last: log it, then kNN, checkpoint, export, summary
         if step % self.run.args.log_every and step != self.total:
             return
         loss = float(loss)  # waits for the step's kernels
@@ -661,6 +687,19 @@ class Logger:
             print(f"ep {epoch:.2f} step {step}/{self.total} loss {loss:.4f}{extra} img/s {img_per_s:.1f} "
                   f"data {100 * data_frac:.0f}% eta {eta / 60:.1f}m", flush=True)
             self.write(rec)
+
+    def time_up(self):
+        """--time-limit reached (training seconds, evaluation excluded), on every rank at the same step: alone
+        checked every step; distributed, the ranks agree every --log-every steps (as stop_requested)."""
+        args = self.run.args
+        if not args.time_limit or (self.run.world > 1 and self.step % args.log_every):
+            return False
+        up = time.perf_counter() - self.clock.t0 - self.clock.eval_s >= args.time_limit
+        if self.run.world > 1:
+            flag = torch.tensor(float(up), device=self.run.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            up = bool(flag)
+        return up
 
     def evaluate(self, net, knn, epoch):
         """End of an epoch: the kNN monitor of `net` every --knn-every epochs and after the last step."""
@@ -686,7 +725,8 @@ class Logger:
         img_per_s, step_ms, data_frac = self.clock.totals(self.step - self.start - self.WARMUP)
         rec = {"event": "summary", "method": self.run.method, "steps": self.step, "img_per_s": img_per_s,
                "step_ms": step_ms, "data_time_frac": data_frac, "peak_mem_mb": peak_mem_mb(self.run.device),
-               "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1"), **extra}
+               "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1"),
+               "epochs": round(self.step / self.spe, 4), "train_s": self.clock.train_seconds(), **extra}
         if self.run.main:
             self.write(rec)
             self.file.close()
@@ -891,6 +931,157 @@ def device_view(run, x, recipe, gen):
     return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
 
 
+# ============================================================================ data on the device
+
+# --data-on-device: the split decoded once into one uint8 tensor [N, 3, S, S] on the training device; a batch
+# is indexed from it in DistributedSampler's order, and each view's crop box, flip and colour are drawn per
+# sample on the device from the (seed, rank, step) generator of --gpu-aug, so resumes are exact. One batched
+# call per op, no Python loop over images: at GPU speed such a loop costs about as much as the training step.
+
+STORE_FACTOR = 1.25  # folders: stored at 1.25 x the crop (lightly: Imagenette at 160 px for 128-px crops)
+
+
+def store_size(args):
+    """Side of the stored square images: --store-size, native for the built-in sets, else 1.25 x the crop."""
+    native = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": SYNTH_PX}  # stored as they are
+    names = args.data.split(",")
+    if args.store_size:
+        return args.store_size
+    if all(n in native for n in names):
+        return max(native[n] for n in names)
+    return round(STORE_FACTOR * args.img_size)
+
+
+class Stored(torch.utils.data.Dataset):
+    """base[i] -> (uint8 [3, S, S], label), or ((uint8 [3, S, S], ids [S, S]), label) with `ids`: the shorter
+    side resized to S (antialiased), then the centre S x S (a square image is only resized)."""
+    def __init__(self, base, size, ids=None):
+        self.base, self.ids = base, ids
+        self.tf = T.Compose([T.Resize(size), T.CenterCrop(size)])
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        img = self.tf(img.convert("RGB"))
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
+        return ((x, torch.as_tensor(self.ids(img, i))) if self.ids else x), label
+
+
+class HeldSplit:
+    """A split held on the device: images uint8 [N, 3, S, S], labels [N], optional ids [N, S, S]. A training
+    batch is the stored images once per view, ((x, x), labels), or ((x, ids, x, ids), labels) with ids, for
+    the views' finish() to crop, flip and colour; `copies` 1: (x, labels) (eval_linear's training split)."""
+    def __init__(self, images, labels, ids=None, copies=2):
+        self.images, self.labels, self.ids, self.copies = images, labels, ids, copies
+        self.targets, self.epoch = labels.tolist(), 0  # targets: what labels_of reads
+
+    def __len__(self):
+        return len(self.images)
+
+    def batches(self, indices, batch_size, drop_last=True):
+        """This rank's batches of one epoch: `indices` (the sampler's order) cut into batches of batch_size."""
+        idx = torch.tensor(indices, dtype=torch.long, device=self.images.device)  # [n]
+        end = len(idx) - len(idx) % batch_size if drop_last else len(idx)
+        for b in idx[:end].split(batch_size):
+            x, y = self.images[b], self.labels[b]  # [b, 3, S, S] uint8, [b]
+            if self.copies == 1:
+                yield x, y
+            elif self.ids is None:
+                yield (x, x), y
+            else:
+                ids = self.ids[b]  # [b, S, S]
+                yield (x, ids, x, ids), y
+
+    def eval_batches(self, indices, batch_size, img_size):
+        """(normalised [b, 3, img_size, img_size], labels) batches of `indices`: eval_transform on the
+        device (resize to 256/224 of the crop, centre crop)."""
+        resize, idx = round(img_size * 256 / 224), torch.tensor(indices, dtype=torch.long)
+        for b in idx.to(self.images.device).split(batch_size):
+            x = F.interpolate(self.images[b].float().div_(255), size=(resize, resize), mode="bilinear",
+                              antialias=True, align_corners=False)  # [b, 3, resize, resize]
+            top = int(round((resize - img_size) / 2.0))  # CenterCrop's offset
+            yield normalize(x[..., top:top + img_size, top:top + img_size].clamp(0, 1)), self.labels[b]
+
+
+def held_split(args, run, base, copies=2, ids=None):
+    """Decode `base` once (loader workers, then never again) into a HeldSplit on run.device."""
+    size = store_size(args)
+    loader = torch.utils.data.DataLoader(Stored(base, size, ids), batch_size=256, num_workers=args.workers)
+    xs, ys, ms = [], [], []
+    for x, y in loader:
+        if ids:
+            x, m = x
+            ms.append(m.int())
+        xs.append(x)
+        ys.append(y)
+    masks = None
+    if ids:  # ids stay wider than uint8 (the official uint8 cast merges ids > 255); int16 when they fit
+        masks = torch.cat(ms)
+        masks = masks.to(torch.int16 if masks.max() < 2**15 else torch.int32).to(run.device)
+    return HeldSplit(torch.cat(xs).to(run.device), torch.cat(ys).long().to(run.device), masks, copies)
+
+
+def rrc_boxes(n, h, w, scale, gen, ratio=(3 / 4, 4 / 3), tries=10):
+    """torchvision's RandomResizedCrop.get_params for n samples at once -> boxes [n, 4] float64 (top, left,
+    height, width): up to `tries` draws per sample of area ~ U(scale) x h w and log aspect ~ U(log ratio), the
+    first that fits the image, else its centre crop at the nearest allowed aspect (torchvision's fallback)."""
+    u = torch.rand(n, tries, 4, generator=gen, device=gen.device, dtype=torch.float64)  # [n, tries, 4]
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[..., 0])  # [n, tries]
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1])
+    bw, bh = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # half to even
+    fits = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)  # [n, tries]
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # [n, 1] the first draw that fits
+    pick = lambda t: t.gather(1, first)[:, 0]  # noqa: E731 -- [n, tries] -> [n]
+    bw, bh = pick(bw), pick(bh)
+    top = torch.floor(pick(u[..., 2]) * (h - bh + 1))  # randint(0, h - bh + 1)
+    left = torch.floor(pick(u[..., 3]) * (w - bw + 1))
+    if w / h < ratio[0]:  # the fallback box, the same for every sample
+        fw, fh = w, round(w / ratio[0])
+    elif w / h > ratio[1]:
+        fw, fh = round(h * ratio[1]), h
+    else:
+        fw, fh = w, h
+    fallback = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], dtype=torch.float64, device=gen.device)
+    boxes = torch.stack([top, left, bh, bw], 1)  # [n, 4]
+    return torch.where(fits.any(1, keepdim=True), boxes, fallback)
+
+
+def crop_resize(x, boxes, size):
+    """x float [N, C, H, W], boxes [N, 4] (top, left, height, width) -> [N, C, size, size], one box per
+    sample, by torchvision.ops.roi_align: aligned=True puts pixel centres at +0.5 (resized_crop's convention);
+    adaptive sampling averages ceil(box / size) bilinear samples per output pixel along each side, a box
+    filter close to the antialiased resize (tested within a tolerance), upsampling plain bilinear."""
+    top, left, bh, bw = boxes.to(x.dtype).unbind(1)
+    rois = torch.stack([torch.arange(len(x), device=x.device, dtype=x.dtype), left, top, left + bw,
+                        top + bh], 1)  # [N, 5]: batch index, x1, y1, x2, y2
+    return torchvision.ops.roi_align(x, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def flip_where(x, flip):
+    """x [N, ...] with the samples where flip [N] is true mirrored left-right."""
+    return torch.where(flip.reshape(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+
+
+def colour(run, x, recipe, gen):
+    """x float [N, 3, H, W] in [0, 1] -> the view's photometric ops (per-sample draws from gen), normalised."""
+    x = apply_photometric(x, sample_photometric(recipe, x.shape[0], gen), recipe)
+    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
+
+
+def device_views(run, x, step, img_size, crop_min, recipes):
+    """TwoViews.finish with --data-on-device: stored uint8 images x [n, 3, S, S] -> per view a
+    RandomResizedCrop box (torchvision's distribution), a flip and the colour ops, per sample."""
+    gen = torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
+    x, views = x.float().div_(255), []  # [n, 3, S, S] in [0, 1]
+    for recipe in recipes:
+        boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], (crop_min, 1.0), gen)  # [n, 4]
+        flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5  # [n]
+        views.append(colour(run, flip_where(crop_resize(x, boxes, img_size), flip), recipe, gen))
+    return tuple(views)
+
+
 # ============================================================================ data-study knobs
 
 def pretrain_base(args):
@@ -1079,7 +1270,8 @@ RANGES = {
     "batch_size": (1, True, None), "img_size": (1, True, None), "epochs": (0, True, None),
     "workers": (0, True, None), "max_steps": (0, True, None), "knn_every": (0, True, None),
     "knn_k": (1, True, None), "knn_t": (0, False, None), "log_every": (1, True, None),
-    "save_every": (0, True, None), "synthetic_size": (1, True, None), "subset": (0, True, None),
+    "save_every": (0, True, None), "synthetic_size": (1, True, None), "store_size": (0, True, None),
+    "time_limit": (0, True, None), "subset": (0, True, None),
     "mix_fraction": (0, True, 1), "lr": (0, True, None), "wd": (0, True, None),
     "warmup_epochs": (0, True, None), "temperature": (0, False, None), "momentum": (0, True, 1),
     "trust_coefficient": (0, False, None), "proj_dim": (1, True, None), "mlp_dim": (1, True, None),
@@ -1510,7 +1702,10 @@ def extract_features(net, ds, run, batch_size=256):
     was_training = net.training
     net.eval()
     sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle=False)
-    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=run.args.workers)
+    if isinstance(ds, HeldSplit):  # --data-on-device: resize + centre crop on the device
+        loader = ds.eval_batches(list(sampler), batch_size, run.args.img_size)
+    else:
+        loader = torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=run.args.workers)
     feats, labels, idx = [], [], torch.tensor(list(sampler))
     for x, y in loader:
         with run.autocast():
@@ -1636,6 +1831,10 @@ class Meter:
         self.t_last += seconds
         self.excluded += seconds if self.t_warm and not self.t_end else 0.0
         return time.perf_counter() - self.t0 - self.eval_s
+
+    def train_seconds(self):
+        """Training wall-clock from the start to the last step (or now), evaluation excluded."""
+        return (self.t_end or time.perf_counter()) - self.t0 - self.eval_s
 
     def totals(self, steps):
         """(img/s, step_ms, data_time_frac) over `steps` steps after the warm-up; None each without any."""
