@@ -1,0 +1,1026 @@
+"""Evidence at a real budget in one short GPU run: every method's accuracy against its cost on Imagenette, the
+speed targets at ImageNet resolution and the dense miniature, within --budget seconds (default 8 minutes) on one
+H100/H200-class GPU, compiles included.
+
+  python benchmarks/gpu_suite.py --make-data            # once, here: resized JPEG copies -> data/gpu (~50 MiB)
+  python benchmarks/gpu_suite.py --out $OUT/suite       # on the GPU machine, with carry=["data/gpu"]
+  python benchmarks/gpu_suite.py --report runs/gpu_suite   # the bundle -> benchmarks/results/gpu_*.md + plot
+  python benchmarks/gpu_suite.py --dry-run --out /tmp/gs   # every stage on the CPU at tiny sizes (~25 s)
+  python benchmarks/gpu_suite.py --stages speed --budget 200   # one stage (its share of the budget is all)
+
+Stages, most valuable first; each gets a fixed share of the budget (SHARES) plus what earlier stages left unused,
+never starts a run it cannot finish in what is left, gives every training run --time-limit (a slower device
+trains fewer epochs instead of cutting the suite off), writes <out>/<stage>.json atomically when done and prints
+one status line. A rerun skips the stages that finished ok and reuses every finished run (run folders under
+--work, default /tmp/effssl_gpu_suite; checkpoints are deleted there after each run, so --out stays small).
+  smoke     every training script for a few dozen steps (bf16, channels-last) with and without --data-on-device,
+            MoCo v3 also under --compile, and the supervised baseline: losses finite, img/s (calibrates accuracy).
+  accuracy  imagenette (5,000 / 1,000, stored at 160 px, 128-px crops), ResNet-18, batch 256, --data-on-device,
+            every method + MoCo v2 (densecl --dense-weight 0) + supervised from scratch, the same epochs each (as
+            many as fit, from smoke's img/s), kNN every few epochs, then linear probes, an equal-wall-clock MoCo v3
+            row and a second seed of the two closest rows as the budget allows.
+  speed     MoCo v3 ResNet-50 at 224 px: PIL loader, --gpu-aug, --data-on-device, --gpu-aug --compile against the
+            compiled model-only step; model_cost.py (DenseCL against its MoCo v2 mode, the R18 model-only step)
+            and kernels.py (the LARS step); DenseCL and MoCo v2 whole-script.
+  dense     benchmarks/dense.py on the GPU at 64 px, as many epochs as fit (skipped when nothing is left).
+
+Outputs (--out): <stage>.json, results.json (every stage + meta: device, torch, commit, budget), gpu_knn_time.png,
+suite.log -- at most 8 files, one folder. --report writes benchmarks/results/gpu_{smoke,accuracy,time_to_target,
+throughput,dense}.md and gpu_knn_time.png (--results-dir elsewhere). The GPU run uses one process per training
+run (a group of short smoke runs and the evaluations share one); --dry-run calls every script in this process.
+"""
+import argparse
+import dataclasses
+import datetime
+import glob
+import json
+import math
+import os
+import platform
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [p for p in (ROOT, os.path.join(ROOT, "benchmarks")) if p not in sys.path]
+import suite_jobs  # noqa: E402
+from suite_jobs import write_json  # noqa: E402
+
+STAGES = ("smoke", "accuracy", "speed", "dense")
+# shares of --budget; a stage's deadline is the sum of the shares up to it, so time a stage leaves passes on
+SHARES = {"smoke": 0.2, "accuracy": 0.47, "speed": 0.26, "dense": 0.07}
+METHODS = ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")  # every training script
+# accuracy rows: (name, script, its own flags); MoCo v2 is DenseCL's global loss alone
+ROWS = [("mocov3", "mocov3.py", []), ("fast_moco", "fast_moco.py", []), ("densecl", "densecl.py", []),
+        ("mocov2", "densecl.py", ["--dense-weight", "0"]), ("detcon", "detcon.py", []),
+        ("rotation_aux", "rotation_aux.py", []), ("supervised", "eval_linear.py", [])]
+SOURCE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224")  # SPEC section 10
+DATA = os.path.join(ROOT, "data", "gpu")
+MAIN_SHARE = 0.75  # of the accuracy budget for the equal-epoch rows: the rest is the equal-wall-clock row's (~1/5)
+TIME_SLACK = 1.3  # --time-limit over the planned training time: a guard against a slow device, not the plan
+WARMUP_SHARE = 0.1  # MoCo v3's warm-up: 10 of 100 epochs in the official recipe, kept as a share of the run
+LINKS = 25  # stage speed: the 224-px subset (1,000) linked 25x = ~97 steps of 256 per epoch > --max-steps 80,
+#             so the loader never restarts inside the measured window
+LIGHTLY = [("MoCo (v2-style, bank 4096)", 78.6, 87.4), ("SimCLR", 83.5, 88.9), ("BYOL", 70.5, 88.7),
+           ("SwAV", 86.1, 90.2), ("VICReg", 76.3, 84.5)]  # SPEC section 11: kNN top-1 at 200 / 800 epochs
+
+
+@dataclasses.dataclass
+class Geometry:
+    """The sizes of every stage: GPU (the real run) or DRY (CPU, tiny)."""
+    stem: str = "imagenet"
+    img: int = 128
+    store: int = 160  # lightly's Imagenette storage for 128-px crops
+    batch: int = 256
+    queue: int = 4096  # DenseCL: a queue shorter than the 5,000 images (65,536 would hold each image ~13 times)
+    smoke_steps: int = 30
+    probe_epochs: int = 10  # linear probe: a few epochs of a frozen backbone
+    knn_evals: int = 6  # kNN points per accuracy curve (each a pass over the 6,000 stored images)
+    max_epochs: int = 0  # 0: as many as the budget gives
+    loader_smoke: tuple = METHODS  # the scripts smoke-tested with the loader as well
+    speed_densecl: bool = True  # stage speed also runs DenseCL and MoCo v2 whole-script
+    speed: tuple = ("resnet50", 224, 224, 256, 80)  # arch, crop, stored size, batch, steps
+    dense: tuple = ("--img-size", "64", "--batch-size", "128")  # an 8x8 final grid (small stem)
+    train_extra: tuple = ()  # flags for every training script
+    dry_extra: dict = dataclasses.field(default_factory=dict)  # per-script flags of the dry run
+    run_s: float = 6.0  # estimate: one in-process smoke run (decode, build, steps, checkpoint)
+    compile_s: float = 90.0  # estimate: a first torch.compile of a ResNet step
+    knn_s: float = 1.0  # estimate: one kNN evaluation (forward over 6,000 stored images, the vote)
+    probe_s: float = 8.0  # estimate: one linear probe in a shared process
+    speed_s: float = 30.0  # estimate: one sustained ResNet-50 run after its process starts
+    dense_eval_s: float = 8.0  # estimate: seg + seg-knn of one backbone
+
+
+GPU = Geometry()
+# the dry run: ResNet-18 at 16 px, DenseCL and DetCon with the small stem (a 2x2 final grid, the least they take)
+SMALL = ["--stem", "small", "--img-size", "16", "--store-size", "20"]
+DRY = Geometry(img=16, store=20, batch=8, queue=64, smoke_steps=2, probe_epochs=1, knn_evals=1, max_epochs=1,
+               loader_smoke=("mocov3",), speed_densecl=False, speed=("resnet18", 16, 20, 8, 2),
+               dense=("--img-size", "16", "--batch-size", "8", "--max-steps", "2", "--seg-epochs", "1",
+                      "--synthetic-size", "128"),  # the seg probe's batch
+               train_extra=("--mlp-dim", "64"),
+               dry_extra={"densecl.py": [*SMALL, "--shuffle-splits", "2"], "detcon.py": [*SMALL, "--masks", "grid"]},
+               run_s=2.0, compile_s=5.0, knn_s=0.2, probe_s=1.0, speed_s=2.0, dense_eval_s=2.0)
+
+
+# ---------------------------------------------------------------------------------------------- data
+
+def make_data(dst=DATA, src=SOURCE, target_mib=52, per_class_224=100, val_224=20):
+    """Resized copies for the GPU machine (which takes at most 64 MiB of working tree + carried folders):
+    imagenette-160 = every train and val image at 160 px, JPEG at the highest quality whose estimated total
+    fits target_mib; imagenette-224 = the first per_class_224 train / val_224 val images of each class,
+    byte-for-byte. Written to dst.tmp, then moved to dst. Returns {folder: MiB}."""
+    from multiprocessing import Pool
+    files = sorted(glob.glob(os.path.join(src, "*", "*", "*.JPEG")))
+    if not files:
+        raise SystemExit(f"no images under {src} (SPEC section 10: ../shared/data/imagenette2-224)")
+    tmp = dst + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    for f in first_per_class(files, {"train": per_class_224, "val": val_224}):
+        os.makedirs(os.path.join(tmp, "imagenette-224", *f.split(os.sep)[-3:-1]), exist_ok=True)
+        shutil.copyfile(f, os.path.join(tmp, "imagenette-224", *f.split(os.sep)[-3:]))
+    budget = target_mib * 2**20 - folder_bytes(os.path.join(tmp, "imagenette-224"))
+    quality = pick_quality(files[::20], len(files), budget)
+    with Pool(os.cpu_count()) as pool:
+        pool.starmap(resize_jpeg, [(f, os.path.join(tmp, "imagenette-160", *f.split(os.sep)[-3:]), 160, quality)
+                                   for f in files])
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
+    sizes = {d: folder_bytes(os.path.join(dst, d)) / 2**20 for d in sorted(os.listdir(dst))}
+    for d, mib in sizes.items():
+        print(f"{os.path.join(dst, d)}: {count_images(os.path.join(dst, d))} images, {mib:.1f} MiB")
+    print(f"total {sum(sizes.values()):.1f} MiB (160-px JPEG quality {quality}); carry=[\"data/gpu\"]")
+    return sizes
+
+
+def first_per_class(files, n):
+    """The first n[split] files (sorted) of each class folder of each split."""
+    out, seen = [], {}
+    for f in files:
+        split, cls = f.split(os.sep)[-3:-1]
+        if seen.setdefault((split, cls), 0) < n.get(split, 0):
+            seen[(split, cls)] += 1
+            out.append(f)
+    return out
+
+
+def resize_jpeg(src, dst, size, quality):
+    from PIL import Image
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    img = Image.open(src).convert("RGB")
+    img.resize((size, size), Image.BICUBIC, reducing_gap=None).save(dst, "JPEG", quality=quality)
+
+
+def pick_quality(sample, n_files, budget_bytes, size=160, qualities=(90, 85, 80, 75, 70)):
+    """The highest JPEG quality whose sample-mean file size x n_files fits the byte budget."""
+    import io
+
+    from PIL import Image
+    for q in qualities:
+        total = 0
+        for f in sample:
+            buf = io.BytesIO()
+            Image.open(f).convert("RGB").resize((size, size), Image.BICUBIC).save(buf, "JPEG", quality=q)
+            total += buf.tell()
+        if total / len(sample) * n_files <= budget_bytes:
+            return q
+    return qualities[-1]
+
+
+def folder_bytes(path):
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+
+def count_images(path, split=None):
+    root = os.path.join(path, split) if split else path
+    return sum(len(fs) for _, _, fs in os.walk(root, followlinks=True))
+
+
+def tiny_data(dst, per_class=1, px=20):
+    """The dry run's ImageFolder: the synthetic scenes, `per_class` train and 1 val image per class."""
+    import common
+    if os.path.isdir(os.path.join(dst, "val")):
+        return dst
+    for split, n in (("train", per_class), ("val", 1)):
+        ds = common.Synthetic(n * len(common.SHAPES), split)
+        for i in range(len(ds)):
+            img, label = ds[i]
+            folder = os.path.join(dst + ".tmp", split, common.SHAPES[label])
+            os.makedirs(folder, exist_ok=True)
+            img.resize((px, px)).save(os.path.join(folder, f"{i}.jpg"), quality=90)
+    os.replace(dst + ".tmp", dst)
+    return dst
+
+
+def linked(src, dst, copies):
+    """An ImageFolder whose train split lists every image of src's `copies` times (symlinks), val linked."""
+    if os.path.isdir(dst):
+        return dst
+    for cls in sorted(os.listdir(os.path.join(src, "train"))):
+        os.makedirs(os.path.join(dst + ".tmp", "train", cls))
+        for name in sorted(os.listdir(os.path.join(src, "train", cls))):
+            for c in range(copies):
+                os.symlink(os.path.abspath(os.path.join(src, "train", cls, name)),
+                           os.path.join(dst + ".tmp", "train", cls, f"{c}_{name}"))
+    os.symlink(os.path.abspath(os.path.join(src, "val")), os.path.join(dst + ".tmp", "val"))
+    os.replace(dst + ".tmp", dst)
+    return dst
+
+
+# ---------------------------------------------------------------------------------------------- running
+
+@dataclasses.dataclass
+class Ctx:
+    dry: bool
+    out: str
+    work: str
+    geo: Geometry
+    budget: float
+    t0: float
+    data: dict
+    workers: int
+    stages: dict = dataclasses.field(default_factory=dict)  # stage -> its result (finished or loaded)
+    overhead: float = 12.0  # seconds a training process spends outside training: measured by smoke
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def left(self, deadline):
+        return deadline - time.monotonic()
+
+
+def slug(name):
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_")
+
+
+def job(ctx, stage, name, script, argv, estimate_s, time_limit=None):
+    """A job; the repository's scripts get their folder as --output-dir, and --time-limit when given."""
+    d = os.path.join(ctx.work, stage, slug(name))
+    argv = [str(a) for a in argv]
+    if not script.startswith(("benchmarks/", "model_only")):
+        argv += ["--output-dir", d]
+    if time_limit is not None:
+        argv += ["--time-limit", f"{max(time_limit, 1):.0f}"]
+    return {"name": name, "script": script, "argv": argv, "dir": d, "estimate_s": round(estimate_s, 1)}
+
+
+def run_key(j):
+    """What identifies a run for reuse: the script and its flags, without --time-limit (set by the budget)."""
+    argv = j["argv"]
+    i = argv.index("--time-limit") if "--time-limit" in argv else len(argv)
+    return [j["script"], *argv[:i], *argv[i + 2:]]
+
+
+def execute(ctx, jobs, deadline, label, keep_backbone=False):
+    """Run `jobs` in order (reusing finished ones; a job is not started when its estimate no longer fits) ->
+    {name: result}. Dry run: in this process. GPU: one child process for the lot, killed (SIGTERM, then SIGKILL)
+    at the deadline; what it finished is kept."""
+    results, todo = {}, []
+    for j in jobs:
+        rec = os.path.join(j["dir"], "suite_run.json")
+        old = json.load(open(rec)) if os.path.isfile(rec) else None
+        if old and old["key"] == run_key(j) and old["result"]["ok"]:
+            results[j["name"]] = {**old["result"], "reused": True}
+        else:
+            shutil.rmtree(j["dir"], ignore_errors=True)  # a fresh run: log.jsonl holds this run only
+            todo.append(j)
+    if todo:
+        wall_deadline = time.time() + ctx.left(deadline)
+        fresh = (suite_jobs.run_jobs(todo, wall_deadline) if ctx.dry else launch(ctx, todo, wall_deadline, label))
+    for j, r in zip(todo, fresh if todo else []):
+        results[j["name"]] = r
+        for name in ("checkpoint.pth",) + (() if keep_backbone else ("backbone.pth",)):
+            if os.path.isfile(os.path.join(j["dir"], name)):
+                os.remove(os.path.join(j["dir"], name))  # the suite reads log.jsonl (and the probes backbone.pth)
+        if r["ok"]:
+            write_json(os.path.join(j["dir"], "suite_run.json"), {"key": run_key(j), "result": r})
+    return {j["name"]: results[j["name"]] for j in jobs}
+
+
+def launch(ctx, jobs, wall_deadline, label):
+    """The jobs in one child process (benchmarks/suite_jobs.py) -> their results, in order. The child's own
+    start-up and exit (interpreter, imports, CUDA) are recorded as `process_s` on the first result."""
+    base = os.path.join(ctx.work, "jobs", slug(label))
+    os.makedirs(os.path.dirname(base), exist_ok=True)
+    write_json(base + ".jobs.json", {"deadline": wall_deadline, "jobs": jobs})
+    if os.path.exists(base + ".results.json"):
+        os.remove(base + ".results.json")
+    t, why = time.monotonic(), None
+    with open(base + ".log", "w") as log:
+        p = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", "suite_jobs.py"),
+                              base + ".jobs.json", base + ".results.json"], cwd=ROOT, stdout=log, stderr=log,
+                             env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+        try:
+            p.wait(timeout=max(1.0, wall_deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            why = f"cut off at the stage's deadline after {time.monotonic() - t:.0f} s"
+            os.killpg(p.pid, signal.SIGTERM)  # the scripts finish their step and exit on SIGTERM
+            try:
+                p.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    path = base + ".results.json"
+    done = json.load(open(path)) if os.path.isfile(path) else []
+    why = why or f"the child process ended (exit {p.returncode}): {suite_jobs.tail(base + '.log', 1500)}"
+    if done:
+        done[0]["process_s"] = round(time.monotonic() - t - sum(r["wall_s"] for r in done), 2)
+    return done + [{"name": j["name"], "ok": False, "skipped": False, "summary": None, "error": why,
+                    "wall_s": 0.0} for j in jobs[len(done):]]
+
+
+def curve(run_dir):
+    """[[epoch, train_s, kNN top-1]] of a run's kNN evaluations (its log.jsonl)."""
+    path = os.path.join(run_dir, "log.jsonl")
+    out = []
+    for line in open(path) if os.path.isfile(path) else ():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line
+        if "knn_top1" in r and "train_s" in r and r.get("event") != "summary":
+            out.append([r["epoch"], round(r["train_s"], 2), r["knn_top1"]])
+    return out
+
+
+def finite(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def run_row(r):
+    """The numbers the tables read from one result."""
+    s = r.get("summary") or {}
+    keys = ("img_per_s", "step_ms", "data_time_frac", "loss", "knn_top1", "epochs", "train_s", "top1", "steps",
+            "peak_mem_mb")
+    row = {"ok": r["ok"], "skipped": r.get("skipped", False), "wall_s": round(r.get("wall_s", 0.0), 2),
+           **{k: s.get(k) for k in keys}}
+    if not r["ok"]:
+        row["error"] = r.get("error")
+    return row
+
+
+def outcome(runs):
+    """A stage's status from its runs: failed if any failed, partial if some were not started, else ok."""
+    if any(not r["ok"] and not r["skipped"] for r in runs.values()):
+        return "failed"
+    return "partial" if any(r["skipped"] for r in runs.values()) or not runs else "ok"
+
+
+def problems(runs):
+    failed = [n for n, r in runs.items() if not r["ok"] and not r["skipped"]]
+    skipped = [n for n, r in runs.items() if r["skipped"]]
+    return ((f"; failed: {', '.join(failed)}" if failed else "")
+            + (f"; not started (budget): {', '.join(skipped)}" if skipped else ""))
+
+
+# ---------------------------------------------------------------------------------------------- flags
+
+def train_flags(ctx, script, data, dod=True, seed=0, geometry=None):
+    """The shared flags of a training (or eval_linear) run at the accuracy geometry, or at `geometry` =
+    (arch, crop, stored size, batch)."""
+    g = ctx.geo
+    arch, img, store, batch = geometry or ("resnet18", g.img, g.store, g.batch)
+    flags = ["--data", data, "--arch", arch, "--stem", g.stem, "--img-size", img, "--batch-size", batch,
+             "--workers", ctx.workers, "--channels-last", "--seed", seed]
+    flags += ["--data-on-device", "--store-size", store] if dod else []
+    if script == "eval_linear.py":
+        return flags
+    return flags + ["--preset", "imagenet", *g.train_extra, *g.dry_extra.get(script, [])]
+
+
+def row_flags(ctx, name, script, extra, epochs):
+    """Each row's own flags over its `imagenet` preset: what a 5,000-image run of tens of epochs changes."""
+    if name == "supervised":
+        return ["--mode", "finetune", "--pretrained", "none", "--epochs", epochs]
+    flags = ["--epochs", epochs, *extra]
+    if script in ("mocov3.py", "rotation_aux.py"):
+        flags += ["--warmup-epochs", f"{WARMUP_SHARE * epochs:g}"]
+    if script == "densecl.py":  # MoCo v2's 65,536-key queue and m 0.999 are for 1.28 M images and 200 epochs
+        flags += ["--queue-size", ctx.geo.queue, "--momentum", "0.99"]
+    return flags
+
+
+def drop_geometry(flags):
+    """eval_linear with --pretrained reads arch, stem and size from the file: those flags go."""
+    out, skip = [], False
+    for f in flags:
+        if skip:
+            skip = False
+        elif f in ("--arch", "--stem", "--img-size"):
+            skip = True
+        else:
+            out.append(f)
+    return out
+
+
+def flags_text(argv):
+    """A run's flags as a caption shows them: without paths and plumbing."""
+    hide = {"--data", "--output-dir", "--workers", "--log-every", "--pretrained", "--time-limit", "--runs",
+            "--out", "--seed"}
+    out, skip = [], False
+    for f in argv:
+        if skip:
+            skip = False
+        elif f in hide:
+            skip = True
+        elif f not in ("--channels-last", "--reuse"):
+            out.append(f)
+    return " ".join(out)
+
+
+# ---------------------------------------------------------------------------------------------- stages
+
+def stage_smoke(ctx, deadline):
+    """Every script a few dozen steps, with and without --data-on-device; MoCo v3 also compiled."""
+    g, data = ctx.geo, ctx.data["acc"]
+    short = ["--max-steps", g.smoke_steps, "--knn-every", "0", "--log-every", "10"]
+
+    def smoke(label, name, script, extra, dod=True, more=()):
+        flags = train_flags(ctx, script, data, dod) + row_flags(ctx, name, script, extra, 100) + short
+        return job(ctx, "smoke", label, script, flags + list(more), g.run_s)
+
+    scripts = [r for r in ROWS if r[0] != "mocov2"]  # DenseCL's script: its --dense-weight 0 mode costs less
+    jobs = [smoke(name, *r) for r in scripts for name in [r[0]]]  # --data-on-device first: they calibrate
+    jobs += [smoke(f"{r[0]} (loader)", *r, dod=False) for r in scripts if r[0] in g.loader_smoke]
+    res = execute(ctx, jobs, deadline, "smoke")
+    compiled = smoke("mocov3 --compile", *ROWS[0], more=[] if ctx.dry else ["--compile"])  # dry run: eager
+    compiled["estimate_s"] = ctx.overhead + g.compile_s
+    res.update(execute(ctx, [compiled], deadline, "smoke compile"))
+    runs = {n: {**run_row(r), "finite": finite((r.get("summary") or {}).get("loss"))} for n, r in res.items()}
+    outside = sorted(r["wall_s"] - (r["train_s"] or 0) for n, r in runs.items() if r["ok"] and n in
+                     {j["name"] for j in jobs} and not r.get("reused"))
+    process = max([r.get("process_s") or 0 for r in res.values()] + [0])
+    if outside:  # a training process's seconds outside training: start-up, decode, build, checkpoint
+        ctx.overhead = process + outside[len(outside) // 2]
+    for r in runs.values():
+        if r["ok"] and not r["finite"]:
+            r["ok"], r["error"] = False, "loss not finite"
+    m = runs.get("mocov3", {})
+    head = (f"mocov3 {fmt(m.get('img_per_s'), '.0f')} img/s with --data-on-device; "
+            f"{sum(r['ok'] for r in runs.values())}/{len(runs)} runs ok, losses finite" + problems(runs))
+    return {"status": outcome(runs), "headline": head, "runs": runs, "overhead_s": round(ctx.overhead, 2),
+            "steps": g.smoke_steps, "data": os.path.basename(data), "n_train": count_images(data, "train"),
+            "n_val": count_images(data, "val"),
+            "geometry": {"arch": "resnet18", "stem": g.stem, "img": g.img, "store": g.store, "batch": g.batch}}
+
+
+def smoke_rate(run, batch):
+    """img/s of a smoke run: its summary's (after the warm-up steps), else steps x batch / train_s (warm-up
+    included: a run of no more steps than the warm-up has no other), None without a finished run."""
+    if not run.get("ok"):
+        return None
+    if finite(run.get("img_per_s")):
+        return run["img_per_s"]
+    return run["steps"] * batch / run["train_s"] if finite(run.get("steps")) and finite(run.get("train_s")) else None
+
+
+def epochs_for(budget_s, epoch_s, per_run_s, lo=1, hi=0):
+    """Equal epochs E for every row: floor((budget - rows x per-run cost) / sum of the rows' seconds per
+    epoch), within [lo, hi] (hi 0: no cap)."""
+    spare = budget_s - per_run_s * len(epoch_s)
+    e = int(spare // sum(epoch_s.values())) if spare > 0 and epoch_s else 0
+    return max(lo, min(e, hi) if hi else e)
+
+
+def closest_pair(knn):
+    """The two names whose values are closest ({name: kNN top-1}); None with fewer than two."""
+    names = sorted(knn, key=knn.get)
+    pairs = [(knn[b] - knn[a], a, b) for a, b in zip(names, names[1:])]
+    return min(pairs)[1:] if pairs else None
+
+
+def stage_accuracy(ctx, deadline):
+    g, data = ctx.geo, ctx.data["acc"]
+    smoke = ctx.stages.get("smoke", {}).get("runs", {})
+    n_train = count_images(data, "train")
+    img_s = {n: smoke_rate(smoke.get("densecl" if n == "mocov2" else n) or {}, g.batch) for n, _, _ in ROWS}
+    rows = [r for r in ROWS if img_s[r[0]]]  # a row whose script has no smoke measurement is not planned
+    epoch_s = {n: n_train / img_s[n] for n, _, _ in rows}
+    per_run = ctx.overhead + (g.knn_evals + 1) * g.knn_s
+    n_ssl = len([r for r in rows if r[0] != "supervised"])
+    budget = MAIN_SHARE * ctx.left(deadline) - (ctx.overhead + (n_ssl + 1) * g.probe_s)
+    # a rerun keeps the first attempt's epochs, so its finished runs are reused
+    epochs = (ctx.stages.get("accuracy") or {}).get("epochs") or epochs_for(budget, epoch_s, per_run,
+                                                                               hi=g.max_epochs)
+    knn_every = max(1, epochs // g.knn_evals)
+    table = {n: {"ok": False, "skipped": True, "method": n, "seed": 0, "error": "no smoke measurement (its "
+                 "smoke run failed or did not run)"} for n, _, _ in ROWS if not img_s[n]}
+
+    def train(name, script, extra, e, seed=0, limit=None):
+        label = name + (f" {e}ep" if e != epochs else "") + (f" seed {seed}" if seed else "")
+        planned = e * epoch_s[name]
+        flags = train_flags(ctx, script, data, seed=seed) + row_flags(ctx, name, script, extra, e)
+        flags += [] if name == "supervised" else ["--knn-every", knn_every, "--log-every", 50]
+        j = job(ctx, "accuracy", label, script, flags, per_run + planned, limit or TIME_SLACK * planned + 5)
+        r = execute(ctx, [j], deadline, f"accuracy {label}", keep_backbone=True)[label]
+        points = curve(j["dir"])
+        table[label] = {**run_row(r), "method": name, "seed": seed, "flags": flags_text(j["argv"]),
+                        "curve": points, "dir": j["dir"]}
+        if points:  # the last kNN record's train_s: the summary's also subtracts the final kNN's seconds
+            table[label]["train_s"] = points[-1][1]
+        return table[label]
+
+    for name, script, extra in rows:
+        train(name, script, extra, epochs)
+    # linear probes of the finished SSL rows and random init's kNN, in one process
+    ssl = {n: t for n, t in table.items() if t["ok"] and t["method"] != "supervised"}
+    evals = [job(ctx, "accuracy", "random init", "eval_linear.py",
+                 ["--mode", "knn", "--pretrained", "none"] + train_flags(ctx, "eval_linear.py", data), g.probe_s)]
+    evals += [job(ctx, "accuracy", f"{n} linear", "eval_linear.py",
+                  ["--mode", "linear", "--pretrained", os.path.join(t["dir"], "backbone.pth"), "--epochs",
+                   g.probe_epochs, "--log-every", 50] + drop_geometry(train_flags(ctx, "eval_linear.py", data)),
+                  g.probe_s, 4 * g.probe_s) for n, t in ssl.items()]
+    for name, r in execute(ctx, evals, deadline, "accuracy evals").items():
+        top1 = (r.get("summary") or {}).get("top1")
+        if name == "random init":
+            table[name] = {**run_row(r), "method": name, "knn_top1": top1}
+        else:
+            row = table[name[:-len(" linear")]]
+            row["linear"] = top1
+            row["linear_error"] = None if r["ok"] else r.get("error")
+    # equal wall-clock: MoCo v3 given the slowest SSL row's training time, its own full schedule
+    knn = {n: t["knn_top1"] for n, t in ssl.items() if finite(t.get("knn_top1"))}
+    if "mocov3" in ssl and finite(ssl["mocov3"]["train_s"]):
+        slowest = max(t["train_s"] or 0 for t in ssl.values())
+        e_eq = int(epochs * slowest / ssl["mocov3"]["train_s"])
+        if e_eq > epochs:
+            train("mocov3", "mocov3.py", [], e_eq, limit=TIME_SLACK * slowest)["equal_wall_clock"] = True
+    # a second seed of the two rows closest in final kNN
+    pair = closest_pair(knn)
+    for name in pair or ():
+        script, extra = next((s, x) for n, s, x in ROWS if n == name)
+        ssl[name]["seed1_knn"] = train(name, script, extra, epochs, seed=1)["knn_top1"]
+    order = [n for n, _, _ in ROWS] + ["random init"]
+    table = dict(sorted(table.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+    result = {"epochs": epochs, "knn_every": knn_every, "n_train": n_train, "n_val": count_images(data, "val"),
+              "probe_epochs": g.probe_epochs, "epoch_s": {k: round(v, 3) for k, v in epoch_s.items()},
+              "rows": table, "seed_pair": list(pair) if pair else None, "data": os.path.basename(data),
+              "geometry": {"arch": "resnet18", "stem": g.stem, "img": g.img, "store": g.store, "batch": g.batch}}
+    write_plot(result, os.path.join(ctx.out, "gpu_knn_time.png"), ctx.meta)
+    best = max(knn, key=knn.get) if knn else None
+    head = f"{epochs} epochs each" + (f"; best final kNN {best} {knn[best]:.1f}" if best else "") + problems(table)
+    return {"status": outcome(table), "headline": head, **result}
+
+
+def stage_speed(ctx, deadline):
+    """MoCo v3 ResNet-50 at 224 px: model-only costs, the compiled pair, then each loader, then DenseCL."""
+    g = ctx.geo
+    arch, img, store, batch, steps = g.speed
+    geometry = (arch, img, store, batch)
+    many, subset = ctx.data["speed_links"], ctx.data["speed"]
+    short = ["--max-steps", steps, "--knn-every", "0", "--log-every", steps]
+    shape = ["--preset", "imagenet", "--arch", arch, "--stem", g.stem, "--img-size", img, "--batch-size", batch,
+             "--channels-last", *g.train_extra]
+    r18 = ["--preset", "imagenet", "--arch", "resnet18", "--stem", g.stem, "--img-size", g.img, "--batch-size",
+           g.batch, "--channels-last", *g.train_extra]
+    reps = ["--reps", "1" if ctx.dry else "20"]
+    md = lambda name: os.path.join(ctx.work, "speed", name)  # noqa: E731
+
+    def script(name, file, data, extra, dod=False, estimate=g.speed_s):
+        flags = train_flags(ctx, file, data, dod, geometry=geometry) + short + extra
+        return job(ctx, "speed", name, file, flags, estimate)
+
+    costs = [job(ctx, "speed", "model_cost speed", "benchmarks/model_cost.py",
+                 ["--methods", "mocov3,densecl", *shape, *reps, "--out", md("mc_speed.md")], g.speed_s),
+             job(ctx, "speed", "model_cost accuracy", "benchmarks/model_cost.py",
+                 ["--methods", "mocov3", *r18, *reps, "--out", md("mc_accuracy.md")], g.speed_s / 2)]
+    if not ctx.dry:  # kernels.py times ResNet-18/50-size LARS steps and the dense loss: ~1 min on a CPU
+        costs.append(job(ctx, "speed", "kernels", "benchmarks/kernels.py",
+                         ["--reps", "20", "--out", md("kernels.md")], g.speed_s / 2))
+    compile_ = [] if ctx.dry else ["--compile"]
+    pair = [script("mocov3 --gpu-aug --compile", "mocov3.py", many, ["--gpu-aug", *compile_],
+                   estimate=g.compile_s + g.speed_s),
+            job(ctx, "speed", "model-only --compile", "model_only", shape + compile_ + reps, g.compile_s / 2)]
+    loaders = [script("mocov3 --gpu-aug", "mocov3.py", many, ["--gpu-aug"]),
+               script("mocov3 --data-on-device", "mocov3.py", subset, [], dod=True),
+               script("mocov3 PIL loader", "mocov3.py", many, [])]
+    loaders += [script("densecl --data-on-device", "densecl.py", subset, [], dod=True),
+                script("mocov2 --data-on-device", "densecl.py", subset, ["--dense-weight", "0"], dod=True)
+                ] if g.speed_densecl else []
+    res = {}
+    for label, jobs in (("costs", costs), ("compiled", pair), ("loaders", loaders)):
+        jobs[0]["estimate_s"] += ctx.overhead  # the child process's start-up
+        res.update(execute(ctx, jobs, deadline, f"speed {label}"))
+    runs = {n: run_row(r) for n, r in res.items()}
+    for n, r in res.items():
+        s = r.get("summary") or {}
+        if n.startswith("model_cost"):
+            runs[n].update(step_ms=s.get("step_ms"), ratio=s.get("ratio"))
+        elif n == "kernels":
+            runs[n]["lars"] = s.get("lars")
+        elif n.startswith("model-only"):
+            runs[n].update(img_per_s=s.get("img_per_s"), compile_s=s.get("compile_s"))
+    a = runs["mocov3 --gpu-aug --compile"].get("img_per_s")
+    head = f"{arch} {img} px compiled --gpu-aug {fmt(a, '.0f')} img/s" + problems(runs)
+    return {"status": outcome(runs), "headline": head, "runs": runs,
+            "geometry": {"arch": arch, "img": img, "store": store, "batch": batch, "steps": steps},
+            "links": LINKS if not ctx.dry else 2, "n_speed_train": count_images(subset, "train"),
+            "n_links_train": count_images(many, "train")}
+
+
+def stage_dense(ctx, deadline):
+    """benchmarks/dense.py on the GPU, as many epochs as fit (0: skipped)."""
+    g = ctx.geo
+    smoke = ctx.stages.get("smoke", {}).get("runs", {}).get("mocov3", {})
+    methods = ["mocov3"] if ctx.dry else ["mocov3", "densecl", "mocov2", "detcon"]  # the dense claims' rows
+    # the small stem at 64 px has 4x the feature-map pixels of the imagenet stem at 128 px (smoke's geometry)
+    img_s = (smoke.get("img_per_s") or 1000.0) / 4
+    fixed = ctx.overhead + (len(methods) + 2) * g.dense_eval_s  # + random init's and equal wall-clock's evals
+    epochs = (ctx.stages.get("dense") or {}).get("epochs") or epochs_for(  # a rerun keeps its epochs
+        ctx.left(deadline) - fixed, {m: 1280 / img_s for m in methods}, 0, lo=0, hi=g.max_epochs or 50)
+    if epochs < 1 and not ctx.dry:
+        return {"status": "skipped", "headline": f"no budget left ({ctx.left(deadline):.0f} s)", "epochs": 0}
+    epochs = max(epochs, 1)
+    argv = ["--methods", ",".join(methods), "--stem", "small", *g.dense, "--epochs", epochs, "--workers",
+            ctx.workers, "--reuse", "--runs", os.path.join(ctx.work, "dense", "runs"), "--out",
+            os.path.join(ctx.work, "dense", "dense")]
+    j = job(ctx, "dense", "dense.py", "benchmarks/dense.py", argv, fixed)
+    r = execute(ctx, [j], deadline, "dense")["dense.py"]
+    for ck in glob.glob(os.path.join(ctx.work, "dense", "runs", "*", "checkpoint.pth")):
+        os.remove(ck)  # dense.py's --reuse reads backbone.pth
+    runs = {"dense.py": run_row(r)}
+    return {"status": outcome(runs), "headline": f"{epochs} epochs, {len(methods)} methods" + problems(runs),
+            "epochs": epochs, "methods": methods, "table": (r.get("summary") or {}).get("table", ""),
+            "error": r.get("error"), "command": "python benchmarks/dense.py " + flags_text(j["argv"])}
+
+
+# ---------------------------------------------------------------------------------------------- the suite
+
+def device_meta(ctx, commit):
+    import torch
+    import torchvision
+
+    from throughput import device_name
+    return {"device": device_name(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "python": platform.python_version(), "cpus": os.cpu_count(), "commit": commit,
+            "budget_s": ctx.budget, "shares": SHARES, "dry_run": ctx.dry, "workers": ctx.workers,
+            "precision": "bf16" if torch.cuda.is_available() else "fp32",
+            "started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python benchmarks/gpu_suite.py " + " ".join(sys.argv[1:])}
+
+
+def git_commit():
+    try:
+        p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT,
+                           timeout=5)
+        return p.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def status_line(ctx, stage, result):
+    line = f"[gpu_suite] {stage:9s} {result['status']:8s} {result.get('seconds', 0):6.0f} s  {result['headline']}"
+    print(line, flush=True)
+    with open(os.path.join(ctx.out, "suite.log"), "a") as f:
+        f.write(line + "\n")
+
+
+def save_bundle(ctx):
+    write_json(os.path.join(ctx.out, "results.json"), {"meta": ctx.meta, "stages": ctx.stages})
+
+
+def run_suite(a):
+    geo = DRY if a.dry_run else GPU
+    work = a.work or os.path.join(tempfile.gettempdir(), "effssl_gpu_suite" + ("_dry" if a.dry_run else ""))
+    os.makedirs(a.out, exist_ok=True)
+    os.makedirs(work, exist_ok=True)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    ctx = Ctx(a.dry_run, a.out, work, geo, a.budget, time.monotonic(), {}, 0 if a.dry_run else max(1, cores - 1))
+    if a.dry_run:
+        tiny = tiny_data(os.path.join(work, "tiny"))
+        ctx.data = {"acc": tiny, "speed": tiny, "speed_links": linked(tiny, os.path.join(work, "tiny_x2"), 2)}
+    else:
+        acc, speed = os.path.join(DATA, "imagenette-160"), os.path.join(DATA, "imagenette-224")
+        for d in (acc, speed):
+            if not os.path.isdir(os.path.join(d, "train")):
+                raise SystemExit(f"{d} missing: run `python benchmarks/gpu_suite.py --make-data` first "
+                                 f"(and carry data/gpu)")
+        ctx.data = {"acc": acc, "speed": speed,
+                    "speed_links": linked(speed, os.path.join(work, f"imagenette-224x{LINKS}"), LINKS)}
+    for stage in STAGES:
+        path = os.path.join(a.out, f"{stage}.json")
+        if os.path.isfile(path):
+            ctx.stages[stage] = json.load(open(path))
+            if stage == "smoke":
+                ctx.overhead = ctx.stages[stage].get("overhead_s", ctx.overhead)
+    import common
+    import torch
+    plot_curves, threads = common.plot_curves, torch.get_num_threads()
+    if a.dry_run:
+        common.plot_curves = lambda *args, **kwargs: None  # the runs' curves.png (~0.3 s each): not read here
+        # one thread: tiny steps gain nothing from two, and on a busy machine OpenMP threads wait on each other
+        torch.set_num_threads(1)
+    ctx.meta = device_meta(ctx, a.commit or git_commit())
+    try:
+        run_stages(ctx, a)
+    finally:
+        common.plot_curves = plot_curves
+        torch.set_num_threads(threads)
+    save_bundle(ctx)
+    print(f"[gpu_suite] {time.monotonic() - ctx.t0:.0f} s in all; bundle {os.path.join(a.out, 'results.json')}",
+          flush=True)
+    return ctx
+
+
+def run_stages(ctx, a):
+    wanted = [s for s in STAGES if s in a.stages.split(",")]
+    share = sum(SHARES[s] for s in wanted)
+    deadline = ctx.t0
+    for stage in wanted:
+        deadline += a.budget * SHARES[stage] / share  # the shares of the stages run, scaled to the budget
+        old = ctx.stages.get(stage)
+        if old and old["status"] == "ok" and not a.force:
+            status_line(ctx, stage, {**old, "status": "done", "seconds": 0})
+            continue
+        t = time.monotonic()
+        result = globals()[f"stage_{stage}"](ctx, deadline)
+        result["seconds"] = round(time.monotonic() - t, 1)
+        ctx.stages[stage] = result
+        write_json(os.path.join(a.out, f"{stage}.json"), result)
+        save_bundle(ctx)
+        status_line(ctx, stage, result)
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+def write_plot(acc, path, meta):
+    """kNN top-1 against training seconds for every accuracy run (supervised: its final top-1, one marker)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    g = acc.get("geometry", {})
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in acc.get("rows", {}).items():
+        c = r.get("curve") or []
+        if c:
+            ax.plot([p[1] for p in c], [p[2] for p in c], marker="o", ms=3, label=name,
+                    ls="--" if r.get("seed") or r.get("equal_wall_clock") else "-")
+        elif r.get("method") == "supervised" and finite(r.get("top1")) and finite(r.get("train_s")):
+            ax.plot([r["train_s"]], [r["top1"]], marker="*", ms=12, ls="none", color="black",
+                    label="supervised (fine-tune top-1)")
+        elif name == "random init" and finite(r.get("knn_top1")):
+            ax.axhline(r["knn_top1"], color="gray", ls=":", label="random init")
+    ax.set_xlabel("training seconds (evaluation excluded)")
+    ax.set_ylabel("kNN top-1 (%)")
+    ax.set_title(f"{acc.get('data')}, {g.get('arch')} {g.get('img')} px, {acc.get('epochs')} epochs each; "
+                 f"{meta.get('device')}, commit {meta.get('commit')}", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def fmt(v, spec=".1f"):
+    return format(v, spec) if finite(v) else "-"
+
+
+def caption(meta, what):
+    return (f"Device: {meta['device']} (torch {meta['torch']}, {meta['cpus']} CPU cores). Generated by "
+            f"`{meta['command']}` at commit {meta['commit']}, {meta['started']}, budget {meta['budget_s']:.0f} s "
+            f"for the whole suite{' (DRY RUN: CPU, tiny sizes)' if meta.get('dry_run') else ''}. {what}")
+
+
+def geometry_text(st, meta):
+    g = st.get("geometry", {})
+    return (f"{st.get('data')} ({st.get('n_train')} train / {st.get('n_val')} val images, stored at "
+            f"{g.get('store')} px, {g.get('img')}-px crops), {g.get('arch')} ({g.get('stem')} stem), batch "
+            f"{g.get('batch')}, {meta.get('precision')}, channels-last, one process")
+
+
+def smoke_table(meta, st):
+    lines = [caption(meta, (
+        f"Smoke: every script for {st.get('steps')} steps at the accuracy geometry ({geometry_text(st, meta)}), "
+        f"with --data-on-device and with the loader (PIL, {meta.get('workers')} workers); `--compile` on MoCo "
+        f"v3 with --data-on-device. img/s counts source images after 2 warm-up steps; the --data-on-device rows "
+        f"set the accuracy stage's epochs.")), "",
+        "| run | ok | loss | img/s | step ms | data wait | peak MB |", "|---|---|---|---|---|---|---|"]
+    for name, r in st.get("runs", {}).items():
+        state = "yes" if r["ok"] else ("not run" if r.get("skipped") else "failed")
+        lines.append(f"| {name} | {state} | {fmt(r.get('loss'), '.3f')} | {fmt(r.get('img_per_s'), '.0f')} | "
+                     f"{fmt(r.get('step_ms'))} | {percent(r.get('data_time_frac'))} | "
+                     f"{fmt(r.get('peak_mem_mb'), '.0f')} |")
+    return lines
+
+
+def percent(v):
+    return fmt(100 * v, ".0f") + "%" if finite(v) else "-"
+
+
+def flag_pairs(argv):
+    """[(flag, value or None)]: a flag followed by a value, or a switch."""
+    out, i = [], 0
+    while i < len(argv):
+        value = argv[i + 1] if i + 1 < len(argv) and not argv[i + 1].startswith("--") else None
+        out.append((argv[i], value))
+        i += 2 if value is not None else 1
+    return out
+
+
+def shared_flags(flags):
+    """({name: the flags only it has}, the flags every run has) of {name: flags text}."""
+    pairs = {n: flag_pairs(f.split()) for n, f in flags.items()}
+    common = [p for p in next(iter(pairs.values()), []) if all(p in q for q in pairs.values())]
+    show = lambda ps: " ".join(f"{k} {v}" if v is not None else k for k, v in ps)  # noqa: E731
+    return {n: show([p for p in q if p not in common]) for n, q in pairs.items()}, show(common)
+
+
+def accuracy_table(meta, st):
+    rows = st.get("rows", {})
+    main = {n: r["flags"] for n, r in rows.items() if r.get("flags") and r.get("seed") == 0
+            and not r.get("equal_wall_clock") and r.get("method") not in ("supervised", "random init")}
+    own, common = shared_flags(main)
+    common_pairs = flag_pairs(common.split())
+    own.update({n: " ".join(f"{k} {v}" if v is not None else k for k, v in flag_pairs(r["flags"].split())
+                            if (k, v) not in common_pairs) for n, r in rows.items() if n not in own and r.get("flags")})
+    g = st.get("geometry", {})
+    lines = [caption(meta, (
+        f"Accuracy against cost: {geometry_text(st, meta)}; {st.get('epochs')} epochs each (as many as fit the "
+        f"stage's budget at the img/s measured by the smoke stage). Flags of every method: `{common}`; each "
+        f"method's `imagenet` preset otherwise (its lr is per 256 images, scaled by batch / 256: at batch "
+        f"{g.get('batch')} the scale is {g.get('batch', 256) / 256:g}); its own flags in the table: the warm-up of MoCo v3 and rotation_aux is kept at a tenth of the run (official: "
+        f"10 of 100 epochs); DenseCL's queue is shorter than the data set and its momentum lower (MoCo v2's "
+        f"65,536 keys and m 0.999 are for 1.28 M images over 200 epochs). kNN: weighted kNN (k=200, T=0.1) on "
+        f"the pooled backbone output, the train split as the bank, every {st.get('knn_every')} epochs and at the "
+        f"end (the final value, not the best). Linear: `eval_linear.py --mode linear`, {st.get('probe_epochs')} "
+        f"epochs, frozen backbone. Supervised: `eval_linear.py --mode finetune --pretrained none`, same data and "
+        f"epochs, its fine-tune top-1 in the linear column. Train s: training wall-clock, evaluation excluded. "
+        f"`mocov3 Nep`: MoCo v3 given about the slowest method's training time (its own full schedule); "
+        f"`seed 1` rows: the two rows closest in final kNN again with --seed 1.")), "",
+        "| method | epochs | train s | img/s | kNN top-1 | kNN seed 1 | linear top-1 | own flags |",
+        "|---|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        if not r.get("ok"):
+            why = "not run" if r.get("skipped") else "failed"
+            lines.append(f"| {name} | {why}: {short_error(r.get('error'))} | - | - | - | - | - | - |")
+            continue
+        lin = (fmt(r.get("top1")) + " (fine-tune)" if r.get("method") == "supervised" else fmt(r.get("linear")))
+        flags = own.get(name, "")
+        lines.append(f"| {name} | {fmt(r.get('epochs'), 'g')} | {fmt(r.get('train_s'), '.0f')} | "
+                     f"{fmt(r.get('img_per_s'), '.0f')} | {fmt(r.get('knn_top1'))} | {fmt(r.get('seed1_knn'))} | "
+                     f"{lin} | {flags} |")
+    lines += ["", "lightly's Imagenette benchmark (SPEC section 11), their protocol: ResNet-18, 128-px crops of "
+              "160-px images, batch 256, one GPU, fp32, weighted kNN (k=200, T=0.1) on the pooled backbone output, "
+              f"the best epoch, on all 9,469 train / 3,925 val images (ours: the {st.get('n_train')} / "
+              f"{st.get('n_val')} split above, final epoch). The official BYOL Imagenette recipe (ResNet-18, 128 px, 1000 epochs) reaches ~92.3 online "
+              "linear.", "", "| lightly method | kNN top-1, 200 epochs | kNN top-1, 800 epochs |", "|---|---|---|"]
+    lines += [f"| {n} | {a} | {b} |" for n, a, b in LIGHTLY]
+    return lines
+
+
+def short_error(error):
+    """The last line of an error, shortened for a table cell."""
+    line = (error or "").strip().splitlines()[-1:] or [""]
+    return line[0].replace("|", "/")[:120]
+
+
+def time_to_target(rows):
+    """(target, {name: (train_s, epoch) of the first kNN evaluation at or above it, or None}): the target is
+    the lowest final kNN among the equal-epoch SSL rows, so every one of them reaches it."""
+    ssl = {n: r for n, r in rows.items() if r.get("ok") and r.get("curve") and r.get("seed") == 0
+           and not r.get("equal_wall_clock")}
+    if not ssl:
+        return None, {}
+    target = min(r["curve"][-1][2] for r in ssl.values())
+    return target, {n: next(((p[1], p[0]) for p in r["curve"] if p[2] >= target), None) for n, r in ssl.items()}
+
+
+def target_table(meta, st):
+    target, times = time_to_target(st.get("rows", {}))
+    lines = [caption(meta, (
+        f"Time to a fixed kNN target, in the DAWNBench manner: the training seconds (evaluation excluded) and "
+        f"epoch of the first kNN evaluation (every {st.get('knn_every')} epochs) at or above the target. The "
+        f"target is the lowest final kNN top-1 among the rows ({fmt(target)}), so every row reaches it; the runs "
+        f"and protocol of the accuracy table.")), "",
+        "| method | train s to target | epoch | final kNN top-1 | final train s |", "|---|---|---|---|---|"]
+    rows = st.get("rows", {})
+    for name, hit in sorted(times.items(), key=lambda kv: kv[1][0] if kv[1] else math.inf):
+        r = rows[name]
+        lines.append(f"| {name} | {fmt(hit[0], '.0f') if hit else '-'} | {fmt(hit[1], 'g') if hit else '-'} | "
+                     f"{fmt(r.get('knn_top1'))} | {fmt(r.get('train_s'), '.0f')} |")
+    return lines
+
+
+def targets(stages):
+    """[(measurement, value, target text, met: True/False/None)] of the smoke and speed stages; value None
+    where not measured. Values are ratios and shares as fractions, img/s as img/s."""
+    smoke = stages.get("smoke", {}).get("runs", {})
+    speed = stages.get("speed", {}).get("runs", {})
+    sg, pg = stages.get("smoke", {}).get("geometry", {}), stages.get("speed", {}).get("geometry", {})
+    at = f"{sg.get('arch')} {sg.get('img')} px"
+    big = f"{pg.get('arch')} {pg.get('img')} px"
+
+    def ratio(a, b):
+        return a / b if finite(a) and finite(b) else None
+
+    def check(v, ok):
+        return None if v is None else bool(ok(v))
+
+    m, mc = smoke.get("mocov3", {}), smoke.get("mocov3 --compile", {})
+    mo18 = ((speed.get("model_cost accuracy") or {}).get("step_ms") or {}).get("mocov3")
+    share = 1 - ratio(mo18, m.get("step_ms")) if ratio(mo18, m.get("step_ms")) is not None else None
+    mc50 = speed.get("model_cost speed") or {}
+    lars = next((c for c in (speed.get("kernels") or {}).get("lars") or [] if c["arch"] == "resnet50"), None)
+    whole = ratio(speed.get("densecl --data-on-device", {}).get("step_ms"),
+                  speed.get("mocov2 --data-on-device", {}).get("step_ms"))
+    compiled = ratio(speed.get("mocov3 --gpu-aug --compile", {}).get("img_per_s"),
+                     speed.get("model-only --compile", {}).get("img_per_s"))
+    dense = (mc50.get("ratio") or {}).get("densecl")
+    lars_share = ratio(lars and lars["new_ms"], (mc50.get("step_ms") or {}).get("mocov3"))
+    rows = [(f"MoCo v3 {at}, --data-on-device: img/s (smoke)", m.get("img_per_s"), ">= 10,000",
+             lambda v: v >= 10000),
+            (f"MoCo v3 {at}, --data-on-device --compile: img/s (smoke)", mc.get("img_per_s"), ">= 10,000",
+             lambda v: v >= 10000),
+            (f"data + augmentation on the device, share of the MoCo v3 {at} step: 1 - model-only step "
+             f"(model_cost.py) / whole step (smoke)", share, "<= 10%", lambda v: v <= 0.10),
+            (f"MoCo v3 {big} compiled, --gpu-aug / compiled model-only, img/s", compiled, ">= 0.90",
+             lambda v: v >= 0.9),
+            (f"DenseCL / its MoCo v2 mode, {big}, model-only step (model_cost.py)", dense, "<= 1.05",
+             lambda v: v <= 1.05),
+            (f"DenseCL / its MoCo v2 mode, {big}, whole script with --data-on-device, step time", whole, "<= 1.05",
+             lambda v: v <= 1.05),
+            (f"LARS step (kernels.py, ResNet-50's parameters) / MoCo v3 {big} model-only step", lars_share,
+             "<= 2%", lambda v: v <= 0.02)]
+    return [(what, v if finite(v) else None, target, check(v if finite(v) else None, ok))
+            for what, v, target, ok in rows]
+
+
+def throughput_table(meta, st, stages):
+    g = st.get("geometry", {})
+    lines = [caption(meta, (
+        f"Speed: MoCo v3 (`--preset imagenet`), {g.get('arch')}, {g.get('img')} px, batch {g.get('batch')}, "
+        f"{meta.get('precision')}, channels-last, {g.get('steps')} steps per run, img/s after 2 warm-up steps with "
+        f"the data waits included. The loader runs (PIL, --gpu-aug; {meta.get('workers')} workers) read the "
+        f"224-px imagenette subset ({st.get('n_speed_train')} images) linked {st.get('links')} times over "
+        f"({st.get('n_links_train')} entries), so no epoch ends inside a run; --data-on-device stores the subset "
+        f"at {g.get('store')} px. DenseCL and MoCo v2 (`densecl.py --dense-weight 0`) with their `imagenet` "
+        f"presets.")), "",
+        "| run | ok | img/s | step ms | data wait |", "|---|---|---|---|---|"]
+    runs = st.get("runs", {})
+    scripts = {n: r for n, r in runs.items() if not n.startswith(("model_cost", "kernels", "model-only"))}
+    for name, r in scripts.items():
+        state = "yes" if r["ok"] else ("not run" if r.get("skipped") else "failed")
+        lines.append(f"| {name} | {state} | {fmt(r.get('img_per_s'), '.0f')} | {fmt(r.get('step_ms'))} | "
+                     f"{percent(r.get('data_time_frac'))} |")
+    lines += ["", "Model-only steps (forward + backward + optimizer step on one random batch, no data): "
+              "`benchmarks/model_cost.py` (uncompiled; median of its alternating steps) and the suite's own "
+              "compiled timing (model_cost.py has no compile switch).", "",
+              "| measurement | variant | step ms | img/s |", "|---|---|---|---|"]
+    for name in ("model_cost speed", "model_cost accuracy", "model-only --compile"):
+        r = runs.get(name, {})
+        if not r.get("ok"):
+            lines.append(f"| {name} | {'not run' if r.get('skipped') else 'failed'} | - | - |")
+        elif name.startswith("model_cost"):
+            at = g if name.endswith("speed") else stages.get("smoke", {}).get("geometry", {})
+            geo, batch = f"{at.get('arch')} {at.get('img')} px, batch {at.get('batch')}", at.get("batch")
+            for variant, ms in (r.get("step_ms") or {}).items():
+                lines.append(f"| model_cost.py, {geo} | {variant} | {fmt(ms)} | {fmt(1000 * batch / ms, '.0f')} |")
+        else:
+            lines.append(f"| compiled model-only, {g.get('arch')} {g.get('img')} px, batch {g.get('batch')} | mocov3 "
+                         f"| {fmt(r.get('step_ms'))} | {fmt(r.get('img_per_s'), '.0f')} |")
+    lines += ["", "Targets:", "", "| measurement | value | target | met |", "|---|---|---|---|"]
+    for what, v, target, met in targets(stages):
+        shown = (percent(v) if "%" in target else fmt(v, ".0f" if "," in target else ".2f"))
+        lines.append(f"| {what} | {shown} | {target} | {'-' if met is None else ('yes' if met else 'no')} |")
+    return lines
+
+
+def dense_table(meta, st):
+    if not st.get("table"):
+        why = short_error(st.get("error")) or st.get("headline") or "not run"
+        return [caption(meta, f"Dense miniature (`benchmarks/dense.py` on the device): not measured ({why}).")]
+    return [caption(meta, f"Dense miniature on the device: `{st.get('command')}`. dense.py's own caption "
+                          "follows (its CPU wording: this run is the device's)."), "", st["table"].strip()]
+
+
+def report(out, results_dir):
+    """The bundle out/results.json -> gpu_*.md tables and gpu_knn_time.png in results_dir; returns the paths."""
+    bundle = json.load(open(os.path.join(out, "results.json")))
+    meta, stages = bundle["meta"], bundle["stages"]
+    os.makedirs(results_dir, exist_ok=True)
+    tables = {"gpu_smoke": smoke_table(meta, stages.get("smoke", {})),
+              "gpu_accuracy": accuracy_table(meta, stages.get("accuracy", {})),
+              "gpu_time_to_target": target_table(meta, stages.get("accuracy", {})),
+              "gpu_throughput": throughput_table(meta, stages.get("speed", {}), stages),
+              "gpu_dense": dense_table(meta, stages.get("dense", {}))}
+    paths = []
+    for name, lines in tables.items():
+        paths.append(os.path.join(results_dir, f"{name}.md"))
+        with open(paths[-1], "w") as f:
+            f.write("\n".join(lines) + "\n")
+    png = write_plot(stages.get("accuracy", {}), os.path.join(results_dir, "gpu_knn_time.png"), meta)
+    for p in paths + [png]:
+        print("wrote", p)
+    return paths + ([png] if png else [])
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu_suite"),
+                    help="results: <stage>.json, results.json, gpu_knn_time.png, suite.log")
+    ap.add_argument("--work", default="", help="run folders (default: $TMPDIR/effssl_gpu_suite[_dry])")
+    ap.add_argument("--budget", type=float, default=480, help="seconds for the whole suite")
+    ap.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ", ".join(STAGES))
+    ap.add_argument("--force", action="store_true", help="rerun stages that finished ok (runs are still reused)")
+    ap.add_argument("--commit", default="", help="the commit to name in the captions (default: git's HEAD)")
+    ap.add_argument("--dry-run", action="store_true", help="every stage on the CPU at tiny sizes, in-process")
+    ap.add_argument("--make-data", action="store_true", help="write data/gpu from ../shared/data/imagenette2-224")
+    ap.add_argument("--report", metavar="OUT", help="write the tables and the plot from OUT/results.json")
+    ap.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
+    a = ap.parse_args(argv)
+    if a.make_data:
+        return make_data()
+    if a.report:
+        return report(a.report, a.results_dir)
+    return run_suite(a)
+
+
+if __name__ == "__main__":
+    main()
