@@ -769,7 +769,7 @@ def finish_views(run, x1, x2, step, recipes=None):
     photometric ops there, drawn from a generator seeded by (seed, rank, step)."""
     if recipes is None:
         return run.to_device(x1), run.to_device(x2)
-    gen = torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
+    gen = device_generator(run, step)
     return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
 
 
@@ -1070,16 +1070,23 @@ def colour(run, x, recipe, gen):
     return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
 
 
+def device_generator(run, step):
+    """The --gpu-aug / --data-on-device draw of one step: its own stream per (--seed, rank, global step)."""
+    return torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
+
+
+def device_crops(x, img_size, scale, gen):
+    """x float [n, 3, S, S] -> RandomResizedCrop(img_size, scale) + horizontal flip (p 0.5), per sample."""
+    boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], scale, gen)  # [n, 4]
+    flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5  # [n]
+    return flip_where(crop_resize(x, boxes, img_size), flip)  # [n, 3, img_size, img_size]
+
+
 def device_views(run, x, step, img_size, crop_min, recipes):
     """TwoViews.finish with --data-on-device: stored uint8 images x [n, 3, S, S] -> per view a
     RandomResizedCrop box (torchvision's distribution), a flip and the colour ops, per sample."""
-    gen = torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
-    x, views = x.float().div_(255), []  # [n, 3, S, S] in [0, 1]
-    for recipe in recipes:
-        boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], (crop_min, 1.0), gen)  # [n, 4]
-        flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5  # [n]
-        views.append(colour(run, flip_where(crop_resize(x, boxes, img_size), flip), recipe, gen))
-    return tuple(views)
+    gen, x = device_generator(run, step), x.float().div_(255)  # x [n, 3, S, S] in [0, 1]
+    return tuple(colour(run, device_crops(x, img_size, (crop_min, 1.0), gen), r, gen) for r in recipes)
 
 
 # ============================================================================ data-study knobs

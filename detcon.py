@@ -226,6 +226,38 @@ def reduce_mask(mask, grid):
     return counts.view(-1, grid * grid, k).argmax(-1).view(*lead, grid, grid)
 
 
+def crop_windows(u, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """crop_box for a batch (--data-on-device): uniforms u [n, 4] (area, aspect, top, left) -> boxes [n, 4]
+    float64 (top, left, height, width), the same formulas in float64 (torch.round: half to even)."""
+    u = u.double()
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, 0])  # [n]
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])  # [n]
+    bw = torch.round(torch.sqrt(area * aspect)).clamp(1, w)  # [n]
+    bh = torch.round(torch.sqrt(area / aspect)).clamp(1, h)  # [n]
+    top, left = torch.floor(u[:, 2] * (h - bh + 1)), torch.floor(u[:, 3] * (w - bw + 1))  # [n]
+    return torch.stack([top, left, bh, bw], 1)  # [n, 4]
+
+
+def crop_ids(ids, boxes, size):
+    """nearest_exact of each sample's box: ids [n, H, W], boxes [n, 4] (top, left, height, width) ->
+    [n, size, size]."""
+    top, left, bh, bw = boxes.long().unbind(1)  # [n] each
+    k = 2 * torch.arange(size, device=ids.device) + 1  # [size]
+    rows = top[:, None] + k * bh[:, None] // (2 * size)  # [n, size] floor((i + 0.5) * bh / size)
+    cols = left[:, None] + k * bw[:, None] // (2 * size)  # [n, size]
+    n = torch.arange(len(ids), device=ids.device)[:, None, None]
+    return ids[n, rows[:, :, None], cols[:, None, :]]  # [n, size, size]
+
+
+def relabel(cells):
+    """ids [n, V, S, S] -> the same partition with each image's ids renumbered 0..U-1 in increasing order
+    over all its views (torch.unique's inverse, per image, as JointViews does in the worker)."""
+    flat = cells.flatten(1).long()  # [n, V*S*S]
+    present = torch.zeros(len(flat), int(flat.max()) + 1, dtype=torch.long, device=flat.device)  # [n, K]
+    present.scatter_(1, flat, 1)
+    return (present.cumsum(1) - 1).gather(1, flat).view(cells.shape)  # [n, V, S, S]
+
+
 def crop_box(h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
     """The official crop window (BYOL's get_random_crop_window), one draw of torch's RNG: area ~ U(scale) x
     h*w, log aspect ~ U(log ratio), width round(sqrt(area * aspect)), height round(sqrt(area / aspect)), each
@@ -270,7 +302,7 @@ class JointViews(common.TwoViews):
     runs the colour ops on the device; the joint geometry always stays in the worker."""
     def __init__(self, img_size, crop_min, blur, grid, gpu=False):
         self.img_size, self.scale, self.grid = img_size, (crop_min, 1.0), grid
-        recipes = common.byol_recipes(blur)
+        self.recipes = recipes = common.byol_recipes(blur)
         self.photometric = recipes if gpu else None  # what TwoViews.finish runs on the device
         self.colour = [T.PILToTensor()] * 2 if gpu else [common.photometric_view(r) for r in recipes]
 
@@ -287,6 +319,26 @@ class JointViews(common.TwoViews):
         cells = reduce_mask(torch.stack([m1, m2]), self.grid)  # [2, S, S]
         _, cells = torch.unique(cells, return_inverse=True)  # joint relabel: id k is one region in both views
         return v1, cells[0], v2_, cells[1]
+
+    def finish_joint(self, run, x1, m1, x2, m2, step):
+        """The batch on the device -> (view 1, cells 1 [n, S, S], view 2, cells 2). With --data-on-device x1, x2
+        are the stored images and m1, m2 their stored ids: each view's ONE official crop box and ONE flip are
+        drawn here per sample and applied to image (roi_align) and ids (nearest) alike, then __call__'s
+        feature-grid reduction and joint relabel, batched."""
+        if not run.args.data_on_device:
+            x1, x2 = self.finish(run, x1, x2, step)  # [n, 3, H, W] each
+            return x1, run.to_device(m1), x2, run.to_device(m2)
+        gen, x = common.device_generator(run, step), x1.float().div_(255)  # x [n, 3, S, S] in [0, 1]
+        views, masks = [], []
+        for recipe in self.recipes:
+            u = torch.rand(len(x), 4, generator=gen, device=gen.device, dtype=torch.float64)  # [n, 4]
+            boxes = crop_windows(u, x.shape[2], x.shape[3], self.scale)  # [n, 4]
+            flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5  # [n]
+            view = common.flip_where(common.crop_resize(x, boxes, self.img_size), flip)  # [n, 3, H, W]
+            views.append(common.colour(run, view, recipe, gen))
+            masks.append(common.flip_where(crop_ids(m1, boxes, self.img_size), flip))  # [n, H, W]
+        cells = relabel(reduce_mask(torch.stack(masks, 1), self.grid))  # [n, 2, S, S]
+        return views[0], cells[:, 0], views[1], cells[:, 1]
 
 
 # ---------------------------------------------------------------------------- the method
@@ -475,9 +527,10 @@ def main(argv=None):
         return show_masks(MaskedImages(common.load_dataset(args, "train"), args), views, args.show_masks)
     run = common.setup(args, "detcon")
 
-    # ---- data: masks come from the un-augmented image, in the loader workers
-    train_ds, steps_per_epoch = common.pretrain_data(args, run, views)
-    train_ds.base = MaskedImages(train_ds.base, args, *mask_cache(args, run.out))
+    # ---- data: masks come from the un-augmented image, in the loader workers (--data-on-device: once, stored)
+    train_ds, steps_per_epoch = common.pretrain_data(args, run, views, ids=MaskedImages(None, args).mask)
+    if not args.data_on_device:
+        train_ds.base = MaskedImages(train_ds.base, args, *mask_cache(args, run.out))
     knn = common.knn_monitor(args, run)
 
     # ---- model
@@ -501,8 +554,7 @@ def main(argv=None):
             lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
             common.set_lr(optimizer, lr)
             m = common.cosine_momentum(e, args.epochs, args.momentum)
-            x1, x2 = views.finish(run, x1, x2, log.step)  # [n, 3, H, W] each, n = batch / world
-            m1, m2 = run.to_device(m1), run.to_device(m2)  # [n, S, S] mask ids on the feature grid
+            x1, m1, x2, m2 = views.finish_joint(run, x1, m1, x2, m2, log.step)  # [n, 3, H, W], [n, S, S]
             with run.autocast():
                 loss, matched = step_model(x1, m1, x2, m2, run.scalar(m))
             common.optimizer_step(loss, optimizer, scaler)
