@@ -610,7 +610,10 @@ class Logger:
         self.last = {}
         self.clock = Meter(run)
         mode = "a" if start_step else "w"  # a resumed run appends; a fresh run in an old dir starts anew
-        self.file = open(os.path.join(run.out, "log.jsonl"), mode) if run.main else None
+        path = os.path.join(run.out, "log.jsonl")
+        if run.main and start_step and drop_torn_tail(path):  # a crash or kill -9 cut the last write
+            print(f"{path}: dropped its torn last line", flush=True)
+        self.file = open(path, mode) if run.main else None
         self.tb = tensorboard_writer(run) if run.main and run.args.tensorboard else None
 
     @property
@@ -1646,6 +1649,48 @@ class Meter:
         return steps * self.run.args.batch_size / dt, 1000 * dt / steps, self.data_warm / dt
 
 
+def read_jsonl(path):
+    """The records of a JSON-lines file such as log.jsonl -> (records, number skipped). A line that is not a
+    JSON object (torn by a crash or kill -9 mid-write) is skipped, and one line on stderr says how many."""
+    records, skipped = [], 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                r = None
+            if isinstance(r, dict):
+                records.append(r)
+            else:
+                skipped += 1
+    if skipped:
+        print(f"{path}: skipped {skipped} unreadable line(s), torn by an interrupted write", file=sys.stderr,
+              flush=True)
+    return records, skipped
+
+
+def drop_torn_tail(path):
+    """Truncate the last line of a JSON-lines file when it is torn (no trailing newline, or not JSON), so a
+    resumed run's records do not glue onto half a record. Returns the number of bytes dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb+") as f:
+        data = f.read()
+        body = data[:-1] if data.endswith(b"\n") else data
+        start = body.rfind(b"\n") + 1  # where the last line begins
+        last = body[start:]
+        if data.endswith(b"\n") or not last:
+            try:
+                if not last.strip() or isinstance(json.loads(last), dict):
+                    return 0
+            except ValueError:
+                pass
+        f.truncate(start)
+    return len(data) - start
+
+
 PLOT_SKIP = ("step", "epoch", "event", "img_per_s", "data_time_frac", "peak_mem_mb", "train_s")  # not curves
 
 
@@ -1656,8 +1701,7 @@ def plot_curves(log_path, png_path):
         from matplotlib.figure import Figure  # the object API: no pyplot, no display, no global state
     except ImportError:
         return []
-    with open(log_path) as f:
-        records = [r for r in map(json.loads, f) if r.get("event") != "summary"]
+    records = [r for r in read_jsonl(log_path)[0] if r.get("event") != "summary" and "step" in r]
     series = {}
     for r in records:
         for k, v in r.items():

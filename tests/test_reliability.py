@@ -172,3 +172,42 @@ def test_bad_path_flags(script, tmp_path, capsys):
 def test_default_workers_never_exceed_the_cores():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= common.CommonArgs().workers <= min(8, cores)
+
+
+# ---------------------------------------------------------------------------- log.jsonl torn by a crash
+
+
+def test_read_jsonl_skips_and_counts_torn_lines(tmp_path, capsys):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n7\n{"step": 4, "l')
+    records, skipped = common.read_jsonl(str(path))
+    assert [r["step"] for r in records] == [1, 3] and skipped == 3  # a torn line, a non-object, a torn tail
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "skipped 3" in err[0] and str(path) in err[0], err
+
+
+@pytest.mark.parametrize("tail", ['{"step": 9, "lo', '{"step": 9}', '{"step": 9, "lo\n'])
+def test_drop_torn_tail_keeps_whole_lines_only(tmp_path, tail):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n' + tail)
+    assert common.drop_torn_tail(str(path)) == len(tail)
+    assert path.read_text() == '{"step": 1}\n'
+    assert common.drop_torn_tail(str(path)) == 0 and path.read_text() == '{"step": 1}\n'  # whole: untouched
+
+
+def test_resume_after_a_torn_last_line_drops_it_and_plots(tmp_path, capsys):
+    """A kill -9 mid-write leaves half a record at the end of log.jsonl: the resumed run truncates it before
+    appending (otherwise its first record glues onto the fragment) and its curves.png is drawn."""
+    out = tmp_path / "run"
+    argv = tiny("mocov3", out, "--synthetic-size", "16")
+    mocov3 = importlib.import_module("mocov3")
+    mocov3.main([*argv, "--max-steps", "1"])
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "epoch": 1.0, "lo')  # torn: no newline, not JSON
+    os.remove(out / "curves.png")
+    capsys.readouterr()
+    mocov3.main([*argv, "--max-steps", "2", "--resume", "auto"])
+    assert "dropped its torn last line" in capsys.readouterr().out
+    log = read_log(out)  # every line parses
+    assert [r["step"] for r in log if "img_per_s" in r and r.get("event") != "summary"] == [1, 2]
+    assert open(out / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
