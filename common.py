@@ -9,8 +9,8 @@ Sections, in the order a method file uses them: errors & args | run setup | data
 backbones | optimizer & schedules | checkpoint, resume & export | kNN monitor | logging. After a
 banner, what only some runs need: augmentation on the device (--gpu-aug) | data-study knobs; then the
 plumbing under the sections above, which a method reader can skip: errors & argument parsing |
-preemption signals | synthetic scenes | image files | backbone internals | optimizer internals | checkpoint
-files | kNN internals | run records & pictures.
+preemption signals | run lock | synthetic scenes | image files | backbone internals | optimizer internals |
+checkpoint files | kNN internals | run records & pictures.
 """
 import argparse
 import ast
@@ -23,6 +23,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -194,9 +195,11 @@ class Run:
 
 def setup(args, method):
     """torchrun-native setup: process group (only when WORLD_SIZE > 1), device, seeds, run dir, args.json.
-    A --resume checkpoint is read and checked here, before anything is built or written."""
+    A --resume checkpoint is read and checked here, then the output folder is locked (one run per folder),
+    before anything is built or written."""
     check_paths(args)
     args.output_dir = args.output_dir or os.path.join("runs", method)
+    read = checkpoint_stamp(args)
     checkpoint = find_checkpoint(args, method)  # BadInput unless it is this method's, arch, stem and batch
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -208,14 +211,17 @@ def setup(args, method):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    refused = lock_output_dir(args.output_dir) if rank == 0 else None  # one run per folder: rank 0 holds it
     if world > 1 and not dist.is_initialized():  # one process group serves every run of this process
         dist.init_process_group("nccl" if cuda else "gloo")
+    agree_on_lock(refused, world)  # BadInput on every rank when rank 0 was refused
+    if checkpoint_stamp(args) != read:  # the run that held the folder wrote a newer one before it let go
+        checkpoint = find_checkpoint(args, method)
     if args.precision == "auto":
         args.precision = "bf16" if cuda else "fp32"
     catch_stop_signals()
     seed_everything(args.seed + rank)
     if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
         record = {**dataclasses.asdict(args), "method": method, "world_size": world, "git_sha": git_sha(),
                   "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device)}
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -704,11 +710,11 @@ class Logger:
 # Everything above is what a reader of a method file needs. Below: what only some runs need -- the
 # device-side augmentation (--gpu-aug) and the data-study knobs (--subset, --corrupt, --data A,B) -- then the
 # plumbing under the sections above, which a method reader can skip, in the same order: errors & argument
-# parsing (exit codes, --help text, range and path checks), preemption signals, synthetic scenes (the
-# built-in data), image files, backbone internals (MoCo v3's ViT position embedding), optimizer internals
-# (LARS), checkpoint files (checks, RNG state, atomic save, safe load), kNN internals and run records &
-# pictures (the Logger's clock, git sha, peak memory, TensorBoard, curves.png, the VOC colours and the
-# contact sheets of --show-masks / --show-seg).
+# parsing (exit codes, --help text, range and path checks), preemption signals, the run lock (one run per
+# output folder), synthetic scenes (the built-in data), image files, backbone internals (MoCo v3's ViT
+# position embedding), optimizer internals (LARS), checkpoint files (checks, RNG state, atomic save, safe
+# load), kNN internals and run records & pictures (the Logger's clock, git sha, peak memory, TensorBoard, the
+# log.jsonl reader, curves.png, the VOC colours and the contact sheets of --show-masks / --show-seg).
 # ##########################################################################################################
 
 
@@ -1013,6 +1019,8 @@ def user_errors(main):
         except Preempted as e:  # requeue and rerun the same command with --resume auto: no work is lost
             print(f"stopped: {e}", file=sys.stderr, flush=True)
             sys.exit(PREEMPTED_EXIT)
+        finally:
+            release_output_dirs()  # a process that runs main() again (tests, notebooks) may reuse the folder
     return wrapped
 
 
@@ -1158,6 +1166,77 @@ def stop_requested(run, step):
     flag = torch.tensor(float(STOP_SIGNAL[0] is not None), device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
+
+
+# ============================================================================ run lock
+
+try:
+    import fcntl
+except ImportError:  # Windows: no fcntl, so no lock (keep two runs off one folder by hand there)
+    fcntl = None
+
+LOCKS = {}  # real path of an output folder -> the open <folder>/.lock file this process holds the lock with
+
+
+def lock_output_dir(out):
+    """Create `out` and take an exclusive lock on out/.lock for this process: None, or the one-line reason it
+    cannot (another run holds it: its pid and host; or the folder cannot be created). The OS releases a flock
+    when the holder dies, even by kill -9, so a requeued job never meets a stale lock. The holder writes its
+    pid and host into the file after locking, for the other run's message."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        if fcntl is None or os.path.realpath(out) in LOCKS:  # no fcntl, or held by an earlier run here
+            return None
+        f = os.fdopen(os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644), "r+")
+    except OSError as e:
+        return f"--output-dir {out} cannot be created or written: {e.strerror}"
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = json.loads(f.read())
+            holder = f"pid {holder['pid']} on {holder['host']}"
+        except (ValueError, KeyError, TypeError):
+            holder = "pid and host not written yet"  # it has just taken the lock
+        f.close()
+        return f"--output-dir {out} is in use by another run ({holder}); wait for it or use another folder"
+    f.truncate(0)
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    f.flush()
+    LOCKS[os.path.realpath(out)] = f
+    return None
+
+
+def agree_on_lock(refused, world):
+    """Every rank stops (BadInput, exit 2) when rank 0 could not lock the folder: rank 0 tried before joining
+    the process group, so no rank waits on a refused one; here it broadcasts the answer (`refused`: its
+    lock_output_dir result) in one collective that every rank reaches."""
+    if world > 1:
+        answer = [refused]
+        dist.broadcast_object_list(answer, src=0)
+        refused = answer[0]
+    if refused:
+        raise BadInput(refused)
+
+
+def release_output_dirs():
+    """Unlock every output folder this process holds (a script's main() ends: the next run may take it)."""
+    for f in LOCKS.values():
+        fcntl.flock(f, fcntl.LOCK_UN)  # through any copy of the file: a forked child's too
+        f.close()
+    LOCKS.clear()
+
+
+def _forget_locks_in_child():
+    """A forked child (a loader worker) closes its copies of the lock files, without unlocking: a worker that
+    outlives a killed parent by a few seconds does not keep the folder locked."""
+    for f in LOCKS.values():
+        f.close()
+    LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 # ============================================================================ synthetic scenes
@@ -1485,6 +1564,16 @@ def find_checkpoint(args, method):
             raise BadInput(f"cannot resume from {path}: it was made with {key}={have}, "
                            f"this run has {key}={want}")
     return path, ck
+
+
+def checkpoint_stamp(args):
+    """(inode, size, mtime) of the --resume file, None without one: tells whether it changed since read."""
+    path = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return st and (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def load_states(ck, state, path):

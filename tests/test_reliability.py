@@ -3,6 +3,7 @@ import importlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -211,3 +212,42 @@ def test_resume_after_a_torn_last_line_drops_it_and_plots(tmp_path, capsys):
     log = read_log(out)  # every line parses
     assert [r["step"] for r in log if "img_per_s" in r and r.get("event") != "summary"] == [1, 2]
     assert open(out / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------- one run per output folder
+
+# a process that, given a line on stdin, locks the folder argv[1] as a training run does, says so, and sleeps
+HOLD = ("import sys, time; sys.path.insert(0, {root!r}); import common; sys.stdin.readline(); "
+        "print(common.lock_output_dir(sys.argv[1]) or 'locked', flush=True); time.sleep(600)")
+
+
+def test_a_locked_folder_refuses_a_second_run_and_a_killed_holder_frees_it(tmp_path, capsys):
+    """Two runs on one folder corrupt each other: the second stops before writing anything, one line naming
+    the folder and the holder (pid, host), exit 2, fresh or resumed. The OS drops the lock of a holder killed
+    by SIGKILL (no clean-up of its own), so the next run (a requeued job) proceeds."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT), str(out)], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # starts meanwhile
+    try:
+        argv = tiny("mocov3", out, "--synthetic-size", "16", "--max-steps", "1")
+        mocov3 = importlib.import_module("mocov3")
+        mocov3.main(argv)
+        files = ("args.json", "log.jsonl", "checkpoint.pth", "backbone.pth")
+        before = {f: (out / f).read_bytes() for f in files}
+        holder.stdin.write("lock\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        for extra in ([], ["--resume", "auto"]):
+            with pytest.raises(SystemExit) as e:
+                mocov3.main([*argv, *extra])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert e.value.code == 2 and len(err) == 1, err
+            assert err[0].startswith(f"error: --output-dir {out} "), err
+            assert f"in use by another run (pid {holder.pid} on {socket.gethostname()})" in err[0], err
+        assert {f: (out / f).read_bytes() for f in files} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    mocov3.main([*argv, "--resume", "auto"])  # the finished run again: no further training, not refused
+    assert "resumed from" in capsys.readouterr().out
