@@ -1132,8 +1132,9 @@ def check_paths(args):
                        "(use auto, a checkpoint.pth path or nothing)")
     for name in args.data.split(","):
         if name not in BUILTIN_DATA and not os.path.isdir(name):
-            raise BadInput(f"--data: data path not found: {name} "
-                           f"(use {', '.join(BUILTIN_DATA)} or an image folder)")
+            problem = f"--data {name} is a file, not a folder" if os.path.exists(name) else \
+                f"--data: data path not found: {name}"
+            raise BadInput(f"{problem} (use {', '.join(BUILTIN_DATA)} or an image folder)")
     if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
         raise BadInput(f"--data-root {args.data_root} exists and is not a folder")
 
@@ -1540,8 +1541,13 @@ def load_file(path):
         raise BadInput(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"{path} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from None
+    except Exception:  # not PyTorch's text: a fragment of the unpickler's, or advice to load code
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # torch.save writes a zip archive ("PK\3\4"); before PyTorch 1.6 a pickle (protocol 2: byte 0x80)
+        why = ("it is a zip archive / pickle, but damaged or holding more than tensors and plain data"
+               if head.startswith((b"PK\x03\x04", b"\x80")) else "it is not a zip archive / pickle")
+        raise BadInput(f"{path} is not a checkpoint written by these scripts ({why})") from None
 
 
 def find_checkpoint(args, method):

@@ -156,7 +156,8 @@ def test_bad_path_flags(script, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     cases = [(["--output-dir", str(tmp_path / "a_file")], "--output-dir"),
              (["--resume", str(tmp_path / "missing.pth")], "--resume"),
-             (["--data", str(tmp_path / "nowhere")], "data path not found")]
+             (["--data", str(tmp_path / "nowhere")], "data path not found"),
+             (["--data", str(tmp_path / "a_file")], f"--data {tmp_path / 'a_file'} is a file, not a folder")]
     if script == "eval_linear":
         cases = [(["--output-dir", str(tmp_path / "a_file")], "--output-dir"),
                  (["--pretrained", str(tmp_path / "missing.pth")], "missing.pth"),
