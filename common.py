@@ -1096,6 +1096,8 @@ RANGES = {
     "trust_coefficient": (0, False, None), "proj_dim": (1, True, None), "mlp_dim": (1, True, None),
     "crop_min": (0, False, 1), "clip_grad": (0, True, None), "queue_size": (1, True, None),
     "num_masks": (1, True, None), "rot_weight": (0, True, None), "labels_per_class": (0, True, None),
+    "grid_masks": (1, True, None), "fh_sigma": (0, True, None), "fh_scale": (0, True, None),  # FH: 0 = auto
+    "fh_min_size": (0, True, None),
 }
 
 
@@ -1122,11 +1124,11 @@ def check_ranges(args):
 
 
 def check_paths(args):
-    """Path flags of the right kind: --output-dir not a file, --resume an existing file (or auto/empty),
-    --data an existing folder when it is not a built-in dataset name."""
-    out = args.output_dir
-    if out and os.path.exists(out) and not os.path.isdir(out):
-        raise BadInput(f"--output-dir {out} exists and is not a folder")
+    """Path flags of the right kind: --output-dir a folder or creatable as one, --resume an existing file (or
+    auto/empty), --data an existing folder when it is not a built-in dataset name. (A folder that cannot be
+    created for another reason, such as /proc/x, is refused when setup creates it, before any write.)"""
+    if args.output_dir:
+        check_output_dir("--output-dir", args.output_dir)
     if args.resume not in ("", "auto") and not os.path.isfile(args.resume):
         raise BadInput(f"--resume {args.resume}: no such checkpoint file "
                        "(use auto, a checkpoint.pth path or nothing)")
@@ -1137,6 +1139,28 @@ def check_paths(args):
             raise BadInput(f"{problem} (use {', '.join(BUILTIN_DATA)} or an image folder)")
     if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
         raise BadInput(f"--data-root {args.data_root} exists and is not a folder")
+
+
+def check_output_dir(flag, path):
+    """A folder the run writes into: an existing folder, or a path whose nearest existing parent is one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise BadInput(f"{flag} {path} exists and is not a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise BadInput(f"{flag} {path} cannot be created: {parent} is a file, not a folder")
+
+
+def check_output_file(flag, path):
+    """A file the run writes (a picture): not a folder, and in a folder that exists (none is created)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise BadInput(f"{flag} {path} is a folder; give the path of a file to write")
+    if not os.path.isdir(folder):
+        raise BadInput(f"{flag} {path}: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BadInput(f"{flag} {path}: its folder {folder} is not writable")
 
 
 # ============================================================================ preemption signals
@@ -1523,8 +1547,13 @@ def atomic_path(path, suffix=""):
     """A temporary name beside `path` (ending in `suffix`, which picks the image format) for the block to
     write, then os.replace onto `path`: a crash or a concurrent reader never sees half a file."""
     tmp = f"{path}.tmp{os.getpid()}{suffix}"
-    yield tmp
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:  # a failed write or rename leaves no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_atomic(obj, path):

@@ -440,7 +440,7 @@ def show_masks(ds, views, path, n=6, tile=128):
 
 
 def check_args(args):
-    """Method-specific checks (BadInput) -> the side of the final feature grid."""
+    """Method-specific checks (BadInput), output paths included -> the side of the final feature grid."""
     if args.variant not in ("B", "S"):
         raise BadInput(f"unknown --variant {args.variant!r}; choose B (DetCon_B) or S (DetCon_S)")
     if args.masks not in ("fh", "grid"):
@@ -450,6 +450,10 @@ def check_args(args):
         raise BadInput(f"--img-size {args.img_size} with --arch {args.arch} --stem {args.stem} "
                        f"gives a {grid}x{grid} final feature map; DetCon needs at least 2x2 "
                        "(use a larger --img-size or --stem small)")
+    if args.mask_cache not in ("auto", "off"):
+        common.check_output_dir("--mask-cache", args.mask_cache)
+    if args.show_masks:
+        common.check_output_file("--show-masks", args.show_masks)
     if args.warmup_epochs < 0:
         args.warmup_epochs = 0.01 * args.epochs  # official: 1% warmup
     return grid

@@ -171,6 +171,41 @@ def test_bad_path_flags(script, tmp_path, capsys):
         assert e.value.code == 2 and len(err) == 1 and expected in err[0], (argv, err)
 
 
+# (script, flags, the start of the error line); `{file}`: an existing file, `{folder}`: an empty folder
+BAD_OUTPUTS = [
+    ("mocov3", ["--output-dir", "{file}/run"],
+     "error: --output-dir {file}/run cannot be created: {file} is a file"),
+    ("mocov3", ["--output-dir", "/proc/x"], "error: --output-dir /proc/x cannot be created"),
+    ("detcon", ["--mask-cache", "{file}"], "error: --mask-cache {file} exists and is not a folder"),
+    ("detcon", ["--show-masks", "{folder}"], "error: --show-masks {folder} is a folder"),
+    ("densecl", ["--show-matches", "/nonexistent/dir/m.png"],
+     "error: --show-matches /nonexistent/dir/m.png: its folder /nonexistent/dir does not exist"),
+    ("eval_linear", ["--show-seg", "{file}/seg.png"], "error: --show-seg {file}/seg.png: its folder {file}"),
+    ("detcon", ["--fh-sigma", "-1"], "error: --fh-sigma -1.0 is out of range: it must be >= 0"),
+    ("detcon", ["--fh-scale", "-3"], "error: --fh-scale -3.0 is out of range: it must be >= 0"),
+    ("detcon", ["--fh-min-size", "-3"], "error: --fh-min-size -3 is out of range: it must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("script,flags,expected", BAD_OUTPUTS, ids=[f"{s} {f[0]}" for s, f, _ in BAD_OUTPUTS])
+def test_bad_output_path_or_fh_value_one_line_exit_2_nothing_left(script, flags, expected, tmp_path, capsys):
+    """Checked before any work: one line naming the flag, exit 2, and no file left behind (a --show-masks
+    folder used to end in a traceback after training, with a *.tmp*.png left in it)."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    names = {"file": str(tmp_path / "a_file"), "folder": str(tmp_path / "folder")}
+    flags = [f.format(**names) for f in flags]
+    argv = (["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--workers", "0",
+             "--mode", "seg", "--output-dir", str(tmp_path / "run"), *flags] if script == "eval_linear"
+            else tiny(script, tmp_path / "run", *flags))
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(expected.format(**names)), err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a_file", "folder"]
+    assert not os.path.exists("/proc/x") and not os.path.exists("/nonexistent")
+
+
 def test_default_workers_never_exceed_the_cores():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= common.CommonArgs().workers <= min(8, cores)
