@@ -17,16 +17,18 @@ same-view same-mask columns masked with -1e9, positive label mass split over dup
 uniformly over masks present in that view with replacement and shared by the online and target passes, BYOL
 heads (output layer without bias) and asymmetric augmentation, one crop window per view drawn as the official
 one (area ~ U(--crop-min, 1), log aspect ~ U(log 3/4, log 4/3), sides clamped to the image; no retries, unlike
-torchvision's RandomResizedCrop), EMA 0.996 -> 1 (cosine), LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup, FH scale
-1000 / min_size 1000 / sigma 0.8 at ImageNet resolution.
+torchvision's RandomResizedCrop), EMA 0.996 -> 1 (cosine), LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup, FH on
+the un-augmented image at full resolution with scale 1000 / min_size 1000 / sigma 0.8 (the imagenet preset).
 
-Changed: FH runs in the loader workers (official: offline, stored with the images) on the image scaled to <=
---fh-size px with its parameters scaled to that pixel count, results cached on disk for images >= 224 px; ids
-are int32 (the official uint8 cast merges ids > 255); masks are reduced to the feature grid by a majority vote
-per cell (= one-hot -> average-pool -> argmax); the EMA update runs at the start of a step (as in mocov3.py)
-rather than after it; DetCon_S keeps the gradient of the local targets (SimCLR-style). The colour ops are
-torchvision's/PIL's, not the official dm_pix-style ones: brightness multiplies (official: adds a delta ~
-U(-0.4, 0.4)), contrast scales around the grayscale mean (official: the per-channel mean), saturation blends
+Changed: FH runs in the loader workers during the first epoch, cached on disk for images >= 224 px (official:
+offline, stored with the images; ~0.3 s per ImageNet-size image in one worker, benchmarks/fh_cost.py); the
+`cifar` and `cpu` presets (ours) run FH on the image scaled to <= 128 px (--fh-size) with scale and min_size
+scaled to that pixel count (--fh-scale 0 --fh-min-size 0), which gives other segments than the official call;
+ids are int32 (the official uint8 cast merges ids > 255); masks are reduced to the feature grid by a majority
+vote per cell (= one-hot -> average-pool -> argmax); the EMA update runs at the start of a step (as in
+mocov3.py) rather than after it; DetCon_S keeps the gradient of the local targets (SimCLR-style). The colour
+ops are torchvision's/PIL's, not the official dm_pix-style ones: brightness multiplies (official: adds a delta
+~ U(-0.4, 0.4)), contrast scales around the grayscale mean (official: the per-channel mean), saturation blends
 with grayscale (official: scales S in HSV), blur is PIL's GaussianBlur with radius sigma (official: a 23-tap
 separable Gaussian kernel, same sigma range). Default precision on CUDA is bf16 autocast with TF32 matmuls
 (official: JAX on TPU). Backbones are torchvision's. The `cifar` and `cpu` presets are ours (final feature
@@ -107,13 +109,16 @@ class Args(common.CommonArgs):
     """n of the n x n grid masks (--masks grid; the paper's spatial-heuristic baseline masks)"""
     num_masks: int = 16
     """mask ids sampled per view (with replacement, among masks present in the view; official: 16)"""
-    fh_size: int = 128
-    """FH runs on the un-augmented image scaled so its longer side is <= this (0 = native size); FH cost grows
-    faster than the pixel count and the masks are used at the feature-grid resolution"""
-    fh_scale: float = 0
-    """FH scale; 0 = 1000 x (pixels / 400x350)^0.4: the official 1000 at ImageNet size, ~300 at 64-96 px"""
-    fh_min_size: int = 0
-    """FH min_size; 0 = 1000 x pixels / (400x350): the official 1000 at ImageNet size, ~50 at 80 px"""
+    fh_size: int = 0
+    """FH runs on the un-augmented image scaled so its longer side is <= this; 0 = native size (official: full
+    resolution). With a smaller size, or images smaller than ImageNet's (e.g. imagenette2-224, where the
+    official values leave ~5 segments), set --fh-scale 0 --fh-min-size 0, which scale with the pixels"""
+    fh_scale: float = 1000
+    """FH scale (official: 1000 at full resolution); 0 = 1000 x (pixels / 400x350)^0.4 of the size FH runs at,
+    ~300 at 64-96 px"""
+    fh_min_size: int = 1000
+    """FH min_size in pixels (official: 1000); 0 = 1000 x pixels / (400x350) of the size FH runs at, ~50 at
+    80 px"""
     fh_sigma: float = 0.8
     """FH Gaussian pre-smoothing (official: 0.8)"""
     mask_cache: str = "auto"
@@ -123,11 +128,15 @@ class Args(common.CommonArgs):
     """write a PNG of a few images, their two views and the masks on each view to this path, then exit"""
 
 
+# ours, for small images: FH at <= 128 px with scale and min_size scaled to the pixels it runs at (fh_params);
+# the official 1000 / 1000 would leave a 64-px image one or two segments
+SMALL_FH = dict(fh_size=128, fh_scale=0, fh_min_size=0)
 PRESETS = {
-    "imagenet": {},
+    "imagenet": {},  # the official recipe, FH included: full resolution, scale 1000, min_size 1000, sigma 0.8
     # ours: BYOL's solo-learn CIFAR recipe with DetCon's loss; small stem keeps the 32-px grid at 4x4
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, lr=1.0, trust_coefficient=0.02,
-                  wd=1e-5, momentum=0.99, blur=False, epochs=1000, warmup_epochs=10, knn_every=10),
+                  wd=1e-5, momentum=0.99, blur=False, epochs=1000, warmup_epochs=10, knn_every=10,
+                  **SMALL_FH),
     # ours, one quick-start tuning shared by every method file: 3 epochs of 1280 synthetic images at batch 32
     # (120 updates, a few minutes on 2 CPU cores: README's quick-start table); AdamW at lr 1.6e-2 per 256
     # (2e-3 here) and wd 1e-6: SGD and LARS at the published lrs learned less in our trials; EMA
@@ -136,7 +145,7 @@ PRESETS = {
     # masks per view).
     "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=32, epochs=3, synthetic_size=1280,
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, warmup_epochs=0.5, crop_min=0.3,
-                blur=False, mlp_dim=1024, workers=2, log_every=10),
+                blur=False, mlp_dim=1024, workers=2, log_every=10, **SMALL_FH),
 }
 
 
@@ -492,7 +501,7 @@ def show_masks(ds, views, path, n=6, tile=128):
 
 
 def check_args(args):
-    """Method-specific checks (BadInput) -> the side of the final feature grid."""
+    """Method-specific checks (BadInput), output paths included -> the side of the final feature grid."""
     if args.variant not in ("B", "S"):
         raise BadInput(f"unknown --variant {args.variant!r}; choose B (DetCon_B) or S (DetCon_S)")
     if args.masks not in ("fh", "grid"):
@@ -502,6 +511,10 @@ def check_args(args):
         raise BadInput(f"--img-size {args.img_size} with --arch {args.arch} --stem {args.stem} "
                        f"gives a {grid}x{grid} final feature map; DetCon needs at least 2x2 "
                        "(use a larger --img-size or --stem small)")
+    if args.mask_cache not in ("auto", "off"):
+        common.check_output_dir("--mask-cache", args.mask_cache)
+    if args.show_masks:
+        common.check_output_file("--show-masks", args.show_masks)
     if args.warmup_epochs < 0:
         args.warmup_epochs = 0.01 * args.epochs  # official: 1% warmup
     return grid

@@ -13,7 +13,8 @@ than one process, in one launch, and rank 0 writes OUT/results.json.
 2. DenseCL's shuffle-BN across ranks: every sample comes back in place, and the key encoder saw
    samples of the other rank.
 3. Each training script's main() for 2 steps, as `torchrun ... METHOD.py` runs it (rank 0 alone logs).
-4. A global batch not divisible by the world size: one line, exit 2.
+4. A global batch not divisible by the world size, and an output folder another run holds: one line, exit 2,
+   on every rank (rank 0 alone takes the lock and tells the others).
 5. eval_linear.py's linear, knn and seg-knn modes on 11 val images (odd: DistributedSampler would pad rank 1
    with a duplicate): the metrics and the val image count of 2 processes must be those of 1 (seg shares
    seg-knn's val loop); linear also with --data-on-device.
@@ -21,6 +22,7 @@ than one process, in one launch, and rank 0 writes OUT/results.json.
    epoch, in a new order each epoch; MoCo v3 trains 2 steps with it under torchrun (part 3).
 """
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -158,6 +160,23 @@ def main(out_dir):
             except SystemExit as e:
                 code = e.code
         results["bad_batch"] = {"code": code, "stderr": stderr.getvalue().strip().splitlines()}
+        locked, held = os.path.join(out_dir, "locked"), None
+        if run.rank == 0:  # another open file of .lock: flock refuses this process's own run too
+            os.makedirs(locked)
+            held = open(os.path.join(locked, ".lock"), "w")
+            fcntl.flock(held, fcntl.LOCK_EX)
+        dist.barrier()
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            try:
+                mocov3.main(tiny("mocov3", locked, "--max-steps", "1"))
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        results["run_locked"] = {"code": code, "stderr": stderr.getvalue().strip().splitlines(),
+                                 "files": sorted(os.listdir(locked)) if run.rank == 0 else None}
+        if held:
+            held.close()
 
     # ---- 5. eval_linear counts each val image once, alone and under torchrun
     EVAL = ["--pretrained", "none", "--synthetic-size", "55", "--img-size", "32", "--stem", "small",

@@ -18,6 +18,16 @@ def test_two_processes_equal_one_process(harness, name):
         assert two[key] == pytest.approx(one[key], rel=1e-5, abs=1e-6), key
 
 
+def test_a_folder_in_use_stops_every_rank_with_one_line_exit_2(harness):
+    """Rank 0 is refused the lock: every rank stops with the same line, and nothing is written."""
+    for rank, view in enumerate(harness[2]["per_rank_runs"]):
+        locked = view["run_locked"]
+        assert locked["code"] == 2 and len(locked["stderr"]) == 1, (rank, locked)
+        assert locked["stderr"][0].startswith("error: --output-dir ") and "in use by another run" in \
+            locked["stderr"][0], (rank, locked)
+    assert harness[2]["per_rank_runs"][0]["run_locked"]["files"] == [".lock"]
+
+
 def test_shuffle_bn_crosses_ranks_and_restores_order(harness):
     assert harness[2]["shuffle_bn"] == {"restored": True, "foreign": True}
 
