@@ -32,7 +32,8 @@ ops are torchvision's/PIL's, not the official dm_pix-style ones: brightness mult
 with grayscale (official: scales S in HSV), blur is PIL's GaussianBlur with radius sigma (official: a 23-tap
 separable Gaussian kernel, same sigma range). Default precision on CUDA is bf16 autocast with TF32 matmuls
 (official: JAX on TPU). Backbones are torchvision's. The `cifar` and `cpu` presets are ours (final feature
-grid 4x4 via the small stem).
+grid 4x4 via the small stem). --data-on-device computes FH once per image on the stored copy (1.25 x the crop
+for folders) with scale and min_size scaled to its pixel count, and draws the crop windows batched on the device.
 
 Commands:
   python detcon.py                                   # CPU smoke run on built-in synthetic data
@@ -541,7 +542,8 @@ def main(argv=None):
     run = common.setup(args, "detcon")
 
     # ---- data: masks come from the un-augmented image, in the loader workers (--data-on-device: once, stored)
-    train_ds, steps_per_epoch = common.pretrain_data(args, run, views, ids=MaskedImages(None, args).mask)
+    stored = dataclasses.replace(args, fh_size=0, fh_scale=0, fh_min_size=0)  # the stored size's FH settings
+    train_ds, steps_per_epoch = common.pretrain_data(args, run, views, ids=MaskedImages(None, stored).mask)
     if not args.data_on_device:
         train_ds.base = MaskedImages(train_ds.base, args, *mask_cache(args, run.out))
     knn = common.knn_monitor(args, run)
