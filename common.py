@@ -9,8 +9,8 @@ Sections, in the order a method file uses them: errors & args | run setup | data
 backbones | optimizer & schedules | checkpoint, resume & export | kNN monitor | logging. After a
 banner, what only some runs need: augmentation on the device (--gpu-aug) | data-study knobs; then the
 plumbing under the sections above, which a method reader can skip: errors & argument parsing |
-preemption signals | synthetic scenes | image files | backbone internals | optimizer internals | checkpoint
-files | kNN internals | run records & pictures.
+preemption signals | run lock | synthetic scenes | image files | backbone internals | optimizer internals |
+checkpoint files | kNN internals | run records & pictures.
 """
 import argparse
 import ast
@@ -23,6 +23,7 @@ import math
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -203,9 +204,11 @@ class Run:
 
 def setup(args, method):
     """torchrun-native setup: process group (only when WORLD_SIZE > 1), device, seeds, run dir, args.json.
-    A --resume checkpoint is read and checked here, before anything is built or written."""
+    A --resume checkpoint is read and checked here, then the output folder is locked (one run per folder),
+    before anything is built or written."""
     check_paths(args)
     args.output_dir = args.output_dir or os.path.join("runs", method)
+    read = checkpoint_stamp(args)
     checkpoint = find_checkpoint(args, method)  # BadInput unless it is this method's, arch, stem and batch
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -217,14 +220,17 @@ def setup(args, method):
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    refused = lock_output_dir(args.output_dir) if rank == 0 else None  # one run per folder: rank 0 holds it
     if world > 1 and not dist.is_initialized():  # one process group serves every run of this process
         dist.init_process_group("nccl" if cuda else "gloo")
+    agree_on_lock(refused, world)  # BadInput on every rank when rank 0 was refused
+    if checkpoint_stamp(args) != read:  # the run that held the folder wrote a newer one before it let go
+        checkpoint = find_checkpoint(args, method)
     if args.precision == "auto":
         args.precision = "bf16" if cuda else "fp32"
     catch_stop_signals()
     seed_everything(args.seed + rank)
     if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
         record = {**dataclasses.asdict(args), "method": method, "world_size": world, "git_sha": git_sha(),
                   "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device)}
         with open(os.path.join(args.output_dir, "args.json"), "w") as f:
@@ -634,7 +640,10 @@ class Logger:
         self.last = {}
         self.clock = Meter(run)
         mode = "a" if start_step else "w"  # a resumed run appends; a fresh run in an old dir starts anew
-        self.file = open(os.path.join(run.out, "log.jsonl"), mode) if run.main else None
+        path = os.path.join(run.out, "log.jsonl")
+        if run.main and start_step and drop_torn_tail(path):  # a crash or kill -9 cut the last write
+            print(f"{path}: dropped its torn last line", flush=True)
+        self.file = open(path, mode) if run.main else None
         self.tb = tensorboard_writer(run) if run.main and run.args.tensorboard else None
 
     @property
@@ -741,11 +750,11 @@ class Logger:
 # Everything above is what a reader of a method file needs. Below: what only some runs need -- the
 # device-side augmentation (--gpu-aug) and the data-study knobs (--subset, --corrupt, --data A,B) -- then the
 # plumbing under the sections above, which a method reader can skip, in the same order: errors & argument
-# parsing (exit codes, --help text, range and path checks), preemption signals, synthetic scenes (the
-# built-in data), image files, backbone internals (MoCo v3's ViT position embedding), optimizer internals
-# (LARS), checkpoint files (checks, RNG state, atomic save, safe load), kNN internals and run records &
-# pictures (the Logger's clock, git sha, peak memory, TensorBoard, curves.png, the VOC colours and the
-# contact sheets of --show-masks / --show-seg).
+# parsing (exit codes, --help text, range and path checks), preemption signals, the run lock (one run per
+# output folder), synthetic scenes (the built-in data), image files, backbone internals (MoCo v3's ViT
+# position embedding), optimizer internals (LARS), checkpoint files (checks, RNG state, atomic save, safe
+# load), kNN internals and run records & pictures (the Logger's clock, git sha, peak memory, TensorBoard, the
+# log.jsonl reader, curves.png, the VOC colours and the contact sheets of --show-masks / --show-seg).
 # ##########################################################################################################
 
 
@@ -769,7 +778,7 @@ def finish_views(run, x1, x2, step, recipes=None):
     photometric ops there, drawn from a generator seeded by (seed, rank, step)."""
     if recipes is None:
         return run.to_device(x1), run.to_device(x2)
-    gen = torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
+    gen = device_generator(run, step)
     return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
 
 
@@ -1070,16 +1079,23 @@ def colour(run, x, recipe, gen):
     return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
 
 
+def device_generator(run, step):
+    """The --gpu-aug / --data-on-device draw of one step: its own stream per (--seed, rank, global step)."""
+    return torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
+
+
+def device_crops(x, img_size, scale, gen):
+    """x float [n, 3, S, S] -> RandomResizedCrop(img_size, scale) + horizontal flip (p 0.5), per sample."""
+    boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], scale, gen)  # [n, 4]
+    flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5  # [n]
+    return flip_where(crop_resize(x, boxes, img_size), flip)  # [n, 3, img_size, img_size]
+
+
 def device_views(run, x, step, img_size, crop_min, recipes):
     """TwoViews.finish with --data-on-device: stored uint8 images x [n, 3, S, S] -> per view a
     RandomResizedCrop box (torchvision's distribution), a flip and the colour ops, per sample."""
-    gen = torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
-    x, views = x.float().div_(255), []  # [n, 3, S, S] in [0, 1]
-    for recipe in recipes:
-        boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], (crop_min, 1.0), gen)  # [n, 4]
-        flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5  # [n]
-        views.append(colour(run, flip_where(crop_resize(x, boxes, img_size), flip), recipe, gen))
-    return tuple(views)
+    gen, x = device_generator(run, step), x.float().div_(255)  # x [n, 3, S, S] in [0, 1]
+    return tuple(colour(run, device_crops(x, img_size, (crop_min, 1.0), gen), r, gen) for r in recipes)
 
 
 # ============================================================================ data-study knobs
@@ -1201,6 +1217,8 @@ def user_errors(main):
         except Preempted as e:  # requeue and rerun the same command with --resume auto: no work is lost
             print(f"stopped: {e}", file=sys.stderr, flush=True)
             sys.exit(PREEMPTED_EXIT)
+        finally:
+            release_output_dirs()  # a process that runs main() again (tests, notebooks) may reuse the folder
     return wrapped
 
 
@@ -1277,6 +1295,8 @@ RANGES = {
     "trust_coefficient": (0, False, None), "proj_dim": (1, True, None), "mlp_dim": (1, True, None),
     "crop_min": (0, False, 1), "clip_grad": (0, True, None), "queue_size": (1, True, None),
     "num_masks": (1, True, None), "rot_weight": (0, True, None), "labels_per_class": (0, True, None),
+    "grid_masks": (1, True, None), "fh_sigma": (0, True, None), "fh_scale": (0, True, None),  # FH: 0 = auto
+    "fh_min_size": (0, True, None),
 }
 
 
@@ -1303,20 +1323,43 @@ def check_ranges(args):
 
 
 def check_paths(args):
-    """Path flags of the right kind: --output-dir not a file, --resume an existing file (or auto/empty),
-    --data an existing folder when it is not a built-in dataset name."""
-    out = args.output_dir
-    if out and os.path.exists(out) and not os.path.isdir(out):
-        raise BadInput(f"--output-dir {out} exists and is not a folder")
+    """Path flags of the right kind: --output-dir a folder or creatable as one, --resume an existing file (or
+    auto/empty), --data an existing folder when it is not a built-in dataset name. (A folder that cannot be
+    created for another reason, such as /proc/x, is refused when setup creates it, before any write.)"""
+    if args.output_dir:
+        check_output_dir("--output-dir", args.output_dir)
     if args.resume not in ("", "auto") and not os.path.isfile(args.resume):
         raise BadInput(f"--resume {args.resume}: no such checkpoint file "
                        "(use auto, a checkpoint.pth path or nothing)")
     for name in args.data.split(","):
         if name not in BUILTIN_DATA and not os.path.isdir(name):
-            raise BadInput(f"--data: data path not found: {name} "
-                           f"(use {', '.join(BUILTIN_DATA)} or an image folder)")
+            problem = f"--data {name} is a file, not a folder" if os.path.exists(name) else \
+                f"--data: data path not found: {name}"
+            raise BadInput(f"{problem} (use {', '.join(BUILTIN_DATA)} or an image folder)")
     if os.path.exists(args.data_root) and not os.path.isdir(args.data_root):
         raise BadInput(f"--data-root {args.data_root} exists and is not a folder")
+
+
+def check_output_dir(flag, path):
+    """A folder the run writes into: an existing folder, or a path whose nearest existing parent is one."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise BadInput(f"{flag} {path} exists and is not a folder")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise BadInput(f"{flag} {path} cannot be created: {parent} is a file, not a folder")
+
+
+def check_output_file(flag, path):
+    """A file the run writes (a picture): not a folder, and in a folder that exists (none is created)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise BadInput(f"{flag} {path} is a folder; give the path of a file to write")
+    if not os.path.isdir(folder):
+        raise BadInput(f"{flag} {path}: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise BadInput(f"{flag} {path}: its folder {folder} is not writable")
 
 
 # ============================================================================ preemption signals
@@ -1347,6 +1390,77 @@ def stop_requested(run, step):
     flag = torch.tensor(float(STOP_SIGNAL[0] is not None), device=run.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag)
+
+
+# ============================================================================ run lock
+
+try:
+    import fcntl
+except ImportError:  # Windows: no fcntl, so no lock (keep two runs off one folder by hand there)
+    fcntl = None
+
+LOCKS = {}  # real path of an output folder -> the open <folder>/.lock file this process holds the lock with
+
+
+def lock_output_dir(out):
+    """Create `out` and take an exclusive lock on out/.lock for this process: None, or the one-line reason it
+    cannot (another run holds it: its pid and host; or the folder cannot be created). The OS releases a flock
+    when the holder dies, even by kill -9, so a requeued job never meets a stale lock. The holder writes its
+    pid and host into the file after locking, for the other run's message."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        if fcntl is None or os.path.realpath(out) in LOCKS:  # no fcntl, or held by an earlier run here
+            return None
+        f = os.fdopen(os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644), "r+")
+    except OSError as e:
+        return f"--output-dir {out} cannot be created or written: {e.strerror}"
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        try:
+            holder = json.loads(f.read())
+            holder = f"pid {holder['pid']} on {holder['host']}"
+        except (ValueError, KeyError, TypeError):
+            holder = "pid and host not written yet"  # it has just taken the lock
+        f.close()
+        return f"--output-dir {out} is in use by another run ({holder}); wait for it or use another folder"
+    f.truncate(0)
+    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+    f.flush()
+    LOCKS[os.path.realpath(out)] = f
+    return None
+
+
+def agree_on_lock(refused, world):
+    """Every rank stops (BadInput, exit 2) when rank 0 could not lock the folder: rank 0 tried before joining
+    the process group, so no rank waits on a refused one; here it broadcasts the answer (`refused`: its
+    lock_output_dir result) in one collective that every rank reaches."""
+    if world > 1:
+        answer = [refused]
+        dist.broadcast_object_list(answer, src=0)
+        refused = answer[0]
+    if refused:
+        raise BadInput(refused)
+
+
+def release_output_dirs():
+    """Unlock every output folder this process holds (a script's main() ends: the next run may take it)."""
+    for f in LOCKS.values():
+        fcntl.flock(f, fcntl.LOCK_UN)  # through any copy of the file: a forked child's too
+        f.close()
+    LOCKS.clear()
+
+
+def _forget_locks_in_child():
+    """A forked child (a loader worker) closes its copies of the lock files, without unlocking: a worker that
+    outlives a killed parent by a few seconds does not keep the folder locked."""
+    for f in LOCKS.values():
+        f.close()
+    LOCKS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
 # ============================================================================ synthetic scenes
@@ -1632,8 +1746,13 @@ def atomic_path(path, suffix=""):
     """A temporary name beside `path` (ending in `suffix`, which picks the image format) for the block to
     write, then os.replace onto `path`: a crash or a concurrent reader never sees half a file."""
     tmp = f"{path}.tmp{os.getpid()}{suffix}"
-    yield tmp
-    os.replace(tmp, path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:  # a failed write or rename leaves no temporary file behind
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def save_atomic(obj, path):
@@ -1650,8 +1769,13 @@ def load_file(path):
         raise BadInput(f"checkpoint not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise BadInput(f"{path} is not a readable checkpoint: {str(e).splitlines()[0][:200]}") from None
+    except Exception:  # not PyTorch's text: a fragment of the unpickler's, or advice to load code
+        with open(path, "rb") as f:
+            head = f.read(4)
+        # torch.save writes a zip archive ("PK\3\4"); before PyTorch 1.6 a pickle (protocol 2: byte 0x80)
+        why = ("it is a zip archive / pickle, but damaged or holding more than tensors and plain data"
+               if head.startswith((b"PK\x03\x04", b"\x80")) else "it is not a zip archive / pickle")
+        raise BadInput(f"{path} is not a checkpoint written by these scripts ({why})") from None
 
 
 def find_checkpoint(args, method):
@@ -1674,6 +1798,16 @@ def find_checkpoint(args, method):
             raise BadInput(f"cannot resume from {path}: it was made with {key}={have}, "
                            f"this run has {key}={want}")
     return path, ck
+
+
+def checkpoint_stamp(args):
+    """(inode, size, mtime) of the --resume file, None without one: tells whether it changed since read."""
+    path = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    try:
+        st = os.stat(path) if path else None
+    except OSError:
+        return None
+    return st and (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def load_states(ck, state, path):
@@ -1845,6 +1979,48 @@ class Meter:
         return steps * self.run.args.batch_size / dt, 1000 * dt / steps, self.data_warm / dt
 
 
+def read_jsonl(path):
+    """The records of a JSON-lines file such as log.jsonl -> (records, number skipped). A line that is not a
+    JSON object (torn by a crash or kill -9 mid-write) is skipped, and one line on stderr says how many."""
+    records, skipped = [], 0
+    with open(path, errors="replace") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError:
+                r = None
+            if isinstance(r, dict):
+                records.append(r)
+            else:
+                skipped += 1
+    if skipped:
+        print(f"{path}: skipped {skipped} unreadable line(s), torn by an interrupted write", file=sys.stderr,
+              flush=True)
+    return records, skipped
+
+
+def drop_torn_tail(path):
+    """Truncate the last line of a JSON-lines file when it is torn (no trailing newline, or not JSON), so a
+    resumed run's records do not glue onto half a record. Returns the number of bytes dropped."""
+    if not os.path.isfile(path):
+        return 0
+    with open(path, "rb+") as f:
+        data = f.read()
+        body = data[:-1] if data.endswith(b"\n") else data
+        start = body.rfind(b"\n") + 1  # where the last line begins
+        last = body[start:]
+        if data.endswith(b"\n") or not last:
+            try:
+                if not last.strip() or isinstance(json.loads(last), dict):
+                    return 0
+            except ValueError:
+                pass
+        f.truncate(start)
+    return len(data) - start
+
+
 PLOT_SKIP = ("step", "epoch", "event", "img_per_s", "data_time_frac", "peak_mem_mb", "train_s")  # not curves
 
 
@@ -1855,8 +2031,7 @@ def plot_curves(log_path, png_path):
         from matplotlib.figure import Figure  # the object API: no pyplot, no display, no global state
     except ImportError:
         return []
-    with open(log_path) as f:
-        records = [r for r in map(json.loads, f) if r.get("event") != "summary"]
+    records = [r for r in read_jsonl(log_path)[0] if r.get("event") != "summary" and "step" in r]
     series = {}
     for r in records:
         for k, v in r.items():

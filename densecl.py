@@ -359,6 +359,8 @@ def check_args(args):
     if alone and (args.shuffle_splits < 1 or args.batch_size % args.shuffle_splits):
         raise common.BadInput(f"--shuffle-splits {args.shuffle_splits} must divide "
                               f"--batch-size {args.batch_size}")
+    if args.show_matches:  # drawn after training: checked before it
+        common.check_output_file("--show-matches", args.show_matches)
 
 
 @common.user_errors

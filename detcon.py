@@ -17,20 +17,23 @@ same-view same-mask columns masked with -1e9, positive label mass split over dup
 uniformly over masks present in that view with replacement and shared by the online and target passes, BYOL
 heads (output layer without bias) and asymmetric augmentation, one crop window per view drawn as the official
 one (area ~ U(--crop-min, 1), log aspect ~ U(log 3/4, log 4/3), sides clamped to the image; no retries, unlike
-torchvision's RandomResizedCrop), EMA 0.996 -> 1 (cosine), LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup, FH scale
-1000 / min_size 1000 / sigma 0.8 at ImageNet resolution.
+torchvision's RandomResizedCrop), EMA 0.996 -> 1 (cosine), LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup, FH on
+the un-augmented image at full resolution with scale 1000 / min_size 1000 / sigma 0.8 (the imagenet preset).
 
-Changed: FH runs in the loader workers (official: offline, stored with the images) on the image scaled to <=
---fh-size px with its parameters scaled to that pixel count, results cached on disk for images >= 224 px; ids
-are int32 (the official uint8 cast merges ids > 255); masks are reduced to the feature grid by a majority vote
-per cell (= one-hot -> average-pool -> argmax); the EMA update runs at the start of a step (as in mocov3.py)
-rather than after it; DetCon_S keeps the gradient of the local targets (SimCLR-style). The colour ops are
-torchvision's/PIL's, not the official dm_pix-style ones: brightness multiplies (official: adds a delta ~
-U(-0.4, 0.4)), contrast scales around the grayscale mean (official: the per-channel mean), saturation blends
+Changed: FH runs in the loader workers during the first epoch, cached on disk for images >= 224 px (official:
+offline, stored with the images; ~0.3 s per ImageNet-size image in one worker, benchmarks/fh_cost.py); the
+`cifar` and `cpu` presets (ours) run FH on the image scaled to <= 128 px (--fh-size) with scale and min_size
+scaled to that pixel count (--fh-scale 0 --fh-min-size 0), which gives other segments than the official call;
+ids are int32 (the official uint8 cast merges ids > 255); masks are reduced to the feature grid by a majority
+vote per cell (= one-hot -> average-pool -> argmax); the EMA update runs at the start of a step (as in
+mocov3.py) rather than after it; DetCon_S keeps the gradient of the local targets (SimCLR-style). The colour
+ops are torchvision's/PIL's, not the official dm_pix-style ones: brightness multiplies (official: adds a delta
+~ U(-0.4, 0.4)), contrast scales around the grayscale mean (official: the per-channel mean), saturation blends
 with grayscale (official: scales S in HSV), blur is PIL's GaussianBlur with radius sigma (official: a 23-tap
 separable Gaussian kernel, same sigma range). Default precision on CUDA is bf16 autocast with TF32 matmuls
 (official: JAX on TPU). Backbones are torchvision's. The `cifar` and `cpu` presets are ours (final feature
-grid 4x4 via the small stem).
+grid 4x4 via the small stem). --data-on-device computes FH once per image on the stored copy (1.25 x the crop
+for folders) with scale and min_size scaled to its pixel count, and draws the crop windows batched on the device.
 
 Commands:
   python detcon.py                                   # CPU smoke run on built-in synthetic data
@@ -107,13 +110,16 @@ class Args(common.CommonArgs):
     """n of the n x n grid masks (--masks grid; the paper's spatial-heuristic baseline masks)"""
     num_masks: int = 16
     """mask ids sampled per view (with replacement, among masks present in the view; official: 16)"""
-    fh_size: int = 128
-    """FH runs on the un-augmented image scaled so its longer side is <= this (0 = native size); FH cost grows
-    faster than the pixel count and the masks are used at the feature-grid resolution"""
-    fh_scale: float = 0
-    """FH scale; 0 = 1000 x (pixels / 400x350)^0.4: the official 1000 at ImageNet size, ~300 at 64-96 px"""
-    fh_min_size: int = 0
-    """FH min_size; 0 = 1000 x pixels / (400x350): the official 1000 at ImageNet size, ~50 at 80 px"""
+    fh_size: int = 0
+    """FH runs on the un-augmented image scaled so its longer side is <= this; 0 = native size (official: full
+    resolution). With a smaller size, or images smaller than ImageNet's (e.g. imagenette2-224, where the
+    official values leave ~5 segments), set --fh-scale 0 --fh-min-size 0, which scale with the pixels"""
+    fh_scale: float = 1000
+    """FH scale (official: 1000 at full resolution); 0 = 1000 x (pixels / 400x350)^0.4 of the size FH runs at,
+    ~300 at 64-96 px"""
+    fh_min_size: int = 1000
+    """FH min_size in pixels (official: 1000); 0 = 1000 x pixels / (400x350) of the size FH runs at, ~50 at
+    80 px"""
     fh_sigma: float = 0.8
     """FH Gaussian pre-smoothing (official: 0.8)"""
     mask_cache: str = "auto"
@@ -123,11 +129,15 @@ class Args(common.CommonArgs):
     """write a PNG of a few images, their two views and the masks on each view to this path, then exit"""
 
 
+# ours, for small images: FH at <= 128 px with scale and min_size scaled to the pixels it runs at (fh_params);
+# the official 1000 / 1000 would leave a 64-px image one or two segments
+SMALL_FH = dict(fh_size=128, fh_scale=0, fh_min_size=0)
 PRESETS = {
-    "imagenet": {},
+    "imagenet": {},  # the official recipe, FH included: full resolution, scale 1000, min_size 1000, sigma 0.8
     # ours: BYOL's solo-learn CIFAR recipe with DetCon's loss; small stem keeps the 32-px grid at 4x4
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, lr=1.0, trust_coefficient=0.02,
-                  wd=1e-5, momentum=0.99, blur=False, epochs=1000, warmup_epochs=10, knn_every=10),
+                  wd=1e-5, momentum=0.99, blur=False, epochs=1000, warmup_epochs=10, knn_every=10,
+                  **SMALL_FH),
     # ours, one quick-start tuning shared by every method file: 3 epochs of 1280 synthetic images at batch 32
     # (120 updates, a few minutes on 2 CPU cores: README's quick-start table); AdamW at lr 1.6e-2 per 256
     # (2e-3 here) and wd 1e-6: SGD and LARS at the published lrs learned less in our trials; EMA
@@ -136,7 +146,7 @@ PRESETS = {
     # masks per view).
     "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=32, epochs=3, synthetic_size=1280,
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, warmup_epochs=0.5, crop_min=0.3,
-                blur=False, mlp_dim=1024, workers=2, log_every=10),
+                blur=False, mlp_dim=1024, workers=2, log_every=10, **SMALL_FH),
 }
 
 
@@ -226,6 +236,38 @@ def reduce_mask(mask, grid):
     return counts.view(-1, grid * grid, k).argmax(-1).view(*lead, grid, grid)
 
 
+def crop_windows(u, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    """crop_box for a batch (--data-on-device): uniforms u [n, 4] (area, aspect, top, left) -> boxes [n, 4]
+    float64 (top, left, height, width), the same formulas in float64 (torch.round: half to even)."""
+    u = u.double()
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, 0])  # [n]
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])  # [n]
+    bw = torch.round(torch.sqrt(area * aspect)).clamp(1, w)  # [n]
+    bh = torch.round(torch.sqrt(area / aspect)).clamp(1, h)  # [n]
+    top, left = torch.floor(u[:, 2] * (h - bh + 1)), torch.floor(u[:, 3] * (w - bw + 1))  # [n]
+    return torch.stack([top, left, bh, bw], 1)  # [n, 4]
+
+
+def crop_ids(ids, boxes, size):
+    """nearest_exact of each sample's box: ids [n, H, W], boxes [n, 4] (top, left, height, width) ->
+    [n, size, size]."""
+    top, left, bh, bw = boxes.long().unbind(1)  # [n] each
+    k = 2 * torch.arange(size, device=ids.device) + 1  # [size]
+    rows = top[:, None] + k * bh[:, None] // (2 * size)  # [n, size] floor((i + 0.5) * bh / size)
+    cols = left[:, None] + k * bw[:, None] // (2 * size)  # [n, size]
+    n = torch.arange(len(ids), device=ids.device)[:, None, None]
+    return ids[n, rows[:, :, None], cols[:, None, :]]  # [n, size, size]
+
+
+def relabel(cells):
+    """ids [n, V, S, S] -> the same partition with each image's ids renumbered 0..U-1 in increasing order
+    over all its views (torch.unique's inverse, per image, as JointViews does in the worker)."""
+    flat = cells.flatten(1).long()  # [n, V*S*S]
+    present = torch.zeros(len(flat), int(flat.max()) + 1, dtype=torch.long, device=flat.device)  # [n, K]
+    present.scatter_(1, flat, 1)
+    return (present.cumsum(1) - 1).gather(1, flat).view(cells.shape)  # [n, V, S, S]
+
+
 def crop_box(h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
     """The official crop window (BYOL's get_random_crop_window), one draw of torch's RNG: area ~ U(scale) x
     h*w, log aspect ~ U(log ratio), width round(sqrt(area * aspect)), height round(sqrt(area / aspect)), each
@@ -270,7 +312,7 @@ class JointViews(common.TwoViews):
     runs the colour ops on the device; the joint geometry always stays in the worker."""
     def __init__(self, img_size, crop_min, blur, grid, gpu=False):
         self.img_size, self.scale, self.grid = img_size, (crop_min, 1.0), grid
-        recipes = common.byol_recipes(blur)
+        self.recipes = recipes = common.byol_recipes(blur)
         self.photometric = recipes if gpu else None  # what TwoViews.finish runs on the device
         self.colour = [T.PILToTensor()] * 2 if gpu else [common.photometric_view(r) for r in recipes]
 
@@ -287,6 +329,26 @@ class JointViews(common.TwoViews):
         cells = reduce_mask(torch.stack([m1, m2]), self.grid)  # [2, S, S]
         _, cells = torch.unique(cells, return_inverse=True)  # joint relabel: id k is one region in both views
         return v1, cells[0], v2_, cells[1]
+
+    def finish_joint(self, run, x1, m1, x2, m2, step):
+        """The batch on the device -> (view 1, cells 1 [n, S, S], view 2, cells 2). With --data-on-device x1, x2
+        are the stored images and m1, m2 their stored ids: each view's ONE official crop box and ONE flip are
+        drawn here per sample and applied to image (roi_align) and ids (nearest) alike, then __call__'s
+        feature-grid reduction and joint relabel, batched."""
+        if not run.args.data_on_device:
+            x1, x2 = self.finish(run, x1, x2, step)  # [n, 3, H, W] each
+            return x1, run.to_device(m1), x2, run.to_device(m2)
+        gen, x = common.device_generator(run, step), x1.float().div_(255)  # x [n, 3, S, S] in [0, 1]
+        views, masks = [], []
+        for recipe in self.recipes:
+            u = torch.rand(len(x), 4, generator=gen, device=gen.device, dtype=torch.float64)  # [n, 4]
+            boxes = crop_windows(u, x.shape[2], x.shape[3], self.scale)  # [n, 4]
+            flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5  # [n]
+            view = common.flip_where(common.crop_resize(x, boxes, self.img_size), flip)  # [n, 3, H, W]
+            views.append(common.colour(run, view, recipe, gen))
+            masks.append(common.flip_where(crop_ids(m1, boxes, self.img_size), flip))  # [n, H, W]
+        cells = relabel(reduce_mask(torch.stack(masks, 1), self.grid))  # [n, 2, S, S]
+        return views[0], cells[:, 0], views[1], cells[:, 1]
 
 
 # ---------------------------------------------------------------------------- the method
@@ -440,7 +502,7 @@ def show_masks(ds, views, path, n=6, tile=128):
 
 
 def check_args(args):
-    """Method-specific checks (BadInput) -> the side of the final feature grid."""
+    """Method-specific checks (BadInput), output paths included -> the side of the final feature grid."""
     if args.variant not in ("B", "S"):
         raise BadInput(f"unknown --variant {args.variant!r}; choose B (DetCon_B) or S (DetCon_S)")
     if args.masks not in ("fh", "grid"):
@@ -450,6 +512,10 @@ def check_args(args):
         raise BadInput(f"--img-size {args.img_size} with --arch {args.arch} --stem {args.stem} "
                        f"gives a {grid}x{grid} final feature map; DetCon needs at least 2x2 "
                        "(use a larger --img-size or --stem small)")
+    if args.mask_cache not in ("auto", "off"):
+        common.check_output_dir("--mask-cache", args.mask_cache)
+    if args.show_masks:
+        common.check_output_file("--show-masks", args.show_masks)
     if args.warmup_epochs < 0:
         args.warmup_epochs = 0.01 * args.epochs  # official: 1% warmup
     return grid
@@ -475,9 +541,11 @@ def main(argv=None):
         return show_masks(MaskedImages(common.load_dataset(args, "train"), args), views, args.show_masks)
     run = common.setup(args, "detcon")
 
-    # ---- data: masks come from the un-augmented image, in the loader workers
-    train_ds, steps_per_epoch = common.pretrain_data(args, run, views)
-    train_ds.base = MaskedImages(train_ds.base, args, *mask_cache(args, run.out))
+    # ---- data: masks come from the un-augmented image, in the loader workers (--data-on-device: once, stored)
+    stored = dataclasses.replace(args, fh_size=0, fh_scale=0, fh_min_size=0)  # the stored size's FH settings
+    train_ds, steps_per_epoch = common.pretrain_data(args, run, views, ids=MaskedImages(None, stored).mask)
+    if not args.data_on_device:
+        train_ds.base = MaskedImages(train_ds.base, args, *mask_cache(args, run.out))
     knn = common.knn_monitor(args, run)
 
     # ---- model
@@ -501,8 +569,7 @@ def main(argv=None):
             lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
             common.set_lr(optimizer, lr)
             m = common.cosine_momentum(e, args.epochs, args.momentum)
-            x1, x2 = views.finish(run, x1, x2, log.step)  # [n, 3, H, W] each, n = batch / world
-            m1, m2 = run.to_device(m1), run.to_device(m2)  # [n, S, S] mask ids on the feature grid
+            x1, m1, x2, m2 = views.finish_joint(run, x1, m1, x2, m2, log.step)  # [n, 3, H, W], [n, S, S]
             with run.autocast():
                 loss, matched = step_model(x1, m1, x2, m2, run.scalar(m))
             common.optimizer_step(loss, optimizer, scaler)

@@ -203,6 +203,14 @@ def train_transform(img_size):
                       T.Normalize(common.MEAN, common.STD)])
 
 
+def device_train_batch(run, x, step):
+    """train_transform on the device (--data-on-device): stored uint8 images [n, 3, S, S] -> RandomResizedCrop
+    (scale 0.08-1) + flip per sample, normalised [n, 3, img_size, img_size]."""
+    gen = common.device_generator(run, step)
+    x = common.normalize(common.device_crops(x.float().div_(255), run.args.img_size, (0.08, 1.0), gen))
+    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
+
+
 def eval_splits(args):
     """(train, val) labeled datasets after --granularity, --labels-per-class and (train only) --corrupt."""
     train, val = common.load_dataset(args, "train"), common.load_dataset(args, "val")
@@ -243,6 +251,8 @@ def evaluate(net, head, ds, run):
     net.eval()
     head.eval()
     loader = torch.utils.data.DataLoader(ds, 256, sampler=shard(len(ds), run), num_workers=run.args.workers)
+    if isinstance(ds, common.HeldSplit):  # --data-on-device: resize + centre crop on the device
+        loader = ds.eval_batches(shard(len(ds), run), 256, run.args.img_size)
     hits = torch.zeros(3, dtype=torch.long, device=run.device)  # top-1 hits, top-5 hits, images: exact counts
     for x, y in loader:
         with run.autocast():
@@ -689,7 +699,8 @@ def main(argv=None):
         for key, value in DENSE_PRESETS[args.preset].items():
             if key not in flags_given:
                 setattr(args, key, value)
-        classification = {"labels_per_class": 0, "granularity": "fine", "corrupt": "", "bn_head": False}
+        classification = {"labels_per_class": 0, "granularity": "fine", "corrupt": "", "bn_head": False,
+                          "data_on_device": False}
         for flag, off in classification.items():
             if getattr(args, flag) != off:
                 raise common.BadInput(f"--{flag.replace('_', '-')} is a classification option, not for "
@@ -700,6 +711,8 @@ def main(argv=None):
         raise common.BadInput("--seg-res and --num-classes must be >= 0")
     if args.resume:
         raise common.BadInput("--resume is for training runs: an evaluation starts from --pretrained")
+    if args.show_seg:
+        common.check_output_file("--show-seg", args.show_seg)
     run = common.setup(args, f"eval_{args.mode}")
     common.seed_everything(args.seed)  # the same random init (--pretrained none) and head on every rank
 
@@ -710,7 +723,10 @@ def main(argv=None):
 
     # ---- data
     train_base, val_base = eval_splits(args)
-    val_ds = common.Views(val_base, common.eval_transform(args.img_size))
+    if args.data_on_device:  # decoded once into the device's memory; crops and flips drawn there
+        val_ds = common.held_split(args, run, val_base)
+    else:
+        val_ds = common.Views(val_base, common.eval_transform(args.img_size))
     protocol = {"knn": f"weighted kNN k={args.knn_k} T={args.knn_t}",
                 "finetune": f"fine-tune {args.epochs} ep",
                 "linear": f"linear probe (MoCo v3 protocol) {args.epochs} ep"}[args.mode]
@@ -718,7 +734,8 @@ def main(argv=None):
         f", {args.labels_per_class} labels/class" if args.labels_per_class else "") + (
         f", train images corrupted {args.corrupt}" if args.corrupt else "")
     if args.mode == "knn":
-        bank_ds = common.Views(train_base, common.eval_transform(args.img_size))
+        bank_ds = (common.held_split(args, run, train_base) if args.data_on_device
+                   else common.Views(train_base, common.eval_transform(args.img_size)))
         top1, top5 = common.knn_eval(net, bank_ds, val_ds, run, args.knn_k, args.knn_t)
         return finish(run, args, meta, top1=top1, top5=top5, val_images=len(val_ds), protocol=protocol)
 
@@ -741,7 +758,10 @@ def main(argv=None):
     step_model = nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
     optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
     scaler = common.grad_scaler(run)
-    train_ds = common.Views(train_base, train_transform(args.img_size), args.seed)
+    if args.data_on_device:
+        train_ds = common.held_split(args, run, train_base, copies=1)
+    else:
+        train_ds = common.Views(train_base, train_transform(args.img_size), args.seed)
     steps_per_epoch = len(train_ds) // args.batch_size
     if steps_per_epoch == 0:
         raise common.BadInput(f"--batch-size {args.batch_size} is larger than the dataset "
@@ -757,8 +777,9 @@ def main(argv=None):
         for i, (x, y) in log.batches(train_ds, epoch):
             e = epoch + i / steps_per_epoch
             common.set_lr(optimizer, common.cosine_lr(e, base_lr, 0, args.epochs))
+            x = device_train_batch(run, x, log.step) if args.data_on_device else run.to_device(x)
             with run.autocast():
-                loss = F.cross_entropy(step_model(run.to_device(x)).float(), y.to(run.device))
+                loss = F.cross_entropy(step_model(x).float(), y.to(run.device))
             common.optimizer_step(loss, optimizer, scaler)
             log.log_step(loss.detach())
             if log.done:

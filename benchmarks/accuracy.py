@@ -12,12 +12,11 @@ seconds.
   python benchmarks/accuracy.py --reuse                           # only run what is not finished yet
 """
 import argparse
-import json
 import os
 import shutil
 import sys
 
-from bench import IMAGENETTE, ROOT, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
+from bench import IMAGENETTE, ROOT, read_log, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
 METHODS = ["mocov3", "fast_moco", "densecl", "detcon", "rotation_aux"]
 
 
@@ -62,7 +61,7 @@ def main():
         if not (a.reuse and os.path.isfile(os.path.join(out, "backbone.pth"))):
             shutil.rmtree(out, ignore_errors=True)  # a fresh run: log.jsonl must hold this run's curve only
         s = run(cmd, a.reuse)
-        log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+        log = read_log(out)
         curves[name] = [(r["epoch"], r["train_s"], r["knn_top1"]) for r in log
                         if "knn_top1" in r and "train_s" in r]
         lin = run(["eval_linear.py", "--pretrained", os.path.join(out, "backbone.pth"), "--mode", "linear",

@@ -33,6 +33,13 @@ def run_summary(script, args, cache_dir=None, reuse=False, env=None):
     return summary
 
 
+def read_log(out_dir):
+    """The records of a run's log.jsonl (common.read_jsonl: a torn line is skipped and counted)."""
+    sys.path.insert(0, ROOT)
+    import common
+    return common.read_jsonl(os.path.join(out_dir, "log.jsonl"))[0]
+
+
 def add_data_flag(parser, default=IMAGENETTE,
                   what="the imagenette2-224 copy (ImageFolder with train/ and val/)"):
     parser.add_argument("--data", default=default, help=f"{what}; default: {default}")

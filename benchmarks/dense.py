@@ -16,13 +16,12 @@ predicted vs ground-truth masks on the first val images for every run (OUT_masks
   python benchmarks/dense.py --memory        # seg-knn memory at VOC size -> OUT_memory.md (~1 min)
 """
 import argparse
-import json
 import os
 import shutil
 import sys
 import time
 
-from bench import ROOT, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
+from bench import ROOT, read_log, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
 # (row name, script, extra flags): DenseCL with --dense-weight 0 keeps only its global (MoCo v2) loss
 RUNS = [("mocov3", "mocov3", []), ("fast_moco", "fast_moco", []), ("densecl", "densecl", []),
         ("mocov2 (densecl --dense-weight 0)", "densecl", ["--dense-weight", "0"]), ("detcon", "detcon", []),
@@ -100,7 +99,7 @@ def main():
         if not (a.reuse and os.path.isfile(os.path.join(out, "backbone.pth"))):
             shutil.rmtree(out, ignore_errors=True)  # a fresh run: log.jsonl must hold this run's record only
         s = run(cmd, cache, a.reuse)
-        log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+        log = read_log(out)
         final = [r for r in log if "train_s" in r][-1]  # the end-of-run kNN evaluation
         results[name] = dict(epochs=epochs, train_s=final["train_s"], knn=final.get("knn_top1"),
                              img_per_s=s["img_per_s"])

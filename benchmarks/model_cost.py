@@ -126,7 +126,8 @@ def mask_cost(a, img_size, n=16):
         timed(cached, imgs)  # fills the cache
         rows.append((f"{imgs[0].width}x{imgs[0].height} (native), cache hit", "- (16-bit PNG read)",
                      *timed(cached, imgs)))
-    return ([f"DetCon mask cost (Felzenszwalb-Huttenlocher, --fh-size {a.fh_size}; one process = one loader "
+    return ([f"DetCon mask cost (Felzenszwalb-Huttenlocher, --fh-size {a.fh_size} --fh-scale {a.fh_scale} "
+             f"--fh-min-size {a.fh_min_size}; one process = one loader "
              f"worker; {len(imgs)} {source}). Paid in the loader workers, not in the step times above.", "",
              "| image | FH runs at | ms/image | masks/image |", "|---|---|---|---|",
              *(f"| {r[0]} | {r[1]} | {r[2]:.1f} | {r[3]:.1f} |" for r in rows)],

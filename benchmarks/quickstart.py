@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 
-from bench import ROOT, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
+from bench import ROOT, read_log, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
 
 DENSE_GRID = 4  # the seg probe's feature grid: DenseCL's and DetCon's cpu presets (small stem, 32 px)
 
@@ -71,8 +71,7 @@ def main():
         if key not in random_init:
             random_init[key] = floors(cfg, os.path.join(ROOT, "runs", "quickstart", "random_" + m))
         knn_floor, seg_floor = random_init[key]
-        with open(os.path.join(out, "log.jsonl")) as f:
-            knn = [r["knn_top1"] for r in map(json.loads, f) if "knn_top1" in r and "event" not in r]
+        knn = [r["knn_top1"] for r in read_log(out) if "knn_top1" in r and "event" not in r]
         rows.append((m, f"{cfg['arch']}, {cfg['stem']} stem, {cfg['img_size']} px, "
                         f"batch {cfg['batch_size']}, {cfg['epochs']} ep on {cfg['synthetic_size']} images",
                      f"{wall / 60:.1f}",

@@ -14,6 +14,12 @@ that shows whether the loader keeps up. Writes a markdown table as it goes (and 
 
 --switches: MoCo v3 without channels_last and compile, then with each and both, and in fp32 when
 --precision is lower. Each configuration runs --repeats times; the table reports the median step time.
+
+--data-paths N: every method for N steps (more than the loader's prefetch buffer holds, so the data pipeline
+is in the number) with the PIL loader workers and with --data-on-device, the two runs of a method alternating
+--repeats times, into its own table (default benchmarks/results/data_paths_DEVICE.md):
+
+  python benchmarks/throughput.py --data-paths 40 --repeats 2      # CPU: the cpu presets' geometry
 """
 import argparse
 import os
@@ -74,8 +80,13 @@ def main():
     ap.add_argument("--sustained", type=int, default=0,
                     help="also run mocov3 for N steps, long enough to drain the loader's prefetch buffer "
                          "(data rate)")
-    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "throughput_cpu.md"))
+    ap.add_argument("--data-paths", type=int, default=0,
+                    help="only compare the PIL loader with --data-on-device, N steps per run")
+    ap.add_argument("--out", default="")
     a = ap.parse_args()
+    if a.data_paths:
+        return data_paths(a)
+    a.out = a.out or os.path.join(ROOT, "benchmarks", "results", "throughput_cpu.md")
     common = ["--data", "synthetic", "--preset", a.preset, "--arch", a.arch, "--stem", a.stem,
               "--img-size", str(a.img_size), "--batch-size", str(a.batch_size), "--max-steps", str(a.steps),
               "--precision", a.precision, "--workers", str(a.workers), "--knn-every", "0",
@@ -137,6 +148,38 @@ def main():
             lines.append(f"| {name} | {r['img_per_s']:.1f} | {r['step_ms']:.0f} | "
                          f"{100 * r['data_time_frac']:.0f}% | {base_ms / r['step_ms']:.2f}x |")
             write(a.out, lines)
+
+
+def data_paths(a):
+    """Each method's own preset geometry (as its no-argument run) for a.data_paths steps: PIL loader workers
+    against --data-on-device, alternating, median step time of each."""
+    dev = "gpu" if "CPU" not in device_name() else "cpu"
+    out = a.out or os.path.join(ROOT, "benchmarks", "results", f"data_paths_{dev}.md")
+    steps = a.data_paths
+    lines = [f"Device: {device_name()}. Command: `python benchmarks/throughput.py "
+             f"{' '.join(sys.argv[1:])}`. Each method's `{a.preset}` preset (its own arch, stem, image size and "
+             f"batch), {steps} steps per run (2 warm-up steps excluded; more than the {a.workers} workers x 4 "
+             f"batches the loader prefetches, so the data pipeline is in the number), kNN off; the PIL loader "
+             f"with {a.workers} workers against --data-on-device (the split decoded once, before the clock "
+             f"starts), the two alternating, median of {a.repeats} runs each.", "",
+             "| method | PIL img/s | PIL data wait | --data-on-device img/s | its data wait | speed-up |",
+             "|---|---|---|---|---|---|"]
+    for label, script, extra, _ in CONFIGS:
+        if a.methods and label not in a.methods.split(","):
+            continue
+        flags = ["--preset", a.preset, "--max-steps", str(steps), "--log-every", str(steps), "--knn-every", "0",
+                 "--workers", str(a.workers), "--output-dir", os.path.join(ROOT, "runs", "bench"), *extra]
+        recs = {"pil": [], "device": []}
+        for _ in range(a.repeats):
+            recs["pil"].append(run(script, flags))
+            recs["device"].append(run(script, flags + ["--data-on-device"]))
+        pil, dev_ = (sorted(r, key=lambda r: r["step_ms"])[len(r) // 2] for r in recs.values())
+        print(label, [round(r["step_ms"]) for r in recs["pil"]], [round(r["step_ms"]) for r in recs["device"]],
+              flush=True)
+        lines.append(f"| {label} | {pil['img_per_s']:.1f} | {100 * pil['data_time_frac']:.0f}% | "
+                     f"{dev_['img_per_s']:.1f} | {100 * dev_['data_time_frac']:.0f}% | "
+                     f"{pil['step_ms'] / dev_['step_ms']:.2f}x |")
+        write(out, lines)
 
 
 def with_values(flags, values):

@@ -22,10 +22,12 @@ SECTIONS = [
      "DenseCL against its --dense-weight 0 (MoCo v2) mode and DetCon against MoCo v3. "
      "![dense probe per method](benchmarks/results/dense.png) "
      "![predicted vs ground-truth masks](benchmarks/results/dense_masks.png)"),
-    ("Model cost", ["model_cost_cpu", "model_cost_gpu"],
+    ("Model cost", ["model_cost_cpu", "model_cost_gpu", "fh_cost"],
      "Forward + backward + optimizer step on the same batch, no data loading, the variants' steps "
      "interleaved. Each method is compared with its own baseline (DenseCL with its MoCo v2 mode, the rest "
-     "with MoCo v3); the papers' cost claims are about the GPU setting."),
+     "with MoCo v3); the papers' cost claims are about the GPU setting. Last, DetCon's masks: what the "
+     "official full-resolution Felzenszwalb-Huttenlocher call (the imagenet preset) costs the loader "
+     "workers in the first epoch, against the small presets' scaled call and the disk cache."),
     ("Kernels", ["kernels_cpu"],
      "The multi-tensor LARS step against the per-parameter loop it replaced, and DenseCL's dense loss "
      "(fp32 log-sum-exp, no concatenation, 1/tau folded into the queries) against the concatenating "

@@ -13,12 +13,16 @@ than one process, in one launch, and rank 0 writes OUT/results.json.
 2. DenseCL's shuffle-BN across ranks: every sample comes back in place, and the key encoder saw
    samples of the other rank.
 3. Each training script's main() for 2 steps, as `torchrun ... METHOD.py` runs it (rank 0 alone logs).
-4. A global batch not divisible by the world size: one line, exit 2.
+4. A global batch not divisible by the world size, and an output folder another run holds: one line, exit 2,
+   on every rank (rank 0 alone takes the lock and tells the others).
 5. eval_linear.py's linear, knn and seg-knn modes on 11 val images (odd: DistributedSampler would pad rank 1
    with a duplicate): the metrics and the val image count of 2 processes must be those of 1 (seg shares
-   seg-knn's val loop).
+   seg-knn's val loop); linear also with --data-on-device.
+6. --data-on-device: over two epochs of a held split, every image is in exactly one rank's batches once per
+   epoch, in a new order each epoch; MoCo v3 trains 2 steps with it under torchrun (part 3).
 """
 import contextlib
+import fcntl
 import io
 import json
 import os
@@ -135,11 +139,12 @@ def main(out_dir):
 
     # ---- 3. each script's main() for 2 steps (under torchrun only: the test reads these from the 2-process
     # launch), and 4. a batch the world size does not divide
-    for name, mod in (MODULES.items() if run.world > 1 else []):
+    runs = [(name, mod, []) for name, mod in MODULES.items()] + [("mocov3_device", mocov3, ["--data-on-device"])]
+    for name, mod, more in (runs if run.world > 1 else []):
         run_dir = os.path.join(out_dir, f"run_{name}")
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            mod.main(tiny(name, run_dir, "--max-steps", "2"))
+            mod.main(tiny(name.split("_device")[0], run_dir, "--max-steps", "2", *more))
         lines = [line for line in stdout.getvalue().splitlines() if line.startswith('{"event": "summary"')]
         results[f"run_{name}"] = {"summary_lines": lines}
         if run.rank == 0:
@@ -155,16 +160,47 @@ def main(out_dir):
             except SystemExit as e:
                 code = e.code
         results["bad_batch"] = {"code": code, "stderr": stderr.getvalue().strip().splitlines()}
+        locked, held = os.path.join(out_dir, "locked"), None
+        if run.rank == 0:  # another open file of .lock: flock refuses this process's own run too
+            os.makedirs(locked)
+            held = open(os.path.join(locked, ".lock"), "w")
+            fcntl.flock(held, fcntl.LOCK_EX)
+        dist.barrier()
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            try:
+                mocov3.main(tiny("mocov3", locked, "--max-steps", "1"))
+                code = 0
+            except SystemExit as e:
+                code = e.code
+        results["run_locked"] = {"code": code, "stderr": stderr.getvalue().strip().splitlines(),
+                                 "files": sorted(os.listdir(locked)) if run.rank == 0 else None}
+        if held:
+            held.close()
 
     # ---- 5. eval_linear counts each val image once, alone and under torchrun
     EVAL = ["--pretrained", "none", "--synthetic-size", "55", "--img-size", "32", "--stem", "small",
             "--batch-size", "8", "--workers", "0", "--knn-k", "10", "--epochs", "1"]
-    for mode in ("linear", "knn", "seg-knn"):
+    for mode, more in (("linear", []), ("knn", []), ("seg-knn", []), ("linear", ["--data-on-device"])):
+        key = f"eval_{mode}" + ("_device" if more else "")
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
-            eval_linear.main(["--mode", mode, *EVAL, "--output-dir", os.path.join(out_dir, f"eval_{mode}")])
+            eval_linear.main(["--mode", mode, *EVAL, *more, "--output-dir", os.path.join(out_dir, key)])
         if common.get_rank() == 0:
-            results[f"eval_{mode}"] = json.loads(stdout.getvalue().strip().splitlines()[-1])
+            results[key] = json.loads(stdout.getvalue().strip().splitlines()[-1])
+
+    # ---- 6. a held split's epochs, sharded by rank: each image once per epoch
+    args = common.parse_args(mocov3.Args, mocov3.PRESETS, [*TINY, "--synthetic-size", "24", "--data-on-device",
+                                                           "--output-dir", os.path.join(out_dir, "held")])
+    run = common.setup(args, "mocov3")
+    held = common.HeldSplit(torch.zeros(24, 3, 2, 2, dtype=torch.uint8), torch.arange(24))  # label = index
+    seen = [[y.tolist() for _, y in common.epoch_loader(held, run, epoch)] for epoch in (0, 1)]
+    every = [None] * run.world
+    if run.world > 1:
+        dist.all_gather_object(every, seen)
+    else:
+        every = [seen]
+    results["held_epochs"] = every  # [rank][epoch][batch] -> indices
 
     # rank 0 reports; every rank's own view of the smoke runs is gathered so the test sees that only rank 0
     # printed

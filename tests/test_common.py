@@ -285,6 +285,7 @@ def test_atomic_save_never_leaves_a_broken_file(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         common.save_atomic({"a": torch.zeros(2)}, path)
     assert torch.equal(torch.load(path, weights_only=True)["a"], torch.ones(2))
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]  # and no temporary file is left behind
 
 
 def test_rng_state_roundtrip_through_weights_only_load(tmp_path):

@@ -295,12 +295,27 @@ def test_fh_ids_are_not_truncated_to_uint8_and_cache_roundtrips(tmp_path):
     noise = Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8))
     ids = detcon.fh_segments(noise, 0, scale=1.0, min_size=1, sigma=0.0)  # a segment per pixel or so
     assert ids.dtype == np.int32 and ids.max() > 300 and len(np.unique(ids)) == ids.max() + 1
-    args = detcon.Args(masks="fh", fh_size=32)
+    args = detcon.Args(masks="fh", fh_size=32, fh_scale=0, fh_min_size=0)
     ds = detcon.MaskedImages([(noise, 0)], args, str(tmp_path / "cache"), cache_min_side=0)
     (_, m), _ = ds[0]
     assert m.shape == (64, 64) and os.path.isfile(tmp_path / "cache" / "0.png")  # FH ran at 32 px, upsampled
     (_, again), _ = ds[0]
     assert torch.equal(m, again)
+
+
+def test_imagenet_preset_masks_are_the_official_fh_at_full_resolution():
+    """The imagenet preset's masks of an ImageNet-size photo are the segments of the official call on the
+    full-resolution image (ids may be numbered otherwise: the two partitions must match one to one), in a
+    dtype wider than uint8."""
+    felzenszwalb = pytest.importorskip("skimage.segmentation").felzenszwalb
+    from skimage import data
+    img = data.chelsea()  # 300 x 451, an ImageNet-size photo shipped with scikit-image
+    args = common.parse_args(detcon.Args, detcon.PRESETS, ["--preset", "imagenet"])
+    ids = detcon.MaskedImages([], args).mask(Image.fromarray(img), -1).numpy()  # index -1: no cache
+    want = felzenszwalb(img, scale=1000, sigma=0.8, min_size=1000)
+    assert ids.shape == want.shape == img.shape[:2] and ids.dtype.itemsize > 1
+    pairs = np.unique(np.stack([ids.ravel(), want.ravel()], 1), axis=0)  # the (ours, official) id pairs
+    assert len(pairs) == len(np.unique(ids)) == len(np.unique(want)) > 1  # a bijection between the ids
 
 
 def test_fh_params_follow_the_official_values_scaled_by_pixels():

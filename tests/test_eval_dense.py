@@ -366,11 +366,14 @@ def test_bad_input_data_without_masks(tmp_path, capsys):
 # ---------------------------------------------------------------------------- torchrun: each val image once
 
 
-@pytest.mark.parametrize("mode", ["linear", "knn", "seg-knn"])  # seg shares seg-knn's val loop
+@pytest.mark.parametrize("mode", ["linear", "knn", "seg-knn", "linear_device"])  # seg: seg-knn's val loop
 def test_two_processes_count_each_val_image_once(harness, mode):
     """11 val images (odd): DistributedSampler would pad rank 1 with a duplicate. 2 processes give the metrics
-    of 1 process (both runs in tests/dist_harness.py, part 5)."""
+    of 1 process (both runs in tests/dist_harness.py, part 5). With --data-on-device the crops are drawn per
+    (rank, step), so 2 processes train another probe: there only the val count is compared."""
     one, two = harness[1][f"eval_{mode}"], harness[2][f"eval_{mode}"]
     assert one["val_images"] == two["val_images"] == 11
+    if mode == "linear_device":
+        return
     for key in ("top1", "top5") if mode in ("linear", "knn") else ("miou", "pixel_acc", "iou"):
         assert one[key] == two[key], key

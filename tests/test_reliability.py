@@ -3,6 +3,7 @@ import importlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 
@@ -155,7 +156,8 @@ def test_bad_path_flags(script, tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
     cases = [(["--output-dir", str(tmp_path / "a_file")], "--output-dir"),
              (["--resume", str(tmp_path / "missing.pth")], "--resume"),
-             (["--data", str(tmp_path / "nowhere")], "data path not found")]
+             (["--data", str(tmp_path / "nowhere")], "data path not found"),
+             (["--data", str(tmp_path / "a_file")], f"--data {tmp_path / 'a_file'} is a file, not a folder")]
     if script == "eval_linear":
         cases = [(["--output-dir", str(tmp_path / "a_file")], "--output-dir"),
                  (["--pretrained", str(tmp_path / "missing.pth")], "missing.pth"),
@@ -169,6 +171,119 @@ def test_bad_path_flags(script, tmp_path, capsys):
         assert e.value.code == 2 and len(err) == 1 and expected in err[0], (argv, err)
 
 
+# (script, flags, the start of the error line); `{file}`: an existing file, `{folder}`: an empty folder
+BAD_OUTPUTS = [
+    ("mocov3", ["--output-dir", "{file}/run"],
+     "error: --output-dir {file}/run cannot be created: {file} is a file"),
+    ("mocov3", ["--output-dir", "/proc/x"], "error: --output-dir /proc/x cannot be created"),
+    ("detcon", ["--mask-cache", "{file}"], "error: --mask-cache {file} exists and is not a folder"),
+    ("detcon", ["--show-masks", "{folder}"], "error: --show-masks {folder} is a folder"),
+    ("densecl", ["--show-matches", "/nonexistent/dir/m.png"],
+     "error: --show-matches /nonexistent/dir/m.png: its folder /nonexistent/dir does not exist"),
+    ("eval_linear", ["--show-seg", "{file}/seg.png"], "error: --show-seg {file}/seg.png: its folder {file}"),
+    ("detcon", ["--fh-sigma", "-1"], "error: --fh-sigma -1.0 is out of range: it must be >= 0"),
+    ("detcon", ["--fh-scale", "-3"], "error: --fh-scale -3.0 is out of range: it must be >= 0"),
+    ("detcon", ["--fh-min-size", "-3"], "error: --fh-min-size -3 is out of range: it must be >= 0"),
+]
+
+
+@pytest.mark.parametrize("script,flags,expected", BAD_OUTPUTS, ids=[f"{s} {f[0]}" for s, f, _ in BAD_OUTPUTS])
+def test_bad_output_path_or_fh_value_one_line_exit_2_nothing_left(script, flags, expected, tmp_path, capsys):
+    """Checked before any work: one line naming the flag, exit 2, and no file left behind (a --show-masks
+    folder used to end in a traceback after training, with a *.tmp*.png left in it)."""
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder").mkdir()
+    names = {"file": str(tmp_path / "a_file"), "folder": str(tmp_path / "folder")}
+    flags = [f.format(**names) for f in flags]
+    argv = (["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32", "--workers", "0",
+             "--mode", "seg", "--output-dir", str(tmp_path / "run"), *flags] if script == "eval_linear"
+            else tiny(script, tmp_path / "run", *flags))
+    with pytest.raises(SystemExit) as e:
+        importlib.import_module(script).main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith(expected.format(**names)), err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a_file", "folder"]
+    assert not os.path.exists("/proc/x") and not os.path.exists("/nonexistent")
+
+
 def test_default_workers_never_exceed_the_cores():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= common.CommonArgs().workers <= min(8, cores)
+
+
+# ---------------------------------------------------------------------------- log.jsonl torn by a crash
+
+
+def test_read_jsonl_skips_and_counts_torn_lines(tmp_path, capsys):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1, "loss": 2.0}\n{"step": 2, "lo\n{"step": 3, "loss": 1.5}\n7\n{"step": 4, "l')
+    records, skipped = common.read_jsonl(str(path))
+    assert [r["step"] for r in records] == [1, 3] and skipped == 3  # a torn line, a non-object, a torn tail
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "skipped 3" in err[0] and str(path) in err[0], err
+
+
+@pytest.mark.parametrize("tail", ['{"step": 9, "lo', '{"step": 9}', '{"step": 9, "lo\n'])
+def test_drop_torn_tail_keeps_whole_lines_only(tmp_path, tail):
+    path = tmp_path / "log.jsonl"
+    path.write_text('{"step": 1}\n' + tail)
+    assert common.drop_torn_tail(str(path)) == len(tail)
+    assert path.read_text() == '{"step": 1}\n'
+    assert common.drop_torn_tail(str(path)) == 0 and path.read_text() == '{"step": 1}\n'  # whole: untouched
+
+
+def test_resume_after_a_torn_last_line_drops_it_and_plots(tmp_path, capsys):
+    """A kill -9 mid-write leaves half a record at the end of log.jsonl: the resumed run truncates it before
+    appending (otherwise its first record glues onto the fragment) and its curves.png is drawn."""
+    out = tmp_path / "run"
+    argv = tiny("mocov3", out, "--synthetic-size", "16")
+    mocov3 = importlib.import_module("mocov3")
+    mocov3.main([*argv, "--max-steps", "1"])
+    with open(out / "log.jsonl", "a") as f:
+        f.write('{"step": 2, "epoch": 1.0, "lo')  # torn: no newline, not JSON
+    os.remove(out / "curves.png")
+    capsys.readouterr()
+    mocov3.main([*argv, "--max-steps", "2", "--resume", "auto"])
+    assert "dropped its torn last line" in capsys.readouterr().out
+    log = read_log(out)  # every line parses
+    assert [r["step"] for r in log if "img_per_s" in r and r.get("event") != "summary"] == [1, 2]
+    assert open(out / "curves.png", "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------- one run per output folder
+
+# a process that, given a line on stdin, locks the folder argv[1] as a training run does, says so, and sleeps
+HOLD = ("import sys, time; sys.path.insert(0, {root!r}); import common; sys.stdin.readline(); "
+        "print(common.lock_output_dir(sys.argv[1]) or 'locked', flush=True); time.sleep(600)")
+
+
+def test_a_locked_folder_refuses_a_second_run_and_a_killed_holder_frees_it(tmp_path, capsys):
+    """Two runs on one folder corrupt each other: the second stops before writing anything, one line naming
+    the folder and the holder (pid, host), exit 2, fresh or resumed. The OS drops the lock of a holder killed
+    by SIGKILL (no clean-up of its own), so the next run (a requeued job) proceeds."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD.format(root=ROOT), str(out)], cwd=ROOT,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # starts meanwhile
+    try:
+        argv = tiny("mocov3", out, "--synthetic-size", "16", "--max-steps", "1")
+        mocov3 = importlib.import_module("mocov3")
+        mocov3.main(argv)
+        files = ("args.json", "log.jsonl", "checkpoint.pth", "backbone.pth")
+        before = {f: (out / f).read_bytes() for f in files}
+        holder.stdin.write("lock\n")
+        holder.stdin.flush()
+        assert holder.stdout.readline().strip() == "locked"
+        capsys.readouterr()
+        for extra in ([], ["--resume", "auto"]):
+            with pytest.raises(SystemExit) as e:
+                mocov3.main([*argv, *extra])
+            err = capsys.readouterr().err.strip().splitlines()
+            assert e.value.code == 2 and len(err) == 1, err
+            assert err[0].startswith(f"error: --output-dir {out} "), err
+            assert f"in use by another run (pid {holder.pid} on {socket.gethostname()})" in err[0], err
+        assert {f: (out / f).read_bytes() for f in files} == before
+    finally:
+        holder.kill()
+        holder.wait()
+    mocov3.main([*argv, "--resume", "auto"])  # the finished run again: no further training, not refused
+    assert "resumed from" in capsys.readouterr().out

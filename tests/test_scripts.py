@@ -144,7 +144,7 @@ def test_resume_refuses_mismatch_and_keeps_checkpoint(pretrained, tmp_path, caps
         assert code == 2 and len(err) == 1 and f"{flag[2:].replace('-', '_')}=" in err[0], err
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     code, err = _bad("mocov3", tmp_path, capsys, "--output-dir", out, "--resume", str(tmp_path / "junk.pth"))
-    assert code == 2 and "not a readable checkpoint" in err[0]
+    assert code == 2 and "is not a checkpoint written by these scripts" in err[0]
     assert open(os.path.join(out, "checkpoint.pth"), "rb").read() == before
     assert open(os.path.join(out, "args.json")).read() == record  # refused before setup writes anything
 
@@ -198,12 +198,32 @@ def test_eval_linear_reads_arch_from_file_and_refuses_conflicts(pretrained, tmp_
         (["--pretrained", os.path.join(pretrained, "backbone.pth"), "--arch", "resnet50", "--synthetic-size",
           "64", "--workers", "0", "--output-dir", str(tmp_path / "ev")],
          "conflicts with the pretrained file"),
-        (["--pretrained", str(tmp_path / "junk.pth")], "not a readable checkpoint"),
+        (["--pretrained", str(tmp_path / "junk.pth")], "is not a checkpoint written by these scripts"),
     ]:
         with pytest.raises(SystemExit) as e:
             eval_linear.main(argv)
         err = capsys.readouterr().err.strip().splitlines()
         assert e.value.code == 2 and len(err) == 1 and expected in err[0], err
+
+
+@pytest.mark.parametrize("content", ["text", "pickled module"])
+def test_a_file_that_is_not_a_checkpoint_is_named_as_such(content, tmp_path, capsys):
+    """--pretrained and --resume of a text file, or of a pickled module (code: weights_only refuses it): one
+    line saying what the file is not, never a fragment of the unpickler's text nor advice to load code."""
+    path = tmp_path / "x.pth"
+    if content == "text":
+        path.write_text("174812789 is a number, then text\n")
+        why = "it is not a zip archive / pickle"
+    else:
+        torch.save(torch.nn.Linear(2, 2), path)
+        why = "it is a zip archive / pickle, but damaged or holding more than tensors and plain data"
+    want = [f"error: {path} is not a checkpoint written by these scripts ({why})"]
+    for script, argv in (("eval_linear", ["--pretrained", str(path), "--output-dir", str(tmp_path / "ev")]),
+                         ("mocov3", tiny("mocov3", tmp_path / "run", "--resume", str(path)))):
+        with pytest.raises(SystemExit) as e:
+            importlib.import_module(script).main(argv)
+        assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines() == want, script
+    assert sorted(os.listdir(tmp_path)) == ["x.pth"]  # refused before anything was written
 
 
 def test_real_images_from_an_imagefolder(imagenette, tmp_path, capsys):
