@@ -1,15 +1,14 @@
-"""Jobs of benchmarks/gpu_suite.py: a script run in-process (`module.main(argv)`, its output captured), a group of
-them in one child process, and the compiled model-only MoCo v3 step (no data).
+"""Jobs of benchmarks/gpu_suite.py: a script run in-process (`module.main(argv)`, its output captured), a
+group of them in one child process, and the compiled model-only MoCo v3 step (no data).
 
-A job is a dict: name, script (a training script, eval_linear.py, benchmarks/model_cost.py, benchmarks/kernels.py,
-benchmarks/dense.py, or "model_only"), argv, dir (its folder: stdout.log, and --output-dir for the training
-scripts), estimate_s (a job is not started when fewer seconds are left before the deadline). Its result: name, ok,
-skipped, summary (the JSON summary line the script printed last; dense.py: its table), error (the output's tail
-when it failed, or why it was not started), wall_s.
+A job is a dict: name, script (a training script, eval_linear.py, benchmarks/model_cost.py,
+benchmarks/kernels.py, benchmarks/dense.py, or "model_only"), argv, dir (its folder: stdout.log, and
+--output-dir for the training scripts), estimate_s (the job is not started with fewer seconds left before the
+deadline). Its result: name, ok, skipped, summary (the JSON summary line the script printed last; dense.py:
+its table), error (the output's tail when it failed, or why it was not started), wall_s.
 
-  python benchmarks/suite_jobs.py JOBS.json RESULTS.json   # the child: {"deadline": unix time, "jobs": [...]};
-                                                          # RESULTS.json rewritten after each job (a killed
-                                                          # child keeps what finished)
+  python benchmarks/suite_jobs.py JOBS.json RESULTS.json   # the child: JOBS = {"deadline": unix time,
+                                                          # "jobs": [...]}; RESULTS rewritten after each job
 """
 import contextlib
 import hashlib
@@ -172,8 +171,8 @@ def model_only(argv):
         sync()
         times.append(1000 * (time.perf_counter() - t))
     ms = statistics.median(times)
-    return {"event": "summary", "step_ms": ms, "img_per_s": 1000 * args.batch_size / ms, "compile_s": compile_s,
-            "compile": args.compile, "reps": reps, "batch_size": args.batch_size}
+    return {"event": "summary", "step_ms": ms, "img_per_s": 1000 * args.batch_size / ms,
+            "compile_s": compile_s, "compile": args.compile, "reps": reps, "batch_size": args.batch_size}
 
 
 def run_jobs(jobs, deadline, done=lambda results: None):
@@ -184,7 +183,8 @@ def run_jobs(jobs, deadline, done=lambda results: None):
         left = deadline - time.time()
         if job.get("estimate_s", 0) > left:
             results.append({"name": job["name"], "ok": False, "skipped": True, "summary": None, "wall_s": 0.0,
-                            "error": f"not started: needs ~{job['estimate_s']:.0f} s, {max(left, 0):.0f} s left"})
+                            "error": f"not started: needs ~{job['estimate_s']:.0f} s, "
+                                     f"{max(left, 0):.0f} s left"})
         else:
             results.append(run_job(job))
         done(results)
