@@ -43,6 +43,15 @@ SECTIONS = [
     ("Accuracy", ["accuracy"],
      "kNN and linear accuracy on imagenette at equal epochs and at equal wall-clock (a longer MoCo v3 "
      "run), at a miniature CPU budget. ![kNN vs epochs and wall-clock](benchmarks/results/accuracy.png)"),
+    ("GPU suite", ["gpu_smoke", "gpu_accuracy", "gpu_time_to_target", "gpu_throughput", "gpu_dense"],
+     "One budgeted run of benchmarks/gpu_suite.py on one GPU: every script's smoke run, every method's kNN "
+     "and linear accuracy against its training seconds on imagenette at equal epochs (with an "
+     "equal-wall-clock MoCo v3 row and a second seed of the two closest rows where the budget allowed), the "
+     "time each method takes to a common kNN target, the speed targets at ImageNet resolution, and the dense "
+     "miniature. Each caption names the device, budget, commit and protocol. lightly's Imagenette numbers "
+     "sit beside ours for scale, not as a like-for-like comparison: their split is larger, they report the "
+     "best epoch and train longer schedules. "
+     "![kNN vs training seconds](benchmarks/results/gpu_knn_time.png)"),
     ("Data study", ["study"],
      "The four lenses of Cole et al. in miniature: compare the SSL-supervised gap per row, not rows with "
      "each other. ![data study](benchmarks/results/study.png)"),
