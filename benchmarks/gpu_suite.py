@@ -92,8 +92,8 @@ class Geometry:
     dry_extra: dict = dataclasses.field(default_factory=dict)  # per-script flags of the dry run
     run_s: float = 6.0  # estimate: one smoke run in a shared process (decode, build, steps, checkpoint)
     compile_s: float = 60.0  # estimate: a first torch.compile of a ResNet MoCo v3 step (16 cores)
-    knn_s: float = 1.0  # estimate: one kNN evaluation (forward over 6,000 stored images, the vote)
-    probe_s: float = 8.0  # estimate: one linear probe in a shared process
+    knn_s: float = 0.5  # estimate: one kNN evaluation (forward over 6,000 stored images, the vote)
+    probe_s: float = 5.0  # estimate: one linear probe in a shared process (decode, epochs, evaluation)
     speed_s: float = 25.0  # estimate: one sustained ResNet-50 run in a shared process
     dense_eval_s: float = 8.0  # estimate: seg + seg-knn of one backbone
 
@@ -309,7 +309,7 @@ def launch(ctx, jobs, until, label):
         try:
             p.wait(timeout=max(1.0, until - time.time()))
         except subprocess.TimeoutExpired:
-            why = f"cut off at the stage's deadline after {time.monotonic() - t:.0f} s"
+            why, killed = f"cut off at the stage's deadline after {time.monotonic() - t:.0f} s", time.time()
             os.killpg(p.pid, signal.SIGTERM)  # a training script finishes its step, checkpoints and exits
             try:
                 p.wait(timeout=15)
@@ -318,10 +318,14 @@ def launch(ctx, jobs, until, label):
                 p.wait()
     path = base + ".results.json"
     done = json.load(open(path)) if os.path.isfile(path) else []
-    why = why or f"the child process ended (exit {p.returncode}): {suite_jobs.tail(base + '.log', 1500)}"
     if done:
         done[0]["process_s"] = round(time.monotonic() - t - sum(r["wall_s"] for r in done), 2)
-    return done + [{"name": j["name"], "ok": False, "skipped": False, "summary": None, "error": why,
+        for r in done:  # stopped at the deadline: not broken, a rerun tries again
+            if why and not r["ok"] and r["ended"] >= killed:
+                r.update(skipped=True, error=f"{why}: {r['error']}")
+    cut = bool(why)
+    why = why or f"the child process ended (exit {p.returncode}): {suite_jobs.tail(base + '.log', 1500)}"
+    return done + [{"name": j["name"], "ok": False, "skipped": cut, "summary": None, "error": why,
                     "wall_s": 0.0} for j in jobs[len(done):]]
 
 
@@ -441,13 +445,13 @@ def stage_smoke(ctx, deadline):
     jobs += [smoke(f"{r[0]} (loader)", *r, dod=False) for r in scripts if r[0] in g.loader_smoke]
     jobs[0]["estimate_s"] += ctx.overhead  # the child process's start-up
     res = execute(ctx, jobs, deadline, "smoke")
+    process = max([r.get("process_s") or 0 for r in res.values()] + [0])  # interpreter, imports, CUDA
     compiled = smoke("mocov3 --compile", *ROWS[0], more=[] if ctx.dry else ["--compile"])  # dry run: eager
     compiled["estimate_s"] = ctx.overhead + g.compile_s
     res.update(execute(ctx, [compiled], deadline, "smoke compile"))
     runs = {n: {**run_row(r), "finite": finite((r.get("summary") or {}).get("loss"))} for n, r in res.items()}
     fresh = [n for n, r in res.items() if r["ok"] and not r.get("reused") and n != compiled["name"]]
     outside = sorted(runs[n]["wall_s"] - (runs[n]["train_s"] or 0) for n in fresh)
-    process = max([r.get("process_s") or 0 for r in res.values()] + [0])
     if outside:  # a training process's seconds outside training: start-up, decode, build, checkpoint
         ctx.overhead = process + outside[len(outside) // 2]
     for r in runs.values():
@@ -537,7 +541,8 @@ def stage_accuracy(ctx, deadline):
                    g.probe_epochs, "--log-every", 50]
                   + without(train_flags(ctx, "eval_linear.py", data), ("--arch", "--stem", "--img-size")),
                   g.probe_s, 4 * g.probe_s) for n, t in ssl.items()]
-    for name, r in execute(ctx, evals, deadline, "accuracy evals").items():
+    probes = execute(ctx, evals, deadline, "accuracy evals")
+    for name, r in probes.items():
         top1 = (r.get("summary") or {}).get("top1")
         if name == "random init":
             table[name] = {**run_row(r), "method": name, "knn_top1": top1}
@@ -566,9 +571,10 @@ def stage_accuracy(ctx, deadline):
               "geometry": accuracy_geometry(g)}
     write_plot(result, os.path.join(ctx.out, "gpu_knn_time.png"), ctx.meta)
     best = max(knn, key=knn.get) if knn else None
+    runs = {**table, **{n: run_row(r) for n, r in probes.items()}}
     head = (f"{epochs} epochs each" + (f"; best final kNN {best} {knn[best]:.1f}" if best else "")
-            + problems(table))
-    return {"status": outcome(table), "headline": head, **result}
+            + problems(runs))
+    return {"status": outcome(runs), "headline": head, **result}
 
 
 def stage_speed(ctx, deadline):

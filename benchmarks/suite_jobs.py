@@ -118,7 +118,8 @@ def run_job(job):
             ok = summary is not None
             error = None if ok else "no JSON summary line"
     return {"name": job["name"], "ok": ok, "skipped": False, "summary": summary if ok else None,
-            "error": None if ok else f"{error}: {text[-1500:]}", "wall_s": time.perf_counter() - t}
+            "error": None if ok else f"{error}: {text[-1500:]}", "wall_s": time.perf_counter() - t,
+            "ended": time.time()}
 
 
 def model_only(argv):
@@ -183,6 +184,7 @@ def run_jobs(jobs, deadline, done=lambda results: None):
         left = deadline - time.time()
         if job.get("estimate_s", 0) > left:
             results.append({"name": job["name"], "ok": False, "skipped": True, "summary": None, "wall_s": 0.0,
+                            "ended": time.time(),
                             "error": f"not started: needs ~{job['estimate_s']:.0f} s, "
                                      f"{max(left, 0):.0f} s left"})
         else:
