@@ -117,6 +117,9 @@ class CommonArgs:
     """print and log every N steps"""
     save_every: int = 0
     """also save checkpoint.pth every N steps (0 = at the end of each epoch only)"""
+    save_epochs: int = 1
+    """save checkpoint.pth at the end of every N-th epoch and of the run (raise it when epochs take seconds:
+    a checkpoint can then cost more than its epoch)"""
     synthetic_size: int = 2560
     """number of images in the synthetic train split (val split: a fifth of it)"""
     subset: int = 0
@@ -553,9 +556,12 @@ def ema_update(target_params, online_params, m):
 # (find_checkpoint, load_states, RNG state, save_atomic, load_file: "checkpoint files", below the banner;
 # end_of_step's stop_requested: "preemption signals")
 
-def save_checkpoint(run, log, state):
+def save_checkpoint(run, log, state, epoch_end=False):
     """Full training state -> checkpoint.pth (rank 0, atomic). `state`: {name: object with a state_dict}.
-    Refuses a non-finite loss: a good checkpoint is never overwritten by a diverged state."""
+    Refuses a non-finite loss: a good checkpoint is never overwritten by a diverged state. `epoch_end`: the
+    end-of-epoch save, written every --save-epochs epochs and at the end of the run."""
+    if epoch_end and not log.done and (log.step // log.spe) % run.args.save_epochs:
+        return
     if not math.isfinite(float(log.loss)):
         return
     if run.main:
@@ -1288,7 +1294,7 @@ RANGES = {
     "batch_size": (1, True, None), "img_size": (1, True, None), "epochs": (0, True, None),
     "workers": (0, True, None), "max_steps": (0, True, None), "knn_every": (0, True, None),
     "knn_k": (1, True, None), "knn_t": (0, False, None), "log_every": (1, True, None),
-    "save_every": (0, True, None), "synthetic_size": (1, True, None), "store_size": (0, True, None),
+    "save_every": (0, True, None), "save_epochs": (1, True, None), "synthetic_size": (1, True, None), "store_size": (0, True, None),
     "time_limit": (0, True, None), "subset": (0, True, None),
     "mix_fraction": (0, True, 1), "lr": (0, True, None), "wd": (0, True, None),
     "warmup_epochs": (0, True, None), "temperature": (0, False, None), "momentum": (0, True, 1),
@@ -1953,7 +1959,7 @@ class Meter:
         """A log line: (now, img/s, data-time fraction) since the previous one. `last`: the final step."""
         now = time.perf_counter()
         if last:
-            self.t_end = now
+            self.t_end, self.eval_end = now, self.eval_s  # evaluation after the last step is not training
         dt = now - self.t_last
         out = now, self.n_since * self.run.args.batch_size / dt, self.data_time / dt
         self.t_last, self.data_time, self.n_since = now, 0.0, 0
@@ -1968,7 +1974,9 @@ class Meter:
 
     def train_seconds(self):
         """Training wall-clock from the start to the last step (or now), evaluation excluded."""
-        return (self.t_end or time.perf_counter()) - self.t0 - self.eval_s
+        if self.t_end:
+            return self.t_end - self.t0 - self.eval_end
+        return time.perf_counter() - self.t0 - self.eval_s
 
     def totals(self, steps):
         """(img/s, step_ms, data_time_frac) over `steps` steps after the warm-up; None each without any."""

@@ -406,7 +406,7 @@ def main(argv=None):
 
         # ---- eval & checkpoint
         log.evaluate(model.backbone, knn, epoch)
-        common.save_checkpoint(run, log, state)
+        common.save_checkpoint(run, log, state, epoch_end=True)  # every --save-epochs epochs
     common.export_backbone(run, model.backbone)
     if args.show_matches and run.main:
         draw_matches(model, train_ds, run, args.show_matches)

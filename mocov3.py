@@ -211,7 +211,7 @@ def main(argv=None):
 
         # ---- eval & checkpoint
         log.evaluate(model.backbone, knn, epoch)
-        common.save_checkpoint(run, log, state)
+        common.save_checkpoint(run, log, state, epoch_end=True)  # every --save-epochs epochs
     common.export_backbone(run, model.backbone)
     log.summary()
 

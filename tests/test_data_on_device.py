@@ -1,6 +1,7 @@
 """--data-on-device: the held split, the batched crop samplers against torchvision's and DetCon's, the crop
 against torchvision's resized_crop, masks that follow the image, exact resumes, and --time-limit."""
 import glob
+import time
 import json
 import os
 
@@ -218,3 +219,34 @@ def test_eval_linear_data_on_device_trains_and_counts_every_val_image(tmp_path, 
     with pytest.raises(SystemExit) as e:
         eval_linear.main(["--mode", "seg", *argv, "--output-dir", str(tmp_path / "seg")])
     assert e.value.code == 2 and "--data-on-device is a classification option" in capsys.readouterr().err
+
+
+def test_summary_train_s_leaves_out_only_evaluation(tmp_path, capsys, monkeypatch):
+    """train_s of the summary is the training wall-clock up to the last step: a slow final kNN (1 s, after the
+    last step) is not subtracted from it (the kNN record logged right after the last step agrees)."""
+    knn_eval = common.knn_eval
+
+    def slow(*a, **k):
+        time.sleep(1.0)
+        return knn_eval(*a, **k)
+
+    monkeypatch.setattr(common, "knn_eval", slow)
+    out = tmp_path / "run"
+    mocov3.main([*TINY, "--max-steps", "2", "--knn-every", "1", "--output-dir", str(out)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    knn = [r for r in read_log(str(out)) if "knn_top1" in r and r.get("event") != "summary"][-1]
+    assert summary["train_s"] == pytest.approx(knn["train_s"], abs=0.3)
+
+
+def test_save_epochs_writes_every_nth_epoch_and_the_last(tmp_path, monkeypatch):
+    saved, save_atomic = [], common.save_atomic
+
+    def spy(obj, path):
+        if path.endswith("checkpoint.pth"):
+            saved.append(obj["step"])
+        return save_atomic(obj, path)
+
+    monkeypatch.setattr(common, "save_atomic", spy)
+    mocov3.main([*TINY, "--synthetic-size", "16", "--epochs", "5", "--save-epochs", "2",
+                 "--output-dir", str(tmp_path / "run")])
+    assert saved == [4, 8, 10]  # 2 steps per epoch: after epochs 2 and 4, and the run's last step
