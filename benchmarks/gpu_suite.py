@@ -64,7 +64,7 @@ DATA = os.path.join(ROOT, "data", "gpu")
 MAIN_SHARE = 0.75  # of the accuracy budget for the equal-epoch rows; the rest: the equal-wall-clock row
 TIME_SLACK = 1.3  # --time-limit over a run's planned training time: a guard against a slow device
 WARMUP_SHARE = 0.1  # MoCo v3's warm-up, 10 of 100 epochs in the official recipe, kept as a share of the run
-SAVE_MB_S = 1000  # checkpoint.pth is written and fsynced every epoch, inside train_s: ~1 GB/s into RAM
+SAVE_MB_S = 1000  # checkpoint.pth written and fsynced once per accuracy run (--save-epochs): ~1 GB/s to RAM
 LIGHTLY = [("MoCo (v2-style, bank 4096)", 78.6, 87.4), ("SimCLR", 83.5, 88.9), ("BYOL", 70.5, 88.7),
            ("SwAV", 86.1, 90.2), ("VICReg", 76.3, 84.5)]  # SPEC section 11: kNN top-1 at 200 / 800 epochs
 
@@ -398,7 +398,7 @@ def row_flags(ctx, name, script, extra, epochs):
     """Each row's own flags over its `imagenet` preset: what a 5,000-image run of tens of epochs changes."""
     if name == "supervised":
         return ["--mode", "finetune", "--pretrained", "none", "--epochs", epochs]
-    flags = ["--epochs", epochs, *extra]
+    flags = ["--epochs", epochs, "--save-epochs", epochs, *extra]  # short epochs: one checkpoint, at the end
     if script in ("mocov3.py", "rotation_aux.py"):
         flags += ["--warmup-epochs", f"{WARMUP_SHARE * epochs:g}"]
     if script == "densecl.py":  # MoCo v2's 65,536-key queue and m 0.999 are for 1.28 M images and 200 epochs
@@ -504,9 +504,10 @@ def stage_accuracy(ctx, deadline):
     source = {n: smoke.get("densecl" if n == "mocov2" else n) or {} for n, _, _ in ROWS}
     img_s = {n: smoke_rate(source[n], g.batch) for n in source}
     rows = [r for r in ROWS if img_s[r[0]]]  # a row whose script has no smoke measurement is not planned
-    # seconds per epoch: the steps at the smoke run's rate, plus the epoch's checkpoint
-    epoch_s = {n: n_train / img_s[n] + (source[n].get("checkpoint_mb") or 0) / SAVE_MB_S for n, _, _ in rows}
-    per_run = ctx.overhead + (g.knn_evals + 1) * g.knn_s
+    # seconds per epoch: the steps at the smoke run's rate (one checkpoint per run: --save-epochs)
+    epoch_s = {n: n_train / img_s[n] for n, _, _ in rows}
+    ck_s = max([(source[n].get("checkpoint_mb") or 0) / SAVE_MB_S for n, _, _ in rows] + [0])
+    per_run = ctx.overhead + ck_s + (g.knn_evals + 1) * g.knn_s
     n_ssl = len([r for r in rows if r[0] != "supervised"])
     budget = MAIN_SHARE * ctx.left(deadline) - (ctx.overhead + (n_ssl + 1) * g.probe_s)
     # a rerun keeps the first attempt's epochs, so its finished runs are reused
@@ -526,8 +527,6 @@ def stage_accuracy(ctx, deadline):
         points = curve(j["dir"])
         table[label] = {**run_row(r), "method": name, "seed": seed, "flags": flags_text(j["argv"]),
                         "curve": points, "dir": j["dir"]}
-        if points:  # the last kNN record's train_s: the summary's also subtracts the final kNN's seconds
-            table[label]["train_s"] = points[-1][1]
         return table[label]
 
     for name, script, extra in rows:
