@@ -12,7 +12,7 @@ predicted vs ground-truth masks on the first val images for every run (OUT_masks
 
   python benchmarks/dense.py                 # the miniature (~1.5 h on 2 CPU cores)
   python benchmarks/dense.py --reuse         # only run what is not finished yet
-  python benchmarks/dense.py --max-steps 2 --seg-epochs 1 --synthetic-size 160 --runs /tmp/d --out /tmp/d/x
+  python benchmarks/dense.py --max-steps 2 --synthetic-size 160 --runs /tmp/d --out /tmp/d/x
   python benchmarks/dense.py --memory        # seg-knn memory at VOC size -> OUT_memory.md (~1 min)
 """
 import argparse
@@ -45,14 +45,12 @@ def parse():
     ap.add_argument("--methods", default=",".join(available),
                     help="rows to run: mocov3, fast_moco, densecl, mocov2, detcon, rotation_aux")
     ap.add_argument("--epochs", type=int, default=2, help="pretraining epochs, equal for every method")
-    ap.add_argument("--stem", default="small",
-                    help="small at 32 px: the 4x4 final grid of DenseCL's and DetCon's cpu presets")
-    ap.add_argument("--img-size", type=int, default=32)
+    ap.add_argument("--stem", default="small", help="small at 32 px: DenseCL's and DetCon's cpu presets")
+    ap.add_argument("--img-size", type=int, default=32,
+                    help="pretraining size; the probes run at it doubled to an 8x8 grid (64 px)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--synthetic-size", type=int, default=1280,
                     help="synthetic train images (pretraining and probes)")
-    ap.add_argument("--seg-epochs", type=int, default=0,
-                    help="epochs of the seg probe (0: eval_linear's default)")
     ap.add_argument("--max-steps", type=int, default=0, help="cap every pretraining run (quick smoke mode)")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--reuse", action="store_true", help="reuse finished runs of identical commands")
@@ -73,18 +71,17 @@ def main():
                 "--synthetic-size", str(a.synthetic_size), "--workers", str(a.workers)]
     train = geometry + ["--preset", "cpu", "--batch-size", str(a.batch_size), "--knn-every", "100000"]
     train += ["--max-steps", str(a.max_steps)] if a.max_steps else []
-    seg_flags = ["--epochs", str(a.seg_epochs)] if a.seg_epochs else []
+    a.eval_size = eval_size(a)
     results, masks = {}, {}
 
     def dense(name, pretrained, out):
         """Both dense evaluations of one backbone -> (seg summary, seg-knn summary); keeps the masks PNG."""
-        src = ["--pretrained", pretrained]
-        if pretrained == "none":
-            src += geometry
-        else:  # arch, stem and image size come from the file
-            src += ["--workers", str(a.workers), "--synthetic-size", str(a.synthetic_size)]
+        src = ["--pretrained", pretrained, "--img-size", str(a.eval_size), "--workers", str(a.workers),
+               "--synthetic-size", str(a.synthetic_size)]  # every backbone at one evaluation size
+        if pretrained == "none":  # otherwise arch and stem come from the file
+            src += ["--arch", "resnet18", "--stem", a.stem]
         png = os.path.join(out, "seg", "masks.png")
-        seg = run(["eval_linear.py", *src, "--mode", "seg", *seg_flags, "--output-dir",
+        seg = run(["eval_linear.py", *src, "--mode", "seg", "--output-dir",
                    os.path.join(out, "seg"), "--show-seg", png], cache, a.reuse)
         knn = run(["eval_linear.py", *src, "--mode", "seg-knn", "--output-dir", os.path.join(out, "seg_knn")],
                   cache, a.reuse)
@@ -121,6 +118,17 @@ def main():
     write_outputs(a, floor, oracle(a), results, masks, note)
 
 
+def eval_size(a):
+    """The size eval_linear evaluates a backbone pretrained at --img-size at: doubled to an 8x8 grid."""
+    sys.path.insert(0, ROOT)
+    import common
+    import eval_linear as E
+    size = a.img_size
+    while common.final_grid("resnet18", a.stem, size) < E.MIN_GRID:
+        size *= 2
+    return size
+
+
 def oracle(a):
     """Reference row: every val cell predicted with its true label shares (the histogram of its mask pixels),
     upsampled and argmaxed like the probes' scores: what a perfect per-cell predictor reaches at this grid."""
@@ -128,16 +136,16 @@ def oracle(a):
     sys.path.insert(0, ROOT)
     import common
     import eval_linear as E
-    grid = common.final_grid("resnet18", a.stem, a.img_size)
-    base = E.SyntheticSeg(common.load_dataset(E.Args(synthetic_size=a.synthetic_size), "val"), N_CLASSES)
-    val = E.SegViews(base, E.SegTransform(a.img_size, train=False))
+    grid = common.final_grid("resnet18", a.stem, a.eval_size)
+    base = E.SegData(common.load_dataset(E.Args(synthetic_size=a.synthetic_size), "val"), N_CLASSES)
+    val = E.SegViews(base, E.SegTransform(a.eval_size))
     ids = torch.stack([val[i][1] for i in range(len(val))])  # [N, H, W]
     counts = E.cell_histograms(ids, N_CLASSES, grid).float()  # [N, S*S, C]
     shares = counts / counts.sum(-1, keepdim=True).clamp(min=1)  # [N, S*S, C]
     shares = shares.reshape(len(ids), grid, grid, N_CLASSES).permute(0, 3, 1, 2)  # [N, C, S, S]
     pred = E.upsample(shares, ids.shape[-2:]).argmax(1)  # [N, H, W]
-    miou, acc, _ = E.seg_metrics(E.confusion_matrix(pred, ids, N_CLASSES))
-    return {"miou": miou, "pixel_acc": acc, "grid": grid}
+    m = E.seg_metrics(E.confusion_matrix(pred, ids, N_CLASSES))
+    return {"miou": m["miou"], "pixel_acc": m["pixel_acc"], "grid": grid}
 
 
 def peak_rss_mb():
@@ -145,41 +153,48 @@ def peak_rss_mb():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def measure_memory(path, train_images=1464, img_size=448, stride=32, dim=2048, n_classes=21, k=200):
+def measure_memory(path, train_images=1464, img_size=448, stride=32, dim=2048, n_classes=21):
     """seg-knn at PASCAL VOC size with ResNet-50: the bank computed analytically, then built at that size from
-    random unit vectors on the CPU, and the peak resident memory of one chunked vote measured on top of it."""
+    random vectors on the CPU (centred and normalised in place, as eval_linear does), and the peak resident
+    memory of one chunked vote measured on top of it; the seg probe's cache computed analytically."""
     import torch
     sys.path.insert(0, ROOT)
     import eval_linear as E
     torch.manual_seed(0)
+    k, t = E.SEG_KNN["knn_k"], E.SEG_KNN["knn_t"]
     grid = img_size // stride
     cells = train_images * grid * grid
     bank_mb = cells * (dim + n_classes) * 4 / 2**20  # fp32 features + label distributions
     base = peak_rss_mb()
     bank = torch.empty(cells, dim).normal_()  # filled in place: no second copy inflates the peak
-    bank /= bank.norm(dim=1, keepdim=True)
+    mean = bank.mean(0)
+    E.unit_cells(bank, mean)
     dist = torch.softmax(torch.randn(cells, n_classes), 1)  # [M, C]
     resident = peak_rss_mb() - base
     n_val = E.QUERY_CHUNK // (grid * grid)  # the val images of one query chunk
     feats = torch.randn(n_val, dim, grid, grid)  # [n, D, S, S] a val batch's feature map
     before = peak_rss_mb()
     t = time.perf_counter()
-    scores = E.knn_scores(feats, bank, dist, k, 0.1)  # [n, C, S, S]
+    scores = E.knn_scores(feats, mean, bank, dist, k, t)  # [n, C, S, S]
     seconds = time.perf_counter() - t
     vote_mb = peak_rss_mb() - before
     assert scores.shape == (n_val, n_classes, grid, grid)
     sim_mb = E.QUERY_CHUNK * E.BANK_CHUNK * 4 / 2**20
     aug_gib = 10582 * grid * grid * (dim + n_classes) * 4 / 2**30
+    probe_mb = 10582 * grid * grid * dim * 2 / 2**20  # fp16 cells on CUDA
+    masks_mb = 10582 * 100 * 100 * 4 / 2**20  # int32 masks at --seg-res 100
     text = [
         f"Generated by `python benchmarks/dense.py --memory` (torch {torch.__version__}, CPU, "
         f"{os.cpu_count()} cores). seg-knn (`eval_linear.py --mode seg-knn`) at PASCAL VOC 2012 size with "
         f"ResNet-50: {train_images} train images at {img_size} px -> {grid}x{grid} final cells of {dim} "
-        f"channels, {n_classes} classes, k={k}.",
+        f"channels, {n_classes} classes, k={k}; and the seg probe's cache (`--mode seg`) for train_aug.",
         f"The vote's peak does not grow with the bank or the val split: queries are taken {E.QUERY_CHUNK} "
         f"cells at a time and the bank is scanned {E.BANK_CHUNK} cells at a time with a running top-k. The "
         f"bank dominates: about {(bank_mb + vote_mb) / 1024:.1f} GiB in all for VOC train (train_aug's "
         f"10,582 images: {aug_gib:.1f} GiB of bank) besides the backbone and one val batch. Under torchrun "
-        f"every rank holds the whole gathered bank (plus the padded copies while gathering)."]
+        f"every rank holds the whole gathered bank (plus the padded copies while gathering). The seg probe "
+        f"keeps every train cell (fp32 on a CPU: twice the fp16 figure) and evaluates its loss "
+        f"{E.PROBE_CHUNK} images at a time; every rank holds the gathered cache and fits the same probe."]
     rows = [
         (f"bank: {cells:,} cells x ({dim} features + {n_classes} label shares) x 4 B",
          "computed (every cell kept: an upper bound, cells with only ignore pixels are left out)", bank_mb),
@@ -188,7 +203,10 @@ def measure_memory(path, train_images=1464, img_size=448, stride=32, dim=2048, n
          "computed (QUERY_CHUNK, BANK_CHUNK in eval_linear.py)", sim_mb),
         (f"one chunked vote: {n_val} val images = {n_val * grid * grid} query cells against the whole bank",
          f"measured: peak RSS rise during knn_scores, bank already resident ({seconds:.0f} s on this CPU)",
-         vote_mb)]
+         vote_mb),
+        (f"seg probe cache: 10,582 train_aug images x {grid * grid} cells x {dim} channels x 2 B",
+         "computed (fp16 on CUDA; every cell, 255-only cells included)", probe_mb),
+        ("seg probe masks: 10,582 x 100 x 100 x 4 B", "computed (int32, resized to --seg-res 100)", masks_mb)]
     lines = [text[0], "", "| quantity | how | MiB |", "|---|---|---|",
              *[f"| {q} | {how} | {mb:.0f} |" for q, how, mb in rows], "", text[1]]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -211,7 +229,8 @@ def result_flags(argv):
 
 
 def write_outputs(a, floor, ref, results, masks, note):
-    seg_ep = a.seg_epochs or "eval_linear's default number of"
+    sys.path.insert(0, ROOT)
+    import eval_linear as E
     budget = (f"ResNet-18, {a.stem} stem, {a.img_size} px, {a.synthetic_size} synthetic images, "
               f"{a.epochs} pretraining epochs" + (f" capped at {a.max_steps} steps" if a.max_steps else ""))
     cmd = " ".join(["python benchmarks/dense.py", *result_flags(sys.argv[1:])])
@@ -222,11 +241,13 @@ def write_outputs(a, floor, ref, results, masks, note):
         f"Command: `{cmd}`. A miniature, not a VOC result: {budget}, global batch {a.batch_size}, each "
         f"method's `cpu` preset hyperparameters otherwise, one CPU process ({os.cpu_count()} cores). Dense "
         f"data: the synthetic scenes' per-pixel labels ({N_CLASSES} classes: background + 10 shapes; val = a "
-        f"fifth of the train size), the same train images as pretraining. Seg: `eval_linear.py --mode seg` "
-        f"(frozen backbone, 1x1 conv on the final {grid}x{grid} feature map, {seg_ep} epochs). Seg-kNN: "
-        f"`--mode seg-knn` (k=200, T=0.1, a bank of every final-grid cell of the train images). mIoU over "
-        f"the classes present in ground truth or prediction, and pixel accuracy, in percent, on the val "
-        f"split. "
+        f"fifth of the train size), the same train images as pretraining, at {a.eval_size} px. Seg: "
+        f"`eval_linear.py --mode seg` (frozen backbone, the final {grid}x{grid} maps cached once, a 1x1 conv "
+        f"on the standardised maps fit by L-BFGS to convergence, wd {E.PROBE_WD}). Seg-kNN: `--mode seg-knn` "
+        f"(k={E.SEG_KNN['knn_k']}, T={E.SEG_KNN['knn_t']}, a bank of every final-grid cell of the train "
+        f"images, centred). mIoU over the classes present in ground truth or prediction, and pixel "
+        f"accuracy, in percent, on the val split; background predicted everywhere scores "
+        f"{floor[0]['floor_miou']:.1f} mIoU. "
         f"Train s: pretraining seconds without the kNN evaluation; kNN: the final weighted kNN top-1 (k=200, "
         f"T=0.1). Reference row: each val cell given its true label shares, upsampled and argmaxed as the "
         f"probes' scores are (what a perfect per-cell predictor reaches at this grid).{note} "
