@@ -297,7 +297,8 @@ def test_probe_reaches_the_known_optimum():
         assert torch.allclose(probs.permute(0, 2, 3, 1)[group.reshape(n, s, s) == g], p[g], atol=1e-3), g
 
 
-def test_probe_classifies_separable_cells():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # fp16: the cache on CUDA
+def test_probe_classifies_separable_cells(dtype):
     """One label per row of cells, features that separate the labels (plus noise): the converged probe labels
     every position of its loss's grid correctly (at the mask's full size a linear head on bilinear logits
     cannot be exact next to every row boundary) and its loss is near 0."""
@@ -306,7 +307,7 @@ def test_probe_classifies_separable_cells():
     feats = feats * 2 + 0.1 * torch.randn(feats.shape, generator=torch.Generator().manual_seed(0))
     cells = feats.flatten(2).transpose(1, 2).contiguous()  # [N, S*S, D]
     masks = nn.functional.interpolate(ids[:, None].float(), size=(8, 8), mode="nearest")[:, 0].int()  # 8x8
-    head, fit = E.fit_seg_probe(cells.clone(), masks, n_classes, wd=1e-4)
+    head, fit = E.fit_seg_probe(cells.to(dtype), masks, n_classes, wd=1e-4)
     assert fit["converged"] and fit["probe_loss"] < 0.05
     assert torch.equal(E.upsample(head(feats), (8, 8)).argmax(1), masks.long())
     assert (E.upsample(head(feats), (32, 32)).argmax(1) == ids).float().mean() > 0.99
