@@ -103,8 +103,7 @@ GPU = Geometry()
 SMALL = ["--stem", "small", "--img-size", "16", "--store-size", "20"]
 DRY = Geometry(img=16, store=20, batch=8, queue=64, smoke_steps=2, probe_epochs=1, knn_evals=1, max_epochs=1,
                loader_smoke=("mocov3",), speed_densecl=False, speed=("resnet18", 16, 20, 8, 2), links=2,
-               dense=("--img-size", "16", "--batch-size", "8", "--max-steps", "2", "--seg-epochs", "1",
-                      "--synthetic-size", "128"),  # 128: the seg probe's batch
+               dense=("--img-size", "16", "--batch-size", "8", "--max-steps", "2", "--synthetic-size", "40"),
                train_extra=("--mlp-dim", "64"),
                dry_extra={"densecl.py": [*SMALL, "--shuffle-splits", "2"],
                           "detcon.py": [*SMALL, "--masks", "grid"]},
