@@ -13,21 +13,22 @@ Protocols (every number this script prints says which one produced it):
             backbone frozen in eval(); the final map (ResNet layer4, ViT patch tokens) of every train image
             computed once, unaugmented (resized as val); each channel standardised with the train cells' mean
             and std (DINOv2's and VICRegL's BatchNorm before the head); a 1x1 conv whose logits, upsampled
-            bilinearly to --seg-res, meet the masks resized nearest to it: mean cross-entropy over the pixels
-            not labelled 255 + wd/2 ||W||^2 (--wd, default 1e-4), minimised from zero by full-batch L-BFGS
-            (strong Wolfe) until the largest gradient entry is < 1e-5 or the loss changes < 1e-6 in an
-            iteration (converged), or 1000 iterations (not). The standardisation is folded into the conv,
-            which runs before the upsampling (both linear: the same as "upsample, then classify"). Memory:
-            every train cell is kept; VOC train_aug (10,582 images, 448 px, ResNet-50: 14x14x2048 cells) is
-            8.5 GB in fp16 on CUDA (17 GB in fp32 on a CPU) + 0.4 GB of masks at 100x100. The backbone is
-            checked unchanged at the end.
+            bilinearly to --seg-res (default twice the grid), meet the masks resized nearest to it: mean
+            cross-entropy over the pixels not labelled 255 + wd/2 ||W||^2 (--wd; fixed default 1e-4),
+            minimised from zero by full-batch L-BFGS (strong Wolfe) until the largest gradient entry is
+            < 1e-5 or the loss changes < 1e-6 in an iteration (converged), or 1000 iterations (not). The
+            standardisation is folded into the conv, which runs before the upsampling (both linear: the same
+            as "upsample, then classify"). Memory: every train cell is kept; VOC train_aug (10,582 images,
+            448 px, ResNet-50: 14x14x2048 cells) is 8.5 GB in fp16 on CUDA (17 GB in fp32 on a CPU) + 0.4 GB
+            of masks at 100x100. The backbone is checked unchanged at the end.
   seg-knn   training-free dense retrieval (Hummingbird-style): a bank of (feature, label distribution) for
             every final-grid cell of the train images (resized like val; the histogram of the cell's valid
             mask pixels; cells with only 255 pixels left out), centred on the bank's mean and L2-normalised
             (centred, random features do not all look alike); each val cell takes the distributions of its
             --knn-k most similar bank cells (cosine), weighted softmax(sim / --knn-t); the per-cell scores
-            are upsampled bilinearly to the mask; argmax. The bank is scanned in chunks: memory is the bank
-            plus one chunk (benchmarks/results/dense_memory.md).
+            are upsampled bilinearly to the mask; argmax. k = 5, T = 0.02 by default: Hummingbird's T, but
+            its k = 30 leaves random init on the floor when most cells are background. The bank is scanned
+            in chunks: memory is the bank plus one chunk (benchmarks/results/dense_memory.md).
 
 Dense metrics, in percent, on the val split (one confusion matrix over the pixels not labelled 255 of the
 masks resized to --img-size): miou over the classes present in ground truth or prediction, miou_fg (class 0,
@@ -56,7 +57,7 @@ dense metrics, eval_s, and for seg probe_loss, probe_iters, probe_grad (its larg
 Every mode: val_images (each val image counted once, also under torchrun) and protocol.
 
 Dense defaults (ours; explicit flags and the file's arch and stem win): synthetic (`cpu` preset) ResNet-18,
-small stem, 64 px (an 8x8 final grid), 1280 train and 256 val images: each mode runs in about 75 s on 2 CPU
+small stem, 64 px (an 8x8 final grid), 1280 train and 256 val images: each mode runs in 70-100 s on 2 CPU
 cores; other data 448 px and --seg-res 100 (Leopart's VOC). Without --img-size the size (the file's) is
 doubled until the grid is at least 8x8 (DenseCL's and DetCon's cpu presets, small stem at 32 px, evaluate at
 64; MoCo v3's, ResNet stem at 64, at 256). seg-knn: k = 5, T = 0.02 (classification kNN: 200 and 0.1).
@@ -530,8 +531,8 @@ def gather_rows(x):
 PROBE_CHUNK = 512  # images per block of the probe's loss: bounds the upsampled logits [chunk, C, R, R]
 # L-BFGS stops (converged) once the largest gradient entry is below PROBE_TOL or the loss changes by less than
 # PROBE_TOL / 10 in an iteration (a relative 2e-6 at the losses seen, 0.5-0.6), else after PROBE_ITERS (not
-# converged). Synthetic scenes (8x8 grid, 1280 images): random init converges in 210 iterations, DenseCL in
-# 410; a fit on to 1e-9 takes 610 iterations for 0.03% less loss and +0.07 mIoU.
+# converged). Synthetic scenes (8x8 grid, 1280 images): random init converges in ~220 iterations, DenseCL in
+# ~420; a fit on to 1e-9 takes 610 iterations for 0.03% less loss and +0.07 mIoU.
 PROBE_TOL = 1e-5
 PROBE_ITERS = 1000
 # the default L2 weight, fixed (ours): weaker fits trained features better but converges slower. DenseCL on
