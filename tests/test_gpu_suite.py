@@ -129,7 +129,8 @@ def test_planning_at_the_gpu_geometry():
                                                                                    [], 40)
     text = " ".join(map(str, flags))
     for part in ("--arch resnet18 --stem imagenet --img-size 128 --batch-size 256", "--channels-last",
-                 "--data-on-device --store-size 160", "--preset imagenet", "--epochs 40 --warmup-epochs 4"):
+                 "--data-on-device --store-size 160", "--preset imagenet", "--epochs 40 --save-epochs 40",
+                 "--warmup-epochs 4"):
         assert part in text, part
     dense = " ".join(map(str, gpu_suite.row_flags(ctx, "mocov2", "densecl.py", ["--dense-weight", "0"], 40)))
     assert "--dense-weight 0" in dense and "--queue-size 4096 --momentum 0.99" in dense
