@@ -11,16 +11,36 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGENETTE = os.path.join(ROOT, "..", "shared", "data", "imagenette2-224")
 
 
+def cached(cmd, cache_dir, reuse):
+    """(the cache file of a command under cache_dir or None, its stored summary when reuse finds one)."""
+    if not cache_dir:
+        return None, None
+    cache = os.path.join(cache_dir, hashlib.sha1(json.dumps(cmd).encode()).hexdigest()[:12] + ".json")
+    if reuse and os.path.isfile(cache):
+        with open(cache) as f:
+            return cache, json.load(f)
+    return cache, None
+
+
+def cuda_device(args):
+    """The device of a model-only benchmark, with the training scripts' CUDA settings and precision."""
+    import torch
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    if args.precision == "auto":
+        args.precision = "bf16" if cuda else "fp32"
+    return torch.device("cuda" if cuda else "cpu")
+
+
 def run_summary(script, args, cache_dir=None, reuse=False, env=None):
     """`python script args` in the repository root -> its JSON summary (the last line it prints). With
     cache_dir the summary is stored under a hash of the command; with reuse a stored one is read back."""
     cmd = [script, *map(str, args)]
-    cache = None
-    if cache_dir:
-        cache = os.path.join(cache_dir, hashlib.sha1(json.dumps(cmd).encode()).hexdigest()[:12] + ".json")
-        if reuse and os.path.isfile(cache):
-            with open(cache) as f:
-                return json.load(f)
+    cache, stored = cached(cmd, cache_dir, reuse)
+    if stored:
+        return stored
     p = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, cwd=ROOT,
                        env={**os.environ, **(env or {})})
     if p.returncode:

@@ -154,13 +154,8 @@ def main(argv=None):
     flags = ["--preset", opts.preset, *rest]
     # the shared settings: mocov3's preset + flags
     base = common.parse_args(mocov3.Args, mocov3.PRESETS, flags)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if base.precision == "auto":
-        base.precision = "bf16" if cuda else "fp32"
+    device = bench.cuda_device(base)
+    cuda = device.type == "cuda"
     same = {k: getattr(base, k) for k in SHARED}
     run = common.Run(base, "bench", 0, 1, device, "")
     scaler = common.grad_scaler(run)

@@ -11,7 +11,6 @@ its table), error (the output's tail when it failed, or why it was not started),
                                                           # "jobs": [...]}; RESULTS rewritten after each job
 """
 import contextlib
-import hashlib
 import importlib
 import json
 import os
@@ -23,6 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 for _path in (ROOT, os.path.join(ROOT, "benchmarks")):
     if _path not in sys.path:
         sys.path.insert(0, _path)
+import bench  # noqa: E402  (benchmarks/ is on the path)
 
 
 def write_json(path, obj):
@@ -69,12 +69,9 @@ def call_main(script, argv):
 def inprocess_summary(script, args, cache_dir=None, reuse=False, env=None):
     """bench.run_summary, in this process: the same cache (a hash of the command) and the same failure."""
     cmd = [script, *map(str, args)]
-    cache = None
-    if cache_dir:
-        cache = os.path.join(cache_dir, hashlib.sha1(json.dumps(cmd).encode()).hexdigest()[:12] + ".json")
-        if reuse and os.path.isfile(cache):
-            with open(cache) as f:
-                return json.load(f)
+    cache, stored = bench.cached(cmd, cache_dir, reuse)
+    if stored:
+        return stored
     out = cmd[cmd.index("--output-dir") + 1] if "--output-dir" in cmd else cache_dir or "."
     res = run_job({"name": os.path.basename(script), "script": script, "argv": cmd[1:], "dir": out,
                    "log": "stdout.log"})
@@ -135,13 +132,7 @@ def model_only(argv):
     reps = int(argv[argv.index("--reps") + 1]) if "--reps" in argv else 20
     flags = [a for i, a in enumerate(argv) if a != "--reps" and (i == 0 or argv[i - 1] != "--reps")]
     args = common.parse_args(mocov3.Args, mocov3.PRESETS, flags)
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    if args.precision == "auto":
-        args.precision = "bf16" if cuda else "fp32"
+    device = bench.cuda_device(args)
     run = common.Run(args, "model_only", 0, 1, device, "")
     torch.manual_seed(0)
     model = mocov3.MoCoV3(args).to(device)
@@ -153,7 +144,7 @@ def model_only(argv):
     opt, scaler = common.build_optimizer(args, params, args.trust_coefficient), common.grad_scaler(run)
     x1, x2 = (run.to_device(torch.randn(args.batch_size, 3, args.img_size, args.img_size)) for _ in range(2))
     m = run.scalar(args.momentum)
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     def step():
         with run.autocast():
