@@ -996,7 +996,7 @@ class HeldSplit:
         return len(self.images)
 
     def batches(self, indices, batch_size, drop_last=True):
-        """This rank's batches of one epoch: `indices` (the sampler's order) cut into batches of batch_size."""
+        """This rank's batches of one epoch: `indices` (the sampler's order) cut into batch_size pieces."""
         idx = torch.tensor(indices, dtype=torch.long, device=self.images.device)  # [n]
         end = len(idx) - len(idx) % batch_size if drop_last else len(idx)
         for b in idx[:end].split(batch_size):
@@ -1080,7 +1080,7 @@ def flip_where(x, flip):
 
 
 def colour(run, x, recipe, gen):
-    """x float [N, 3, H, W] in [0, 1] -> the view's photometric ops (per-sample draws from gen), normalised."""
+    """x float [N, 3, H, W] in [0, 1] -> the view's photometric ops (per-sample draws of gen), normalised."""
     x = apply_photometric(x, sample_photometric(recipe, x.shape[0], gen), recipe)
     return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
 
@@ -1294,7 +1294,8 @@ RANGES = {
     "batch_size": (1, True, None), "img_size": (1, True, None), "epochs": (0, True, None),
     "workers": (0, True, None), "max_steps": (0, True, None), "knn_every": (0, True, None),
     "knn_k": (1, True, None), "knn_t": (0, False, None), "log_every": (1, True, None),
-    "save_every": (0, True, None), "save_epochs": (1, True, None), "synthetic_size": (1, True, None), "store_size": (0, True, None),
+    "save_every": (0, True, None), "save_epochs": (1, True, None), "synthetic_size": (1, True, None),
+    "store_size": (0, True, None),
     "time_limit": (0, True, None), "subset": (0, True, None),
     "mix_fraction": (0, True, 1), "lr": (0, True, None), "wd": (0, True, None),
     "warmup_epochs": (0, True, None), "temperature": (0, False, None), "momentum": (0, True, 1),

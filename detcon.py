@@ -33,7 +33,8 @@ with grayscale (official: scales S in HSV), blur is PIL's GaussianBlur with radi
 separable Gaussian kernel, same sigma range). Default precision on CUDA is bf16 autocast with TF32 matmuls
 (official: JAX on TPU). Backbones are torchvision's. The `cifar` and `cpu` presets are ours (final feature
 grid 4x4 via the small stem). --data-on-device computes FH once per image on the stored copy (1.25 x the crop
-for folders) with scale and min_size scaled to its pixel count, and draws the crop windows batched on the device.
+for folders) with scale and min_size scaled to its pixel count, and draws the crop windows batched on the
+device.
 
 Commands:
   python detcon.py                                   # CPU smoke run on built-in synthetic data
@@ -331,9 +332,9 @@ class JointViews(common.TwoViews):
         return v1, cells[0], v2_, cells[1]
 
     def finish_joint(self, run, x1, m1, x2, m2, step):
-        """The batch on the device -> (view 1, cells 1 [n, S, S], view 2, cells 2). With --data-on-device x1, x2
-        are the stored images and m1, m2 their stored ids: each view's ONE official crop box and ONE flip are
-        drawn here per sample and applied to image (roi_align) and ids (nearest) alike, then __call__'s
+        """The batch on the device -> (view 1, cells 1 [n, S, S], view 2, cells 2). With --data-on-device x1,
+        x2 are the stored images and m1, m2 their stored ids: each view's ONE official crop box and ONE flip
+        are drawn here per sample and applied to image (roi_align) and ids (nearest) alike, then __call__'s
         feature-grid reduction and joint relabel, batched."""
         if not run.args.data_on_device:
             x1, x2 = self.finish(run, x1, x2, step)  # [n, 3, H, W] each
@@ -541,7 +542,7 @@ def main(argv=None):
         return show_masks(MaskedImages(common.load_dataset(args, "train"), args), views, args.show_masks)
     run = common.setup(args, "detcon")
 
-    # ---- data: masks come from the un-augmented image, in the loader workers (--data-on-device: once, stored)
+    # ---- data: masks from the un-augmented image, in the loader workers (--data-on-device: once, stored)
     stored = dataclasses.replace(args, fh_size=0, fh_scale=0, fh_min_size=0)  # the stored size's FH settings
     train_ds, steps_per_epoch = common.pretrain_data(args, run, views, ids=MaskedImages(None, stored).mask)
     if not args.data_on_device:

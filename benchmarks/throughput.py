@@ -157,24 +157,28 @@ def data_paths(a):
     out = a.out or os.path.join(ROOT, "benchmarks", "results", f"data_paths_{dev}.md")
     steps = a.data_paths
     lines = [f"Device: {device_name()}. Command: `python benchmarks/throughput.py "
-             f"{' '.join(sys.argv[1:])}`. Each method's `{a.preset}` preset (its own arch, stem, image size and "
-             f"batch), {steps} steps per run (2 warm-up steps excluded; more than the {a.workers} workers x 4 "
-             f"batches the loader prefetches, so the data pipeline is in the number), kNN off; the PIL loader "
+             f"{' '.join(sys.argv[1:])}`. Each method's `{a.preset}` preset (its own arch, stem, image size "
+             f"and "
+             f"batch), {steps} steps per run (2 warm-up steps excluded; more than the {a.workers} workers "
+             f"x 4 batches the loader prefetches, so the data pipeline is in the number), kNN off; the PIL "
+             f"loader "
              f"with {a.workers} workers against --data-on-device (the split decoded once, before the clock "
-             f"starts), the two alternating, median of {a.repeats} runs each.", "",
+             f"starts), the two alternating, the fastest of {a.repeats} runs each (the least disturbed on a "
+             f"shared machine).", "",
              "| method | PIL img/s | PIL data wait | --data-on-device img/s | its data wait | speed-up |",
              "|---|---|---|---|---|---|"]
     for label, script, extra, _ in CONFIGS:
         if a.methods and label not in a.methods.split(","):
             continue
-        flags = ["--preset", a.preset, "--max-steps", str(steps), "--log-every", str(steps), "--knn-every", "0",
+        flags = ["--preset", a.preset, "--max-steps", str(steps), "--log-every", str(steps),
+                 "--knn-every", "0",
                  "--workers", str(a.workers), "--output-dir", os.path.join(ROOT, "runs", "bench"), *extra]
         recs = {"pil": [], "device": []}
         for _ in range(a.repeats):
             recs["pil"].append(run(script, flags))
             recs["device"].append(run(script, flags + ["--data-on-device"]))
-        pil, dev_ = (sorted(r, key=lambda r: r["step_ms"])[len(r) // 2] for r in recs.values())
-        print(label, [round(r["step_ms"]) for r in recs["pil"]], [round(r["step_ms"]) for r in recs["device"]],
+        pil, dev_ = (min(r, key=lambda r: r["step_ms"]) for r in recs.values())  # the least disturbed run
+        print(label, *([round(r["step_ms"]) for r in recs[k]] for k in ("pil", "device")),
               flush=True)
         lines.append(f"| {label} | {pil['img_per_s']:.1f} | {100 * pil['data_time_frac']:.0f}% | "
                      f"{dev_['img_per_s']:.1f} | {100 * dev_['data_time_frac']:.0f}% | "

@@ -139,7 +139,8 @@ def main(out_dir):
 
     # ---- 3. each script's main() for 2 steps (under torchrun only: the test reads these from the 2-process
     # launch), and 4. a batch the world size does not divide
-    runs = [(name, mod, []) for name, mod in MODULES.items()] + [("mocov3_device", mocov3, ["--data-on-device"])]
+    runs = [(name, mod, []) for name, mod in MODULES.items()]
+    runs.append(("mocov3_device", mocov3, ["--data-on-device"]))
     for name, mod, more in (runs if run.world > 1 else []):
         run_dir = os.path.join(out_dir, f"run_{name}")
         stdout = io.StringIO()
@@ -190,8 +191,9 @@ def main(out_dir):
             results[key] = json.loads(stdout.getvalue().strip().splitlines()[-1])
 
     # ---- 6. a held split's epochs, sharded by rank: each image once per epoch
-    args = common.parse_args(mocov3.Args, mocov3.PRESETS, [*TINY, "--synthetic-size", "24", "--data-on-device",
-                                                           "--output-dir", os.path.join(out_dir, "held")])
+    argv = [*TINY, "--synthetic-size", "24", "--data-on-device",
+            "--output-dir", os.path.join(out_dir, "held")]
+    args = common.parse_args(mocov3.Args, mocov3.PRESETS, argv)
     run = common.setup(args, "mocov3")
     held = common.HeldSplit(torch.zeros(24, 3, 2, 2, dtype=torch.uint8), torch.arange(24))  # label = index
     seen = [[y.tolist() for _, y in common.epoch_loader(held, run, epoch)] for epoch in (0, 1)]
