@@ -39,10 +39,11 @@ SECTIONS = [
      "CPU time per image of the MoCo v3 view pair at 224 px on imagenette: the PIL path against the "
      "worker side of --gpu-aug (decode, crop, flip to uint8), the photometric ops then run batched on the "
      "device. On this CPU-only machine the device side ran on the CPU, for reference only."),
-    ("Throughput", ["throughput_cpu", "throughput_gpu", "throughput_gpu_compile"],
+    ("Throughput", ["throughput_cpu", "data_paths_cpu", "throughput_gpu", "throughput_gpu_compile"],
      "Whole-script img/s with data loading, on synthetic data. Short runs are served from the loader's "
      "prefetch buffer; the sustained line is the one that includes the data pipeline. The GPU tables "
-     "predate --gpu-aug, the multi-tensor LARS and the leaner DenseCL loss."),
+     "predate --gpu-aug, the multi-tensor LARS and the leaner DenseCL loss. The data-paths table runs each "
+     "method's no-argument geometry with the PIL loader workers and with --data-on-device."),
     ("Accuracy", ["accuracy"],
      "kNN and linear accuracy on imagenette at equal epochs and at equal wall-clock (a longer MoCo v3 "
      "run), at a miniature CPU budget. ![kNN vs epochs and wall-clock](benchmarks/results/accuracy.png)"),
