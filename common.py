@@ -941,9 +941,7 @@ def apply_photometric(x, p, recipe):
 
 def device_view(run, x, recipe, gen):
     """uint8 crops [n, 3, H, W] from the loader -> the view's normalised float batch on the device."""
-    x = x.to(run.device, non_blocking=True).float().div_(255)  # [n, 3, H, W] in [0, 1]
-    x = apply_photometric(x, sample_photometric(recipe, x.shape[0], gen), recipe)
-    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
+    return colour(run, x.to(run.device, non_blocking=True).float().div_(255), recipe, gen)  # [n, 3, H, W]
 
 
 # ============================================================================ data on the device

@@ -238,8 +238,9 @@ def reduce_mask(mask, grid):
 
 
 def crop_windows(u, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """crop_box for a batch (--data-on-device): uniforms u [n, 4] (area, aspect, top, left) -> boxes [n, 4]
-    float64 (top, left, height, width), the same formulas in float64 (torch.round: half to even)."""
+    """crop_box's window for a batch of uniforms u [n, 4] (area, aspect, top, left) -> boxes [n, 4] float64
+    (top, left, height, width); torch.round is half to even, like jnp.round; the clamp to >= 1 only matters
+    for images of a few pixels; u < 1, so top and left stay in 0..h-bh and 0..w-bw."""
     u = u.double()
     area = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, 0])  # [n]
     aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])  # [n]
@@ -274,14 +275,8 @@ def crop_box(h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
     h*w, log aspect ~ U(log ratio), width round(sqrt(area * aspect)), height round(sqrt(area / aspect)), each
     clamped to the image, offset uniform over the valid positions -> (top, left, height, width). No retries
     (torchvision's RandomResizedCrop redraws up to 10 times until a box fits unclamped: smaller boxes)."""
-    u = torch.rand(4, generator=generator, dtype=torch.float64).tolist()  # area, aspect, top, left
-    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
-    aspect = math.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[1])
-    # round() is round-half-to-even like jnp.round; max(1, .) only matters for images of a few pixels
-    bw = min(max(1, round(math.sqrt(area * aspect))), w)
-    bh = min(max(1, round(math.sqrt(area / aspect))), h)
-    top, left = int(u[2] * (h - bh + 1)), int(u[3] * (w - bw + 1))  # u < 1: 0..h-bh and 0..w-bw
-    return top, left, bh, bw
+    u = torch.rand(1, 4, generator=generator, dtype=torch.float64)  # area, aspect, top, left
+    return tuple(int(v) for v in crop_windows(u, h, w, scale, ratio)[0])
 
 
 def nearest_exact(ids, size):

@@ -70,13 +70,20 @@ def test_two_samples_of_a_batch_get_their_own_boxes_and_views():
         assert v.shape == (6, 3, 32, 32) and all(not torch.equal(v[0], v[i]) for i in range(1, 6))
 
 
-def test_detcon_crop_windows_are_crop_box_for_the_same_draws():
-    """The batched official sampler gives, draw for draw, the per-image crop_box of the worker path."""
-    for seed in range(300):
-        h, w = (160, 160) if seed % 2 else (75, 200)
-        box = detcon.crop_box(h, w, (0.08, 1.0), generator=gen(seed))
-        u = torch.rand(1, 4, generator=gen(seed), dtype=torch.float64)
-        assert detcon.crop_windows(u, h, w, (0.08, 1.0))[0].tolist() == list(box), seed
+def test_detcon_crop_windows_are_byols_window_for_the_same_draws():
+    """The batched official sampler against a plain-Python transcription of BYOL's get_random_crop_window on
+    the same uniforms (round half to even, as jnp.round), and crop_box is its first row."""
+    def byol(u, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+        area = h * w * (scale[0] + (scale[1] - scale[0]) * u[0])
+        aspect = np.exp(np.log(ratio[0]) + (np.log(ratio[1]) - np.log(ratio[0])) * u[1])
+        bw, bh = min(max(1, round(np.sqrt(area * aspect))), w), min(max(1, round(np.sqrt(area / aspect))), h)
+        return [int(u[2] * (h - bh + 1)), int(u[3] * (w - bw + 1)), bh, bw]
+    for h, w in ((160, 160), (75, 200)):
+        u = torch.rand(300, 4, generator=gen(h), dtype=torch.float64)
+        got = detcon.crop_windows(u, h, w).tolist()
+        assert got == [byol(row, h, w) for row in u.tolist()]
+        assert list(detcon.crop_box(h, w, generator=gen(7))) == byol(torch.rand(
+            4, generator=gen(7), dtype=torch.float64).tolist(), h, w)
 
 
 def test_crop_resize_is_close_to_torchvisions_antialiased_resized_crop(imagenette):
