@@ -184,6 +184,7 @@ class Run:
     device: torch.device
     out: str
     checkpoint: tuple = None  # (path, contents) of the --resume checkpoint, read and checked by setup
+    held_train: object = None  # --data-on-device: the whole train split as pretraining decoded it (kNN bank)
 
     @property
     def main(self):
@@ -311,6 +312,8 @@ def pretrain_data(args, run, transform, ids=None):
     `ids`: a method's per-image mask function, computed once on each stored image (DetCon's)."""
     if args.data_on_device:
         ds = held_split(args, run, pretrain_base(args), copies=2, ids=ids)
+        if not (args.subset or args.corrupt or "," in args.data):  # the whole, clean train split
+            run.held_train = ds
     else:
         ds = Views(pretrain_base(args), transform, args.seed)
     steps = len(ds) // args.batch_size
@@ -622,7 +625,8 @@ def knn_monitor(args, run):
             print("kNN monitor off: the data has no labeled val split", flush=True)
         return None
     if args.data_on_device:
-        return held_split(args, run, train), held_split(args, run, val)
+        bank = run.held_train or held_split(args, run, train)  # decoded once when pretraining holds it
+        return HeldSplit(bank.images, bank.labels, copies=1), held_split(args, run, val)
     tf = eval_transform(args.img_size)
     return Views(train, tf), Views(val, tf)
 

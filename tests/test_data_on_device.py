@@ -260,3 +260,21 @@ def test_save_epochs_writes_every_nth_epoch_and_the_last(tmp_path, monkeypatch):
     mocov3.main([*TINY, "--synthetic-size", "16", "--epochs", "5", "--save-epochs", "2",
                  "--output-dir", str(tmp_path / "run")])
     assert saved == [4, 8, 10]  # 2 steps per epoch: after epochs 2 and 4, and the run's last step
+
+
+def test_knn_monitor_reuses_the_decoded_train_split(tmp_path, monkeypatch):
+    """With the whole train split pretrained on, the kNN bank is the pretraining tensor: two decodes (train,
+    val), not three; with --subset the bank is decoded on its own."""
+    calls, held_split = [], common.held_split
+
+    def spy(args, run, base, *a, **k):
+        calls.append(len(base))
+        return held_split(args, run, base, *a, **k)
+
+    monkeypatch.setattr(common, "held_split", spy)
+    argv = [*TINY, "--data-on-device", "--knn-every", "1", "--max-steps", "1"]
+    mocov3.main([*argv, "--output-dir", str(tmp_path / "a")])
+    assert calls == [64, 12]  # the train split, then the val split (a fifth)
+    calls.clear()
+    mocov3.main([*argv, "--subset", "40", "--output-dir", str(tmp_path / "b")])
+    assert calls == [40, 64, 12]
