@@ -1360,11 +1360,14 @@ def check_output_dir(flag, path):
         raise BadInput(f"{flag} {path} cannot be created: {parent} is a file, not a folder")
 
 
-def check_output_file(flag, path):
-    """A file the run writes (a picture): not a folder, and in a folder that exists (none is created)."""
+def check_output_file(flag, path, output_dir):
+    """A file the run writes (a picture): not a folder, and in a folder that exists or is the run's
+    --output-dir (which setup creates; no other folder is created)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise BadInput(f"{flag} {path} is a folder; give the path of a file to write")
+    if folder == os.path.abspath(output_dir) and not os.path.exists(folder):
+        return  # setup checks and creates it
     if not os.path.isdir(folder):
         raise BadInput(f"{flag} {path}: its folder {folder} does not exist")
     if not os.access(folder, os.W_OK):

@@ -360,7 +360,7 @@ def check_args(args):
         raise common.BadInput(f"--shuffle-splits {args.shuffle_splits} must divide "
                               f"--batch-size {args.batch_size}")
     if args.show_matches:  # drawn after training: checked before it
-        common.check_output_file("--show-matches", args.show_matches)
+        common.check_output_file("--show-matches", args.show_matches, args.output_dir)
 
 
 @common.user_errors

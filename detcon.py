@@ -511,7 +511,7 @@ def check_args(args):
     if args.mask_cache not in ("auto", "off"):
         common.check_output_dir("--mask-cache", args.mask_cache)
     if args.show_masks:
-        common.check_output_file("--show-masks", args.show_masks)
+        common.check_output_file("--show-masks", args.show_masks, args.output_dir)
     if args.warmup_epochs < 0:
         args.warmup_epochs = 0.01 * args.epochs  # official: 1% warmup
     return grid

@@ -748,7 +748,7 @@ def main(argv=None):
     if args.resume:
         raise common.BadInput("--resume is for training runs: an evaluation starts from --pretrained")
     if args.show_seg:
-        common.check_output_file("--show-seg", args.show_seg)
+        common.check_output_file("--show-seg", args.show_seg, args.output_dir)
     run = common.setup(args, f"eval_{args.mode}")
     common.seed_everything(args.seed)  # the same random init (--pretrained none) and head on every rank
 

@@ -206,6 +206,14 @@ def test_bad_output_path_or_fh_value_one_line_exit_2_nothing_left(script, flags,
     assert not os.path.exists("/proc/x") and not os.path.exists("/nonexistent")
 
 
+def test_a_picture_inside_the_new_output_dir_is_accepted_elsewhere_its_folder_must_exist(tmp_path):
+    out = tmp_path / "run"  # not created yet: setup creates it after every check
+    common.check_output_file("--show-seg", str(out / "masks.png"), str(out))
+    with pytest.raises(common.BadInput, match="its folder .* does not exist"):
+        common.check_output_file("--show-seg", str(tmp_path / "other" / "masks.png"), str(out))
+    assert not out.exists()
+
+
 def test_default_workers_never_exceed_the_cores():
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     assert 1 <= common.CommonArgs().workers <= min(8, cores)
