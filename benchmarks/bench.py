@@ -63,3 +63,41 @@ def read_log(out_dir):
 def add_data_flag(parser, default=IMAGENETTE,
                   what="the imagenette2-224 copy (ImageFolder with train/ and val/)"):
     parser.add_argument("--data", default=default, help=f"{what}; default: {default}")
+
+
+def mean_sd(xs, digits=1):
+    """"m ± sd" over seeds (sample sd, n - 1); a single value is printed alone; "-" if one is missing."""
+    import statistics
+    if any(x is None for x in xs):
+        return "-"
+    xs = [float(x) for x in xs]
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.mean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def resolved(diffs):
+    """Whether per-seed paired differences show a difference at all: every seed has the same sign and the
+    mean exceeds the spread (|mean| > sd). With fewer than 3 seeds nothing is resolved."""
+    import statistics
+    if len(diffs) < 3:
+        return False
+    same_sign = all(d > 0 for d in diffs) or all(d < 0 for d in diffs)
+    return same_sign and abs(statistics.mean(diffs)) > statistics.stdev(diffs)
+
+
+def gain(xs, ys, digits=1):
+    """The per-seed difference xs - ys as "+m ± sd", followed by " (n.r.)" where it is not resolved."""
+    if any(v is None for v in [*xs, *ys]):
+        return "-"
+    diffs = [x - y for x, y in zip(xs, ys)]
+    text = mean_sd(diffs, digits)
+    text = text if text.startswith("-") else "+" + text
+    return text if resolved(diffs) else text + " (n.r.)"
+
+
+def cpu_note():
+    """How many cores and threads the runs of a CPU benchmark had (taskset and OMP_NUM_THREADS carry over)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    threads = os.environ.get("OMP_NUM_THREADS")
+    return f"{cores} of {os.cpu_count()} CPU cores" + (f", {threads} thread(s) per process" if threads else "")

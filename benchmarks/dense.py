@@ -1,27 +1,31 @@
 """Dense transfer in miniature: every method pretrained on the synthetic scenes at equal epochs, then the
 frozen linear segmentation probe (`eval_linear.py --mode seg`) and dense retrieval (`--mode seg-knn`),
-against random init.
+against random init, over several seeds.
 
-For every method: pretrain with its `cpu` preset hyperparameters at one shared geometry (arch, stem, image
+For every seed and method: pretrain with its `cpu` preset hyperparameters at one shared geometry (arch, stem, image
 size, batch, number of images: the settings given here), the kNN monitor only at the end (log.jsonl gives
 the training seconds), then both dense evaluations of the final backbone with eval_linear's defaults.
 DenseCL runs twice: as published and with --dense-weight 0 (its global loss alone: MoCo v2). Equal
 wall-clock: MoCo v3 once more, with as many epochs as fit in the slowest method's training time (as
-benchmarks/accuracy.py does). Writes a markdown table (OUT.md), a bar plot (OUT.png) and the probe's
-predicted vs ground-truth masks on the first val images for every run (OUT_masks.png).
+benchmarks/accuracy.py does; the epochs are fixed on the first seed, rounded up). Every number is a mean
+± sd over the seeds (the seed also draws the synthetic images); the papers' comparisons are per-seed
+differences, marked (n.r.) where not resolved (bench.resolved). Writes a markdown table (OUT.md), a bar plot
+(OUT.png) and the probe's predicted vs ground-truth masks on the first val images of the first seed
+(OUT_masks.png).
 
-  python benchmarks/dense.py                 # the miniature (~1.5 h on 2 CPU cores)
+  python benchmarks/dense.py                 # the miniature, 3 seeds (~90 min on one CPU core)
   python benchmarks/dense.py --reuse         # only run what is not finished yet
   python benchmarks/dense.py --max-steps 2 --synthetic-size 160 --runs /tmp/d --out /tmp/d/x
   python benchmarks/dense.py --memory        # seg-knn memory at VOC size -> OUT_memory.md (~1 min)
 """
 import argparse
+import math
 import os
 import shutil
 import sys
 import time
 
-from bench import ROOT, read_log, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
+from bench import ROOT, cpu_note, gain, mean_sd, read_log, run_summary  # noqa: E402  (the script's folder)
 # (row name, script, extra flags): DenseCL with --dense-weight 0 keeps only its global (MoCo v2) loss
 RUNS = [("mocov3", "mocov3", []), ("fast_moco", "fast_moco", []), ("densecl", "densecl", []),
         ("mocov2 (densecl --dense-weight 0)", "densecl", ["--dense-weight", "0"]), ("detcon", "detcon", []),
@@ -41,9 +45,10 @@ def slug(name):
 
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    available = [slug(n) for n, s, _ in RUNS if os.path.exists(os.path.join(ROOT, f"{s}.py"))]
-    ap.add_argument("--methods", default=",".join(available),
-                    help="rows to run: mocov3, fast_moco, densecl, mocov2, detcon, rotation_aux")
+    ap.add_argument("--methods", default="mocov3,densecl,mocov2,detcon",
+                    help="rows to run: mocov3, fast_moco, densecl, mocov2, detcon, rotation_aux (default: the "
+                         "papers' dense comparisons)")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated --seed values; every row is a mean ± sd")
     ap.add_argument("--epochs", type=int, default=2, help="pretraining epochs, equal for every method")
     ap.add_argument("--stem", default="small", help="small at 32 px: DenseCL's and DetCon's cpu presets")
     ap.add_argument("--img-size", type=int, default=32,
@@ -72,12 +77,13 @@ def main():
     train = geometry + ["--preset", "cpu", "--batch-size", str(a.batch_size), "--knn-every", "100000"]
     train += ["--max-steps", str(a.max_steps)] if a.max_steps else []
     a.eval_size = eval_size(a)
-    results, masks = {}, {}
+    seeds = [int(x) for x in a.seeds.split(",")]
+    results, floor, masks = {}, [], {}  # results[name]: one record per seed; floor: (seg, seg-knn) per seed
 
-    def dense(name, pretrained, out):
+    def dense(name, pretrained, out, seed):
         """Both dense evaluations of one backbone -> (seg summary, seg-knn summary); keeps the masks PNG."""
         src = ["--pretrained", pretrained, "--img-size", str(a.eval_size), "--workers", str(a.workers),
-               "--synthetic-size", str(a.synthetic_size)]  # every backbone at one evaluation size
+               "--synthetic-size", str(a.synthetic_size), "--seed", str(seed)]  # one evaluation size
         if pretrained == "none":  # otherwise arch and stem come from the file
             src += ["--arch", "resnet18", "--stem", a.stem]
         png = os.path.join(out, "seg", "masks.png")
@@ -85,37 +91,41 @@ def main():
                    os.path.join(out, "seg"), "--show-seg", png], cache, a.reuse)
         knn = run(["eval_linear.py", *src, "--mode", "seg-knn", "--output-dir", os.path.join(out, "seg_knn")],
                   cache, a.reuse)
-        if os.path.isfile(png):
+        if os.path.isfile(png) and seed == seeds[0]:
             masks[name] = png
-        print(name, f"seg mIoU {seg['miou']:.1f}", f"seg-knn mIoU {knn['miou']:.1f}", flush=True)
+        print(name, f"seed {seed}", f"seg mIoU {seg['miou']:.1f}", f"seg-knn mIoU {knn['miou']:.1f}", flush=True)
         return seg, knn
 
-    def pretrain(name, script, extra, epochs):
-        out = os.path.join(a.runs, slug(name) if epochs == a.epochs else f"{slug(name)}_{epochs}ep")
-        cmd = [f"{script}.py", *train, *extra, "--epochs", str(epochs), "--output-dir", out]
+    def pretrain(name, script, extra, epochs, seed):
+        run_name = slug(name) if epochs == a.epochs else f"{slug(name)}_{epochs}ep"
+        out = os.path.join(a.runs, f"s{seed}", run_name)
+        cmd = [f"{script}.py", *train, *extra, "--epochs", str(epochs), "--seed", str(seed), "--output-dir", out]
         if not (a.reuse and os.path.isfile(os.path.join(out, "backbone.pth"))):
             shutil.rmtree(out, ignore_errors=True)  # a fresh run: log.jsonl must hold this run's record only
         s = run(cmd, cache, a.reuse)
-        log = read_log(out)
-        final = [r for r in log if "train_s" in r][-1]  # the end-of-run kNN evaluation
-        results[name] = dict(epochs=epochs, train_s=final["train_s"], knn=final.get("knn_top1"),
-                             img_per_s=s["img_per_s"])
-        results[name]["dense"] = dense(name, os.path.join(out, "backbone.pth"), out)
+        final = [r for r in read_log(out) if "train_s" in r][-1]  # the end-of-run kNN evaluation
+        rec = dict(epochs=epochs, train_s=final["train_s"], knn=final.get("knn_top1"), img_per_s=s["img_per_s"])
+        rec["dense"] = dense(name, os.path.join(out, "backbone.pth"), out, seed)
+        results.setdefault(name, []).append(rec)
 
-    floor = dense("random init", "none", os.path.join(a.runs, "random"))
     wanted = a.methods.split(",")
-    for name, script, extra in RUNS:
-        if slug(name) in wanted:
-            pretrain(name, script, extra, a.epochs)
-    note = ""
-    if "mocov3" in results and len(results) > 1 and not a.max_steps:  # capped runs do not scale with epochs
-        t_base, t_max = results["mocov3"]["train_s"], max(r["train_s"] for r in results.values())
-        e_eq = round(a.epochs * t_max / t_base)
-        if e_eq > a.epochs:
-            pretrain(f"mocov3 {e_eq}ep", "mocov3", [], e_eq)
-            note = (f" Equal wall-clock: `mocov3 {e_eq}ep` is MoCo v3 given {e_eq} epochs (its own full "
-                    f"cosine schedule), about the slowest method's training time.")
-    write_outputs(a, floor, oracle(a), results, masks, note)
+    note, e_eq = "", None
+    for seed in seeds:
+        floor.append(dense("random init", "none", os.path.join(a.runs, f"s{seed}", "random"), seed))
+        for name, script, extra in RUNS:
+            if slug(name) in wanted:
+                pretrain(name, script, extra, a.epochs, seed)
+        if e_eq is None and "mocov3" in results and len(results) > 1 and not a.max_steps:
+            # equal wall-clock, fixed on the first seed: MoCo v3 given at least the slowest method's time
+            t_base = results["mocov3"][0]["train_s"]
+            slowest, t_max = max(((n, r[0]["train_s"]) for n, r in results.items()), key=lambda x: x[1])
+            e_eq = math.ceil(a.epochs * t_max / t_base)
+            note = (f" Equal wall-clock: `mocov3 {e_eq}ep` is MoCo v3 given {e_eq} epochs (its own full cosine "
+                    f"schedule): {a.epochs} x the slowest method's ({slug(slowest)}) training time over MoCo "
+                    f"v3's on seed {seeds[0]} ({t_max:.0f} s / {t_base:.0f} s), rounded up.")
+        if e_eq and e_eq > a.epochs:
+            pretrain(f"mocov3 {e_eq}ep", "mocov3", [], e_eq, seed)
+    write_outputs(a, floor, [oracle(a, s) for s in seeds], results, masks, note)
 
 
 def eval_size(a):
@@ -129,7 +139,7 @@ def eval_size(a):
     return size
 
 
-def oracle(a):
+def oracle(a, seed):
     """Reference row: every val cell predicted with its true label shares (the histogram of its mask pixels),
     upsampled and argmaxed like the probes' scores: what a perfect per-cell predictor reaches at this grid."""
     import torch
@@ -137,7 +147,8 @@ def oracle(a):
     import common
     import eval_linear as E
     grid = common.final_grid("resnet18", a.stem, a.eval_size)
-    base = E.SegData(common.load_dataset(E.Args(synthetic_size=a.synthetic_size), "val"), N_CLASSES)
+    base = E.SegData(common.load_dataset(E.Args(synthetic_size=a.synthetic_size, seed=seed), "val"),
+                     N_CLASSES)
     val = E.SegViews(base, E.SegTransform(a.eval_size))
     ids = torch.stack([val[i][1] for i in range(len(val))])  # [N, H, W]
     counts = E.cell_histograms(ids, N_CLASSES, grid).float()  # [N, S*S, C]
@@ -234,12 +245,13 @@ def write_outputs(a, floor, ref, results, masks, note):
     budget = (f"ResNet-18, {a.stem} stem, {a.img_size} px, {a.synthetic_size} synthetic images, "
               f"{a.epochs} pretraining epochs" + (f" capped at {a.max_steps} steps" if a.max_steps else ""))
     cmd = " ".join(["python benchmarks/dense.py", *result_flags(sys.argv[1:])])
-    grid = ref["grid"]
+    grid = ref[0]["grid"]
     columns = ["method", "epochs", "train s", "kNN top-1", "seg mIoU", "seg pixel acc", "seg-kNN mIoU",
                "seg-kNN pixel acc"]
     lines = [
         f"Command: `{cmd}`. A miniature, not a VOC result: {budget}, global batch {a.batch_size}, each "
-        f"method's `cpu` preset hyperparameters otherwise, one CPU process ({os.cpu_count()} cores). Dense "
+        f"method's `cpu` preset hyperparameters otherwise, seeds {a.seeds} (the seed also draws the synthetic "
+        f"images; every number is the mean ± sd over them), {cpu_note()}. Dense "
         f"data: the synthetic scenes' per-pixel labels ({N_CLASSES} classes: background + 10 shapes; val = a "
         f"fifth of the train size), the same train images as pretraining, at {a.eval_size} px. Seg: "
         f"`eval_linear.py --mode seg` (frozen backbone, the final {grid}x{grid} maps cached once, a 1x1 conv "
@@ -247,7 +259,7 @@ def write_outputs(a, floor, ref, results, masks, note):
         f"(k={E.SEG_KNN['knn_k']}, T={E.SEG_KNN['knn_t']}, a bank of every final-grid cell of the train "
         f"images, centred). mIoU over the classes present in ground truth or prediction, and pixel "
         f"accuracy, in percent, on the val split; background predicted everywhere scores "
-        f"{floor[0]['floor_miou']:.1f} mIoU. "
+        f"{floor[0][0]['floor_miou']:.1f} mIoU. "
         f"Train s: pretraining seconds without the kNN evaluation; kNN: the final weighted kNN top-1 (k=200, "
         f"T=0.1). Reference row: each val cell given its true label shares, upsampled and argmaxed as the "
         f"probes' scores are (what a perfect per-cell predictor reaches at this grid).{note} "
@@ -257,15 +269,33 @@ def write_outputs(a, floor, ref, results, masks, note):
         f"mask, the transfer accuracy of SimCLR/BYOL with up to 10x less pretraining; frozen linear VOC "
         f"probe anchors: VICRegL R50 55.9, VICReg ~47.8 mIoU.", "",
         "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    rows = [("random init", "-", "-", "-", *floor)]
-    for name, r in results.items():
-        knn = f"{r['knn']:.1f}" if r["knn"] is not None else "-"
-        rows.append((name, str(r["epochs"]), f"{r['train_s']:.0f}", knn, *r["dense"]))
-    for name, ep, ts, knn, seg, sk in rows:
-        lines.append(f"| {name} | {ep} | {ts} | {knn} | {seg['miou']:.1f} | {seg['pixel_acc']:.1f} | "
-                     f"{sk['miou']:.1f} | {sk['pixel_acc']:.1f} |")
+
+    def probe_cells(pairs):  # pairs: one (seg summary, seg-knn summary) per seed
+        return [mean_sd([p[i][key] for p in pairs]) for i in (0, 1) for key in ("miou", "pixel_acc")]
+
+    lines.append("| " + " | ".join(["random init", "-", "-", "-", *probe_cells(floor)]) + " |")
+    for name, recs in results.items():
+        knn = mean_sd([r["knn"] for r in recs]) if recs[0]["knn"] is not None else "-"
+        cells = [name, str(recs[0]["epochs"]), mean_sd([r["train_s"] for r in recs], 0), knn,
+                 *probe_cells([r["dense"] for r in recs])]
+        lines.append("| " + " | ".join(cells) + " |")
+    refs = [mean_sd([r[key] for r in ref]) for key in ("miou", "pixel_acc")]
     lines.append(f"| reference: true label shares of each {grid}x{grid} cell, upsampled | - | - | - | "
-                 f"{ref['miou']:.1f} | {ref['pixel_acc']:.1f} | {ref['miou']:.1f} | {ref['pixel_acc']:.1f} |")
+                 + " | ".join(refs + refs) + " |")
+    # the comparisons: per-seed differences (same seed = same images), each method against random init
+    # and the papers' pairs
+    pairs = [(n, "random init") for n in results]
+    pairs += [(x, y) for x, y in [("densecl", "mocov2 (densecl --dense-weight 0)"), ("detcon", "mocov3")]
+              + [("detcon", n) for n in results if n.startswith("mocov3 ")] if x in results and y in results]
+    lines += ["", "Differences per seed (mean ± sd; (n.r.) = not resolved: a seed disagrees in sign or the "
+              "mean does not exceed the sd):", "",
+              "| comparison | kNN top-1 | seg mIoU | seg-kNN mIoU |", "|---|---|---|---|"]
+    for x, y in pairs:
+        xs = results[x]
+        ys = floor if y == "random init" else [r["dense"] for r in results[y]]
+        knn = gain([r["knn"] for r in xs], [r["knn"] for r in results[y]]) if y in results else "-"
+        lines.append(f"| {x} − {y} | {knn} | {gain([r['dense'][0]['miou'] for r in xs], [p[0]['miou'] for p in ys])}"
+                     f" | {gain([r['dense'][1]['miou'] for r in xs], [p[1]['miou'] for p in ys])} |")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -276,16 +306,25 @@ def write_outputs(a, floor, ref, results, masks, note):
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    names = [r[0] for r in rows]
+    import statistics
+
+    def stat(pairs, i):  # (mean, sd) of one probe's mIoU over seeds
+        xs = [p[i]["miou"] for p in pairs]
+        return statistics.mean(xs), statistics.stdev(xs) if len(xs) > 1 else 0.0
+
+    per_row = [("random init", floor)] + [(n, [r["dense"] for r in recs]) for n, recs in results.items()]
+    names = [n for n, _ in per_row]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(names)), 4))
     x, w = range(len(names)), 0.38  # two bars per method
-    ax.bar([i - w / 2 for i in x], [r[4]["miou"] for r in rows], w, label="seg (linear probe)")
-    ax.bar([i + w / 2 for i in x], [r[5]["miou"] for r in rows], w, label="seg-kNN (retrieval)")
-    ax.axhline(floor[0]["miou"], color="gray", ls="--", lw=1, label="random init, seg")
-    ax.axhline(ref["miou"], color="black", ls=":", lw=1, label=f"true {grid}x{grid} cell label shares")
+    for i, (off, label) in enumerate(((-w / 2, "seg (linear probe)"), (w / 2, "seg-kNN (retrieval)"))):
+        st = [stat(p, i) for _, p in per_row]
+        ax.bar([j + off for j in x], [m for m, _ in st], w, yerr=[sd for _, sd in st], capsize=3, label=label)
+    ax.axhline(stat(floor, 0)[0], color="gray", ls="--", lw=1, label="random init, seg")
+    ax.axhline(statistics.mean(r["miou"] for r in ref), color="black", ls=":", lw=1,
+               label=f"true {grid}x{grid} cell label shares")
     ax.set_xticks(list(x), [n.replace(" (", "\n(") for n in names], fontsize=7)
     ax.set_ylabel("val mIoU (%)")
-    ax.set_title(f"Dense transfer, miniature: {budget}", fontsize=8)
+    ax.set_title(f"Dense transfer, miniature: {budget}; mean ± sd over seeds {a.seeds}", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(a.out + ".png", dpi=100)
