@@ -140,6 +140,8 @@ def parse_args(cls, presets, argv=None):
     plumbing = p.add_argument_group("data, run and plumbing (shared by every script)")
     common_fields = {f.name for f in dataclasses.fields(CommonArgs)}
     for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in common_fields):  # the method's own first
+        if f.name in getattr(cls, "not_flags", ()):  # shared fields that mean nothing to this script
+            continue
         _add_flag(plumbing if f.name in common_fields else method, f, _help(f, docs.get(f.name, ""), presets))
     given = vars(p.parse_args(argv))
     preset = given.get("preset", "auto")

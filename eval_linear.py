@@ -84,6 +84,13 @@ import common
 
 MODES = ("knn", "linear", "finetune", "seg", "seg-knn")
 DENSE = ("seg", "seg-knn")
+TRAINED, CLASSIFY = ("linear", "finetune"), ("knn", "linear", "finetune")
+# the modes in which a flag does something: given explicitly in another mode, it is refused
+MODE_FLAGS = {**dict.fromkeys(("epochs", "lr", "optimizer", "bn_head", "max_steps", "time_limit"), TRAINED),
+              "wd": (*TRAINED, "seg"), "knn_k": ("knn", "seg-knn"), "knn_t": ("knn", "seg-knn"),
+              "seg_res": ("seg",), "num_classes": DENSE, "show_seg": DENSE,
+              **dict.fromkeys(("labels_per_class", "granularity", "coarse_map", "corrupt", "data_on_device",
+                               "store_size"), CLASSIFY)}
 
 
 @dataclasses.dataclass
@@ -120,6 +127,9 @@ class Args(common.CommonArgs):
     """dense modes: number of classes (0 = auto: synthetic 11, VOC 21, folder: largest train mask id + 1)"""
     show_seg: str = ""
     """dense modes: write a PNG of image / ground truth / prediction for the first val images to this path"""
+
+    # pretraining-only fields of CommonArgs: not flags of this script
+    not_flags = ("resume", "subset", "mix_fraction", "knn_every", "gpu_aug", "save_every", "save_epochs")
 
 
 PRESETS = {
@@ -674,7 +684,8 @@ def dense_eval(args, meta, net, dim, run):
         bank, bank_dist = cached
         mean, fit = bank.mean(0), {}
         unit_cells(bank, mean)
-        protocol = (f"dense kNN retrieval k={args.knn_k} T={args.knn_t}, centred cells, bank of {len(bank)} "
+        k = min(args.knn_k, len(bank))  # the vote takes at most the whole bank
+        protocol = (f"dense kNN retrieval k={k} T={args.knn_t}, centred cells, bank of {len(bank)} "
                     f"train cells, {where}")
 
         def predict(x):
@@ -711,12 +722,21 @@ def load_net(args, sd, run):
             # ViT at another size than pretrained (a dense probe): the fixed 2-D sin-cos embedding of this
             # grid
             sd = {**sd, "encoder.pos_embedding": net.encoder.pos_embedding.detach().clone()}
-        try:
-            net.load_state_dict(sd, strict=True)
-        except RuntimeError as e:
-            raise common.BadInput(f"{args.pretrained} does not fit {args.arch} (stem {args.stem}): "
-                                  f"{str(e).splitlines()[1].strip()[:200]}") from None
+        misfit = state_misfit(net.state_dict(), sd)
+        if misfit:
+            raise common.BadInput(f"{args.pretrained} does not fit {args.arch} (stem {args.stem}): {misfit}")
+        net.load_state_dict(sd, strict=True)
     return net.to(run.device), dim
+
+
+def state_misfit(own, sd):
+    """"" when state_dict sd loads strictly into a model with state_dict own, else what does not fit."""
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
+    parts = [f"{len(v)} {what} (first: {v[0]})" for v, what in ((missing, "weights missing"),
+             (unexpected, "unexpected weights"), (shape, "weights of another shape")) if v]
+    return "; ".join(parts)
 
 
 @common.user_errors
@@ -732,12 +752,12 @@ def main(argv=None):
         for key, value in defaults.items():
             if key not in flags_given:
                 setattr(args, key, value)
-        classification = {"labels_per_class": 0, "granularity": "fine", "corrupt": "", "bn_head": False,
-                          "data_on_device": False}
-        for flag, off in classification.items():
-            if getattr(args, flag) != off:
-                raise common.BadInput(f"--{flag.replace('_', '-')} is a classification option, not for "
-                                      f"--mode {args.mode}")
+    for flag, modes in MODE_FLAGS.items():
+        if flag in flags_given and args.mode not in modes:
+            raise common.BadInput(f"--{flag.replace('_', '-')} does nothing in --mode {args.mode} (it is for "
+                                  f"--mode {', '.join(modes)})")
+    if args.mode in TRAINED and args.epochs < 1:
+        raise common.BadInput(f"--epochs {args.epochs}: --mode {args.mode} trains for at least 1 epoch")
     sd, meta = (None, {}) if args.pretrained == "none" else load_backbone(args.pretrained)
     check_meta(args, meta, flags_given, free=("img_size",) if dense else ())
     if dense and "img_size" not in flags_given:  # e.g. DenseCL's cpu preset (small stem, 32 px) -> 64 px: 8x8
@@ -745,8 +765,6 @@ def main(argv=None):
             args.img_size *= 2
     if args.seg_res < 0 or args.num_classes < 0:
         raise common.BadInput("--seg-res and --num-classes must be >= 0")
-    if args.resume:
-        raise common.BadInput("--resume is for training runs: an evaluation starts from --pretrained")
     if args.show_seg:
         common.check_output_file("--show-seg", args.show_seg, args.output_dir)
     run = common.setup(args, f"eval_{args.mode}")
@@ -763,16 +781,14 @@ def main(argv=None):
         val_ds = common.held_split(args, run, val_base)
     else:
         val_ds = common.Views(val_base, common.eval_transform(args.img_size))
-    protocol = {"knn": f"weighted kNN k={args.knn_k} T={args.knn_t}",
-                "finetune": f"fine-tune {args.epochs} ep",
-                "linear": f"linear probe (MoCo v3 protocol) {args.epochs} ep"}[args.mode]
-    protocol += f", {args.data}, {args.img_size}px, {args.granularity} labels" + (
-        f", {args.labels_per_class} labels/class" if args.labels_per_class else "") + (
+    where = f", {args.data}, {args.img_size}px, {args.granularity} labels{labels_used(args, train_base)}" + (
         f", train images corrupted {args.corrupt}" if args.corrupt else "")
     if args.mode == "knn":
         bank_ds = (common.held_split(args, run, train_base) if args.data_on_device
                    else common.Views(train_base, common.eval_transform(args.img_size)))
         top1, top5 = common.knn_eval(net, bank_ds, val_ds, run, args.knn_k, args.knn_t)
+        k = min(args.knn_k, len(bank_ds))  # the vote takes at most the whole bank
+        protocol = f"weighted kNN k={k} T={args.knn_t}" + where
         return finish(run, args, meta, top1=top1, top5=top5, val_images=len(val_ds), protocol=protocol)
 
     # ---- head, optimizer & schedule
@@ -827,7 +843,20 @@ def main(argv=None):
         if changed:
             raise RuntimeError(f"linear probe changed the frozen backbone: {changed[:3]}")
     top1, top5, n_val = evaluate(net, head, val_ds, run)
-    log.summary(top1=top1, top5=top5, val_images=n_val, protocol=protocol)
+    ran = log.step / steps_per_epoch  # epochs actually trained (--max-steps or --time-limit may stop early)
+    done = f"{args.epochs}" if ran >= args.epochs else f"{ran:.3g} of {args.epochs}"
+    protocol = {"finetune": f"fine-tune {done} ep",
+                "linear": f"linear probe (MoCo v3 protocol) {done} ep"}[args.mode] + where
+    return log.summary(top1=top1, top5=top5, val_images=n_val, protocol=protocol)
+
+
+def labels_used(args, train):
+    """", K labels/class" (or "K1-K2" where classes have fewer images than --labels-per-class asks)."""
+    if not args.labels_per_class:
+        return ""
+    counts = np.bincount(common.labels_of(train))
+    lo, hi = int(counts.min()), int(counts.max())
+    return f", {lo} labels/class" if lo == hi else f", {lo}-{hi} labels/class"
 
 
 def finish(run, args, meta, **metrics):

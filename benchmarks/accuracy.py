@@ -50,8 +50,8 @@ def main():
             "--workers", str(a.workers)]
     train = base + ["--preset", "cpu", "--batch-size", str(a.batch_size), "--knn-every", "1",
                     "--subset", str(a.subset), *a.extra.split()]
-    evals = base + ["--batch-size", "128", "--epochs", str(a.linear_epochs),
-                    "--labels-per-class", str(a.probe_labels)]
+    evals = base + ["--batch-size", "128", "--labels-per-class", str(a.probe_labels)]
+    linear = ["--epochs", str(a.linear_epochs)]  # eval_linear refuses a flag that does nothing in the mode
     curves = {}
 
     def pretrain(name, script, epochs):
@@ -65,14 +65,14 @@ def main():
         curves[name] = [(r["epoch"], r["train_s"], r["knn_top1"]) for r in log
                         if "knn_top1" in r and "train_s" in r]
         lin = run(["eval_linear.py", "--pretrained", os.path.join(out, "backbone.pth"), "--mode", "linear",
-                   *evals, "--output-dir", os.path.join(out, "linear")], a.reuse)
+                   *evals, *linear, "--output-dir", os.path.join(out, "linear")], a.reuse)
         print(name, curves[name], lin["top1"], flush=True)
         return (name, str(epochs), f"{curves[name][-1][1]:.0f}", curves[name][-1][2], lin["top1"],
                 f"{s['img_per_s']:.1f}")
 
     floor_knn = run(["eval_linear.py", "--pretrained", "none", "--mode", "knn", *evals,
                      "--output-dir", os.path.join(ROOT, "runs", "acc", "random_knn")], a.reuse)
-    floor_lin = run(["eval_linear.py", "--pretrained", "none", "--mode", "linear", *evals,
+    floor_lin = run(["eval_linear.py", "--pretrained", "none", "--mode", "linear", *evals, *linear,
                      "--output-dir", os.path.join(ROOT, "runs", "acc", "random_linear")], a.reuse)
     rows = [("random init", "-", "-", floor_knn["top1"], floor_lin["top1"], "-")]
     rows += [pretrain(m, m, a.epochs) for m in a.methods.split(",")]

@@ -643,12 +643,14 @@ def stage_dense(ctx, deadline):
         ctx.left(deadline) - fixed, {m: 1280 / img_s for m in methods}, 0, lo=0, hi=g.max_epochs or 50)
     if epochs < 1:
         return {"status": "skipped", "headline": f"no budget left ({ctx.left(deadline):.0f} s)", "epochs": 0}
-    argv = ["--methods", ",".join(methods), "--stem", "small", *g.dense, "--epochs", epochs, "--workers",
+    # one seed: the stage's share of the budget holds one pass of the rows (its differences are all n.r.)
+    argv = ["--methods", ",".join(methods), "--seeds", "0", "--stem", "small", *g.dense, "--epochs", epochs,
+            "--workers",
             ctx.workers, "--reuse", "--runs", os.path.join(ctx.work, "dense", "runs"), "--out",
             os.path.join(ctx.work, "dense", "dense")]
     j = job(ctx, "dense", "dense.py", "benchmarks/dense.py", argv, fixed)
     r = execute(ctx, [j], deadline, "dense")["dense.py"]
-    for ck in glob.glob(os.path.join(ctx.work, "dense", "runs", "*", "checkpoint.pth")):
+    for ck in glob.glob(os.path.join(ctx.work, "dense", "runs", "s*", "*", "checkpoint.pth")):
         os.remove(ck)  # dense.py's --reuse reads backbone.pth
     runs = {"dense.py": run_row(r)}
     return {"status": outcome(runs), "headline": f"{epochs} epochs, {len(methods)} methods" + problems(runs),

@@ -181,9 +181,11 @@ def main(out_dir):
 
     # ---- 5. eval_linear counts each val image once, alone and under torchrun
     EVAL = ["--pretrained", "none", "--synthetic-size", "55", "--img-size", "32", "--stem", "small",
-            "--batch-size", "8", "--workers", "0", "--knn-k", "10", "--epochs", "1"]
-    for mode, more in (("linear", []), ("knn", []), ("seg-knn", []), ("linear", ["--data-on-device"])):
-        key = f"eval_{mode}" + ("_device" if more else "")
+            "--batch-size", "8", "--workers", "0"]
+    train, vote = ["--epochs", "1"], ["--knn-k", "10"]
+    for mode, more in (("linear", train), ("knn", vote), ("seg-knn", vote),
+                       ("linear", [*train, "--data-on-device"])):
+        key = f"eval_{mode}" + ("_device" if "--data-on-device" in more else "")
         stdout = io.StringIO()
         with contextlib.redirect_stdout(stdout):
             eval_linear.main(["--mode", mode, *EVAL, *more, "--output-dir", os.path.join(out_dir, key)])

@@ -313,8 +313,7 @@ def test_probe_classifies_separable_cells(dtype):
     assert (E.upsample(head(feats), (32, 32)).argmax(1) == ids).float().mean() > 0.99
 
 
-TINY = ["--img-size", "32", "--stem", "small", "--batch-size", "4", "--epochs", "1", "--workers", "0",
-        "--log-every", "1"]
+TINY = ["--img-size", "32", "--stem", "small", "--batch-size", "4", "--workers", "0"]
 
 
 def last_json(out):

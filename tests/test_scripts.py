@@ -182,10 +182,10 @@ def pretrained(tmp_path_factory):
 @pytest.mark.parametrize("mode", ["knn", "linear", "finetune"])
 @pytest.mark.parametrize("file", ["backbone.pth", "checkpoint.pth"])
 def test_eval_linear_all_modes_from_either_file(pretrained, mode, file, tmp_path, capsys):
+    per_mode = ["--knn-k", "10"] if mode == "knn" else ["--epochs", "1"]
     rec = run_main("eval_linear", ["--pretrained", os.path.join(pretrained, file), "--mode", mode,
-                                   "--synthetic-size", "64", "--batch-size", "16", "--epochs", "1",
-                                   "--workers", "0", "--knn-k", "10", "--output-dir", str(tmp_path / "ev")],
-                   capsys)
+                                   "--synthetic-size", "64", "--batch-size", "16", *per_mode,
+                                   "--workers", "0", "--output-dir", str(tmp_path / "ev")], capsys)
     assert 0 <= rec["top1"] <= rec["top5"] <= 100
     assert rec["protocol"].startswith(
         {"knn": "weighted kNN", "linear": "linear probe", "finetune": "fine-tune"}[mode])
