@@ -16,6 +16,7 @@ import argparse
 import ast
 import dataclasses
 import functools
+import glob
 import inspect
 import io
 import json
@@ -311,7 +312,7 @@ class Views(torch.utils.data.Dataset):
 def pretrain_data(args, run, transform, ids=None):
     """The pretraining dataset (train split with `transform`) and steps per epoch. With --data-on-device the
     split is decoded once into the device's memory (held_split) and `transform` runs in its finish() there;
-    `ids`: a method's per-image mask function, computed once on each stored image (DetCon's)."""
+    `ids`: a method's mask function (PIL image -> ids [H, W]), run once on each stored image (DetCon's)."""
     if args.data_on_device:
         ds = held_split(args, run, pretrain_base(args), copies=2, ids=ids)
         if not (args.subset or args.corrupt or "," in args.data):  # the whole, clean train split
@@ -496,6 +497,15 @@ def final_grid(arch, stem, img_size):
     if arch.startswith("vit"):
         return img_size // 16
     return math.ceil(img_size / 8) if stem == "small" else math.ceil(img_size / 32)
+
+
+def grid_advice(arch, stem, grid):
+    """What to change for a final feature map of at least grid x grid (an error message's advice): the
+    smallest --img-size that gives it with this backbone, and --stem small where it would need less."""
+    if arch.startswith("vit"):
+        return f"use --img-size {16 * grid} or more"
+    size = (grid - 1) * (8 if stem == "small" else 32) + 1  # final_grid rounds up: one pixel past a cell
+    return f"use --img-size {size} or more" + (", or --stem small" if stem != "small" else "")
 
 
 # ============================================================================ optimizer & schedules
@@ -985,7 +995,7 @@ class Stored(torch.utils.data.Dataset):
         img, label = self.base[i]
         img = self.tf(img.convert("RGB"))
         x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
-        return ((x, torch.as_tensor(self.ids(img, i))) if self.ids else x), label
+        return ((x, torch.as_tensor(self.ids(img))) if self.ids else x), label
 
 
 class HeldSplit:
@@ -1292,45 +1302,62 @@ def _add_flag(group, f, help_):
         group.add_argument(flag, type=str, metavar="STR", help=help_)
 
 
-# the range of every numeric flag that any script has (a script checks only the fields it has):
-# (lowest value, is the lowest value itself allowed, highest value or None)
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric flag allows: lo <= v (lo < v with lo_excluded), v <= hi unless hi is None, or one
+    of `also` (a documented special value, such as -1 = auto). A method's Args declares its own flags' ranges
+    in a RANGES dict of these; the shared flags' are below."""
+    lo: float
+    hi: float = None
+    lo_excluded: bool = False
+    also: tuple = ()
+
+    def __contains__(self, v):  # written so that NaN is never inside
+        return v in self.also or ((v > self.lo if self.lo_excluded else v >= self.lo)
+                                  and (self.hi is None or v <= self.hi))
+
+    def __str__(self):
+        text = f"> {self.lo}" if self.lo_excluded else f">= {self.lo}"
+        text += f" and <= {self.hi}" if self.hi is not None else ""
+        return text + "".join(f" (or {a})" for a in self.also)
+
+
+POSITIVE = Range(0, lo_excluded=True)  # temperatures, LARS's trust coefficient
+
+
+# the ranges of the flags every script has (CommonArgs' and the recipe flags each Args declares); a method's
+# own flags have theirs in its Args.RANGES, which check_ranges adds (and which win for a flag in both)
 RANGES = {
-    "batch_size": (1, True, None), "img_size": (1, True, None), "epochs": (0, True, None),
-    "workers": (0, True, None), "max_steps": (0, True, None), "knn_every": (0, True, None),
-    "knn_k": (1, True, None), "knn_t": (0, False, None), "log_every": (1, True, None),
-    "save_every": (0, True, None), "save_epochs": (1, True, None), "synthetic_size": (1, True, None),
-    "store_size": (0, True, None),
-    "time_limit": (0, True, None), "subset": (0, True, None),
-    "mix_fraction": (0, True, 1), "lr": (0, True, None), "wd": (0, True, None),
-    "warmup_epochs": (0, True, None), "temperature": (0, False, None), "momentum": (0, True, 1),
-    "trust_coefficient": (0, False, None), "proj_dim": (1, True, None), "mlp_dim": (1, True, None),
-    "crop_min": (0, False, 1), "clip_grad": (0, True, None), "queue_size": (1, True, None),
-    "num_masks": (1, True, None), "rot_weight": (0, True, None), "labels_per_class": (0, True, None),
-    "grid_masks": (1, True, None), "fh_sigma": (0, True, None), "fh_scale": (0, True, None),  # FH: 0 = auto
-    "fh_min_size": (0, True, None),
+    "batch_size": Range(1), "img_size": Range(1), "epochs": Range(0), "workers": Range(0),
+    "max_steps": Range(0), "knn_every": Range(0), "knn_k": Range(1), "knn_t": POSITIVE,
+    "log_every": Range(1), "save_every": Range(0), "save_epochs": Range(1), "synthetic_size": Range(1),
+    "store_size": Range(0), "time_limit": Range(0), "subset": Range(0), "mix_fraction": Range(0, 1),
+    "lr": Range(0), "wd": Range(0), "warmup_epochs": Range(0),
+    "labels_per_class": Range(0),  # eval_linear.py's
 }
+SPECIAL_VALUES = {("eval_linear", "wd"): lambda v: v < 0}  # eval_linear.py's --wd: any negative = per mode
 
 
-# out-of-range values that a script documents as "the default" in the flag's help
-SPECIAL_VALUES = {("detcon", "warmup_epochs"): lambda v: v < 0, ("eval_linear", "wd"): lambda v: v < 0,
-                  ("fast_moco", "proj_dim"): lambda v: v == 0}
+def method_ranges(cls):
+    """The shared RANGES updated with the RANGES of each class in cls's hierarchy (rotation_aux.Args adds its
+    flags' to mocov3.Args')."""
+    ranges = dict(RANGES)
+    for klass in reversed(cls.__mro__):
+        ranges.update(vars(klass).get("RANGES", {}))
+    return ranges
 
 
 def check_ranges(args):
-    """Every numeric flag in its range (NaN never is): one line naming the flag, before any work."""
+    """Every numeric flag in its range (NaN never is): one line naming the flag and the range, before any
+    work."""
     module = sys.modules.get(type(args).__module__)  # "__main__" when run as a script: use its file name
     script = os.path.splitext(os.path.basename(getattr(module, "__file__", None) or ""))[0]
-    for name, (lo, lo_ok, hi) in RANGES.items():
+    for name, allowed in method_ranges(type(args)).items():
         v = getattr(args, name, None)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
-        if SPECIAL_VALUES.get((script, name), lambda v: False)(v):
-            continue
-        above = v >= lo if lo_ok else v > lo
-        if not (above and (hi is None or v <= hi)):  # written so that NaN fails too
-            bound = f">= {lo}" if lo_ok else f"> {lo}"
-            bound += f" and <= {hi}" if hi is not None else ""
-            raise BadInput(f"--{name.replace('_', '-')} {v} is out of range: it must be {bound}")
+        if v not in allowed and not SPECIAL_VALUES.get((script, name), lambda v: False)(v):
+            raise BadInput(f"--{name.replace('_', '-')} {v} is out of range: it must be {allowed}")
 
 
 def check_paths(args):
@@ -1626,12 +1653,40 @@ def load_folder(name, split):
             return None
     elif split != "train":
         return None  # a single folder: pretraining data only, no val split for the monitor
+    refuse_segmentation_folder(name, root)  # its masks would be read as a class of images
     if not any(os.path.isdir(os.path.join(root, d)) for d in os.listdir(root)):
         return FlatFolder(root)
     try:
         return datasets.ImageFolder(root, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise BadInput(f"no images found in {root}: {str(e).splitlines()[0]}") from None
+
+
+def voc_images(name):
+    """JPEGImages/ of a PASCAL VOC folder given as --data (VOC2012/, VOCdevkit/ or the folder holding
+    VOCdevkit/: JPEGImages/ next to SegmentationClass/, ImageSets/ or Annotations/), else None."""
+    for pattern in ("JPEGImages", "VOC*/JPEGImages", "VOCdevkit/VOC*/JPEGImages"):
+        found = sorted(glob.glob(os.path.join(glob.escape(name), pattern)), reverse=True)  # VOC2012 first
+        for images in found:
+            if any(os.path.isdir(os.path.join(images, os.pardir, d))
+                   for d in ("SegmentationClass", "ImageSets", "Annotations")):
+                return os.path.normpath(images)
+    return None
+
+
+def refuse_segmentation_folder(name, root):
+    """BadInput, naming the folder of its images, when --data is a segmentation data set (eval_linear.py's
+    dense modes read those): read as an image folder, its masks would be pretrained on as a class of images
+    (images/ + masks/) or its label PNGs and lists would be classes (a VOC root)."""
+    expect = "a training script expects a folder of images, in class subfolders or flat"
+    if os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "masks")):
+        raise BadInput(f"--data {name} is a segmentation folder ({root} holds images/ and masks/, for "
+                       f"eval_linear.py --mode seg or seg-knn); {expect}: give --data "
+                       f"{os.path.join(root, 'images')} to pretrain on its images")
+    images = voc_images(name)
+    if images:
+        raise BadInput(f"--data {name} is a PASCAL VOC folder (for eval_linear.py --mode seg or seg-knn); "
+                       f"{expect}: give --data {images} to pretrain on its images")
 
 
 class FlatFolder(torch.utils.data.Dataset):
@@ -1654,7 +1709,7 @@ def cached_ids(path, shape, compute):
     and store them there atomically when they fit 16 bits. `path` None: always compute."""
     if path and os.path.isfile(path):  # written atomically: never half a file
         ids = np.asarray(Image.open(path), dtype=np.int32)
-        if ids.shape == shape:  # another size: the image under this index changed
+        if ids.shape == shape:  # a guard: a file of another size was not written for this image
             return ids
     ids = compute()
     if path and ids.max() < 2**16:

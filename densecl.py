@@ -98,9 +98,18 @@ class Args(common.CommonArgs):
     crop_min: float = 0.2
     """lower bound of RandomResizedCrop's scale (MoCo v2: 0.2)"""
     blur: bool = True
-    """Gaussian blur (p 0.5) in the augmentation (off for 32-px images: a 0.1-2 px sigma wipes them out)"""
+    """Gaussian blur (p 0.5, sigma 0.1-2 px) in the augmentation (MoCo v2); every preset keeps it, the 32-px
+    cifar and cpu ones too (--no-blur turns it off)"""
     show_matches: str = ""
     """if set, write a PNG to this path at the end showing each query location's matched key location"""
+
+    # the allowed values of the numbers above (checked with the shared flags' before any work: one line naming
+    # the flag); --queue-size and --shuffle-splits must also fit --batch-size: check_args
+    RANGES = {"temperature": common.POSITIVE, "momentum": common.Range(0, 1), "proj_dim": common.Range(1),
+              "mlp_dim": common.Range(1), "queue_size": common.Range(1),
+              "dense_weight": common.Range(0, 1),  # weights 1 - lambda and lambda: above 1, a negative loss
+              "dense_warmup_steps": common.Range(0), "shuffle_splits": common.Range(1),
+              "crop_min": common.Range(0, 1, lo_excluded=True)}
 
 
 PRESETS = {
@@ -351,12 +360,12 @@ def check_args(args):
     if grid < 2:
         raise common.BadInput(f"--img-size {args.img_size} with --stem {args.stem} gives a {grid}x{grid} "
                               "final feature map; DenseCL needs at least 2x2 "
-                              "(use a larger image or --stem small)")
+                              f"({common.grid_advice(args.arch, args.stem, 2)})")
     if args.queue_size % args.batch_size:
         raise common.BadInput(f"--queue-size {args.queue_size} is not a multiple of the global --batch-size "
                               f"{args.batch_size}")
     alone = int(os.environ.get("WORLD_SIZE", 1)) == 1  # one process emulates shuffle-BN with sub-batches
-    if alone and (args.shuffle_splits < 1 or args.batch_size % args.shuffle_splits):
+    if alone and args.batch_size % args.shuffle_splits:
         raise common.BadInput(f"--shuffle-splits {args.shuffle_splits} must divide "
                               f"--batch-size {args.batch_size}")
     if args.show_matches:  # drawn after training: checked before it

@@ -125,9 +125,18 @@ class Args(common.CommonArgs):
     """FH Gaussian pre-smoothing (official: 0.8)"""
     mask_cache: str = "auto"
     """auto = cache FH masks in <output-dir>/fh_cache for images >= 224 px; a directory = cache every image
-    there (reuse it across runs on the same data; delete it when the files under --data change); off: never"""
+    there (share it across runs: entries are keyed on each image's pixels and the FH parameters, so a changed
+    image gets new masks); off: never"""
     show_masks: str = ""
     """write a PNG of a few images, their two views and the masks on each view to this path, then exit"""
+
+    # the allowed values of the numbers above (checked with the shared flags' before any work: one line naming
+    # the flag); the FH parameters' 0 = scaled with the pixels, -1 warmup = 1% of --epochs
+    RANGES = {"warmup_epochs": common.Range(0, also=(-1,)), "trust_coefficient": common.POSITIVE,
+              "temperature": common.POSITIVE, "momentum": common.Range(0, 1), "proj_dim": common.Range(1),
+              "mlp_dim": common.Range(1), "crop_min": common.Range(0, 1, lo_excluded=True),
+              "grid_masks": common.Range(1), "num_masks": common.Range(1), "fh_size": common.Range(0),
+              "fh_scale": common.Range(0), "fh_min_size": common.Range(0), "fh_sigma": common.Range(0)}
 
 
 # ours, for small images: FH at <= 128 px with scale and min_size scaled to the pixels it runs at (fh_params);
@@ -193,10 +202,19 @@ def grid_mask(h, w, n=5):
     return ((np.arange(h) * n // h)[:, None] * n + (np.arange(w) * n // w)[None, :]).astype(np.int32)
 
 
+def cache_name(img, args):
+    """An FH mask's cache file, named by a hash of all it depends on: every FH parameter and the decoded
+    pixels (~1 ms at 500x375; a path, size and mtime would miss a file replaced by a copy that keeps its
+    mtime, and --corrupt), so a changed image is recomputed; 256 subfolders, never a million files in one."""
+    params = f"{img.mode} {img.size} {int(args.fh_size)} {float(args.fh_scale)!r} {int(args.fh_min_size)} "
+    key = hashlib.sha1(f"{params}{float(args.fh_sigma)!r}".encode() + img.tobytes()).hexdigest()
+    return os.path.join(key[:2], f"{key}.png")
+
+
 class MaskedImages(torch.utils.data.Dataset):
     """base[i] = (PIL image, label) -> ((image, ids [H, W] int32), label). The mask is computed from the
-    un-augmented image, in the loader worker; FH masks of large images go through a disk cache keyed by index
-    (16-bit PNG at FH resolution, recomputed when its size does not match the image)."""
+    un-augmented image, in the loader worker; FH masks of large images go through a disk cache in cache_dir
+    keyed by the image's pixels and the FH parameters (cache_name; 16-bit PNG at FH resolution)."""
     def __init__(self, base, args, cache_dir=None, cache_min_side=224):
         self.base, self.args, self.cache_dir, self.cache_min_side = base, args, cache_dir, cache_min_side
         if args.masks == "fh":
@@ -207,15 +225,15 @@ class MaskedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img, label = self.base[i]
-        return (img, self.mask(img, i)), label
+        return (img, self.mask(img)), label
 
-    def mask(self, img, i):
+    def mask(self, img):
         w, h = img.size
         a = self.args
         if a.masks == "grid":
             return torch.from_numpy(grid_mask(h, w, a.grid_masks))
         cached = self.cache_dir and min(h, w) >= self.cache_min_side
-        path = os.path.join(self.cache_dir, f"{i}.png") if cached else None
+        path = os.path.join(self.cache_dir, cache_name(img, a)) if cached else None
         ids = common.cached_ids(path, fh_shape(h, w, a.fh_size),
                                 lambda: fh_segments(img, a.fh_size, a.fh_scale, a.fh_min_size, a.fh_sigma))
         if ids.shape != (h, w):  # back to image size, nearest, so crop boxes apply to image and mask alike
@@ -488,7 +506,7 @@ def show_masks(ds, views, path, n=6, tile=128):
     common.save_sheet(path, rows, heads, tile)
     imgs = [ds.base[int(i)][0] for i in np.linspace(0, len(ds) - 1, min(len(ds), 32)).astype(int)]
     t = time.perf_counter()
-    masks = [ds.mask(im, -1) for im in imgs]  # index -1: never cached
+    masks = [ds.mask(im) for im in imgs]  # ds has no cache folder: computed
     ms, (w, h) = 1000 * (time.perf_counter() - t) / len(imgs), imgs[0].size
     print(f"wrote {path}; {ds.args.masks} masks: {ms:.1f} ms/image at {w}x{h} (one process), "
           f"{np.mean([len(np.unique(m.numpy())) for m in masks]):.1f} masks/image", flush=True)
@@ -507,7 +525,7 @@ def check_args(args):
     if grid < 2:
         raise BadInput(f"--img-size {args.img_size} with --arch {args.arch} --stem {args.stem} "
                        f"gives a {grid}x{grid} final feature map; DetCon needs at least 2x2 "
-                       "(use a larger --img-size or --stem small)")
+                       f"({common.grid_advice(args.arch, args.stem, 2)})")
     if args.mask_cache not in ("auto", "off"):
         common.check_output_dir("--mask-cache", args.mask_cache)
     if args.show_masks:
@@ -518,14 +536,10 @@ def check_args(args):
 
 
 def mask_cache(args, out):
-    """(cache folder or None, smallest image side cached) from --mask-cache; one folder per FH setting."""
-    cache, min_side = {"auto": (os.path.join(out, "fh_cache"), 224),
-                       "off": (None, 0)}.get(args.mask_cache, (args.mask_cache, 0))
-    # index i means a different image under another --data/--subset/--corrupt/--seed: all go into the key
-    key = hashlib.sha1(
-        f"{args.fh_size} {args.fh_scale} {args.fh_min_size} {args.fh_sigma} {args.data} {args.subset} "
-        f"{args.corrupt} {args.mix_fraction} {args.seed}".encode()).hexdigest()[:8]
-    return (os.path.join(cache, f"fh{args.fh_size}-{key}"), min_side) if cache else (None, 0)
+    """(cache folder or None, smallest image side cached) from --mask-cache. One folder serves any data and
+    FH setting: its entries are keyed on both (cache_name)."""
+    return {"auto": (os.path.join(out, "fh_cache"), 224), "off": (None, 0)}.get(args.mask_cache,
+                                                                                (args.mask_cache, 0))
 
 
 @common.user_errors

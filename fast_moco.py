@@ -107,6 +107,13 @@ class Args(common.CommonArgs):
     combine: int = 2
     """patches averaged per combined query: C(grid^2, combine) queries per view (Fast-MoCo: 2)"""
 
+    # the allowed values of the numbers above (checked with the shared flags' before any work: one line naming
+    # the flag); --combine's upper bound depends on --grid: check_args
+    RANGES = {"clip_grad": common.Range(0), "temperature": common.POSITIVE, "momentum": common.Range(0, 1),
+              "mlp_dim": common.Range(1), "proj_dim": common.Range(1, also=(0,)),
+              "pred_dim": common.Range(1, also=(0,)), "crop_min": common.Range(0, 1, lo_excluded=True),
+              "grid": common.Range(1)}
+
 
 PRESETS = {
     "imagenet": {},
@@ -261,7 +268,7 @@ def check_args(args):
     if not args.arch.startswith("resnet"):
         raise common.BadInput(f"fast_moco.py supports resnet18 and resnet50, not {args.arch}: the online "
                               "backbone takes patches of a different size than the full views")
-    if args.grid < 1 or args.img_size % args.grid:
+    if args.img_size % args.grid:
         raise common.BadInput(f"--img-size {args.img_size} must be divisible by --grid {args.grid}")
     if not 1 <= args.combine <= args.grid ** 2:
         raise common.BadInput(f"--combine must be between 1 and grid^2 = {args.grid ** 2}, "

@@ -82,6 +82,12 @@ class Args(common.CommonArgs):
     freeze_patch_proj: bool = True
     """ViT: keep the random patch projection frozen (MoCo v3's stability trick)"""
 
+    # the allowed values of the numbers above (checked with the shared flags' before any work: one line naming
+    # the flag); rotation_aux.py's Args inherits them
+    RANGES = {"trust_coefficient": common.POSITIVE, "temperature": common.POSITIVE,
+              "momentum": common.Range(0, 1), "proj_dim": common.Range(1), "mlp_dim": common.Range(1),
+              "crop_min": common.Range(0, 1, lo_excluded=True)}
+
 
 PRESETS = {
     "imagenet": {},

@@ -75,6 +75,8 @@ class Args(mocov3.Args):
     """side of the rotated copies, 0 = the crop size (paper);
     half the crop cuts the extra cost to ~1/4 (ResNet only)"""
 
+    RANGES = {"rot_weight": common.Range(0)}  # added to MoCo v3's (--rot-size's depends on --img-size)
+
 
 PRESETS = mocov3.PRESETS  # MoCo v3's recipes: the auxiliary task needs no other setting changed
 

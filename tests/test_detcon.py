@@ -298,7 +298,8 @@ def test_fh_ids_are_not_truncated_to_uint8_and_cache_roundtrips(tmp_path):
     args = detcon.Args(masks="fh", fh_size=32, fh_scale=0, fh_min_size=0)
     ds = detcon.MaskedImages([(noise, 0)], args, str(tmp_path / "cache"), cache_min_side=0)
     (_, m), _ = ds[0]
-    assert m.shape == (64, 64) and os.path.isfile(tmp_path / "cache" / "0.png")  # FH ran at 32 px, upsampled
+    cached = tmp_path / "cache" / detcon.cache_name(noise, args)
+    assert m.shape == (64, 64) and os.path.isfile(cached)  # FH ran at 32 px, upsampled
     (_, again), _ = ds[0]
     assert torch.equal(m, again)
 
@@ -311,7 +312,7 @@ def test_imagenet_preset_masks_are_the_official_fh_at_full_resolution():
     from skimage import data
     img = data.chelsea()  # 300 x 451, an ImageNet-size photo shipped with scikit-image
     args = common.parse_args(detcon.Args, detcon.PRESETS, ["--preset", "imagenet"])
-    ids = detcon.MaskedImages([], args).mask(Image.fromarray(img), -1).numpy()  # index -1: no cache
+    ids = detcon.MaskedImages([], args).mask(Image.fromarray(img)).numpy()  # no cache folder
     want = felzenszwalb(img, scale=1000, sigma=0.8, min_size=1000)
     assert ids.shape == want.shape == img.shape[:2] and ids.dtype.itemsize > 1
     pairs = np.unique(np.stack([ids.ravel(), want.ravel()], 1), axis=0)  # the (ours, official) id pairs

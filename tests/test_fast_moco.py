@@ -209,7 +209,7 @@ def test_script_keeps_predictor_lr_constant(tmp_path):
 
 @pytest.mark.parametrize("flags,msg", [(["--arch", "vit_small"], "supports resnet18 and resnet50"),
                                        (["--img-size", "33"], "divisible by --grid"),
-                                       (["--grid", "0"], "divisible by --grid"),
+                                       (["--grid", "0"], "--grid 0 is out of range"),
                                        (["--combine", "5"], "--combine must be")])
 def test_bad_options_one_line_exit_2(capsys, flags, msg):
     with pytest.raises(SystemExit) as e:
