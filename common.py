@@ -1333,9 +1333,7 @@ RANGES = {
     "log_every": Range(1), "save_every": Range(0), "save_epochs": Range(1), "synthetic_size": Range(1),
     "store_size": Range(0), "time_limit": Range(0), "subset": Range(0), "mix_fraction": Range(0, 1),
     "lr": Range(0), "wd": Range(0), "warmup_epochs": Range(0),
-    "labels_per_class": Range(0),  # eval_linear.py's
 }
-SPECIAL_VALUES = {("eval_linear", "wd"): lambda v: v < 0}  # eval_linear.py's --wd: any negative = per mode
 
 
 def method_ranges(cls):
@@ -1350,13 +1348,11 @@ def method_ranges(cls):
 def check_ranges(args):
     """Every numeric flag in its range (NaN never is): one line naming the flag and the range, before any
     work."""
-    module = sys.modules.get(type(args).__module__)  # "__main__" when run as a script: use its file name
-    script = os.path.splitext(os.path.basename(getattr(module, "__file__", None) or ""))[0]
     for name, allowed in method_ranges(type(args)).items():
         v = getattr(args, name, None)
         if not isinstance(v, (int, float)) or isinstance(v, bool):
             continue
-        if v not in allowed and not SPECIAL_VALUES.get((script, name), lambda v: False)(v):
+        if v not in allowed:
             raise BadInput(f"--{name.replace('_', '-')} {v} is out of range: it must be {allowed}")
 
 

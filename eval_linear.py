@@ -1,66 +1,47 @@
 """Evaluate a pretrained backbone: weighted kNN, linear probe, fine-tuning, or dense probes.
 
-Protocols (every number this script prints says which one produced it):
-  knn       weighted kNN (InstDisc voting, cosine similarity, k = 200, T = 0.1) of the pooled,
-            L2-normalised features; train split = bank, val split = queries; no training.
-  linear    MoCo v3's linear protocol: the ONLINE backbone, projector dropped, frozen and kept in
-            eval() mode (BN statistics frozen); a Linear head initialised N(0, 0.01), bias 0; SGD
-            momentum 0.9, wd 0, lr 0.1 x B/256 (ViT: 3 x B/256), cosine, no warmup; RandomResizedCrop +
-            flip for train, resize + center crop for val. The backbone is checked unchanged at the end.
-  finetune  all weights trained (SGD momentum 0.9, wd 1e-4, lr 0.1 x B/256, cosine); with
-            `--pretrained none` this is the supervised-from-scratch baseline.
-  seg       frozen linear segmentation probe (Leopart / VICRegL, in small), fit to convergence: the online
-            backbone frozen in eval(); the final map (ResNet layer4, ViT patch tokens) of every train image
-            computed once, unaugmented (resized as val); each channel standardised with the train cells' mean
-            and std (DINOv2's and VICRegL's BatchNorm before the head); a 1x1 conv whose logits, upsampled
-            bilinearly to --seg-res (default twice the grid), meet the masks resized nearest to it: mean
-            cross-entropy over the pixels not labelled 255 + wd/2 ||W||^2 (--wd; fixed default 1e-4),
-            minimised from zero by full-batch L-BFGS (strong Wolfe) until the largest gradient entry is
-            < 1e-5 or the loss changes < 1e-6 in an iteration (converged), or 1000 iterations (not). The
-            standardisation is folded into the conv, which runs before the upsampling (both linear: the same
-            as "upsample, then classify"). Memory: every train cell is kept; VOC train_aug (10,582 images,
-            448 px, ResNet-50: 14x14x2048 cells) is 8.5 GB in fp16 on CUDA (17 GB in fp32 on a CPU) + 0.4 GB
-            of masks at 100x100. The backbone is checked unchanged at the end.
-  seg-knn   training-free dense retrieval (Hummingbird-style): a bank of (feature, label distribution) for
-            every final-grid cell of the train images (resized like val; the histogram of the cell's valid
-            mask pixels; cells with only 255 pixels left out), centred on the bank's mean and L2-normalised
-            (centred, random features do not all look alike); each val cell takes the distributions of its
-            --knn-k most similar bank cells (cosine), weighted softmax(sim / --knn-t); the per-cell scores
-            are upsampled bilinearly to the mask; argmax. k = 5, T = 0.02 by default: Hummingbird's T, but
-            its k = 30 leaves random init on the floor when most cells are background. The bank is scanned
-            in chunks: memory is the bank plus one chunk (benchmarks/results/dense_memory.md).
+Protocols (the summary's `protocol` says which one produced a number):
+  knn       weighted kNN (InstDisc voting, cosine, k = 200, T = 0.1) of the pooled, L2-normalised features;
+            train split = bank, val split = queries.
+  linear    MoCo v3's: the ONLINE backbone, projector dropped, frozen in eval() (BN statistics frozen); a
+            Linear head N(0, 0.01), bias 0; SGD momentum 0.9, wd 0, lr 0.1 x B/256 (ViT 3 x B/256), cosine,
+            no warmup; RandomResizedCrop + flip for train, resize + centre crop for val.
+  finetune  every weight trained (SGD momentum 0.9, wd 1e-4, lr 0.1 x B/256, cosine); with `--pretrained
+            none` the supervised-from-scratch baseline.
+  seg       frozen linear segmentation probe (Leopart / VICRegL), fit to convergence: the final map (ResNet
+            layer4, ViT patch tokens) of every train image computed once, unaugmented; each channel
+            standardised (the BatchNorm DINOv2 and VICRegL put before the head); a 1x1 conv whose logits,
+            upsampled bilinearly to --seg-res (default 2 x the grid), meet the masks resized nearest: mean
+            cross-entropy over pixels not labelled 255 + wd/2 ||W||^2 (wd 1e-4), full-batch L-BFGS (strong
+            Wolfe) from zero until max |grad| < 1e-5 or the loss changes < 1e-6 (converged) or 1000
+            iterations (not). Every train cell is kept: VOC train_aug at 448 px with ResNet-50 is 8.5 GB in
+            fp16 on CUDA (17 GB fp32 on a CPU).
+  seg-knn   training-free dense retrieval (Hummingbird-style): a bank of (feature, label distribution) of
+            every final-grid cell of the train images, centred on its mean and L2-normalised; a val cell
+            takes the distributions of its --knn-k most similar cells, weighted softmax(sim / --knn-t),
+            upsampled bilinearly; argmax. k = 5, T = 0.02. The bank is scanned in chunks.
+linear, finetune and seg check the frozen backbone unchanged at the end.
 
-Dense metrics, in percent, on the val split (one confusion matrix over the pixels not labelled 255 of the
-masks resized to --img-size): miou over the classes present in ground truth or prediction, miou_fg (class 0,
-the background, left out), floor_miou (background predicted everywhere), pixel_acc, iou per class.
+Dense metrics (percent, val split, pixels not labelled 255, masks at --img-size): miou over the classes in
+ground truth or prediction, miou_fg (background left out), floor_miou (background everywhere), pixel_acc,
+iou per class. Dense data (--data): `synthetic` (0 background, shape class + 1: 11 classes), a PASCAL VOC 2012
+root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/; SegmentationClassAug/ + train_aug.txt for
+train when present; 21 classes), or a folder {train,val}/images/* + {train,val}/masks/<stem>.png of class
+ids (classes = largest train id + 1, or --num-classes).
 
-Dense data (--data): `synthetic` (the renderer's per-pixel labels: 0 background, shape class + 1, so 11
-classes), a PASCAL VOC 2012 root (JPEGImages/, SegmentationClass/ palette PNGs, ImageSets/Segmentation/
-{train,val}.txt; SegmentationClassAug/ + train_aug.txt for train when present; 21 classes), or a folder
-with {train,val}/images/*.jpg|png and {train,val}/masks/<same stem>.png (class ids; classes = the largest
-train id + 1, or --num-classes). 255 = ignore everywhere.
-
-`--pretrained` takes a checkpoint.pth or backbone.pth written by any training script (their arch,
-stem and image size are used; a conflicting flag is an error, except --img-size in the dense modes,
-where the probe resolution is an evaluation choice), or `none` for a random init.
+`--pretrained`: a checkpoint.pth or backbone.pth of any training script (its arch, stem and image size are
+used; a conflicting flag is an error, but for --img-size in the dense modes), or `none` (random init).
 
   python eval_linear.py --pretrained runs/mocov3/backbone.pth --mode knn
-  python eval_linear.py --pretrained runs/mocov3/checkpoint.pth --mode linear --epochs 90 --data /imagenet
   torchrun --nproc_per_node=8 eval_linear.py --pretrained backbone.pth --mode linear --data /imagenet
   python eval_linear.py --pretrained none --mode finetune   # supervised baseline
   python eval_linear.py --pretrained runs/densecl/backbone.pth --mode seg --show-seg seg.png
-  python eval_linear.py --pretrained backbone.pth --mode seg --data VOC2012   # 448 px, loss at 100x100
-  python eval_linear.py --pretrained backbone.pth --mode seg-knn --data VOC2012 --img-size 448
+  python eval_linear.py --pretrained backbone.pth --mode seg-knn --data VOC2012   # 448 px, loss at 100x100
 
-The last line printed is a JSON summary. Classification modes: top1 and top5 (percent). Dense modes: the
-dense metrics, eval_s, and for seg probe_loss, probe_iters, probe_grad (its largest entry) and converged.
-Every mode: val_images (each val image counted once, also under torchrun) and protocol.
-
-Dense defaults (ours; explicit flags and the file's arch and stem win): synthetic (`cpu` preset) ResNet-18,
-small stem, 64 px (an 8x8 final grid), 1280 train and 256 val images: each mode runs in 70-100 s on 2 CPU
-cores; other data 448 px and --seg-res 100 (Leopart's VOC). Without --img-size the size (the file's) is
-doubled until the grid is at least 8x8 (DenseCL's and DetCon's cpu presets, small stem at 32 px, evaluate at
-64; MoCo v3's, ResNet stem at 64, at 256). seg-knn: k = 5, T = 0.02 (classification kNN: 200 and 0.1).
+The last line printed is a JSON summary: top1 and top5, or the dense metrics with eval_s (seg: probe_loss,
+probe_iters, probe_grad, converged); val_images (each counted once, also under torchrun) and protocol.
+Dense defaults (ours): synthetic at the small stem, 64 px (an 8x8 grid), 1280 train images; other data 448
+px, --seg-res 100 (Leopart's VOC). Without --img-size the file's size is doubled until the grid is 8x8.
 """
 import dataclasses
 import json
@@ -108,7 +89,7 @@ class Args(common.CommonArgs):
     lr: float = 0.0
     """base lr for batch 256 (0 = protocol default: linear 0.1, ViT linear 3.0, finetune 0.1)"""
     wd: float = -1.0
-    """weight decay (negative = protocol default: linear 0, finetune 1e-4; seg: its L2 weight, 1e-4)"""
+    """weight decay (-1 = protocol default: linear 0, finetune 1e-4; seg: its L2 weight, 1e-4)"""
     optimizer: str = "sgd"
     """sgd (the protocol's optimizer)"""
     bn_head: bool = False
@@ -128,6 +109,8 @@ class Args(common.CommonArgs):
     show_seg: str = ""
     """dense modes: write a PNG of image / ground truth / prediction for the first val images to this path"""
 
+    RANGES = {"wd": common.Range(0, also=(-1,)), "labels_per_class": common.Range(0),
+              "seg_res": common.Range(0), "num_classes": common.Range(0)}
     # pretraining-only fields of CommonArgs: not flags of this script
     not_flags = ("resume", "subset", "mix_fraction", "knn_every", "gpu_aug", "save_every", "save_epochs")
 
@@ -137,23 +120,20 @@ PRESETS = {
     "cifar": dict(stem="small", img_size=32, epochs=100),
     "cpu": dict(img_size=64, epochs=10, batch_size=128, workers=2, log_every=20),
 }
-# dense modes: applied over PRESETS for every flag not given (ours; "imagenet" is Leopart's VOC size and loss
+# dense modes: over PRESETS for every flag not given (ours; "imagenet" is Leopart's VOC size and loss
 # resolution; batch = images per forward while caching and evaluating)
 DENSE_PRESETS = {
     "imagenet": dict(img_size=448, seg_res=100, batch_size=64),
     "cifar": {},
-    # the small stem at 64 px (the synthetic images' native size): an 8x8 final grid; 1280 train images keep
-    # each dense mode within about 2 minutes on 2 cores (most of it the one pass of the backbone)
+    # the small stem at the synthetic images' native 64 px: an 8x8 grid; 1280 images keep a CPU run short
     "cpu": dict(stem="small", img_size=64, synthetic_size=1280),
 }
-# seg-knn's k and T (ours): T is Hummingbird's; its k = 30 leaves random init on the floor here (81% of the
-# pixels are background, so 30 neighbours of a shape cell hold mostly background cells): on the synthetic
-# scenes random init / DenseCL / DetCon score 7.41 / 9.5 / 10.2 mIoU at k = 30 and 8.2 / 11.4 / 11.0 at k = 5
-# (floor 7.39), the k with the widest gap between random and trained features (k = 1-30 tried)
+# seg-knn's k and T (ours): T is Hummingbird's; its k = 30 leaves random init on the background-only floor
+# when most cells are background (30 neighbours of a shape cell are mostly background); k = 5 had the widest
+# gap between random and trained features of k = 1-30 on the synthetic scenes
 SEG_KNN = dict(knn_k=5, knn_t=0.02)
-# an 8x8 final grid at least: on a 4x4 grid a synthetic shape covers 2-3 cells, and a perfect per-cell
-# predictor reaches 39 mIoU (71 at 8x8); a smaller file size is doubled until the grid is reached (dense
-# transfer evaluates larger than it pretrained: VOC at 448 after 224)
+# an 8x8 final grid at least: on 4x4 a synthetic shape covers 2-3 cells and even true per-cell labels score
+# low (benchmarks/dense.py's reference row); dense transfer evaluates larger than it pretrained (VOC: 448)
 MIN_GRID = 8
 
 
@@ -540,14 +520,12 @@ def gather_rows(x):
 
 PROBE_CHUNK = 512  # images per block of the probe's loss: bounds the upsampled logits [chunk, C, R, R]
 # L-BFGS stops (converged) once the largest gradient entry is below PROBE_TOL or the loss changes by less than
-# PROBE_TOL / 10 in an iteration (a relative 2e-6 at the losses seen, 0.5-0.6), else after PROBE_ITERS (not
-# converged). Synthetic scenes (8x8 grid, 1280 images): random init converges in ~220 iterations, DenseCL in
-# ~420; a fit on to 1e-9 takes 610 iterations for 0.03% less loss and +0.07 mIoU.
+# PROBE_TOL / 10 in an iteration (relative ~2e-6), else after PROBE_ITERS (not converged); fitting on to 1e-9
+# moved the synthetic scenes' mIoU by less than 0.1
 PROBE_TOL = 1e-5
 PROBE_ITERS = 1000
-# the default L2 weight, fixed (ours): weaker fits trained features better but converges slower. DenseCL on
-# the synthetic scenes: 15.3 / 18.5 / 20.6 mIoU at 1e-3 / 1e-4 / 1e-5 in 200 / 410 / 800 iterations; random
-# init 11.6 / 11.7 at 1e-3 / 1e-4. 1e-4 keeps each mode within 2 minutes on 2 cores; rank methods at one value
+# the L2 weight, fixed (ours) so that methods are ranked at one value: weaker fits trained features better
+# but converges slower; 1e-4 converges in a few hundred iterations on the synthetic scenes
 PROBE_WD = 1e-4
 
 
@@ -763,8 +741,6 @@ def main(argv=None):
     if dense and "img_size" not in flags_given:  # e.g. DenseCL's cpu preset (small stem, 32 px) -> 64 px: 8x8
         while common.final_grid(args.arch, args.stem, args.img_size) < MIN_GRID:
             args.img_size *= 2
-    if args.seg_res < 0 or args.num_classes < 0:
-        raise common.BadInput("--seg-res and --num-classes must be >= 0")
     if args.show_seg:
         common.check_output_file("--show-seg", args.show_seg, args.output_dir)
     run = common.setup(args, f"eval_{args.mode}")

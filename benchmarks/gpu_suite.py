@@ -433,10 +433,11 @@ def stage_smoke(ctx, deadline):
     n_train = count_images(data, "train")
     # the run ends with (or within) its first epoch: the epoch-end checkpoint falls outside the timed steps
     steps = max(1, min(g.smoke_steps, n_train // g.batch))
-    short = ["--max-steps", steps, "--knn-every", "0", "--log-every", "10"]
+    short = ["--max-steps", steps, "--log-every", "10"]
 
     def smoke(label, name, script, extra, dod=True, more=()):
-        flags = train_flags(ctx, script, data, dod) + row_flags(ctx, name, script, extra, 100) + short
+        no_knn = [] if script == "eval_linear.py" else ["--knn-every", "0"]  # eval_linear has no monitor
+        flags = train_flags(ctx, script, data, dod) + row_flags(ctx, name, script, extra, 100) + short + no_knn
         return job(ctx, "smoke", label, script, flags + list(more), g.run_s)
 
     scripts = [r for r in ROWS if r[0] != "mocov2"]  # DenseCL's script: its --dense-weight 0 mode costs less

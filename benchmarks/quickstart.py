@@ -97,7 +97,7 @@ def main():
     cache = os.path.join(a.runs, "results")  # the random-init evaluations, shared by methods of one geometry
     if not a.reuse:
         shutil.rmtree(cache, ignore_errors=True)
-    rows = []
+    rows, dense = [], bool(set(a.dense.split(",")) & set(a.methods.split(",")))  # any dense columns
     for m in a.methods.split(","):
         recs = [pretrain(m, s, a) for s in seeds]
         cfg = recs[0]["cfg"]
@@ -111,7 +111,7 @@ def main():
                   f"{cfg['epochs']} ep on {cfg['synthetic_size']} images",
                mean_sd([r["wall"] / 60 for r in recs]), mean_sd([r["img_per_s"] for r in recs]), per_epoch,
                mean_sd(knn0), gain(final, knn0)]
-        for mode in ("seg", "seg-knn"):
+        for mode in ("seg", "seg-knn") if dense else ():
             if mode in recs[0]["probes"]:
                 got, rand = [r["probes"][mode] for r in recs], [f[mode]["miou"] for f in floors]
                 row += [mean_sd(got, 2), mean_sd(rand, 2), gain(got, rand, 2)]
@@ -134,8 +134,10 @@ def main():
              + " ".join(["python benchmarks/quickstart.py", *[x for x in sys.argv[1:] if x != "--reuse"]])
              + f"` at commit {git_sha()}.", "",
              "| method | preset | wall min | img/s | kNN top-1 per epoch | kNN random init | kNN gain | "
-             "seg mIoU | seg random init | seg gain | seg-kNN mIoU | seg-kNN random init | seg-kNN gain |",
-             "|" + "---|" * 13]
+             + ("seg mIoU | seg random init | seg gain | seg-kNN mIoU | seg-kNN random init | seg-kNN gain |"
+                if dense else ""), "|" + "---|" * (13 if dense else 7)]
+    if not dense:  # kNN only: the dense probes of these backbones are benchmarks/dense.py's
+        lines[0] = lines[0][:lines[0].index(" seg / seg-kNN:")] + lines[0][lines[0].index(" Random init:"):]
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
     for path, keep in ((a.out + "_all.md", rows if len(rows) > 1 else []),
                        (a.out + ".md", [r for r in rows if r[0] == "mocov3"])):
