@@ -13,8 +13,9 @@ RESULTS = os.path.join(ROOT, "benchmarks", "results")
 # (anchor heading, [table names], reading: what to look at, without numbers -- the tables hold those)
 SECTIONS = [
     ("Quick start", ["quickstart_all"],
-     "Every method's no-argument run against a random-init backbone under the same protocol. The bar is "
-     "random init, not chance: random convolutions already separate simple shapes."),
+     "Every method's no-argument run against a random-init backbone under the same protocol, over three "
+     "seeds, one CPU core per run. The bar is random init, not chance: random convolutions already "
+     "separate simple shapes. A gain marked (n.r.) is within the spread over seeds at this budget."),
     ("Dense evaluation", ["dense", "dense_memory"],
      "A miniature of DenseCL's and DetCon's dense-transfer claims on the synthetic scenes: the frozen "
      "linear segmentation probe and training-free dense retrieval (eval_linear.py --mode seg / seg-knn) "
