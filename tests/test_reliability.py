@@ -161,7 +161,7 @@ def test_bad_path_flags(script, tmp_path, capsys):
     if script == "eval_linear":
         cases = [(["--output-dir", str(tmp_path / "a_file")], "--output-dir"),
                  (["--pretrained", str(tmp_path / "missing.pth")], "missing.pth"),
-                 (["--resume", "auto"], "--resume is for training runs")]
+                 (["--resume", "auto"], "unrecognized arguments: --resume auto")]
     base = (TINY if script == "mocov3"
             else ["--data", "synthetic", "--synthetic-size", "64", "--img-size", "32"])
     for argv, expected in cases:
