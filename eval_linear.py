@@ -36,7 +36,7 @@ used; a conflicting flag is an error, but for --img-size in the dense modes), or
   torchrun --nproc_per_node=8 eval_linear.py --pretrained backbone.pth --mode linear --data /imagenet
   python eval_linear.py --pretrained none --mode finetune   # supervised baseline
   python eval_linear.py --pretrained runs/densecl/backbone.pth --mode seg --show-seg seg.png
-  python eval_linear.py --pretrained backbone.pth --mode seg-knn --data VOC2012   # 448 px, loss at 100x100
+  python eval_linear.py --pretrained backbone.pth --mode seg --data VOC2012   # 448 px, loss at 100x100
 
 The last line printed is a JSON summary: top1 and top5, or the dense metrics with eval_s (seg: probe_loss,
 probe_iters, probe_grad, converged); val_images (each counted once, also under torchrun) and protocol.

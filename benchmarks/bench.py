@@ -100,4 +100,5 @@ def cpu_note():
     """How many cores and threads the runs of a CPU benchmark had (taskset and OMP_NUM_THREADS carry over)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     threads = os.environ.get("OMP_NUM_THREADS")
-    return f"{cores} of {os.cpu_count()} CPU cores" + (f", {threads} thread(s) per process" if threads else "")
+    per_process = f", {threads} thread(s) per process" if threads else ""
+    return f"{cores} of {os.cpu_count()} CPU cores{per_process}"

@@ -2,9 +2,10 @@
 frozen linear segmentation probe (`eval_linear.py --mode seg`) and dense retrieval (`--mode seg-knn`),
 against random init, over several seeds.
 
-For every seed and method: pretrain with its `cpu` preset hyperparameters at one shared geometry (arch, stem, image
-size, batch, number of images: the settings given here), the kNN monitor only at the end (log.jsonl gives
-the training seconds), then both dense evaluations of the final backbone with eval_linear's defaults.
+For every seed and method: pretrain with its `cpu` preset hyperparameters at one shared geometry (arch,
+stem, image size, batch, number of images: the settings given here), the kNN monitor only at the end
+(log.jsonl gives the training seconds), then both dense evaluations of the final backbone with eval_linear's
+defaults.
 DenseCL runs twice: as published and with --dense-weight 0 (its global loss alone: MoCo v2). Equal
 wall-clock: MoCo v3 once more, with as many epochs as fit in the slowest method's training time (as
 benchmarks/accuracy.py does; the epochs are fixed on the first seed, rounded up). Every number is a mean
@@ -46,9 +47,10 @@ def slug(name):
 def parse():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--methods", default="mocov3,densecl,mocov2,detcon",
-                    help="rows to run: mocov3, fast_moco, densecl, mocov2, detcon, rotation_aux (default: the "
+                    help="rows to run: mocov3, fast_moco, densecl, mocov2, detcon, rotation_aux (default: "
+                         "the "
                          "papers' dense comparisons)")
-    ap.add_argument("--seeds", default="0,1,2", help="comma-separated --seed values; every row is a mean ± sd")
+    ap.add_argument("--seeds", default="0,1,2", help="comma-separated --seed values; each row: mean ± sd")
     ap.add_argument("--epochs", type=int, default=2, help="pretraining epochs, equal for every method")
     ap.add_argument("--stem", default="small", help="small at 32 px: DenseCL's and DetCon's cpu presets")
     ap.add_argument("--img-size", type=int, default=32,
@@ -95,18 +97,21 @@ def main():
                   cache, a.reuse)
         if os.path.isfile(png) and seed == seeds[0]:
             masks[name] = png
-        print(name, f"seed {seed}", f"seg mIoU {seg['miou']:.1f}", f"seg-knn mIoU {knn['miou']:.1f}", flush=True)
+        print(name, f"seed {seed}", f"seg mIoU {seg['miou']:.1f}", f"seg-knn mIoU {knn['miou']:.1f}",
+              flush=True)
         return seg, knn
 
     def pretrain(name, script, extra, epochs, seed):
         run_name = slug(name) if epochs == a.epochs else f"{slug(name)}_{epochs}ep"
         out = os.path.join(a.runs, f"s{seed}", run_name)
-        cmd = [f"{script}.py", *train, *extra, "--epochs", str(epochs), "--seed", str(seed), "--output-dir", out]
+        cmd = [f"{script}.py", *train, *extra, "--epochs", str(epochs), "--seed", str(seed),
+               "--output-dir", out]
         if not (a.reuse and os.path.isfile(os.path.join(out, "backbone.pth"))):
             shutil.rmtree(out, ignore_errors=True)  # a fresh run: log.jsonl must hold this run's record only
         s = run(cmd, cache, a.reuse)
         final = [r for r in read_log(out) if "train_s" in r][-1]  # the end-of-run kNN evaluation
-        rec = dict(epochs=epochs, train_s=final["train_s"], knn=final.get("knn_top1"), img_per_s=s["img_per_s"])
+        rec = dict(epochs=epochs, train_s=final["train_s"], knn=final.get("knn_top1"),
+                   img_per_s=s["img_per_s"])
         rec["dense"] = dense(name, os.path.join(out, "backbone.pth"), out, seed)
         results.setdefault(name, []).append(rec)
 
@@ -122,7 +127,8 @@ def main():
             t_base = results["mocov3"][0]["train_s"]
             slowest, t_max = max(((n, r[0]["train_s"]) for n, r in results.items()), key=lambda x: x[1])
             e_eq = math.ceil(a.epochs * t_max / t_base)
-            note = (f" Equal wall-clock: `mocov3 {e_eq}ep` is MoCo v3 given {e_eq} epochs (its own full cosine "
+            note = (f" Equal wall-clock: `mocov3 {e_eq}ep` is MoCo v3 given {e_eq} epochs (its own full "
+                    f"cosine "
                     f"schedule): {a.epochs} x the slowest method's ({slug(slowest)}) training time over MoCo "
                     f"v3's on seed {seeds[0]} ({t_max:.0f} s / {t_base:.0f} s), rounded up.")
         if e_eq and e_eq > a.epochs:
@@ -252,7 +258,8 @@ def write_outputs(a, floor, ref, results, masks, note):
                "seg-kNN pixel acc"]
     lines = [
         f"Command: `{cmd}`. A miniature, not a VOC result: {budget}, global batch {a.batch_size}, each "
-        f"method's `cpu` preset hyperparameters otherwise, seeds {a.seeds} (the seed also draws the synthetic "
+        f"method's `cpu` preset hyperparameters otherwise, seeds {a.seeds} (the seed also draws the "
+        f"synthetic "
         f"images; every number is the mean ± sd over them), {cpu_note()}. Dense "
         f"data: the synthetic scenes' per-pixel labels ({N_CLASSES} classes: background + 10 shapes; val = a "
         f"fifth of the train size), the same train images as pretraining, at {a.eval_size} px. Seg: "
@@ -296,8 +303,8 @@ def write_outputs(a, floor, ref, results, masks, note):
         xs = results[x]
         ys = floor if y == "random init" else [r["dense"] for r in results[y]]
         knn = gain([r["knn"] for r in xs], [r["knn"] for r in results[y]]) if y in results else "-"
-        lines.append(f"| {x} − {y} | {knn} | {gain([r['dense'][0]['miou'] for r in xs], [p[0]['miou'] for p in ys])}"
-                     f" | {gain([r['dense'][1]['miou'] for r in xs], [p[1]['miou'] for p in ys])} |")
+        seg, sk = (gain([r["dense"][i]["miou"] for r in xs], [p[i]["miou"] for p in ys]) for i in (0, 1))
+        lines.append(f"| {x} − {y} | {knn} | {seg} | {sk} |")
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")

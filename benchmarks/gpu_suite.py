@@ -437,7 +437,8 @@ def stage_smoke(ctx, deadline):
 
     def smoke(label, name, script, extra, dod=True, more=()):
         no_knn = [] if script == "eval_linear.py" else ["--knn-every", "0"]  # eval_linear has no monitor
-        flags = train_flags(ctx, script, data, dod) + row_flags(ctx, name, script, extra, 100) + short + no_knn
+        flags = train_flags(ctx, script, data, dod) + row_flags(ctx, name, script, extra, 100) + short
+        flags += no_knn
         return job(ctx, "smoke", label, script, flags + list(more), g.run_s)
 
     scripts = [r for r in ROWS if r[0] != "mocov2"]  # DenseCL's script: its --dense-weight 0 mode costs less
