@@ -220,30 +220,8 @@ class Run:
         return x
 
     def start(self):
-        """The first write of the run, once every check has passed (the Logger calls it; user_errors at the
-        end of a run without one): create and lock the folder (rank 0; every rank stops if another run holds
-        it), --overwrite's deletions, args.json. A no-op when done already or for a Run not made by setup."""
-        if not self.pending:
-            return
-        self.pending = False
-        refused = lock_output_dir(self.out) if self.main else None
-        agree_on_lock(refused, self.world)
-        if checkpoint_stamp(self.args) != self.stamp:  # written meanwhile by a run that held no lock on it
-            raise BadInput(f"{self.checkpoint_path()} changed while this run started; run the command again")
-        if self.main:
-            if self.args.overwrite:
-                remove_run_outputs(self.out)
-            record = {**dataclasses.asdict(self.args), "method": self.method, "world_size": self.world,
-                      "git_sha": git_sha(), "torch": torch.__version__,
-                      "torchvision": torchvision.__version__, "device": str(self.device)}
-            with atomic_path(os.path.join(self.out, "args.json")) as tmp, open(tmp, "w") as f:
-                json.dump(record, f, indent=2)
-
-    def checkpoint_path(self):
-        return os.path.join(self.out, "checkpoint.pth") if self.args.resume == "auto" else self.args.resume
-
-
-STARTING = []  # the Runs setup made in this main() that have written nothing yet (user_errors starts them)
+        """The run's first write, once every check has passed (start_run, "run lock" below the banner)."""
+        start_run(self)
 
 
 def setup(args, method):
@@ -708,20 +686,9 @@ class Logger:
         if run.main and start_step and drop_torn_tail(path):  # a crash or kill -9 cut the last write
             print(f"{path}: dropped its torn last line", flush=True)
         if run.main and start_step and os.path.isfile(path):
-            self.recall(read_jsonl(path)[0])
+            self.last, self.stored = recall(read_jsonl(path)[0])
         self.file = open(path, mode) if run.main else None
         self.tb = writer(os.path.join(run.out, "tb")) if writer else None
-
-    def recall(self, records):
-        """A resumed run's memory of its log: the last loss record with the evaluations after it, and the last
-        summary (what a rerun of the finished run prints)."""
-        for r in records:
-            if r.get("event") == "summary":
-                self.stored = r
-            elif "loss" in r:
-                self.last = dict(r)
-            else:
-                self.last.update({k: v for k, v in r.items() if k not in ("step", "epoch", "train_s")})
 
     @property
     def done(self):
@@ -811,7 +778,7 @@ class Logger:
         """Print the JSON summary as the last line of the run. A finished run resumed (nothing trained) says
         so and prints the summary it ended with, appending nothing to log.jsonl."""
         if self.finished and self.step == self.start:
-            return self.repeat_summary(extra)
+            return repeat_summary(self, extra)
         img_per_s, step_ms, data_frac = self.clock.totals(self.step - self.start - self.WARMUP)
         rec = {"event": "summary", "method": self.run.method, "steps": self.step, "img_per_s": img_per_s,
                "step_ms": step_ms, "data_time_frac": data_frac, "peak_mem_mb": peak_mem_mb(self.run.device),
@@ -823,21 +790,6 @@ class Logger:
             if self.tb:
                 self.tb.close()
             plot_curves(os.path.join(self.run.out, "log.jsonl"), os.path.join(self.run.out, "curves.png"))
-            print(json.dumps(rec), flush=True)
-        return rec
-
-    def repeat_summary(self, extra):
-        """summary() of a finished run resumed: one line saying so, then its stored summary (or, without one,
-        the last logged loss and kNN) as the last line; log.jsonl and curves.png stay as they are."""
-        rec = self.stored or {"event": "summary", "method": self.run.method, "steps": self.step,
-                              "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1"),
-                              "epochs": round(self.step / self.spe, 4), **extra}
-        if self.run.main:
-            self.file.close()
-            if self.tb:
-                self.tb.close()
-            print(f"nothing to train: {self.run.out} holds a finished run (step {self.step} of "
-                  f"{self.total}); its summary:", flush=True)
             print(json.dumps(rec), flush=True)
         return rec
 
@@ -1597,6 +1549,31 @@ except ImportError:  # Windows: no fcntl, so no lock (keep two runs off one fold
 LOCKS = {}  # real path of an output folder -> the open <folder>/.lock file this process holds the lock with
 
 
+STARTING = []  # the Runs setup made in this main() that have written nothing yet (user_errors starts them)
+
+
+def start_run(run):
+    """Run.start: the first write of the run, once every check has passed (the Logger calls it; user_errors at
+    the end of a run without one): create and lock the folder (rank 0; every rank stops if another run holds
+    it), --overwrite's deletions, args.json. A no-op when done already or for a Run not made by setup."""
+    if not run.pending:
+        return
+    run.pending = False
+    refused = lock_output_dir(run.out) if run.main else None
+    agree_on_lock(refused, run.world)
+    if checkpoint_stamp(run.args) != run.stamp:  # written meanwhile by a run that held no lock on it
+        path = os.path.join(run.out, "checkpoint.pth") if run.args.resume == "auto" else run.args.resume
+        raise BadInput(f"{path} changed while this run started; run the command again")
+    if run.main:
+        if run.args.overwrite:
+            remove_run_outputs(run.out)
+        record = {**dataclasses.asdict(run.args), "method": run.method, "world_size": run.world,
+                  "git_sha": git_sha(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+                  "device": str(run.device)}
+        with atomic_path(os.path.join(run.out, "args.json")) as tmp, open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+
+
 def lock_output_dir(out, create=True):
     """Take an exclusive lock on out/.lock for this process: None, or the one-line reason it cannot (another
     run holds it: its pid and host; or the folder cannot be created). `create`: create the folder and the file
@@ -2256,6 +2233,36 @@ def read_jsonl(path):
         print(f"{path}: skipped {skipped} unreadable line(s), torn by an interrupted write", file=sys.stderr,
               flush=True)
     return records, skipped
+
+
+def recall(records):
+    """A resumed run's memory of its log.jsonl -> (the last loss record with the evaluations after it, the
+    last summary or None: what a rerun of the finished run prints)."""
+    last, stored = {}, None
+    for r in records:
+        if r.get("event") == "summary":
+            stored = r
+        elif "loss" in r:
+            last = dict(r)
+        else:
+            last.update({k: v for k, v in r.items() if k not in ("step", "epoch", "train_s")})
+    return last, stored
+
+
+def repeat_summary(log, extra):
+    """Logger.summary of a finished run resumed: one line saying so, then its stored summary (or, without one,
+    the last logged loss and kNN) as the last line; log.jsonl and curves.png stay as they are."""
+    rec = log.stored or {"event": "summary", "method": log.run.method, "steps": log.step,
+                         "loss": log.last.get("loss"), "knn_top1": log.last.get("knn_top1"),
+                         "epochs": round(log.step / log.spe, 4), **extra}
+    if log.run.main:
+        log.file.close()
+        if log.tb:
+            log.tb.close()
+        print(f"nothing to train: {log.run.out} holds a finished run (step {log.step} of {log.total}); its "
+              "summary:", flush=True)
+        print(json.dumps(rec), flush=True)
+    return rec
 
 
 def drop_torn_tail(path):
