@@ -17,12 +17,14 @@ import ast
 import dataclasses
 import functools
 import glob
+import hashlib
 import inspect
 import io
 import json
 import math
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -80,7 +82,7 @@ class CommonArgs:
     img_size: int = 224
     """crop size fed to the network"""
     workers: int = default_workers()
-    """data loader worker processes per GPU/process (default: 8, at most the machine's cores)"""
+    """data loader worker processes per GPU/process (8, or this machine's cores if fewer)"""
     gpu_aug: bool = False
     """photometric augmentation batched on the device (per-sample parameters); workers decode, crop, flip"""
     data_on_device: bool = False
@@ -100,7 +102,11 @@ class CommonArgs:
     output_dir: str = ""
     """run directory; default runs/<method>"""
     resume: str = ""
-    """auto (latest checkpoint in --output-dir, if any), a checkpoint path, or empty for a fresh run"""
+    """auto (latest checkpoint in --output-dir, if any), a checkpoint path, or empty for a fresh run (refused
+    where --output-dir holds a run's checkpoint.pth or backbone.pth, unless --overwrite)"""
+    overwrite: bool = False
+    """a fresh run replaces the run in --output-dir: once every check has passed, its checkpoint.pth,
+    backbone.pth, log.jsonl, curves.png and tb/ are deleted (other files, such as a mask cache, stay)"""
     max_steps: int = 0
     """stop after this many optimizer steps in total (0 = run all epochs); for smoke tests and benchmarks"""
     time_limit: float = 0
@@ -147,7 +153,11 @@ def parse_args(cls, presets, argv=None):
     given = vars(p.parse_args(argv))
     preset = given.get("preset", "auto")
     if preset == "auto":
-        preset = auto_preset(given.get("data", cls.data))
+        data = given.get("data", cls.data)
+        preset = auto_preset(data, torch.cuda.is_available())
+        if preset != auto_preset(data) and os.environ.get("RANK", "0") == "0":  # no GPU; rank 0 says it once
+            print(f"no GPU: --preset auto picked the cpu preset for --data {data} (a recipe sized for a "
+                  "CPU); --preset imagenet forces the ImageNet recipe", flush=True)
     if preset not in presets:
         raise BadInput(f"unknown preset {preset!r}; choose from auto, {', '.join(presets)}")
     args = cls(**{**presets[preset], **given, "preset": preset})
@@ -188,6 +198,10 @@ class Run:
     out: str
     checkpoint: tuple = None  # (path, contents) of the --resume checkpoint, read and checked by setup
     held_train: object = None  # --data-on-device: the whole train split as pretraining decoded it (kNN bank)
+    data_id: str = None  # the training data's size and fingerprint (pretrain_data): a checkpoint records it
+    good: tuple = None  # (path, step) of the last checkpoint this run wrote or resumed from (the NaN stop's)
+    pending: bool = False  # set up, nothing written yet: start() locks the folder and writes args.json
+    stamp: tuple = None  # checkpoint_stamp when setup read the --resume file
 
     @property
     def main(self):
@@ -208,41 +222,45 @@ class Run:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
+    def start(self):
+        """The run's first write, once every check has passed (start_run, "run lock" below the banner)."""
+        start_run(self)
+
 
 def setup(args, method):
-    """torchrun-native setup: process group (only when WORLD_SIZE > 1), device, seeds, run dir, args.json.
-    A --resume checkpoint is read and checked here, then the output folder is locked (one run per folder),
-    before anything is built or written."""
+    """torchrun-native setup: every check that needs no data, then process group (only when WORLD_SIZE > 1),
+    device, seeds. A --resume checkpoint is read and checked here (under the folder's lock when the folder has
+    one). Nothing is written: the folder, its lock and args.json come with the run's first write (Run.start,
+    from the Logger), after the data, the model and the resumed state have passed their checks too."""
     check_paths(args)
     args.output_dir = args.output_dir or os.path.join("runs", method)
-    read = checkpoint_stamp(args)
-    checkpoint = find_checkpoint(args, method)  # BadInput unless it is this method's, arch, stem and batch
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.batch_size % world:
         raise BadInput(f"global --batch-size {args.batch_size} is not divisible by the world size {world}")
     cuda = torch.cuda.is_available()
+    if args.precision == "auto":
+        args.precision = "bf16" if cuda else "fp32"
+    if args.precision == "fp16" and not cuda:  # measured: about 11x slower than fp32 on a CPU
+        raise BadInput("--precision fp16 needs a CUDA GPU: a CPU emulates it, many times slower than fp32 "
+                       "(use fp32, the CPU default, or bf16)")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    refused = lock_output_dir(args.output_dir) if rank == 0 else None  # one run per folder: rank 0 holds it
+    refused = lock_output_dir(args.output_dir, create=False) if rank == 0 else None  # an existing .lock only
     if world > 1 and not dist.is_initialized():  # one process group serves every run of this process
         dist.init_process_group("nccl" if cuda else "gloo")
     agree_on_lock(refused, world)  # BadInput on every rank when rank 0 was refused
-    if checkpoint_stamp(args) != read:  # the run that held the folder wrote a newer one before it let go
-        checkpoint = find_checkpoint(args, method)
-    if args.precision == "auto":
-        args.precision = "bf16" if cuda else "fp32"
+    stamp = checkpoint_stamp(args)
+    checkpoint = find_checkpoint(args, method)  # BadInput unless its method and the flags of a step match
+    check_not_overwriting(args, method, checkpoint)
     catch_stop_signals()
     seed_everything(args.seed + rank)
-    if rank == 0:
-        record = {**dataclasses.asdict(args), "method": method, "world_size": world, "git_sha": git_sha(),
-                  "torch": torch.__version__, "torchvision": torchvision.__version__, "device": str(device)}
-        with open(os.path.join(args.output_dir, "args.json"), "w") as f:
-            json.dump(record, f, indent=2)
-    return Run(args, method, rank, world, device, args.output_dir, checkpoint)
+    run = Run(args, method, rank, world, device, args.output_dir, checkpoint, pending=True, stamp=stamp)
+    STARTING.append(run)
+    return run
 
 
 def use_sync_bn(sync_bn, run):
@@ -313,12 +331,14 @@ def pretrain_data(args, run, transform, ids=None):
     """The pretraining dataset (train split with `transform`) and steps per epoch. With --data-on-device the
     split is decoded once into the device's memory (held_split) and `transform` runs in its finish() there;
     `ids`: a method's mask function (PIL image -> ids [H, W]), run once on each stored image (DetCon's)."""
+    base = pretrain_base(args)
+    run.data_id = base.data_id  # a checkpoint records it; a resume on other data is refused (resume)
     if args.data_on_device:
-        ds = held_split(args, run, pretrain_base(args), copies=2, ids=ids)
+        ds = held_split(args, run, base, copies=2, ids=ids)
         if not (args.subset or args.corrupt or "," in args.data):  # the whole, clean train split
             run.held_train = ds
     else:
-        ds = Views(pretrain_base(args), transform, args.seed)
+        ds = Views(base, transform, args.seed)
     steps = len(ds) // args.batch_size
     if steps == 0:
         raise BadInput(f"--batch-size {args.batch_size} is larger than the dataset ({len(ds)} images)")
@@ -337,7 +357,8 @@ def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
     return torch.utils.data.DataLoader(
         ds, local_bs, sampler=indices, num_workers=run.args.workers, pin_memory=run.device.type == "cuda",
         drop_last=drop_last, persistent_workers=False, prefetch_factor=4 if run.args.workers else None,
-        generator=torch.Generator().manual_seed(run.args.seed + epoch))  # keeps the global RNG untouched
+        generator=torch.Generator().manual_seed(run.args.seed + epoch),  # keeps the global RNG untouched
+        worker_init_fn=ignore_interrupts)
 
 
 # ============================================================================ augmentations
@@ -579,11 +600,13 @@ def save_checkpoint(run, log, state, epoch_end=False):
         return
     if not math.isfinite(float(log.loss)):
         return
+    path = os.path.join(run.out, "checkpoint.pth")
     if run.main:
-        ck = {"method": run.method, "args": dataclasses.asdict(run.args), "step": log.step,
-              "epoch": log.step / log.spe, "rng": rng_state(),
+        ck = {"method": run.method, "args": dataclasses.asdict(run.args), "data_id": run.data_id,
+              "step": log.step, "epoch": log.step / log.spe, "rng": rng_state(),
               **{k: v.state_dict() for k, v in state.items()}}
-        save_atomic(ck, os.path.join(run.out, "checkpoint.pth"))
+        save_atomic(ck, path)
+    run.good = (path, log.step)
 
 
 def end_of_step(run, log, state):
@@ -600,12 +623,18 @@ def end_of_step(run, log, state):
 
 def resume(run, **state):
     """Load --resume (auto/path; setup has read and checked it) into the given objects (model=...,
-    optimizer=..., scaler=...). Returns the global step to continue from (0 for a fresh run)."""
+    optimizer=..., scaler=...). Returns the global step to continue from (0 for a fresh run). From here on a
+    Ctrl-C ends the run at the end of its step, with a checkpoint (before it, at once: nothing to save)."""
+    STOP_AT_STEP[0] = True
     if run.checkpoint is None:
         return 0
     (path, ck), run.checkpoint = run.checkpoint, None  # the run no longer holds the file's tensors
-    load_states(ck, state, path)  # BadInput naming the part that does not fit (e.g. another --queue-size)
+    if ck.get("data_id") and run.data_id and ck["data_id"] != run.data_id:  # the flags matched (setup)
+        raise BadInput(f"cannot resume from {path}: it was made on {ck['data_id']} of training data, --data "
+                       f"{run.args.data} has {run.data_id}; resume on the data it was made with")
+    load_states(ck, state, path)  # BadInput naming the part that does not fit
     set_rng_state(ck["rng"])
+    run.good = (path, ck["step"])
     if run.main:
         print(f"resumed from {path} at step {ck['step']} (epoch {ck['epoch']})", flush=True)
     return ck["step"]
@@ -658,15 +687,20 @@ class Logger:
         if run.args.max_steps:
             self.total = min(self.total, run.args.max_steps)
         self.start = self.step = start_step
+        self.finished = bool(start_step) and start_step >= self.total  # a finished run resumed: no step left
         self.loss = torch.zeros(())  # the last step's loss (a tensor: read only on log steps and checkpoints)
-        self.last = {}
+        self.last, self.stored = {}, None  # the last log record (+ evaluations); the finished run's summary
+        writer = tensorboard_writer() if run.main and run.args.tensorboard else None  # BadInput if missing
+        run.start()  # every check has passed: the folder, its lock and args.json (the run's first write)
         self.clock = Meter(run)
-        mode = "a" if start_step else "w"  # a resumed run appends; a fresh run in an old dir starts anew
+        mode = "a" if start_step else "w"  # a resumed run appends; a fresh run (or --overwrite) starts anew
         path = os.path.join(run.out, "log.jsonl")
         if run.main and start_step and drop_torn_tail(path):  # a crash or kill -9 cut the last write
             print(f"{path}: dropped its torn last line", flush=True)
+        if run.main and start_step and os.path.isfile(path):
+            self.last, self.stored = recall(read_jsonl(path)[0])
         self.file = open(path, mode) if run.main else None
-        self.tb = tensorboard_writer(run) if run.main and run.args.tensorboard else None
+        self.tb = writer(os.path.join(run.out, "tb")) if writer else None
 
     @property
     def done(self):
@@ -709,9 +743,10 @@ class Logger:
                "peak_mem_mb": peak_mem_mb(self.run.device)}
         self.last = rec
         if not math.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss} at step {step}; the last good checkpoint is "
-                                     f"{os.path.join(self.run.out, 'checkpoint.pth')} "
-                                     "(never overwritten by this state)")
+            good = self.run.good  # what this run wrote or resumed from, never an older run's file
+            raise FloatingPointError(f"loss is {loss} at step {step}; " + (
+                f"the last good checkpoint is {good[0]} (step {good[1]}), never overwritten by this state"
+                if good else "this run wrote no checkpoint before it"))
         if self.run.main:
             eta = (now - self.clock.t0) / (step - self.start) * (self.total - step)
             extra = "".join(f" {k} {v:.4g}" for k, v in metrics.items())
@@ -752,7 +787,10 @@ class Logger:
             self.write(rec)
 
     def summary(self, **extra):
-        """Print the JSON summary as the last line of the run."""
+        """Print the JSON summary as the last line of the run. A finished run resumed (nothing trained) says
+        so and prints the summary it ended with, appending nothing to log.jsonl."""
+        if self.finished and self.step == self.start:
+            return repeat_summary(self, extra)
         img_per_s, step_ms, data_frac = self.clock.totals(self.step - self.start - self.WARMUP)
         rec = {"event": "summary", "method": self.run.method, "steps": self.step, "img_per_s": img_per_s,
                "step_ms": step_ms, "data_time_frac": data_frac, "peak_mem_mb": peak_mem_mb(self.run.device),
@@ -1037,7 +1075,8 @@ class HeldSplit:
 def held_split(args, run, base, copies=2, ids=None):
     """Decode `base` once (loader workers, then never again) into a HeldSplit on run.device."""
     size = store_size(args)
-    loader = torch.utils.data.DataLoader(Stored(base, size, ids), batch_size=256, num_workers=args.workers)
+    loader = torch.utils.data.DataLoader(Stored(base, size, ids), batch_size=256, num_workers=args.workers,
+                                         worker_init_fn=ignore_interrupts)
     xs, ys, ms = [], [], []
     for x, y in loader:
         if ids:
@@ -1122,11 +1161,12 @@ def device_views(run, x, step, img_size, crop_min, recipes):
 
 def pretrain_base(args):
     """The pretraining images: the train split of --data (A,B mixes two domains), then --subset, --corrupt."""
-    names, parts, offset = args.data.split(","), [], 0
+    names, parts, offset, ids = args.data.split(","), [], 0, []
     shares = [args.subset] if len(names) == 1 else [round(args.subset * args.mix_fraction)] * 2
     shares[-1] = args.subset - sum(shares[:-1])
     for name, share in zip(names, shares):
         ds = load_dataset(args, "train", name)
+        ids.append(data_id(name, ds))
         if share > len(ds):
             raise BadInput(f"--subset asks for {share} images of {name}, which has {len(ds)}")
         order = balanced_order(labels_of(ds), args.seed)[:share] if args.subset else range(len(ds))
@@ -1134,7 +1174,20 @@ def pretrain_base(args):
         offset += num_classes(ds) if min(labels_of(ds)) >= 0 else 0
     base = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
     base.targets = [t for p in parts for t in p.targets]
-    return Corrupted(base, parse_corruptions(args.corrupt), args.seed) if args.corrupt else base
+    base = Corrupted(base, parse_corruptions(args.corrupt), args.seed) if args.corrupt else base
+    base.data_id = "; ".join(ids)  # --subset, --corrupt and --mix-fraction are flags: find_checkpoint's
+    return base
+
+
+def data_id(name, ds):
+    """What a checkpoint records of one training set: its size and a fingerprint of its labels and, for a
+    folder, its file names relative to --data (a copy of the folder elsewhere is the same data; other files,
+    or the same names under other labels, are not)."""
+    h = hashlib.sha1(np.asarray(labels_of(ds), dtype=np.int64).tobytes())
+    files = [p for p, _ in ds.samples] if hasattr(ds, "samples") else getattr(ds, "files", None)
+    prefix = os.path.join(name, "")  # every file path starts with it: cut (os.path.relpath: ~10 us a file)
+    h.update("\0".join(f[len(prefix):] if f.startswith(prefix) else f for f in files or [name]).encode())
+    return f"{len(ds)} images (fingerprint {h.hexdigest()[:10]})"
 
 
 class Subset(torch.utils.data.Dataset):
@@ -1213,18 +1266,23 @@ class Corrupted(torch.utils.data.Dataset):
 
 # ============================================================================ errors & argument parsing
 
-def auto_preset(data):
-    """--preset auto: cpu for the built-in synthetic data, cifar for the 32-px sets, imagenet otherwise."""
+def auto_preset(data, cuda=True):
+    """--preset auto: cpu for the built-in synthetic data, cifar for the 32-px sets, imagenet otherwise;
+    without a GPU (`cuda` false) cpu instead of imagenet (ResNet-50, 224 px, batch 4096 do not fit a CPU)."""
     if data == "synthetic":
         return "cpu"
-    return "cifar" if data in ("cifar10", "cifar100") else "imagenet"
+    return "cifar" if data in ("cifar10", "cifar100") else "imagenet" if cuda else "cpu"
 
 
 def user_errors(main):
     """Decorator for main(): BadInput (also when re-raised from a loader worker) -> 1 line, exit 2."""
     def wrapped(argv=None):
+        STARTING.clear()
         try:
-            return main(argv)
+            out = main(argv)
+            for run in STARTING:  # a run that wrote nothing on its way (eval_linear's knn and dense modes)
+                run.start()
+            return out
         except BadInput as e:
             # errors from DataLoader workers come back wrapped with the worker's traceback;
             # the original message is its last line ("common.BadInput: ...")
@@ -1238,13 +1296,14 @@ def user_errors(main):
             print(f"stopped: {e}", file=sys.stderr, flush=True)
             sys.exit(PREEMPTED_EXIT)
         finally:
+            STARTING.clear()
             release_output_dirs()  # a process that runs main() again (tests, notebooks) may reuse the folder
+            restore_signal_handlers()
     return wrapped
 
 
 PRESET_HELP = ("--preset auto picks cpu for --data synthetic, cifar for cifar10/cifar100 and imagenet "
-               "otherwise; "
-               "explicit flags override the preset.")
+               "otherwise (cpu on a machine without a GPU); explicit flags override the preset.")
 
 
 @functools.lru_cache(maxsize=None)  # parsing the source costs ~0.5 s; a class's docs never change
@@ -1288,7 +1347,8 @@ def _help(f, doc, presets):
     if f.name == "preset":
         text += f" {{auto, {', '.join(presets)}}}"
     set_by = [f"{name}: {values[f.name]}" for name, values in presets.items() if f.name in values]
-    return text + f" [default: {f.default}" + "".join(f"; {s}" for s in set_by) + "]"
+    here = " on this machine" if f.name == "workers" else ""  # default_workers(): the cores decide
+    return text + f" [default: {f.default}{here}" + "".join(f"; {s}" for s in set_by) + "]"
 
 
 def _add_flag(group, f, help_):
@@ -1362,6 +1422,8 @@ def check_paths(args):
     created for another reason, such as /proc/x, is refused when setup creates it, before any write.)"""
     if args.output_dir:
         check_output_dir("--output-dir", args.output_dir)
+    if args.overwrite and args.resume:
+        raise BadInput("--overwrite starts the run in --output-dir over: it cannot be combined with --resume")
     if args.resume not in ("", "auto") and not os.path.isfile(args.resume):
         raise BadInput(f"--resume {args.resume}: no such checkpoint file "
                        "(use auto, a checkpoint.pth path or nothing)")
@@ -1399,21 +1461,94 @@ def check_output_file(flag, path, output_dir):
         raise BadInput(f"{flag} {path}: its folder {folder} is not writable")
 
 
+RUN_OUTPUTS = ("checkpoint.pth", "backbone.pth", "log.jsonl", "curves.png", "tb")  # what --overwrite deletes
+
+
+def check_not_overwriting(args, method, checkpoint):
+    """A run never replaces another run's checkpoint unasked: an --output-dir that holds checkpoint.pth or
+    backbone.pth is refused unless this run continues that checkpoint.pth (--resume) or has --overwrite."""
+    out = args.output_dir
+    found = [f for f in ("checkpoint.pth", "backbone.pth") if os.path.isfile(os.path.join(out, f))]
+    own = os.path.join(out, "checkpoint.pth")
+    continues = checkpoint is not None and os.path.isfile(own) and os.path.samefile(checkpoint[0], own)
+    if not found or continues or args.overwrite:
+        return
+    held = " and ".join(found)
+    if method.startswith("eval_"):  # an evaluation would replace the training run's args.json and log.jsonl
+        raise BadInput(f"--output-dir {out} holds a training run ({held}): use another --output-dir, or "
+                       "--overwrite to delete that run's outputs")
+    if args.resume not in ("", "auto"):
+        raise BadInput(f"--output-dir {out} holds another run ({held}), which a run resumed from "
+                       f"{args.resume} would replace: use another --output-dir")
+    how = "continue it with --resume auto, " if "checkpoint.pth" in found else ""
+    raise BadInput(f"--output-dir {out} holds a run ({held}): {how}use another --output-dir, or --overwrite "
+                   "to start over there")
+
+
+def remove_run_outputs(out):
+    """--overwrite, once every check has passed: delete the RUN_OUTPUTS of the run in `out`."""
+    for name in RUN_OUTPUTS:
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.remove(path)
+
+
 # ============================================================================ preemption signals
 
 STOP_SIGNAL = [None]  # name of the preemption signal received, set by the handler below
+STOP_AT_STEP = [False]  # a Ctrl-C waits for the end of the step (True from resume(): the training loop next)
+INTERRUPTS = [0, -math.inf]  # Ctrl-Cs received (the second exits at once) and when the last one came
+# torchrun's agent forwards the Ctrl-C its workers already got from the terminal (the process group), a few ms
+# later: under torchrun a second SIGINT this soon after the first is that same Ctrl-C
+TORCHRUN_ECHO_S = 1.0
+INTERRUPTED_EXIT = 130  # exit code of a run a Ctrl-C ended at once: 128 + SIGINT, as a shell reports it
+SAVED_HANDLERS = {}  # signal -> the handler before catch_stop_signals, put back when main() ends
+
+
+def _say(text):
+    """One line on stderr from a signal handler (rank 0 only): os.write, as print could re-enter a write that
+    the signal interrupted."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, (text + "\n").encode())
 
 
 def _on_stop_signal(signum, frame):
-    STOP_SIGNAL[0] = signal.Signals(signum).name  # acted on after the current step (stop_requested)
+    if signum == signal.SIGINT:
+        now = time.monotonic()
+        if "TORCHELASTIC_RUN_ID" in os.environ and now - INTERRUPTS[1] < TORCHRUN_ECHO_S:
+            return
+        INTERRUPTS[0], INTERRUPTS[1] = INTERRUPTS[0] + 1, now
+        if not STOP_AT_STEP[0] or INTERRUPTS[0] > 1:  # nothing to save yet, or a second Ctrl-C
+            _say("interrupted: exiting at once" + (", losing the steps since the last checkpoint"
+                                                     if STOP_AT_STEP[0] else ""))
+            raise SystemExit(INTERRUPTED_EXIT)
+        _say("interrupted: finishing this step, then writing checkpoint.pth (Ctrl-C again to exit at once)")
+    STOP_SIGNAL[0] = STOP_SIGNAL[0] or signal.Signals(signum).name  # acted on after the step (stop_requested)
 
 
 def catch_stop_signals():
-    """SIGTERM (torchrun, Kubernetes, `kill`) and SIGUSR1 (SLURM's `--signal`) finish the current step,
-    write checkpoint.pth and exit with PREEMPTED_EXIT instead of killing the run mid-step."""
-    STOP_SIGNAL[0] = None
-    for sig in (signal.SIGTERM, signal.SIGUSR1):
+    """SIGTERM (torchrun, Kubernetes, `kill`), SIGUSR1 (SLURM's `--signal`) and SIGINT (Ctrl-C) finish the
+    current step, write checkpoint.pth and exit with PREEMPTED_EXIT instead of killing the run mid-step; a
+    Ctrl-C before the training loop, or a second one, exits at once (INTERRUPTED_EXIT, one line)."""
+    STOP_SIGNAL[0], STOP_AT_STEP[0], INTERRUPTS[:] = None, False, [0, -math.inf]
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        SAVED_HANDLERS.setdefault(sig, signal.getsignal(sig))
         signal.signal(sig, _on_stop_signal)
+
+
+def restore_signal_handlers():
+    """The handlers from before catch_stop_signals (main() has ended: a notebook's or pytest's Ctrl-C)."""
+    for sig, handler in SAVED_HANDLERS.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    SAVED_HANDLERS.clear()
+
+
+def ignore_interrupts(worker_id=None):
+    """A loader worker's init: Ctrl-C is the main process's to handle (a terminal sends it to the whole
+    process group, and a worker it killed would end the run with a traceback before the step's checkpoint)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def stop_requested(run, step):
@@ -1439,33 +1574,82 @@ except ImportError:  # Windows: no fcntl, so no lock (keep two runs off one fold
 LOCKS = {}  # real path of an output folder -> the open <folder>/.lock file this process holds the lock with
 
 
-def lock_output_dir(out):
-    """Create `out` and take an exclusive lock on out/.lock for this process: None, or the one-line reason it
-    cannot (another run holds it: its pid and host; or the folder cannot be created). The OS releases a flock
-    when the holder dies, even by kill -9, so a requeued job never meets a stale lock. The holder writes its
-    pid and host into the file after locking, for the other run's message."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        if fcntl is None or os.path.realpath(out) in LOCKS:  # no fcntl, or held by an earlier run here
+STARTING = []  # the Runs setup made in this main() that have written nothing yet (user_errors starts them)
+
+
+def start_run(run):
+    """Run.start: the first write of the run, once every check has passed (the Logger calls it; user_errors at
+    the end of a run without one): create and lock the folder (rank 0; every rank stops if another run holds
+    it), --overwrite's deletions, args.json. A no-op when done already or for a Run not made by setup."""
+    if not run.pending:
+        return
+    run.pending = False
+    refused = lock_output_dir(run.out) if run.main else None
+    agree_on_lock(refused, run.world)
+    if checkpoint_stamp(run.args) != run.stamp:  # written meanwhile by a run that held no lock on it
+        path = os.path.join(run.out, "checkpoint.pth") if run.args.resume == "auto" else run.args.resume
+        raise BadInput(f"{path} changed while this run started; run the command again")
+    if run.main:
+        if run.args.overwrite:
+            remove_run_outputs(run.out)
+        record = {**dataclasses.asdict(run.args), "method": run.method, "world_size": run.world,
+                  "git_sha": git_sha(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+                  "device": str(run.device)}
+        with atomic_path(os.path.join(run.out, "args.json")) as tmp, open(tmp, "w") as f:
+            json.dump(record, f, indent=2)
+
+
+def lock_output_dir(out, create=True):
+    """Take an exclusive lock on out/.lock for this process: None, or the one-line reason it cannot (another
+    run holds it: its pid and host; or the folder cannot be created). `create`: create the folder and the file
+    if needed and write this process's pid and host into it after locking (the run's first write, for the
+    other run's message); otherwise (setup, which writes nothing) lock an existing out/.lock only. The OS
+    releases a flock when the holder dies, even by kill -9, so a requeued job never meets a stale lock."""
+    path = os.path.join(out, ".lock")
+    f = LOCKS.get(os.path.realpath(out))  # locked already by setup, or by an earlier run in this process
+    if f is None and fcntl is not None:
+        if not (create or os.path.isfile(path)):
             return None
-        f = os.fdopen(os.open(os.path.join(out, ".lock"), os.O_RDWR | os.O_CREAT, 0o644), "r+")
-    except OSError as e:
-        return f"--output-dir {out} cannot be created or written: {e.strerror}"
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
         try:
-            holder = json.loads(f.read())
-            holder = f"pid {holder['pid']} on {holder['host']}"
-        except (ValueError, KeyError, TypeError):
-            holder = "pid and host not written yet"  # it has just taken the lock
-        f.close()
-        return f"--output-dir {out} is in use by another run ({holder}); wait for it or use another folder"
-    f.truncate(0)
-    f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
-    f.flush()
-    LOCKS[os.path.realpath(out)] = f
+            if create:
+                os.makedirs(out, exist_ok=True)
+            f = os.fdopen(os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644), "r+")
+        except OSError as e:
+            return f"--output-dir {out} cannot be created or written: {e.strerror}" if create else None
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = lock_holder(f.read())
+            f.close()
+            return (f"--output-dir {out} is in use by another run ({holder}); wait for it or use another "
+                    "folder")
+        LOCKS[os.path.realpath(out)] = f
+    if create:
+        try:
+            os.makedirs(out, exist_ok=True)  # no fcntl (Windows): no lock, the folder all the same
+            if f is not None:
+                f.seek(0)
+                f.truncate(0)
+                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+                f.flush()
+        except OSError as e:
+            return f"--output-dir {out} cannot be created or written: {e.strerror}"
     return None
+
+
+def lock_holder(text):
+    """'pid P on HOST' from a .lock file's text; a holder that has not written yet (it locks the file of an
+    earlier run in setup and writes at its first write) leaves that run's pid, which is gone on this host."""
+    try:
+        holder = json.loads(text)
+        pid, host = int(holder["pid"]), str(holder["host"])
+        if host == socket.gethostname():
+            os.kill(pid, 0)  # ProcessLookupError: the pid of an earlier run, not of the holder
+        return f"pid {pid} on {host}"
+    except PermissionError:  # alive, another user's
+        return f"pid {pid} on {host}"
+    except (ValueError, KeyError, TypeError, OverflowError, ProcessLookupError):
+        return "pid and host not written yet"  # it has just taken the lock
 
 
 def agree_on_lock(refused, world):
@@ -1843,9 +2027,19 @@ def load_file(path):
         raise BadInput(f"{path} is not a checkpoint written by these scripts ({why})") from None
 
 
+# The flags a resumed run may change: where and how often it logs, evaluates and saves, when it stops, its
+# loader and speed switches (the same step up to float rounding), and where the data is (the data itself is
+# checked by its fingerprint: DATA_ID). Every other flag (data flags, sizes, arch, batch, seed, precision,
+# --epochs (the lr and momentum schedules), the method's flags, ...) must equal the checkpoint's.
+RESUME_FREE = ("data", "data_root", "output_dir", "resume", "overwrite", "preset", "workers", "max_steps",
+               "time_limit", "knn_every", "knn_k", "knn_t", "log_every", "save_every", "save_epochs",
+               "tensorboard", "compile", "channels_last", "mask_cache", "show_matches")
+
+
 def find_checkpoint(args, method):
     """(path, contents) of --resume (auto: <output-dir>/checkpoint.pth if there is one), or None. BadInput
-    unless it is a training checkpoint of this method, arch, stem and global batch."""
+    unless it is a training checkpoint of this method made with the same value of every flag that changes what
+    a step computes (all but RESUME_FREE; a flag the checkpoint does not record is not compared)."""
     path = args.resume
     if path == "auto":
         path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -1854,14 +2048,19 @@ def find_checkpoint(args, method):
     elif not path:
         return None
     ck = load_file(path)
-    if not isinstance(ck, dict) or "model" not in ck or "args" not in ck:
+    if not isinstance(ck, dict) or "model" not in ck or not isinstance(ck.get("args"), dict):
         raise BadInput(f"{path} is not a training checkpoint of this project")
-    for key in ("method", "arch", "stem", "batch_size"):
-        have = ck.get(key, ck["args"].get(key))
-        want = method if key == "method" else getattr(args, key, None)
+    if ck.get("method") != method:
+        raise BadInput(f"cannot resume from {path}: it was made with method={ck.get('method')}, "
+                       f"this run has method={method}")
+    for f in dataclasses.fields(args):
+        if f.name in RESUME_FREE or f.name not in ck["args"]:
+            continue
+        have, want = ck["args"][f.name], getattr(args, f.name)
         if have != want:
-            raise BadInput(f"cannot resume from {path}: it was made with {key}={have}, "
-                           f"this run has {key}={want}")
+            raise BadInput(f"cannot resume from {path}: it was made with {f.name}={have}, this run has "
+                           f"{f.name}={want} (--{f.name.replace('_', '-')} changes what a step computes; "
+                           "start a new run in another --output-dir)")
     return path, ck
 
 
@@ -1876,13 +2075,33 @@ def checkpoint_stamp(args):
 
 
 def load_states(ck, state, path):
-    """load_state_dict of every object in `state` from ck; BadInput naming the one that does not fit."""
+    """load_state_dict of every object in `state` from ck; BadInput naming the one that does not fit, in our
+    words (PyTorch's message runs to pages, and cut short it ends mid-sentence)."""
     for k, obj in state.items():
+        if k not in ck:
+            raise BadInput(f"cannot resume from {path}: it holds no {k} state")
         try:
             obj.load_state_dict(ck[k])
-        except (RuntimeError, KeyError, ValueError) as e:  # e.g. another --queue-size, --variant or head size
-            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-            raise BadInput(f"cannot resume from {path}: its {k} does not fit this run's ({first})") from None
+        except (RuntimeError, KeyError, ValueError, TypeError, AttributeError):
+            raise BadInput(f"cannot resume from {path}: its {k} does not fit this run's "
+                           f"({misfit(obj, ck[k])})") from None
+
+
+def misfit(obj, saved):
+    """How a saved state differs from obj's, in a few words: for a module, the first missing, unexpected and
+    resized tensors."""
+    if not isinstance(obj, nn.Module) or not isinstance(saved, dict):
+        return f"another {type(obj).__name__} state: other parameters or settings"
+    mine = obj.state_dict()
+    shape = lambda v: list(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
+    missing = [k for k in mine if k not in saved]
+    extra = [k for k in saved if k not in mine]
+    resized = [k for k in mine if k in saved and shape(saved[k]) != shape(mine[k])]
+    parts = [f"{len(missing)} missing, e.g. {missing[0]}"] if missing else []
+    parts += [f"{len(extra)} unexpected, e.g. {extra[0]}"] if extra else []
+    parts += [f"{len(resized)} of another shape, e.g. {resized[0]} {shape(saved[resized[0]])} here "
+              f"{shape(mine[resized[0]])}"] if resized else []
+    return "; ".join(parts) or "values of another kind"
 
 
 # ============================================================================ kNN internals
@@ -1904,7 +2123,8 @@ def extract_features(net, ds, run, batch_size=256):
     if isinstance(ds, HeldSplit):  # --data-on-device: resize + centre crop on the device
         loader = ds.eval_batches(list(sampler), batch_size, run.args.img_size)
     else:
-        loader = torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=run.args.workers)
+        loader = torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=run.args.workers,
+                                             worker_init_fn=ignore_interrupts)
     feats, labels, idx = [], [], torch.tensor(list(sampler))
     for x, y in loader:
         with run.autocast():
@@ -1968,13 +2188,13 @@ def add_scalars(tb, record):
             tb.add_scalar(k, v, record["step"])
 
 
-def tensorboard_writer(run):
-    """torch.utils.tensorboard's SummaryWriter in <output-dir>/tb; BadInput if tensorboard is missing."""
+def tensorboard_writer():
+    """torch.utils.tensorboard's SummaryWriter class; BadInput if tensorboard is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
         raise BadInput("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(os.path.join(run.out, "tb"))
+    return SummaryWriter
 
 
 class Meter:
@@ -2068,6 +2288,36 @@ def read_jsonl(path):
     return records, skipped
 
 
+def recall(records):
+    """A resumed run's memory of its log.jsonl -> (the last loss record with the evaluations after it, the
+    last summary or None: what a rerun of the finished run prints)."""
+    last, stored = {}, None
+    for r in records:
+        if r.get("event") == "summary":
+            stored = r
+        elif "loss" in r:
+            last = dict(r)
+        else:
+            last.update({k: v for k, v in r.items() if k not in ("step", "epoch", "train_s")})
+    return last, stored
+
+
+def repeat_summary(log, extra):
+    """Logger.summary of a finished run resumed: one line saying so, then its stored summary (or, without one,
+    the last logged loss and kNN) as the last line; log.jsonl and curves.png stay as they are."""
+    rec = log.stored or {"event": "summary", "method": log.run.method, "steps": log.step,
+                         "loss": log.last.get("loss"), "knn_top1": log.last.get("knn_top1"),
+                         "epochs": round(log.step / log.spe, 4), **extra}
+    if log.run.main:
+        log.file.close()
+        if log.tb:
+            log.tb.close()
+        print(f"nothing to train: {log.run.out} holds a finished run (step {log.step} of {log.total}); its "
+              "summary:", flush=True)
+        print(json.dumps(rec), flush=True)
+    return rec
+
+
 def drop_torn_tail(path):
     """Truncate the last line of a JSON-lines file when it is torn (no trailing newline, or not JSON), so a
     resumed run's records do not glue onto half a record. Returns the number of bytes dropped."""
@@ -2114,6 +2364,9 @@ def plot_curves(log_path, png_path):
     for ax, (name, points) in zip(axes.flat, series.items()):
         steps, values = zip(*points)
         ax.plot(steps, values, marker="o" if len(points) < 20 else None, ms=3)
+        ax.ticklabel_format(axis="y", useOffset=False)  # the values themselves, never "+0.99" above them
+        if flat_limits(values):
+            ax.set_ylim(*flat_limits(values))
         ax.set_title(name)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
@@ -2126,6 +2379,20 @@ def plot_curves(log_path, png_path):
     with atomic_path(png_path, ".png") as tmp:  # like every other output
         fig.savefig(tmp, dpi=80)
     return list(series)
+
+
+FLAT = 1e-3  # a curve whose values span less than this share of their size is drawn as flat as it is
+
+
+def flat_limits(values):
+    """y-limits for a nearly constant curve, its values +- 5 % of their size (matplotlib would stretch the
+    float noise of a constant lr or momentum across the whole panel), or None for a curve that varies."""
+    lo, hi = min(values), max(values)
+    size = max(abs(lo), abs(hi))
+    if hi - lo > FLAT * size:
+        return None
+    pad = 0.05 * size if size else 1.0
+    return lo - pad, hi + pad
 
 
 def to_image(x):

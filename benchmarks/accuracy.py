@@ -16,14 +16,15 @@ import os
 import shutil
 import sys
 
-from bench import IMAGENETTE, ROOT, read_log, run_summary  # noqa: E402  (benchmarks/ is the script's folder)
+from bench import IMAGENETTE, ROOT, cached, read_log, run_summary  # noqa: E402  (benchmarks/: the script's)
 METHODS = ["mocov3", "fast_moco", "densecl", "detcon", "rotation_aux"]
+RESULTS = os.path.join(ROOT, "runs", "acc", "results")  # --reuse: the summaries of finished commands
 
 
 def run(cmd, reuse=False):
     """A script's JSON summary; with reuse, a finished run of the same command is read back from
     runs/acc/results/ instead of run again."""
-    return run_summary(cmd[0], cmd[1:], os.path.join(ROOT, "runs", "acc", "results"), reuse)
+    return run_summary(cmd[0], cmd[1:], RESULTS, reuse)
 
 
 def main():
@@ -58,7 +59,7 @@ def main():
         """Train, then linear-probe; returns a table row and records the kNN curve."""
         out = os.path.join(ROOT, "runs", "acc", name)
         cmd = [f"{script}.py", *train, "--epochs", str(epochs), "--output-dir", out]
-        if not (a.reuse and os.path.isfile(os.path.join(out, "backbone.pth"))):
+        if not (a.reuse and cached(cmd, RESULTS, True)[1]):  # it will run: into an empty folder
             shutil.rmtree(out, ignore_errors=True)  # a fresh run: log.jsonl must hold this run's curve only
         s = run(cmd, a.reuse)
         log = read_log(out)

@@ -2,7 +2,7 @@
 
   python benchmarks/profile_step.py mocov3 --preset imagenet --arch resnet50 --img-size 224 \\
       --batch-size 256 --precision bf16 --channels-last --workers 15 --knn-every 0 --synthetic-size 4096 \\
-      --max-steps 15
+      --max-steps 15 --output-dir runs/profile --overwrite     # --overwrite: a rerun replaces the last one
 
 Runs `<method>.main` with the given flags, skips 6 steps, warms the profiler up for 2 and records 6. Prints
 the wall time per recorded step, the device time per step by kind of kernel (batch norm, convolution,

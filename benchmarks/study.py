@@ -55,7 +55,7 @@ def main():
         out = os.path.join(runs, name)
         run(f"{a.method}.py", *common, "--preset", "cpu", "--data", data, "--subset", subset,
             "--epochs", epochs, "--batch-size", a.batch_size, "--max-steps", a.steps, "--knn-every", 0,
-            "--output-dir", out, *extra)
+            "--output-dir", out, "--overwrite", *extra)  # a rerun of the study replaces its runs
         return os.path.join(out, "backbone.pth")
 
     def linear(backbone, *extra):

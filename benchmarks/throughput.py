@@ -90,7 +90,7 @@ def main():
     common = ["--data", "synthetic", "--preset", a.preset, "--arch", a.arch, "--stem", a.stem,
               "--img-size", str(a.img_size), "--batch-size", str(a.batch_size), "--max-steps", str(a.steps),
               "--precision", a.precision, "--workers", str(a.workers), "--knn-every", "0",
-              "--log-every", str(a.steps), "--output-dir", os.path.join(ROOT, "runs", "bench"),
+              "--log-every", str(a.steps), "--output-dir", os.path.join(ROOT, "runs", "bench"), "--overwrite",
               "--synthetic-size", str(a.batch_size * (a.steps + 1))]
     common += ["--channels-last"] * a.channels_last + ["--compile"] * a.compile
     wanted = set(a.methods.split(",")) if a.methods else None
@@ -172,7 +172,8 @@ def data_paths(a):
             continue
         flags = ["--preset", a.preset, "--max-steps", str(steps), "--log-every", str(steps),
                  "--knn-every", "0",
-                 "--workers", str(a.workers), "--output-dir", os.path.join(ROOT, "runs", "bench"), *extra]
+                 "--workers", str(a.workers), "--output-dir", os.path.join(ROOT, "runs", "bench"),
+                 "--overwrite", *extra]
         recs = {"pil": [], "device": []}
         for _ in range(a.repeats):
             recs["pil"].append(run(script, flags))

@@ -44,6 +44,27 @@ def run_script(script, *args, env=None, torchrun=0, check=True, timeout=600):
     return p
 
 
+# 16 images / batch 8 = 2 steps per epoch: a stop after step 1 is mid-epoch, and the resumed steps 2 and 3
+# cross an epoch boundary
+PREEMPT = ["--synthetic-size", "16", "--epochs", "3", "--max-steps", "3"]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory):
+    """method -> the losses of its uninterrupted PREEMPT run (run once: several tests compare with mocov3's)."""
+    import importlib
+    done = {}
+
+    def losses_of(method):
+        if method not in done:
+            out = tmp_path_factory.mktemp(f"full_{method}")
+            importlib.import_module(method).main(tiny(method, out, *PREEMPT))
+            done[method] = losses(out)
+            shutil.rmtree(out)
+        return done[method]
+    return losses_of
+
+
 def read_log(out_dir):
     with open(os.path.join(out_dir, "log.jsonl")) as f:
         return [json.loads(line) for line in f]

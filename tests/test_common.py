@@ -254,7 +254,8 @@ def test_views_same_augmentation_in_any_worker_and_order():
     assert torch.equal(state, torch.get_rng_state())  # the global RNG is left untouched
 
 
-def test_parse_args_precedence_and_auto_preset():
+def test_parse_args_precedence_and_auto_preset(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # without a GPU: cpu (test_misuse_run.py)
     a = common.parse_args(mocov3.Args, mocov3.PRESETS, [])
     assert a.preset == "cpu" and a.img_size == mocov3.PRESETS["cpu"]["img_size"]
     a = common.parse_args(mocov3.Args, mocov3.PRESETS, ["--img-size", "48", "--no-blur"])

@@ -1,7 +1,6 @@
 """Runs that are interrupted, repeated or preempted, the per-method SyncBN choice, and bad flag values."""
 import importlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -11,7 +10,7 @@ import pytest
 import torch
 
 import common
-from conftest import ROOT, TINY, losses, read_log, tiny
+from conftest import PREEMPT, ROOT, TINY, losses, read_log, tiny
 
 METHODS = ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")
 # the official code of every method but DenseCL synchronises BN across GPUs; DenseCL's shuffle-BN needs
@@ -51,26 +50,6 @@ def test_sync_bn_only_on_multi_gpu_cuda():
     assert common.use_sync_bn(True, run(2, "cuda"))
     assert not common.use_sync_bn(False, run(2, "cuda"))  # DenseCL on 8 GPUs: per-GPU BN
     assert not common.use_sync_bn(True, run(1, "cuda")) and not common.use_sync_bn(True, run(2, "cpu"))
-
-
-# 16 images / batch 8 = 2 steps per epoch: a stop after step 1 is mid-epoch, and the resumed steps 2 and 3
-# cross an epoch boundary
-PREEMPT = ["--synthetic-size", "16", "--epochs", "3", "--max-steps", "3"]
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory):
-    """method -> the losses of its uninterrupted PREEMPT run (run once: two tests compare with mocov3's)."""
-    done = {}
-
-    def losses_of(method):
-        if method not in done:
-            out = tmp_path_factory.mktemp(f"full_{method}")
-            importlib.import_module(method).main(tiny(method, out, *PREEMPT))
-            done[method] = losses(out)
-            shutil.rmtree(out)
-        return done[method]
-    return losses_of
 
 
 @pytest.mark.parametrize("method", METHODS)
