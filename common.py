@@ -30,8 +30,9 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from collections import OrderedDict
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, redirect_stderr
 
 import numpy as np
 import torch
@@ -59,7 +60,11 @@ class Preempted(Exception):
     """SIGTERM or SIGUSR1 arrived: the current step was finished and checkpoint.pth written."""
 
 
-ARCH_NAMES = ("resnet18", "resnet50", "vit_small", "vit_base")  # torchvision backbones
+ARCH_NAMES = ("resnet18", "resnet50", "vit_small", "vit_base")  # effssl's names; any registry name works too
+# torchvision's ResNet class (resnet*, resnext*, wide_resnet*): the small stem and zero-init residual apply
+RESNETS = ("resnet", "resnext", "wide_resnet")
+LIST_ARCHS = ('python -c "import torchvision; '
+              'print(torchvision.models.list_models(module=torchvision.models))"')
 
 
 def default_workers():
@@ -162,6 +167,9 @@ def parse_args(cls, presets, argv=None):
         raise BadInput(f"unknown preset {preset!r}; choose from auto, {', '.join(presets)}")
     args = cls(**{**presets[preset], **given, "preset": preset})
     check_choices(args)  # --arch, --stem, --precision, --optimizer: one line naming the flag, before any work
+    if given.get("stem") == "small" and not args.arch.startswith(RESNETS):
+        raise BadInput(f"--stem small is a ResNet stem (resnet*, resnext*, wide_resnet*); --arch {args.arch} "
+                       "keeps its own: drop --stem")
     parse_corruptions(args.corrupt)
     check_ranges(args)
     return args
@@ -233,6 +241,7 @@ def setup(args, method):
     one). Nothing is written: the folder, its lock and args.json come with the run's first write (Run.start,
     from the Logger), after the data, the model and the resumed state have passed their checks too."""
     check_paths(args)
+    check_input(args.arch, args.img_size, args.img_size, "--img-size")  # e.g. a ViT size off its patch grid
     args.output_dir = args.output_dir or os.path.join("runs", method)
     world = int(os.environ.get("WORLD_SIZE", 1))
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
@@ -465,17 +474,21 @@ def eval_transform(img_size):
 
 
 # ============================================================================ backbones
-# (sincos_pos_embed, MoCo v3's ViT position embedding: "backbone internals", below the banner)
+# (registry_model, strip_classifier, probe_run and traced_map, the final map of any other torchvision model;
+# sincos_pos_embed, MoCo v3's ViT position embedding: "backbone internals", below the banner)
 
 # MoCo v3's ViT-S has 12 heads, not 6
 VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),
              "vit_base": dict(hidden_dim=768, mlp_dim=3072, num_heads=12)}
 
 
-def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True):
+def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True, spatial=False):
     """torchvision backbone with the classifier removed -> (net, feature dim). net(x) is the pooled
-    feature [N, C] (ResNet: global average pool; ViT: class token)."""
-    if arch.startswith("resnet"):
+    feature [N, C] (ResNet: global average pool; ViT: class token; any other model of torchvision's registry:
+    its own forward up to its last Linear, which becomes Identity). spatial=True (DenseCL, DetCon): dim is
+    the channels of the final spatial map (feature_map), and the parameters the map does not reach (e.g.
+    MobileNetV3's hidden Linear after the pool) are frozen: never read, DDP would find them unused."""
+    if arch.startswith(RESNETS):
         net = getattr(torchvision.models, arch)(zero_init_residual=True)
         if stem == "small":  # CIFAR-style stem: keeps 32-px inputs at 32x32 into layer1
             net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
@@ -483,7 +496,17 @@ def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True):
         dim, net.fc = net.fc.in_features, nn.Identity()
         return net, dim
     if arch not in VIT_SIZES:
-        raise BadInput(f"unknown arch {arch!r}; choose from {', '.join(ARCH_NAMES)}")
+        net = registry_model(arch, img_size)
+        dim = strip_classifier(net, arch)
+        net.effssl_arch = (arch, img_size)  # for feature_map (a plain attribute: no state_dict key)
+        if spatial and not isinstance(net, torchvision.models.VisionTransformer):  # ViT: its patch tokens
+            found = traced_map(arch, img_size)
+            net.map_forward = found.forward  # a plain attribute: no state_dict key
+            for name, p in net.named_parameters():
+                if name not in found.params:
+                    p.requires_grad_(False)
+            dim = found.shape[1]
+        return net, dim
     if img_size % 16:
         raise BadInput(f"--img-size {img_size} is not a multiple of the ViT patch size 16")
     net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12,
@@ -503,28 +526,61 @@ def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True):
 
 
 def feature_map(net, x):
-    """Final spatial feature map [N, C, S, S] (ResNet: layer4 output; ViT: patch tokens)."""
+    """Final spatial feature map [N, C, S, S] (ResNet: layer4 output; ViT: patch tokens; any other model:
+    the activation traced_map found, computed by the traced forward up to it on this net's own modules)."""
     if isinstance(net, torchvision.models.ResNet):
         x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
         return net.layer4(net.layer3(net.layer2(net.layer1(x))))  # [N, C, S, S]
-    tokens = net._process_input(x)  # [N, S*S, D]
-    n, s = tokens.shape[0], int(math.isqrt(tokens.shape[1]))
-    tokens = net.encoder(torch.cat([net.class_token.expand(n, -1, -1), tokens], 1))[:, 1:]  # [N, S*S, D]
-    return tokens.transpose(1, 2).reshape(n, -1, s, s)  # [N, D, S, S]
+    if isinstance(net, torchvision.models.VisionTransformer):
+        tokens = net._process_input(x)  # [N, S*S, D]
+        n, s = tokens.shape[0], int(math.isqrt(tokens.shape[1]))
+        tokens = net.encoder(torch.cat([net.class_token.expand(n, -1, -1), tokens], 1))[:, 1:]  # [N, S*S, D]
+        return tokens.transpose(1, 2).reshape(n, -1, s, s)  # [N, D, S, S]
+    forward = getattr(net, "map_forward", None)
+    if forward is None:  # built without spatial=True: trace it now (eager use; the methods trace at build)
+        forward = net.map_forward = traced_map(*net.effssl_arch).forward
+    return forward[0 if net.training else 1](net, x)["map"]  # [N, C, S, S]
 
 
 def final_grid(arch, stem, img_size):
-    """Side of the final feature map for this backbone and input size."""
-    if arch.startswith("vit"):
-        return img_size // 16
-    return math.ceil(img_size / 8) if stem == "small" else math.ceil(img_size / 32)
+    """Side of the final feature map for this backbone and input size (BadInput if it has none)."""
+    return map_shape(arch, stem, img_size)[1]
+
+
+def map_shape(arch, stem, img_size):
+    """(channels, side) of the final spatial map at this input size; BadInput when the arch has none."""
+    if arch in VIT_SIZES:
+        return VIT_SIZES[arch]["hidden_dim"], img_size // 16
+    if arch.startswith(RESNETS):
+        side = math.ceil(img_size / 8) if stem == "small" else math.ceil(img_size / 32)
+        return _probe_model(arch, 0)[1], side
+    net = _probe_model(arch, _built_for(arch, img_size))[0]
+    if isinstance(net, torchvision.models.VisionTransformer):
+        return net.hidden_dim, img_size // net.patch_size
+    shape = traced_map(arch, img_size).shape
+    return shape[1], shape[2]
+
+
+def check_input(arch, img_size, size, why):
+    """BadInput (one line naming --arch and `why`) unless the backbone built for --img-size img_size runs on
+    size x size inputs; before any work. ResNets run on any size; MoCo v3's ViTs on img_size only."""
+    if arch.startswith(RESNETS):
+        return
+    if arch in VIT_SIZES:
+        err = None if size == img_size else f"it is built for {img_size}-px inputs"
+    else:
+        err = probe_run(arch, img_size, size)
+    if err:
+        raise BadInput(f"--arch {arch} does not run on {size}-px inputs ({why}): {err}")
 
 
 def grid_advice(arch, stem, grid):
     """What to change for a final feature map of at least grid x grid (an error message's advice): the
     smallest --img-size that gives it with this backbone, and --stem small where it would need less."""
-    if arch.startswith("vit"):
+    if arch in VIT_SIZES:
         return f"use --img-size {16 * grid} or more"
+    if not arch.startswith(RESNETS):  # --stem is a ResNet's only; other families' strides vary
+        return "use a larger --img-size"
     size = (grid - 1) * (8 if stem == "small" else 32) + 1  # final_grid rounds up: one pixel past a cell
     return f"use --img-size {size} or more" + (", or --stem small" if stem != "small" else "")
 
@@ -811,10 +867,11 @@ class Logger:
 # device-side augmentation (--gpu-aug) and the data-study knobs (--subset, --corrupt, --data A,B) -- then the
 # plumbing under the sections above, which a method reader can skip, in the same order: errors & argument
 # parsing (exit codes, --help text, range and path checks), preemption signals, the run lock (one run per
-# output folder), synthetic scenes (the built-in data), image files, backbone internals (MoCo v3's ViT
-# position embedding), optimizer internals (LARS), checkpoint files (checks, RNG state, atomic save, safe
-# load), kNN internals and run records & pictures (the Logger's clock, git sha, peak memory, TensorBoard, the
-# log.jsonl reader, curves.png, the VOC colours and the contact sheets of --show-masks / --show-seg).
+# output folder), synthetic scenes (the built-in data), image files, backbone internals (any torchvision
+# model: its probe and traced final map; MoCo v3's ViT position embedding), optimizer internals (LARS),
+# checkpoint files (checks, RNG state, atomic save, safe load), kNN internals and run records & pictures (the
+# Logger's clock, git sha, peak memory, TensorBoard, the log.jsonl reader, curves.png, the VOC colours and the
+# contact sheets of --show-masks / --show-seg).
 # ##########################################################################################################
 
 
@@ -1332,11 +1389,20 @@ CHOICES = {"arch": ARCH_NAMES, "stem": ("imagenet", "small"), "precision": ("aut
 
 
 def check_choices(args):
-    """Every flag listed in CHOICES holds one of its choices."""
+    """Every flag listed in CHOICES holds one of its choices (--arch: or a name of torchvision's registry)."""
     for name, allowed in CHOICES.items():
         v = getattr(args, name, None)
-        if v is not None and v not in allowed:
-            raise BadInput(f"unknown {name} {v!r}; choose from {', '.join(allowed)}")
+        if v is None or v in allowed or (name == "arch" and v in registry_archs()):
+            continue
+        if name == "arch":
+            raise BadInput(f"unknown arch {v!r}; choose from {', '.join(allowed)} or a classification model "
+                           f"of torchvision (list them: {LIST_ARCHS})")
+        raise BadInput(f"unknown {name} {v!r}; choose from {', '.join(allowed)}")
+
+
+def registry_archs():
+    """Every classification model of torchvision's registry (resnet34, convnext_tiny, regnet_y_400mf, ...)."""
+    return torchvision.models.list_models(module=torchvision.models)
 
 
 def _help(f, doc, presets):
@@ -1344,6 +1410,8 @@ def _help(f, doc, presets):
     text = doc
     if f.name in CHOICES:
         text += f" {{{', '.join(CHOICES[f.name])}}}"
+    if f.name == "arch":
+        text += f" or any classification model of torchvision (list them: {LIST_ARCHS})"
     if f.name == "preset":
         text += f" {{auto, {', '.join(presets)}}}"
     set_by = [f"{name}: {values[f.name]}" for name, values in presets.items() if f.name in values]
@@ -1897,6 +1965,145 @@ def cached_ids(path, shape, compute):
         with atomic_path(path, ".png") as tmp:  # another worker or rank never reads half a file
             Image.fromarray(ids.astype(np.uint16)).save(tmp)
     return ids
+
+
+# ======================================================================== backbone internals: the registry
+
+def registry_model(arch, img_size):
+    """torchvision.models.get_model(arch), random init. Its ViTs and MaxViT fix their input size when built;
+    models returning auxiliary classifier outputs while training (GoogLeNet, Inception v3) are refused."""
+    kw = ({"image_size": img_size} if arch.startswith("vit_") else
+          {"input_size": (img_size, img_size)} if arch.startswith("maxvit") else {})
+    try:
+        net = torchvision.models.get_model(arch, **kw)
+    except NotImplementedError:  # on the meta device (_probe_model builds it on the CPU instead)
+        raise
+    except (AssertionError, ValueError, RuntimeError) as e:  # e.g. a ViT size off its patch grid
+        raise BadInput(f"--arch {arch} cannot be built for --img-size {img_size}: {_first_line(e)}") from None
+    if getattr(net, "aux_logits", False):
+        raise BadInput(f"--arch {arch} returns auxiliary classifier outputs while training; "
+                       "choose another model")
+    return net
+
+
+def strip_classifier(net, arch):
+    """Replace the model's last Linear (its classifier) by Identity, in place -> the pooled feature dim."""
+    linears = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise BadInput(f"--arch {arch} has no Linear classifier to remove (e.g. SqueezeNet's is a "
+                       "convolution); choose another model")
+    dim = net.get_submodule(linears[-1]).in_features
+    net.set_submodule(linears[-1], nn.Identity())
+    return dim
+
+
+def _first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+
+
+def _built_for(arch, img_size):
+    """The size a probe model is built for: ViTs and MaxViT fix theirs; any other model takes any size (0)."""
+    return img_size if arch.startswith(("vit_", "maxvit")) else 0
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_model(arch, img_size):
+    """(the stripped registry model in eval(), its pooled dim) on the meta device: shapes only, no memory,
+    no compute. Built there when it can be (no init either); RegNet computes its widths with tensors: built on
+    the CPU, then moved."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. torchvision's notes on future default inits
+        try:
+            with torch.device("meta"):
+                net = registry_model(arch, img_size)
+        except NotImplementedError:
+            net = registry_model(arch, img_size).to("meta")
+    dim = strip_classifier(net, arch)
+    return net.eval(), dim
+
+
+@functools.lru_cache(maxsize=None)
+def probe_run(arch, img_size, size):
+    """None if the model built for img_size runs on [1, 3, size, size], else the first line of its error."""
+    net = _probe_model(arch, _built_for(arch, img_size))[0]
+    try:
+        with torch.no_grad():
+            net(torch.zeros(1, 3, size, size, device="meta"))
+    except NotImplementedError:  # an op without a meta kernel: the real run will tell
+        return None
+    except (RuntimeError, AssertionError, ValueError, IndexError) as e:
+        return _first_line(e)
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _every_node(arch, img_size):
+    """(node names in graph order, extractor returning every node) of the eval graph of the probe model."""
+    from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+    net = _probe_model(arch, img_size)[0]
+    train_nodes, eval_nodes = get_graph_node_names(net)
+    return eval_nodes, create_feature_extractor(net, train_return_nodes=train_nodes,
+                                                eval_return_nodes=eval_nodes).eval()
+
+
+def _node_shapes(arch, size):
+    """{node: output shape} of every tensor the probe model computes on one size x size image."""
+    nodes, every = _every_node(arch, _built_for(arch, size))
+    with torch.no_grad(), redirect_stderr(io.StringIO()):  # fx prints its code on an error
+        out = every(torch.zeros(1, 3, size, size, device="meta"))
+    return {k: tuple(out[k].shape) for k in nodes[1:] if torch.is_tensor(out.get(k))}  # [0]: the input
+
+
+@dataclasses.dataclass(frozen=True)
+class TracedMap:
+    node: str  # the graph node (torchvision.models.feature_extraction's name) of the final spatial map
+    shape: tuple  # its [1, C, S, S] at --img-size
+    forward: tuple  # (train, eval) forward functions up to it, called as f(net, x) -> {"map": [N, C, S, S]}
+    params: frozenset  # names of the parameters it reads
+
+
+# probe size for telling the spatial activations apart (and twice it): large enough that a stride-32 map is
+# 4x4 and 8x8, so the final map itself (not an earlier stage's) is the last one whose side changes
+FIND_AT = 128
+
+
+@functools.lru_cache(maxsize=None)
+def _find_map(arch, built_for):
+    """(node, forward functions, parameter names) of the final spatial map; see traced_map."""
+    a = built_for or FIND_AT
+    try:
+        one, two = _node_shapes(arch, a), _node_shapes(arch, 2 * a)
+    except Exception as e:  # noqa: BLE001 -- tracing or running any model: whatever fails, no map is found
+        raise BadInput(f"--arch {arch}: its final spatial map could not be traced "
+                       f"({_first_line(e)})") from None
+    spatial = [k for k, v in one.items() if len(v) == 4 and k in two and v[1] == two[k][1]
+               and v[2] != two[k][2] and v[3] != two[k][3]]
+    if not spatial:
+        raise BadInput(f"--arch {arch} has no spatial feature map (DenseCL, DetCon and the dense probes need "
+                       "one): choose a convolutional or Swin-like model")
+    from torchvision.models.feature_extraction import create_feature_extractor
+    gm = create_feature_extractor(_probe_model(arch, built_for)[0], return_nodes={spatial[-1]: "map"})
+    # the generated code reads every module by its path from `self`: called with the training net as self,
+    # it runs that net's own (possibly SyncBN-converted, deep-copied or compiled) modules
+    forward = tuple(type(torch.fx.GraphModule(gm, g)).forward for g in (gm.train_graph, gm.eval_graph))
+    return spatial[-1], forward, frozenset(n for n, _ in gm.named_parameters())
+
+
+@functools.lru_cache(maxsize=None)
+def traced_map(arch, img_size):
+    """Find the final spatial map of a registry model with torchvision.models.feature_extraction: trace it,
+    run it on two image sizes (FIND_AT and twice it) and take the LAST activation [N, C, H, W] whose H and W
+    change with the input while C does not (ConvNeXt: features; RegNet: trunk_output; Swin: the permuted
+    last stage; DenseNet: the ReLU after features): its pooling and head follow, at fixed sizes. BadInput
+    when there is none or the model does not run at --img-size."""
+    err = probe_run(arch, img_size, img_size)
+    if err:
+        raise BadInput(f"--arch {arch} does not run on {img_size}-px inputs: {err}")
+    node, forward, params = _find_map(arch, _built_for(arch, img_size))
+    net = _probe_model(arch, _built_for(arch, img_size))[0]
+    with torch.no_grad():
+        shape = tuple(forward[1](net, torch.zeros(1, 3, img_size, img_size, device="meta"))["map"].shape)
+    return TracedMap(node, shape, forward, params)
 
 
 # ============================================================================ backbone internals: ViT

@@ -19,9 +19,10 @@ permutation); lambda = 0.5 with an optional warm-up (the official DenseCLWarmupH
 BN stays per GPU (no SyncBN), as in the official code: shuffle-BN needs each GPU's own batch statistics.
 
 Changed:
-- Backbone from common.py: torchvision ResNet with zero_init_residual=True (ResNet only, as in the
-  paper), and the heads keep PyTorch's default init; the official code zero-inits no residual
-  branch and uses kaiming (fan_in) init for the backbone's convolutions and for the heads.
+- Backbone from common.py: torchvision ResNet with zero_init_residual=True (the paper's; any model with
+  a final spatial map also runs: common.feature_map), and the heads keep PyTorch's default init; the
+  official code zero-inits no residual branch and uses kaiming (fan_in) init for the backbone's
+  convolutions and for the heads.
 - Precision: bf16 autocast with TF32 matmuls and convolutions by default on CUDA (--precision
   auto); the official code trains in fp32 (--precision fp32 here, TF32 still on).
 - The queue pointer moves without a host sync.
@@ -65,7 +66,7 @@ import common
 @dataclasses.dataclass
 class Args(common.CommonArgs):
     arch: str = "resnet50"
-    """backbone: resnet18 or resnet50 (DenseCL is defined on a ResNet feature map)"""
+    """backbone: resnet18, resnet50 (official: resnet50) or any torchvision model with a final spatial map"""
     epochs: int = 200
     """pretraining epochs (ImageNet: 200; COCO: 800)"""
     batch_size: int = 256
@@ -248,7 +249,7 @@ class DenseCL(nn.Module):
     def __init__(self, args):
         super().__init__()
         self.temperature, self.splits = args.temperature, args.shuffle_splits
-        self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size)
+        self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size, spatial=True)
         self.global_head = global_head(dim, args.mlp_dim, args.proj_dim)
         # method-specific: the dense branch; --dense-weight 0 builds none of it (plain MoCo v2)
         self.dense_head = dense_head(dim, args.mlp_dim, args.proj_dim) if args.dense_weight > 0 else None
@@ -354,11 +355,10 @@ def draw_matches(model, ds, run, path, pairs=4, px=192):
 
 def check_args(args):
     """DenseCL's argument errors (one line, exit 2), before any work."""
-    if not args.arch.startswith("resnet"):
-        raise common.BadInput(f"densecl.py needs a ResNet backbone (resnet18, resnet50), not {args.arch}")
-    grid = common.final_grid(args.arch, args.stem, args.img_size)
+    grid = common.final_grid(args.arch, args.stem, args.img_size)  # BadInput for an arch without one
     if grid < 2:
-        raise common.BadInput(f"--img-size {args.img_size} with --stem {args.stem} gives a {grid}x{grid} "
+        stem = f" --stem {args.stem}" if args.arch.startswith(common.RESNETS) else ""  # a ResNet's only
+        raise common.BadInput(f"--img-size {args.img_size} with --arch {args.arch}{stem} gives a {grid}x{grid} "
                               "final feature map; DenseCL needs at least 2x2 "
                               f"({common.grid_advice(args.arch, args.stem, 2)})")
     if args.queue_size % args.batch_size:

@@ -74,7 +74,8 @@ from common import BadInput
 @dataclasses.dataclass
 class Args(common.CommonArgs):
     arch: str = "resnet50"
-    """backbone: resnet18, resnet50 (official: resnet50), vit_small, vit_base"""
+    """backbone: resnet18, resnet50 (official: resnet50), vit_small, vit_base or any torchvision model with a
+    final spatial map"""
     epochs: int = 1000
     """pretraining epochs (ImageNet: 1000 for the headline DetCon_B result, 300 also reported)"""
     batch_size: int = 4096
@@ -447,7 +448,7 @@ class DetCon(nn.Module):
         super().__init__()
         self.temperature, self.num_masks, self.byol = args.temperature, args.num_masks, args.variant == "B"
         self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size,
-                                                   args.freeze_patch_proj)
+                                                   args.freeze_patch_proj, spatial=True)
         self.projector = mlp(dim, args.mlp_dim, args.proj_dim)
         if self.byol:  # DetCon_B: predictor on the online side, EMA target = backbone + projector
             self.predictor = mlp(args.proj_dim, args.mlp_dim, args.proj_dim)
@@ -521,9 +522,10 @@ def check_args(args):
         raise BadInput(f"unknown --variant {args.variant!r}; choose B (DetCon_B) or S (DetCon_S)")
     if args.masks not in ("fh", "grid"):
         raise BadInput(f"unknown --masks {args.masks!r}; choose fh or grid")
-    grid = common.final_grid(args.arch, args.stem, args.img_size)
+    grid = common.final_grid(args.arch, args.stem, args.img_size)  # BadInput for an arch without one
     if grid < 2:
-        raise BadInput(f"--img-size {args.img_size} with --arch {args.arch} --stem {args.stem} "
+        stem = f" --stem {args.stem}" if args.arch.startswith(common.RESNETS) else ""  # a ResNet's only
+        raise BadInput(f"--img-size {args.img_size} with --arch {args.arch}{stem} "
                        f"gives a {grid}x{grid} final feature map; DetCon needs at least 2x2 "
                        f"({common.grid_advice(args.arch, args.stem, 2)})")
     if args.mask_cache not in ("auto", "off"):

@@ -693,9 +693,9 @@ def head_init(head):
 
 def load_net(args, sd, run):
     """The backbone with the pretrained weights (random init for --pretrained none)."""
-    net, dim = common.build_backbone(args.arch, args.stem, args.img_size)
+    net, dim = common.build_backbone(args.arch, args.stem, args.img_size, spatial=args.mode in DENSE)
     if sd is not None:
-        pos = sd.get("encoder.pos_embedding")
+        pos = sd.get("encoder.pos_embedding") if args.arch in common.VIT_SIZES else None  # others: learned
         if pos is not None and pos.shape != net.encoder.pos_embedding.shape:
             # ViT at another size than pretrained (a dense probe): the fixed 2-D sin-cos embedding of this
             # grid

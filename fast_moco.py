@@ -20,8 +20,8 @@ to the peak at the last warm-up iteration (the official WCosConLR: 0.025 -> 0.1)
 clipping 1.0, constant EMA 0.99, MoCo v2's symmetric augmentation.
 
 Changed:
-- torchvision ResNets (ViT is not supported: the official code is ResNet-only and a ViT built for
-  full views does not take half-size patches).
+- torchvision ResNets as in the official code (other torchvision models that take two input sizes run
+  too; a ViT built for full views does not take half-size patches).
 - The momentum encoder starts as an exact copy of the online backbone + projector; the official
   one is initialised independently (its own random draw).
 - Head BN layers keep PyTorch's init (gamma = 1); the official heads draw BN gamma ~ U[0, 1).
@@ -73,7 +73,8 @@ import common
 @dataclasses.dataclass
 class Args(common.CommonArgs):
     arch: str = "resnet50"
-    """backbone: resnet18, resnet50 (the official code and all paper numbers are ResNet-50)"""
+    """backbone: resnet18, resnet50 (the official code and all paper numbers are ResNet-50) or any torchvision
+    model that takes the patches' size (not a ViT: built for one input size)"""
     epochs: int = 100
     """pretraining epochs (ImageNet: 100, 200 or 400)"""
     batch_size: int = 512
@@ -265,11 +266,11 @@ def set_lrs(optimizer, lr, base_lr):
 
 def check_args(args):
     """Fast-MoCo-specific argument errors (one line, exit 2)."""
-    if not args.arch.startswith("resnet"):
-        raise common.BadInput(f"fast_moco.py supports resnet18 and resnet50, not {args.arch}: the online "
-                              "backbone takes patches of a different size than the full views")
-    if args.img_size % args.grid:
+    if args.grid < 1 or args.img_size % args.grid:
         raise common.BadInput(f"--img-size {args.img_size} must be divisible by --grid {args.grid}")
+    # the online backbone takes the patches, the momentum one the full views: one net, two input sizes
+    common.check_input(args.arch, args.img_size, args.img_size // args.grid,
+                       f"the --grid {args.grid} patches")
     if not 1 <= args.combine <= args.grid ** 2:
         raise common.BadInput(f"--combine must be between 1 and grid^2 = {args.grid ** 2}, "
                               f"got {args.combine}")

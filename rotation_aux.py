@@ -30,8 +30,8 @@ Changed / ours:
   are balanced by construction).
 - The rotated passes also update the backbone's BN running statistics (train mode), which the
   exported backbone keeps.
-- `--rot-size` (off by default) rotates a bilinearly downscaled copy to cut the extra cost (ResNet
-  only: torchvision's ViT takes one input size).
+- `--rot-size` (off by default) rotates a bilinearly downscaled copy to cut the extra cost (not for
+  ViTs: torchvision's ViT takes one input size).
 - `--rot-weight 0` still runs the rotated passes (an equal-compute ablation: loss and gradients
   equal mocov3.py's, only BN running statistics see the rotated views); use mocov3.py itself for
   the plain baseline.
@@ -134,9 +134,10 @@ class RotationAux(mocov3.MoCoV3):
 def check_args(args):
     """MoCo v3's checks plus the rotation flags (one line, exit 2), before any work."""
     mocov3.check_args(args)
-    if args.rot_size and (args.arch.startswith("vit") or not 0 < args.rot_size <= args.img_size):
-        raise common.BadInput(f"--rot-size {args.rot_size} needs a ResNet and "
-                              f"0 < size <= --img-size {args.img_size}")
+    if args.rot_size and not 0 < args.rot_size <= args.img_size:
+        raise common.BadInput(f"--rot-size {args.rot_size} needs 0 < size <= --img-size {args.img_size}")
+    if args.rot_size:  # the rotated views are resized: the backbone must take that size (a ViT does not)
+        common.check_input(args.arch, args.img_size, args.rot_size, "--rot-size")
 
 
 @common.user_errors

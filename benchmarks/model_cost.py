@@ -6,7 +6,7 @@ data loading) are timed on the same random batch, alternating the variants so dr
 them alike. Reports each median and its ratio to its baseline, plus DetCon's Felzenszwalb-Huttenlocher mask
 cost (paid in the loader workers, so not in the steps); writes markdown, prints it, ends with a JSON line.
 
-  python benchmarks/model_cost.py                             # CPU: cpu preset (ResNet-18, 64 px, batch 32)
+  python benchmarks/model_cost.py --other-arch regnet_y_400mf  # CPU: cpu preset (ResNet-18, 64 px, batch 32)
   python benchmarks/model_cost.py --img-size 32 --stem small --methods densecl,detcon
   python benchmarks/model_cost.py --preset imagenet --arch resnet50 --img-size 224 --batch-size 128 \\
       --precision bf16 --channels-last                        # one GPU
@@ -17,6 +17,8 @@ scripts' common ones (e.g. --mlp-dim), given to every method. Variants (vs): fas
 --combine 1 (the patches' cost alone), detcon --variant B / S on precomputed grid masks, rotation_aux with
 full-size and img_size/2 rotated views (vs mocov3); densecl (vs its --dense-weight 0 mode, MoCo v2). A method
 that does not fit the settings (DenseCL, DetCon need a final feature grid >= 2x2) is skipped with a note.
+--other-arch NAME (any torchvision classification model, e.g. regnet_y_400mf) adds a row per method: its main
+variant on that backbone, against the same variant on --arch.
 """
 import argparse
 import dataclasses
@@ -50,11 +52,11 @@ TARGETS = {"fast_moco": 1.10, "densecl": 1.05, "detcon --variant B": 1.10, "detc
 IMAGENETTE = os.path.join(bench.IMAGENETTE, "train")  # README: where the 224-px copy comes from
 
 
-def plan(flags, same, run, x1, x2):
+def plan(flags, same, run, x1, x2, other=""):
     """[(variant, method, baseline, build)]; build() -> (model, its Args, forward inputs) or raises
-    BadInput."""
+    BadInput. `other`: an arch each method's main variant is also timed with (vs the same variant)."""
     def margs(mod, **over):  # the method's own preset and flags, the shared settings forced equal
-        return dataclasses.replace(common.parse_args(mod.Args, mod.PRESETS, flags), **same, **over)
+        return dataclasses.replace(common.parse_args(mod.Args, mod.PRESETS, flags), **{**same, **over})
 
     def views(mod, model, check=None, **over):  # mocov3, fast_moco, rotation_aux: forward(x1, x2, m)
         a = margs(mod, **over)
@@ -64,17 +66,16 @@ def plan(flags, same, run, x1, x2):
 
     def dense(**over):
         a = margs(densecl, **over)
-        s = common.final_grid(a.arch, a.stem, a.img_size)
-        why = [w for w, bad in [(f"a ResNet, not {a.arch}", not a.arch.startswith("resnet")),
-                                (f"a final grid >= 2x2, not {s}x{s}", s < 2),
+        s = common.final_grid(a.arch, a.stem, a.img_size)  # BadInput for an arch without a spatial map
+        why = [w for w, bad in [(f"a final grid >= 2x2, not {s}x{s}", s < 2),
                                 (f"--shuffle-splits {a.shuffle_splits} to divide the batch",
                                  a.batch_size % a.shuffle_splits)] if bad]
         if why:  # the checks of densecl.main()
             raise common.BadInput("densecl needs " + " and ".join(why))
         return densecl.DenseCL(a), a, (x1, x2, a.momentum, a.dense_weight)
 
-    def det(variant):
-        a = margs(detcon, variant=variant, masks="grid")
+    def det(variant, **over):
+        a = margs(detcon, variant=variant, masks="grid", **over)
         s = detcon.check_args(a)
         # masks come from the loader workers in training: built once here, outside the timed step
         cells = detcon.reduce_mask(
@@ -85,7 +86,13 @@ def plan(flags, same, run, x1, x2):
 
     half = same["img_size"] // 2
     fast = lambda **over: views(fast_moco, fast_moco.FastMoCo, fast_moco.check_args, **over)  # noqa: E731
-    rot = lambda size: views(rotation_aux, rotation_aux.RotationAux, rot_size=size)  # noqa: E731
+    rot = lambda size, **over: views(rotation_aux, rotation_aux.RotationAux,  # noqa: E731
+                                     rot_size=size, **over)
+    on = {"arch": other}  # each method's main variant on --other-arch, against the same variant on --arch
+    others = [(f"{v} --arch {other}", v.split()[0], v, b) for v, b in [
+        ("mocov3", lambda: views(mocov3, mocov3.MoCoV3, **on)), ("fast_moco", lambda: fast(**on)),
+        ("densecl", lambda: dense(**on)), ("detcon --variant B", lambda: det("B", **on)),
+        ("rotation_aux", lambda: rot(0, **on))]] if other else []
     return [("mocov3", "mocov3", None, lambda: views(mocov3, mocov3.MoCoV3)),
             ("fast_moco", "fast_moco", "mocov3", fast),
             ("fast_moco --grid 1 --combine 1", "fast_moco", "mocov3", lambda: fast(grid=1, combine=1)),
@@ -94,7 +101,7 @@ def plan(flags, same, run, x1, x2):
             ("detcon --variant B", "detcon", "mocov3", lambda: det("B")),
             ("detcon --variant S", "detcon", "mocov3", lambda: det("S")),
             ("rotation_aux", "rotation_aux", "mocov3", lambda: rot(0)),
-            (f"rotation_aux --rot-size {half}", "rotation_aux", "mocov3", lambda: rot(half))]
+            (f"rotation_aux --rot-size {half}", "rotation_aux", "mocov3", lambda: rot(half)), *others]
 
 
 def mask_cost(a, img_size, n=16):
@@ -142,6 +149,8 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=int(os.environ.get("REPS", 10)),
                     help="timed steps per variant")
     ap.add_argument("--preset", default="cpu")
+    ap.add_argument("--other-arch", default="", help="also time each method with this torchvision backbone "
+                    "(e.g. regnet_y_400mf), against the same method on --arch")
     ap.add_argument("--out", default="",
                     help="markdown file (default benchmarks/results/model_cost_{cpu,gpu}.md)")
     opts, rest = ap.parse_known_args(argv)
@@ -171,7 +180,7 @@ def main(argv=None):
         common.optimizer_step(loss, opt, scaler, params, clip)
 
     setups, baseline, skipped = {}, {}, {}
-    for name, method, ref, build in plan(flags, same, run, x1, x2):
+    for name, method, ref, build in plan(flags, same, run, x1, x2, opts.other_arch):
         if method not in wanted:
             continue
         torch.manual_seed(0)

@@ -369,7 +369,7 @@ def test_resume_restores_queues_and_pointers_and_draws_matches(tmp_path):
 @pytest.mark.parametrize("flags, expected", [
     (["--queue-size", "60"], "not a multiple of the global --batch-size 8"),
     (["--stem", "imagenet"], "1x1 final feature map"),
-    (["--arch", "vit_small"], "needs a ResNet backbone"),
+    (["--arch", "vit_small", "--stem", "imagenet", "--img-size", "16"], "1x1 final feature map"),  # patches
 ])
 def test_densecl_bad_input(tmp_path, capsys, flags, expected):
     # in-process (the checks run before any model or data is built): one "error:" line, exit code 2

@@ -207,7 +207,7 @@ def test_script_keeps_predictor_lr_constant(tmp_path):
     assert json.load(open(out / "args.json"))["grid"] == 2
 
 
-@pytest.mark.parametrize("flags,msg", [(["--arch", "vit_small"], "supports resnet18 and resnet50"),
+@pytest.mark.parametrize("flags,msg", [(["--arch", "vit_small"], "does not run on 16-px inputs (the --grid"),
                                        (["--img-size", "33"], "divisible by --grid"),
                                        (["--grid", "0"], "--grid 0 is out of range"),
                                        (["--combine", "5"], "--combine must be")])
