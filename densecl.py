@@ -358,8 +358,8 @@ def check_args(args):
     grid = common.final_grid(args.arch, args.stem, args.img_size)  # BadInput for an arch without one
     if grid < 2:
         stem = f" --stem {args.stem}" if args.arch.startswith(common.RESNETS) else ""  # a ResNet's only
-        raise common.BadInput(f"--img-size {args.img_size} with --arch {args.arch}{stem} gives a {grid}x{grid} "
-                              "final feature map; DenseCL needs at least 2x2 "
+        raise common.BadInput(f"--img-size {args.img_size} with --arch {args.arch}{stem} gives a "
+                              f"{grid}x{grid} final feature map; DenseCL needs at least 2x2 "
                               f"({common.grid_advice(args.arch, args.stem, 2)})")
     if args.queue_size % args.batch_size:
         raise common.BadInput(f"--queue-size {args.queue_size} is not a multiple of the global --batch-size "
