@@ -899,9 +899,6 @@ def finish_views(run, x1, x2, step, recipes=None):
     return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
 
 
-LUMA = (0.2989, 0.587, 0.114)  # torchvision's rgb_to_grayscale weights (ITU-R 601-2 luma)
-
-
 BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # one 13-tap kernel for every sigma: 3 sigma of the largest one
 
 
@@ -917,12 +914,6 @@ def blend(x, y, f):
     """torchvision's _blend: f * x + (1 - f) * y, clamped to [0, 1]; f = 1 returns x exactly."""
     f = per_sample(f, x)
     return (f * x + (1.0 - f) * y).clamp(0.0, 1.0)
-
-
-def rgb_to_gray(x):
-    """x [N, 3, H, W] -> luma [N, 1, H, W]."""
-    r, g, b = x.unbind(1)  # [N, H, W] each
-    return (LUMA[0] * r + LUMA[1] * g + LUMA[2] * b).unsqueeze(1)
 
 
 def rgb_to_hsv(x):
@@ -973,11 +964,6 @@ def gaussian_blur(x, sigma, radius=BLUR_RADIUS):
     return y.reshape(n, c, h, w)
 
 
-def solarize(x, threshold=SOLARIZE_AT / 255):
-    """Invert the pixels >= threshold (a float or per-sample [N])."""
-    return torch.where(x >= per_sample(threshold, x), 1.0 - x, x)
-
-
 def normalize(x):
     """ImageNet normalisation of x [N, 3, H, W] (Python constants: no host-to-device copy, which syncs)."""
     return torch.stack([(x[:, c] - MEAN[c]) / STD[c] for c in range(3)], 1)  # [N, 3, H, W]
@@ -1022,7 +1008,7 @@ def adjust_bcs(x, op, factors):
     """Per sample one of brightness (op 0), contrast (1), saturation (2) or nothing (-1), op [N], with its
     factor from factors [N, 4]: each is a blend of x with 0, the mean grey or the grey image (torchvision's
     formulas), so the three run as one blend; factor 1 for nothing, which returns x exactly."""
-    gray = rgb_to_gray(x)  # [N, 1, H, W]
+    gray = v2.functional.rgb_to_grayscale(x)  # [N, 1, H, W]
     mean = gray.mean((1, 2, 3), keepdim=True)  # [N, 1, 1, 1]
     target = torch.where((op == 1)[:, None, None, None], mean, gray)  # [N, 1, H, W]
     f = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)  # [N]
@@ -1042,11 +1028,11 @@ def apply_photometric(x, p, recipe):
         x = where(p["jitter"], adjust_hue(x, p["factors"][:, 3]), x)
     for op in post.unbind(1):
         x = adjust_bcs(x, op, p["factors"])
-    x = where(p["gray"], rgb_to_gray(x).expand_as(x), x)
+    x = where(p["gray"], v2.functional.rgb_to_grayscale(x).expand_as(x), x)
     if recipe.blur_p > 0:
         x = where(p["blur"], gaussian_blur(x, p["sigma"]), x)
     if recipe.solarize_p > 0:
-        x = where(p["solarize"], solarize(x), x)
+        x = where(p["solarize"], v2.functional.solarize(x, SOLARIZE_AT / 255), x)
     return normalize(x)
 
 
@@ -1866,7 +1852,7 @@ class Synthetic(torch.utils.data.Dataset):
 
 # ============================================================================ image files
 
-IMG_EXT = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+IMG_EXT = datasets.folder.IMG_EXTENSIONS  # the extensions torchvision's ImageFolder reads
 
 
 def load_image(path):

@@ -51,7 +51,7 @@ PREEMPT = ["--synthetic-size", "16", "--epochs", "3", "--max-steps", "3"]
 
 @pytest.fixture(scope="session")
 def uninterrupted(tmp_path_factory):
-    """method -> the losses of its uninterrupted PREEMPT run (run once: several tests compare with mocov3's)."""
+    """method -> the losses of its uninterrupted PREEMPT run (run once; several tests compare with them)."""
     import importlib
     done = {}
 

@@ -106,8 +106,8 @@ def test_crop_ids_is_nearest_exact_of_each_box():
     ids = torch.randint(0, 50, (5, 40, 60), generator=gen(3))
     boxes = detcon.crop_windows(torch.rand(5, 4, generator=gen(4), dtype=torch.float64), 40, 60)
     got = detcon.crop_ids(ids, boxes, 16)
-    for i, (t, l, bh, bw) in enumerate(boxes.long().tolist()):
-        assert torch.equal(got[i], detcon.nearest_exact(ids[i, t:t + bh, l:l + bw], 16))
+    for i, (t, left, bh, bw) in enumerate(boxes.long().tolist()):
+        assert torch.equal(got[i], detcon.nearest_exact(ids[i, t:t + bh, left:left + bw], 16))
 
 
 def test_relabel_is_torch_unique_per_image():
