@@ -102,3 +102,9 @@ def cpu_note():
     threads = os.environ.get("OMP_NUM_THREADS")
     per_process = f", {threads} thread(s) per process" if threads else ""
     return f"{cores} of {os.cpu_count()} CPU cores{per_process}"
+
+
+def git_sha():
+    """The short commit of the checkout the benchmark runs from (its tables name it)."""
+    p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
+    return p.stdout.strip() or "unknown"

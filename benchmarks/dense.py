@@ -26,7 +26,7 @@ import shutil
 import sys
 import time
 
-from bench import ROOT, cpu_note, gain, mean_sd, read_log, run_summary  # noqa: E402  (the script's folder)
+from bench import ROOT, cpu_note, gain, git_sha, mean_sd, read_log, run_summary  # noqa: E402  (the script's folder)
 # (row name, script, extra flags): DenseCL with --dense-weight 0 keeps only its global (MoCo v2) loss
 RUNS = [("mocov3", "mocov3", []), ("fast_moco", "fast_moco", []), ("densecl", "densecl", []),
         ("mocov2 (densecl --dense-weight 0)", "densecl", ["--dense-weight", "0"]), ("detcon", "detcon", []),
@@ -257,7 +257,8 @@ def write_outputs(a, floor, ref, results, masks, note):
     columns = ["method", "epochs", "train s", "kNN top-1", "seg mIoU", "seg pixel acc", "seg-kNN mIoU",
                "seg-kNN pixel acc"]
     lines = [
-        f"Command: `{cmd}`. A miniature, not a VOC result: {budget}, global batch {a.batch_size}, each "
+        f"Command: `{cmd}` at commit {git_sha()}. A miniature, not a VOC result: {budget}, global batch "
+        f"{a.batch_size}, each "
         f"method's `cpu` preset hyperparameters otherwise, seeds {a.seeds} (the seed also draws the "
         f"synthetic "
         f"images; every number is the mean ± sd over them), {cpu_note()}. Dense "

@@ -18,16 +18,10 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
-from bench import ROOT, cpu_note, gain, mean_sd, read_log, run_summary  # noqa: E402  (the script's folder)
-
-
-def git_sha():
-    p = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
-    return p.stdout.strip() or "unknown"
+from bench import ROOT, cpu_note, gain, git_sha, mean_sd, read_log, run_summary  # noqa: E402  (the script's folder)
 
 
 def dense_size(cfg):
