@@ -6,28 +6,22 @@ Protocols (the summary's `protocol` says which one produced a number):
   linear    MoCo v3's: the ONLINE backbone, projector dropped, frozen in eval() (BN statistics frozen); a
             Linear head N(0, 0.01), bias 0; SGD momentum 0.9, wd 0, lr 0.1 x B/256 (ViT 3 x B/256), cosine,
             no warmup; RandomResizedCrop + flip for train, resize + centre crop for val.
-  finetune  every weight trained (SGD momentum 0.9, wd 1e-4, lr 0.1 x B/256, cosine); with `--pretrained
-            none` the supervised-from-scratch baseline.
-  seg       frozen linear segmentation probe (Leopart / VICRegL), fit to convergence: the final map (ResNet
-            layer4, ViT patch tokens) of every train image computed once, unaugmented; each channel
-            standardised (the BatchNorm DINOv2 and VICRegL put before the head); a 1x1 conv whose logits,
-            upsampled bilinearly to --seg-res (default 2 x the grid), meet the masks resized nearest: mean
-            cross-entropy over pixels not labelled 255 + wd/2 ||W||^2 (wd 1e-4), full-batch L-BFGS (strong
-            Wolfe) from zero until max |grad| < 1e-5 or the loss changes < 1e-6 (converged) or 1000
-            iterations (not). Every train cell is kept: VOC train_aug at 448 px with ResNet-50 is 8.5 GB in
-            fp16 on CUDA (17 GB fp32 on a CPU).
-  seg-knn   training-free dense retrieval (Hummingbird-style): a bank of (feature, label distribution) of
-            every final-grid cell of the train images, centred on its mean and L2-normalised; a val cell
-            takes the distributions of its --knn-k most similar cells, weighted softmax(sim / --knn-t),
-            upsampled bilinearly; argmax. k = 5, T = 0.02. The bank is scanned in chunks.
+  finetune  every weight trained (as linear, but wd 1e-4 and lr 0.1 x B/256); with `--pretrained none` the
+            supervised-from-scratch baseline.
+  seg       frozen linear segmentation probe (Leopart / VICRegL): the final map (ResNet layer4, ViT patch
+            tokens) of every train image cached once, unaugmented, standardised per channel; a 1x1 conv whose
+            logits, upsampled bilinearly to --seg-res, meet the masks resized nearest: cross-entropy (255
+            ignored) + wd/2 ||W||^2, by full-batch L-BFGS from zero to convergence, or 1000 iterations.
+  seg-knn   dense retrieval (Hummingbird-style): a bank of (feature, label distribution) of every final-grid
+            train cell, centred and L2-normalised; a val cell takes the distributions of its k most similar
+            cells weighted softmax(sim / T), upsampled bilinearly; argmax. k = 5, T = 0.02.
 linear, finetune and seg check the frozen backbone unchanged at the end.
 
-Dense metrics (percent, val split, pixels not labelled 255, masks at --img-size): miou over the classes in
-ground truth or prediction, miou_fg (background left out), floor_miou (background everywhere), pixel_acc,
-iou per class. Dense data (--data): `synthetic` (0 background, shape class + 1: 11 classes), a PASCAL VOC 2012
-root (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/; SegmentationClassAug/ + train_aug.txt for
-train when present; 21 classes), or a folder {train,val}/images/* + {train,val}/masks/<stem>.png of class
-ids (classes = largest train id + 1, or --num-classes).
+Dense --data: `synthetic` (0 background, shape class + 1), a PASCAL VOC 2012 root (SegmentationClassAug/ and
+train_aug.txt for train when present) or a folder {train,val}/images/* + {train,val}/masks/<stem>.png of
+class ids; 255 = ignore. Without --img-size the size is doubled until the final grid is 8x8. Dense metrics
+(percent, val split, masks at --img-size): miou over the classes in ground truth or prediction, miou_fg
+(background left out), floor_miou (background everywhere), pixel_acc, iou per class.
 
 `--pretrained`: a checkpoint.pth or backbone.pth of any training script (its arch, stem and image size are
 used; a conflicting flag is an error, but for --img-size in the dense modes), or `none` (random init).
@@ -38,11 +32,10 @@ used; a conflicting flag is an error, but for --img-size in the dense modes), or
   python eval_linear.py --pretrained runs/densecl/backbone.pth --mode seg --show-seg seg.png
   python eval_linear.py --pretrained backbone.pth --mode seg --data VOC2012   # 448 px, loss at 100x100
 
-The last line printed is a JSON summary: top1 and top5, or the dense metrics with eval_s (seg: probe_loss,
-probe_iters, probe_grad, converged); val_images (each counted once, also under torchrun) and protocol.
-Dense defaults (ours): synthetic at the small stem, 64 px (an 8x8 grid), 1280 train images; other data 448
-px, --seg-res 100 (Leopart's VOC). Without --img-size the file's size is doubled until the grid is 8x8.
+The last line printed is a JSON summary: top1 and top5, or the dense metrics, eval_s and (seg) probe_loss,
+probe_iters, probe_grad, converged; val_images (each counted once, also under torchrun) and protocol.
 """
+import argparse
 import dataclasses
 import json
 import math
@@ -56,7 +49,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision.transforms as T
-import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -115,26 +107,82 @@ class Args(common.CommonArgs):
     not_flags = ("resume", "subset", "mix_fraction", "knn_every", "gpu_aug", "save_every", "save_epochs")
 
 
-PRESETS = {
-    "imagenet": {},
-    "cifar": dict(stem="small", img_size=32, epochs=100),
-    "cpu": dict(img_size=64, epochs=10, batch_size=128, workers=2, log_every=20),
-}
-# dense modes: over PRESETS for every flag not given (ours; "imagenet" is Leopart's VOC size and loss
-# resolution; batch = images per forward while caching and evaluating)
-DENSE_PRESETS = {
-    "imagenet": dict(img_size=448, seg_res=100, batch_size=64),
-    "cifar": {},
-    # the small stem at the synthetic images' native 64 px: an 8x8 grid; 1280 images keep a CPU run short
-    "cpu": dict(stem="small", img_size=64, synthetic_size=1280),
+# --preset -> (the values of every mode, what the dense modes set over them). The dense values are ours:
+# imagenet is Leopart's VOC size and loss resolution (batch = images per forward while caching and
+# evaluating); cpu is the small stem at the synthetic images' native 64 px (an 8x8 grid), and 1280 images
+# keep a CPU run short. Explicit flags override both.
+PRESET_TABLE = {
+    "imagenet": ({}, dict(img_size=448, seg_res=100, batch_size=64)),
+    "cifar": (dict(stem="small", img_size=32, epochs=100), {}),
+    "cpu": (dict(img_size=64, epochs=10, batch_size=128, workers=2, log_every=20),
+            dict(stem="small", img_size=64, synthetic_size=1280)),
 }
 # seg-knn's k and T (ours): T is Hummingbird's; its k = 30 leaves random init on the background-only floor
 # when most cells are background (30 neighbours of a shape cell are mostly background); k = 5 had the widest
 # gap between random and trained features of k = 1-30 on the synthetic scenes
 SEG_KNN = dict(knn_k=5, knn_t=0.02)
+
+
+def presets(mode):
+    """The preset table common.parse_args applies in --mode (what --help lists with that --mode)."""
+    return {name: {**every, **(dense if mode in DENSE else {}), **(SEG_KNN if mode == "seg-knn" else {})}
+            for name, (every, dense) in PRESET_TABLE.items()}
+
+
+PRESETS = presets("knn")  # the classification modes' table
 # an 8x8 final grid at least: on 4x4 a synthetic shape covers 2-3 cells and even true per-cell labels score
 # low (benchmarks/dense.py's reference row); dense transfer evaluates larger than it pretrained (VOC: 448)
 MIN_GRID = 8
+
+
+# ============================================================================ main
+
+
+@common.user_errors
+def main(argv=None):
+    args, sd, meta = parse(argv)
+    run = common.setup(args, f"eval_{args.mode}")
+    common.seed_everything(args.seed)  # the same random init (--pretrained none) and head on every rank
+    net, dim = load_net(args, sd, run)
+    protocol = {"knn": knn, "linear": train_head, "finetune": train_head, "seg": dense_eval,
+                "seg-knn": dense_eval}[args.mode]
+    return protocol(args, meta, net, dim, run)
+
+
+def parse(argv):
+    """(Args, the --pretrained weights or None, the file's record); every refusal comes before any work."""
+    argv = sys.argv[1:] if argv is None else argv
+    first = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # --mode picks the preset values
+    first.add_argument("--mode", default=Args.mode)
+    try:
+        mode = first.parse_known_args(argv)[0].mode
+    except argparse.ArgumentError:  # --mode without a value: the full parse says so in one line
+        mode = Args.mode
+    args = common.parse_args(Args, presets(mode), argv)
+    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if args.mode not in MODES:
+        raise common.BadInput(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
+    for flag, modes in MODE_FLAGS.items():
+        if flag in given and args.mode not in modes:
+            raise common.BadInput(f"--{flag.replace('_', '-')} does nothing in --mode {args.mode} (it is for "
+                                  f"--mode {', '.join(modes)})")
+    if args.mode in TRAINED and args.epochs < 1:
+        raise common.BadInput(f"--epochs {args.epochs}: --mode {args.mode} trains for at least 1 epoch")
+    sd, meta = (None, {}) if args.pretrained == "none" else load_backbone(args.pretrained)
+    dense = args.mode in DENSE
+    for key in ("arch", "stem", "img_size"):  # as the file records them: a conflicting flag is an error
+        if meta.get(key) is None or (dense and key == "img_size" and key in given):
+            continue
+        if key in given and getattr(args, key) != meta[key]:
+            raise common.BadInput(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the "
+                                  f"pretrained file, which was made with {key}={meta[key]}")
+        setattr(args, key, meta[key])
+    if dense and "img_size" not in given:  # e.g. DenseCL's cpu preset (small stem, 32 px) -> 64 px: 8x8
+        while common.final_grid(args.arch, args.stem, args.img_size) < MIN_GRID:
+            args.img_size *= 2
+    if args.show_seg:
+        common.check_output_file("--show-seg", args.show_seg, args.output_dir)
+    return args, sd, meta
 
 
 def load_backbone(path):
@@ -156,22 +204,77 @@ def load_backbone(path):
     return sd, meta
 
 
+def load_net(args, sd, run):
+    """The backbone with the pretrained weights (random init for --pretrained none)."""
+    net, dim = common.build_backbone(args.arch, args.stem, args.img_size, spatial=args.mode in DENSE)
+    if sd is not None:
+        own = net.state_dict()
+        pos = sd.get("encoder.pos_embedding") if args.arch in common.VIT_SIZES else None  # others: learned
+        if pos is not None and pos.shape != own["encoder.pos_embedding"].shape:
+            # ViT at another size than pretrained (a dense probe): the fixed sin-cos embedding of this grid
+            sd = {**sd, "encoder.pos_embedding": own["encoder.pos_embedding"].clone()}
+        wrong = {"weights missing": [k for k in own if k not in sd],
+                 "unexpected weights": [k for k in sd if k not in own],
+                 "weights of another shape": [k for k in own if k in sd and own[k].shape != sd[k].shape]}
+        misfit = "; ".join(f"{len(keys)} {what} (first: {keys[0]})" for what, keys in wrong.items() if keys)
+        if misfit:
+            raise common.BadInput(f"{args.pretrained} does not fit {args.arch} (stem {args.stem}): {misfit}")
+        net.load_state_dict(sd, strict=True)
+    return net.to(run.device), dim
 
-def check_meta(args, meta, flags_given, free=()):
-    """Use the arch/stem/img size recorded in the file; an explicit conflicting flag is an error (unless the
-    key is in `free`)."""
-    for key in ("arch", "stem", "img_size"):
-        if meta.get(key) is None or (key in free and key in flags_given):
-            continue
-        if key in flags_given and getattr(args, key) != meta[key]:
-            raise common.BadInput(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the "
-                                  f"pretrained file, which was made with {key}={meta[key]}")
-        setattr(args, key, meta[key])
 
+def loader(ds, batch_size, run):
+    """This rank's share of ds in batches, for evaluation: every item exactly once over all ranks
+    (DistributedSampler would pad the last share with duplicates, which a metric would count twice)."""
+    mine = list(range(run.rank, len(ds), run.world))
+    if isinstance(ds, common.HeldSplit):  # --data-on-device: resize + centre crop on the device
+        return ds.eval_batches(mine, batch_size, run.args.img_size)
+    return torch.utils.data.DataLoader(ds, batch_size, sampler=mine, num_workers=run.args.workers)
+
+
+def frozen(net):
+    """Freezes net (no gradients); returns check(what), a RuntimeError if net's state has changed since."""
+    net.requires_grad_(False)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+
+    def check(what):
+        changed = [k for k, v in net.state_dict().items() if not torch.equal(v, before[k].to(v.device))]
+        if changed:
+            raise RuntimeError(f"{what} changed the frozen backbone: {changed[:3]}")
+    return check
+
+
+def finish(run, args, meta, **metrics):
+    """The summary line of the modes without a training loop (knn, seg, seg-knn)."""
+    rec = {"event": "summary", "mode": args.mode, "pretrained": args.pretrained, "arch": args.arch, **metrics,
+           "method": meta.get("method")}
+    if run.main:
+        print(json.dumps(rec), flush=True)
+    return rec
+
+
+# ============================================================================ classification data
 
 SYNTHETIC_COARSE = {"disk": "round", "ring": "round", "crescent": "round", "square": "polygon",
                     "frame": "polygon", "triangle": "polygon", "plus": "stroke", "star": "stroke",
                     "bar": "stroke", "ell": "stroke"}
+
+
+def eval_splits(args):
+    """(train, val) labeled datasets after --granularity, --labels-per-class and (train only) --corrupt."""
+    train, val = common.load_dataset(args, "train"), common.load_dataset(args, "val")
+    if val is None or min(common.labels_of(train)) < 0:
+        raise common.BadInput(f"{args.data} has no labeled train and val split to evaluate on")
+    if args.granularity not in ("fine", "coarse"):
+        raise common.BadInput(f"unknown granularity {args.granularity!r}; choose from fine, coarse")
+    if args.granularity == "coarse":
+        train, val = (Relabeled(ds, coarse_labels(args, ds)) for ds in (train, val))
+    if args.labels_per_class:
+        order = common.balanced_order(common.labels_of(train), args.seed)
+        train = common.Subset(train, sorted(order[:args.labels_per_class * common.num_classes(train)]))
+    if args.corrupt:  # the supervised baseline trains on the same corrupted images; val stays clean
+        train = common.Corrupted(train, common.parse_corruptions(args.corrupt), args.seed)
+    return train, val
 
 
 def coarse_labels(args, ds):
@@ -198,37 +301,6 @@ def coarse_labels(args, ds):
     return [names.index(mapping[ds.classes[y]]) for y in common.labels_of(ds)]
 
 
-def train_transform(img_size):
-    """RandomResizedCrop + flip: the linear-probe / fine-tune training transform (evaluation only)."""
-    return T.Compose([T.RandomResizedCrop(img_size), T.RandomHorizontalFlip(), T.ToTensor(),
-                      T.Normalize(common.MEAN, common.STD)])
-
-
-def device_train_batch(run, x, step):
-    """train_transform on the device (--data-on-device): stored uint8 images [n, 3, S, S] -> RandomResizedCrop
-    (scale 0.08-1) + flip per sample, normalised [n, 3, img_size, img_size]."""
-    gen = common.device_generator(run, step)
-    x = common.normalize(common.device_crops(x.float().div_(255), run.args.img_size, (0.08, 1.0), gen))
-    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
-
-
-def eval_splits(args):
-    """(train, val) labeled datasets after --granularity, --labels-per-class and (train only) --corrupt."""
-    train, val = common.load_dataset(args, "train"), common.load_dataset(args, "val")
-    if val is None or min(common.labels_of(train)) < 0:
-        raise common.BadInput(f"{args.data} has no labeled train and val split to evaluate on")
-    if args.granularity not in ("fine", "coarse"):
-        raise common.BadInput(f"unknown granularity {args.granularity!r}; choose from fine, coarse")
-    if args.granularity == "coarse":
-        train, val = (Relabeled(ds, coarse_labels(args, ds)) for ds in (train, val))
-    if args.labels_per_class:
-        order = common.balanced_order(common.labels_of(train), args.seed)
-        train = common.Subset(train, sorted(order[:args.labels_per_class * common.num_classes(train)]))
-    if args.corrupt:  # the supervised baseline trains on the same corrupted images; val stays clean
-        train = common.Corrupted(train, common.parse_corruptions(args.corrupt), args.seed)
-    return train, val
-
-
 class Relabeled(torch.utils.data.Dataset):
     def __init__(self, base, targets):
         self.base, self.targets = base, targets
@@ -240,22 +312,110 @@ class Relabeled(torch.utils.data.Dataset):
         return self.base[i][0], self.targets[i]
 
 
-def shard(n, run):
-    """This rank's indices of a dataset of n items for evaluation: every item exactly once over all ranks
-    (DistributedSampler would pad the last shard with duplicates, which a metric would count twice)."""
-    return list(range(run.rank, n, run.world))
+def eval_view(args, run, base):
+    """base resized and centre-cropped, or (--data-on-device) held in device memory and cropped there."""
+    if args.data_on_device:
+        return common.held_split(args, run, base)
+    return common.Views(base, common.eval_transform(args.img_size))
+
+
+def data_note(args, train):
+    """The protocol's data part: ", data, size, labels[, K labels/class][, train images corrupted ...]"."""
+    note = f", {args.data}, {args.img_size}px, {args.granularity} labels"
+    if args.labels_per_class:  # the labels actually used: a class may have fewer images than asked for
+        counts = np.bincount(common.labels_of(train))
+        lo, hi = int(counts.min()), int(counts.max())
+        note += f", {lo} labels/class" if lo == hi else f", {lo}-{hi} labels/class"
+    return note + (f", train images corrupted {args.corrupt}" if args.corrupt else "")
+
+
+# ============================================================================ knn
+
+
+def knn(args, meta, net, dim, run):
+    """--mode knn: weighted kNN of the val images against the train images' features."""
+    train, val = eval_splits(args)
+    val_ds = eval_view(args, run, val)
+    bank_ds = eval_view(args, run, train)
+    top1, top5 = common.knn_eval(net, bank_ds, val_ds, run, args.knn_k, args.knn_t)
+    k = min(args.knn_k, len(bank_ds))  # the vote takes at most the whole bank
+    protocol = f"weighted kNN k={k} T={args.knn_t}" + data_note(args, train)
+    return finish(run, args, meta, top1=top1, top5=top5, val_images=len(val_ds), protocol=protocol)
+
+
+# ============================================================================ linear, finetune
+# one training loop: the linear probe trains the head on the frozen backbone, fine-tuning trains both
+
+
+def train_head(args, meta, net, dim, run):
+    """--mode linear / finetune: train a linear head (fine-tuning: and the backbone), then top-1/top-5."""
+    train, val = eval_splits(args)
+    val_ds = eval_view(args, run, val)
+    head = nn.Linear(dim, common.num_classes(train))
+    nn.init.normal_(head.weight, std=0.01)  # MoCo v3's head: N(0, 0.01), zero bias
+    nn.init.zeros_(head.bias)
+    head = (nn.Sequential(nn.BatchNorm1d(dim, affine=False), head) if args.bn_head else head).to(run.device)
+    linear = args.mode == "linear"
+    args.lr = args.lr or (3.0 if linear and args.arch.startswith("vit") else 0.1)
+    if args.wd < 0:  # the default: none for the linear probe, 1e-4 for fine-tuning
+        args.wd = 0.0 if linear else 1e-4
+    check = frozen(net) if linear else None
+    model = nn.Sequential(net, head)
+    if run.world > 1 and run.device.type == "cuda" and not linear:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    step_model = nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
+    optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
+    scaler = common.grad_scaler(run)
+    if args.data_on_device:
+        train_ds = common.held_split(args, run, train, copies=1)
+    else:
+        tf = T.Compose([T.RandomResizedCrop(args.img_size), T.RandomHorizontalFlip(), T.ToTensor(),
+                        T.Normalize(common.MEAN, common.STD)])
+        train_ds = common.Views(train, tf, args.seed)
+    steps_per_epoch = len(train_ds) // args.batch_size
+    if steps_per_epoch == 0:
+        raise common.BadInput(f"--batch-size {args.batch_size} is larger than the dataset "
+                              f"({len(train_ds)} images)")
+    base_lr = args.lr * args.batch_size / 256
+    log = common.Logger(run, steps_per_epoch, 0)
+    for epoch in log.epochs():
+        model.train()
+        if linear:
+            net.eval()  # frozen BN statistics: the backbone is a fixed feature extractor
+        for i, (x, y) in log.batches(train_ds, epoch):
+            common.set_lr(optimizer, common.cosine_lr(epoch + i / steps_per_epoch, base_lr, 0, args.epochs))
+            x = device_train_batch(run, x, log.step) if args.data_on_device else run.to_device(x)
+            with run.autocast():
+                loss = F.cross_entropy(step_model(x).float(), y.to(run.device))
+            common.optimizer_step(loss, optimizer, scaler)
+            log.log_step(loss.detach())
+            if log.done:
+                break
+    if linear:
+        check("linear probe")
+    top1, top5, n_val = evaluate(net, head, val_ds, run)
+    ran = log.step / steps_per_epoch  # epochs actually trained (--max-steps or --time-limit may stop early)
+    done = f"{args.epochs}" if ran >= args.epochs else f"{ran:.3g} of {args.epochs}"
+    protocol = {"finetune": f"fine-tune {done} ep",
+                "linear": f"linear probe (MoCo v3 protocol) {done} ep"}[args.mode] + data_note(args, train)
+    return log.summary(top1=top1, top5=top5, val_images=n_val, protocol=protocol)
+
+
+def device_train_batch(run, x, step):
+    """The train transform on the device (--data-on-device): stored uint8 images [n, 3, S, S] ->
+    RandomResizedCrop (scale 0.08-1) + flip per sample, normalised [n, 3, img_size, img_size]."""
+    gen = common.device_generator(run, step)
+    x = common.normalize(common.device_crops(x.float().div_(255), run.args.img_size, (0.08, 1.0), gen))
+    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
 
 
 @torch.no_grad()
 def evaluate(net, head, ds, run):
-    """(top-1, top-5 in percent, number of images) of head(net(x)) on ds, sharded across ranks."""
+    """(top-1, top-5 in percent, number of images) of head(net(x)) on ds, each image counted once."""
     net.eval()
     head.eval()
-    loader = torch.utils.data.DataLoader(ds, 256, sampler=shard(len(ds), run), num_workers=run.args.workers)
-    if isinstance(ds, common.HeldSplit):  # --data-on-device: resize + centre crop on the device
-        loader = ds.eval_batches(shard(len(ds), run), 256, run.args.img_size)
     hits = torch.zeros(3, dtype=torch.long, device=run.device)  # top-1 hits, top-5 hits, images: exact counts
-    for x, y in loader:
+    for x, y in loader(ds, 256, run):
         with run.autocast():
             logits = head(net(run.to_device(x))).float()  # [n, classes]
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y.to(run.device)[:, None]  # [n, 5]
@@ -266,32 +426,90 @@ def evaluate(net, head, ds, run):
     return 100 * top1 / n, 100 * top5 / n, n
 
 
-# ============================================================================ dense data
+# ============================================================================ masks & metrics (seg, seg-knn)
 
 IGNORE = 255  # the VOC convention: boundary / unlabeled pixels, left out of the loss, the bank and the metric
-VOC_CLASSES = 21  # background + 20 object classes
-SHOW_N = 6  # val images drawn by --show-seg
+
+
+def seg_splits(args):
+    """(train, val) SegData of --data and the number of classes."""
+    if args.data == "synthetic":  # the renderer's per-pixel labels: background + one class per shape
+        n = args.num_classes or len(common.SHAPES) + 1
+        return [SegData(common.load_dataset(args, s), n) for s in ("train", "val")] + [n]
+    root = args.data
+    if not os.path.isdir(root):
+        raise common.BadInput(f"--mode {args.mode} needs masks: --data synthetic, a VOC 2012 root or a "
+                              f"folder with train/images and train/masks ({root} is not a folder)")
+    voc = all(os.path.isdir(os.path.join(root, *d)) for d in (("JPEGImages",), ("ImageSets", "Segmentation")))
+    if not voc and not os.path.isdir(os.path.join(root, "train", "images")):
+        raise common.BadInput(f"{root} is neither a VOC root (JPEGImages/, ImageSets/Segmentation/) nor "
+                              f"a folder with train/images and train/masks")
+    train, val = ((voc_pairs if voc else folder_pairs)(root, split) for split in ("train", "val"))
+    # VOC: background + 20 classes; a folder: the largest class id of its train masks + 1
+    n = args.num_classes or (21 if voc else 1 + max(int(np.max(m, where=m != IGNORE, initial=-1))
+                                                    for m in (read_mask(path) for _, path in train)))
+    if n < 1:
+        raise common.BadInput(f"the train masks of {root} hold no class id (only 255)")
+    return SegData(train, n), SegData(val, n), n
+
+
+def voc_pairs(root, split):
+    """VOC 2012 (image, mask) paths of a split (train: SegmentationClassAug + train_aug.txt if present)."""
+    lists = os.path.join(root, "ImageSets", "Segmentation")
+    aug = split == "train" and os.path.isfile(os.path.join(lists, "train_aug.txt")) and os.path.isdir(
+        os.path.join(root, "SegmentationClassAug"))
+    list_file = os.path.join(lists, "train_aug.txt" if aug else f"{split}.txt")
+    if not os.path.isfile(list_file):
+        raise common.BadInput(f"VOC split list not found: {list_file}")
+    # a line is an image id, or (some train_aug.txt copies) "/JPEGImages/ID.jpg /SegmentationClassAug/ID.png"
+    names = [os.path.splitext(os.path.basename(line.split()[0]))[0]
+             for line in open(list_file) if line.strip()]
+    if not names:
+        raise common.BadInput(f"VOC split list {list_file} is empty")
+    masks = os.path.join(root, "SegmentationClassAug" if aug else "SegmentationClass")
+    return existing([(os.path.join(root, "JPEGImages", f"{n}.jpg"), os.path.join(masks, f"{n}.png"))
+                     for n in names])
+
+
+def folder_pairs(root, split):
+    """(image, mask) paths of root/split/images/* and root/split/masks/<same stem>.png."""
+    img_dir, mask_dir = os.path.join(root, split, "images"), os.path.join(root, split, "masks")
+    if not os.path.isdir(img_dir):
+        raise common.BadInput(f"{img_dir} not found: a segmentation folder needs train/images and val/images")
+    files = sorted(f for f in os.listdir(img_dir) if f.lower().endswith(common.IMG_EXT))
+    if not files:
+        raise common.BadInput(f"no images found in {img_dir}")
+    return existing([(os.path.join(img_dir, f), os.path.join(mask_dir, os.path.splitext(f)[0] + ".png"))
+                     for f in files])
+
+
+def existing(pairs):
+    """pairs, once every image and mask is found (else BadInput naming the first missing file)."""
+    for img_path, mask_path in pairs:
+        if not os.path.isfile(img_path):
+            raise common.BadInput(f"image not found: {img_path}")
+        if not os.path.isfile(mask_path):
+            raise common.BadInput(f"no mask for image {img_path}: {mask_path} not found")
+    return pairs
 
 
 def read_mask(path):
-    """Class ids [H, W] int64 of a mask PNG: a palette PNG ("P": the palette index is the class id, as in
-    VOC's SegmentationClass) or grayscale ids ("L", "I", "I;16"); BadInput naming the file otherwise."""
+    """Class ids [H, W] int64 of a palette PNG (the index is the id, as in VOC's SegmentationClass) or a
+    grayscale one; BadInput naming the file otherwise."""
     try:
-        with open(path, "rb") as f:
-            m = Image.open(f)
-            m.load()
+        with Image.open(path) as m:
+            mode, ids = m.mode, np.array(m).astype(np.int64)
     except Exception as e:
         raise common.BadInput(f"cannot read mask {path}: {e}") from None
-    if m.mode not in ("P", "L", "I", "I;16"):
-        raise common.BadInput(f"mask {path} is a {m.mode} image: expected a palette or grayscale PNG of "
-                              f"class ids")
-    return np.array(m).astype(np.int64)
+    if mode not in ("P", "L", "I", "I;16"):
+        raise common.BadInput(f"mask {path} is a {mode} image: expected a palette or grayscale PNG of "
+                              "class ids")
+    return ids
 
 
 class SegData(torch.utils.data.Dataset):
-    """(PIL image, class ids [H, W] int64) from (image path, mask path) pairs or a common.Synthetic split (the
-    renderer's per-pixel labels: 0 background, shape class + 1); BadInput naming the file when a mask does
-    not fit its image or holds an unknown class id, checked as each item is loaded."""
+    """(PIL image, class ids [H, W] int64) of (image path, mask path) pairs or of a common.Synthetic split;
+    BadInput naming the file when a mask does not fit its image or holds an unknown id (checked on load)."""
     def __init__(self, source, n_classes):
         self.source, self.n_classes = source, n_classes
 
@@ -315,102 +533,22 @@ class SegData(torch.utils.data.Dataset):
         return img, ids
 
 
-def existing_pairs(pairs):
-    """The eager check: every image and mask of the list exists (BadInput naming the first missing file)."""
-    for img_path, mask_path in pairs:
-        if not os.path.isfile(img_path):
-            raise common.BadInput(f"image not found: {img_path}")
-        if not os.path.isfile(mask_path):
-            raise common.BadInput(f"no mask for image {img_path}: {mask_path} not found")
-    return pairs
-
-
-def is_voc(root):
-    dirs = (("JPEGImages",), ("ImageSets", "Segmentation"))
-    return all(os.path.isdir(os.path.join(root, *d)) for d in dirs)
-
-
-def voc_pairs(root, split):
-    """VOC 2012 (image, mask) paths of a split (train: SegmentationClassAug + train_aug.txt if present)."""
-    lists = os.path.join(root, "ImageSets", "Segmentation")
-    aug = split == "train" and os.path.isfile(os.path.join(lists, "train_aug.txt")) and os.path.isdir(
-        os.path.join(root, "SegmentationClassAug"))
-    list_file = os.path.join(lists, "train_aug.txt" if aug else f"{split}.txt")
-    if not os.path.isfile(list_file):
-        raise common.BadInput(f"VOC split list not found: {list_file}")
-    # a line is an image id, or (some train_aug.txt copies) "/JPEGImages/ID.jpg /SegmentationClassAug/ID.png"
-    names = [os.path.splitext(os.path.basename(line.split()[0]))[0]
-             for line in open(list_file) if line.strip()]
-    if not names:
-        raise common.BadInput(f"VOC split list {list_file} is empty")
-    masks = os.path.join(root, "SegmentationClassAug" if aug else "SegmentationClass")
-    return existing_pairs([(os.path.join(root, "JPEGImages", f"{n}.jpg"), os.path.join(masks, f"{n}.png"))
-                           for n in names])
-
-
-def folder_pairs(root, split):
-    """(image, mask) paths of root/split/images/* and root/split/masks/<same stem>.png."""
-    img_dir, mask_dir = os.path.join(root, split, "images"), os.path.join(root, split, "masks")
-    if not os.path.isdir(img_dir):
-        raise common.BadInput(f"{img_dir} not found: a segmentation folder needs train/images and val/images")
-    files = sorted(f for f in os.listdir(img_dir) if f.lower().endswith(common.IMG_EXT))
-    if not files:
-        raise common.BadInput(f"no images found in {img_dir}")
-    return existing_pairs([(os.path.join(img_dir, f), os.path.join(mask_dir, os.path.splitext(f)[0] + ".png"))
-                           for f in files])
-
-
-def folder_classes(pairs):
-    """Largest class id (255 left out) over the masks + 1."""
-    top = -1
-    for _, mask_path in pairs:
-        ids = read_mask(mask_path)
-        ids = ids[ids != IGNORE]
-        top = max(top, int(ids.max()) if ids.size else -1)
-    return top + 1
-
-
-def seg_splits(args):
-    """(train, val) datasets of (PIL image, class ids [H, W]) and the number of classes, from --data."""
-    if args.data == "synthetic":
-        n = args.num_classes or len(common.SHAPES) + 1  # background + one class per shape
-        return [SegData(common.load_dataset(args, s), n) for s in ("train", "val")] + [n]
-    if not os.path.isdir(args.data):
-        raise common.BadInput(f"--mode {args.mode} needs masks: --data synthetic, a VOC 2012 root or a "
-                              f"folder with train/images and train/masks ({args.data} is not a folder)")
-    if is_voc(args.data):
-        n = args.num_classes or VOC_CLASSES
-        return [SegData(voc_pairs(args.data, s), n) for s in ("train", "val")] + [n]
-    if not os.path.isdir(os.path.join(args.data, "train", "images")):
-        raise common.BadInput(f"{args.data} is neither a VOC root (JPEGImages/, ImageSets/Segmentation/) nor "
-                              f"a folder with train/images and train/masks")
-    train, val = folder_pairs(args.data, "train"), folder_pairs(args.data, "val")
-    n = args.num_classes or folder_classes(train)
-    if n < 1:
-        raise common.BadInput(f"the train masks of {args.data} hold no class id (only 255)")
-    return SegData(train, n), SegData(val, n), n
-
-
 class SegTransform:
-    """(PIL image, ids [H, W]) -> (normalised image [3, S, S], ids [S, S] int64), both resized to S x S
-    (aspect not kept, as Leopart): the image bilinear, the mask as a tv_tensors.Mask, so nearest (ids stay
-    ids). Train and val alike: the probe and the bank see each train image once, unaugmented."""
+    """(PIL image, ids [H, W]) -> (normalised image [3, S, S], ids [S, S] int64): both resized to S x S
+    (aspect not kept, as Leopart), the mask as a tv_tensors.Mask, so nearest. Unaugmented: train and val."""
     def __init__(self, img_size):
-        self.tf = v2.Compose([v2.Resize((img_size, img_size), antialias=True),
+        self.tf = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True),
                               v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.MEAN, common.STD)])
 
     def __call__(self, img, ids):
-        x, m = self.tf(tv_tensors.Image(TF.pil_to_tensor(img)), tv_tensors.Mask(torch.from_numpy(ids)[None]))
-        return x.as_subclass(torch.Tensor), m[0].as_subclass(torch.Tensor)  # [3, S, S], [S, S]
+        x, m = self.tf(img, tv_tensors.Mask(torch.from_numpy(ids)))
+        return x.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)  # [3, S, S], [S, S]
 
 
 class SegViews(common.Views):
-    """common.Views for (image, mask) pairs: the paired transform."""
+    """common.Views of (image, mask) pairs: the paired transform."""
     def __getitem__(self, i):
         return self.transform(*self.base[i])
-
-
-# ============================================================================ dense metrics & retrieval
 
 
 def confusion_matrix(pred, gt, n_classes):
@@ -421,10 +559,8 @@ def confusion_matrix(pred, gt, n_classes):
 
 
 def seg_metrics(conf, floor=True):
-    """The dense metrics in percent from a confusion matrix [C, C]: miou (over the classes present in the
-    ground truth or the prediction: a class absent from both has no IoU), miou_fg (class 0, the background,
-    left out), pixel_acc, iou per class (None where absent) and floor_miou (the mIoU of predicting background
-    at every pixel of this ground truth)."""
+    """The dense metrics of the module docstring from a confusion matrix [C, C]; a class in neither ground
+    truth nor prediction has no IoU (None)."""
     c = conf.double()
     tp = c.diag()  # [C]
     union = c.sum(0) + c.sum(1) - tp  # [C] gt or predicted
@@ -442,67 +578,87 @@ def seg_metrics(conf, floor=True):
 
 
 def upsample(scores, size):
-    """Bilinear upsampling of per-cell scores [N, C, s, s] -> [N, C, H, W] (align_corners=False: cells as
-    equal bins)."""
+    """Per-cell scores [N, C, s, s] -> [N, C, H, W], bilinear (align_corners=False: cells as equal bins)."""
     return F.interpolate(scores, size=size, mode="bilinear", align_corners=False)
 
 
-def cell_histograms(ids, n_classes, grid):
-    """Valid-pixel counts per class in every cell of a grid x grid partition: ids [N, H, W] -> [N, grid^2, C].
-    Pixel (h, w) falls in cell (h * grid // H, w * grid // W): equal bins, as the bilinear upsampling reads
-    them."""
-    n, h, w = ids.shape
-    rows = torch.arange(h, device=ids.device) * grid // h  # [H]
-    cols = torch.arange(w, device=ids.device) * grid // w  # [W]
-    cell = rows[:, None] * grid + cols[None, :]  # [H, W]
-    image = torch.arange(n, device=ids.device)[:, None, None] * grid * grid  # [N, 1, 1]
-    key = (image + cell) * n_classes + ids.clamp(max=n_classes - 1)  # [N, H, W]; ignore pixels dropped below
-    counts = torch.bincount(key[ids != IGNORE], minlength=n * grid * grid * n_classes)
-    return counts.reshape(n, grid * grid, n_classes)
+# ============================================================================ dense evaluation (seg, seg-knn)
+
+SHOW_N = 6  # val images drawn by --show-seg
 
 
-def bank_entries(feats, ids, n_classes):
-    """Bank rows of one batch: (cell features [M, D], label distributions [M, C]) of the M cells with at least
-    one valid pixel; feats [N, D, S, S], ids [N, H, W]."""
-    counts = cell_histograms(ids, n_classes, feats.shape[-1]).flatten(0, 1).float()  # [N*S*S, C]
-    cells = feats.flatten(2).transpose(1, 2).flatten(0, 1)  # [N*S*S, D]
-    keep = counts.sum(1) > 0  # cells with only ignore pixels are left out
-    return cells[keep], counts[keep] / counts[keep].sum(1, keepdim=True)
+def dense_eval(args, meta, net, dim, run):
+    """--mode seg / seg-knn: the train maps cached once, the probe fit or the bank built, then mIoU on val."""
+    start = time.perf_counter()
+    train, val, n_cls = seg_splits(args)
+    grid = common.final_grid(args.arch, args.stem, args.img_size)
+    bs = max(args.batch_size // run.world, 1)
+    check = frozen(net)
+    net.eval()
+    tf = SegTransform(args.img_size)
+    fit = seg_probe if args.mode == "seg" else seg_knn
+    predict, fields, protocol = fit(args, net, SegViews(train, tf), run, (grid, dim), n_cls, bs)
+    protocol += f", {args.data}, {args.img_size}px, {n_cls} classes, {grid}x{grid} feature grid"
+    show = SHOW_N if args.show_seg else 0
+    conf, n_val, shown = seg_eval(predict, maps(net, SegViews(val, tf), run, bs), run, n_cls, show)
+    check("the dense evaluation")
+    metrics = seg_metrics(conf)
+    if args.show_seg and run.main and shown:  # one row per val image, VOC colours
+        cmap, side = common.palette(), shown[0][1].shape[-1]
+        rows = [[common.to_image(x), cmap[y.numpy()], cmap[p.numpy()]] for x, y, p in shown]
+        tile = side * max(1, math.ceil(96 / side))  # panels at >= 96 px, an integer zoom: masks stay readable
+        common.save_sheet(args.show_seg, rows, ["image", "ground truth", "prediction"], tile,
+                          f"{args.mode}: {protocol}, mIoU {metrics['miou']:.1f}")
+    return finish(run, args, meta, **metrics, top1=None, top5=None, val_images=n_val, **fields,
+                  eval_s=round(time.perf_counter() - start, 1), protocol=protocol)
 
 
-def unit_cells(cells, mean):
-    """cells [M, D] centred on mean [D] and L2-normalised, in place (the bank can be most of the memory)."""
-    return cells.sub_(mean).div_(torch.linalg.vector_norm(cells, dim=1, keepdim=True).clamp_(min=1e-12))
+def maps(net, ds, run, batch_size):
+    """(images, frozen final maps [b, D, S, S] in fp32, masks [b, H, W]) of this rank's share of ds."""
+    for x, y in loader(ds, batch_size, run):
+        with torch.no_grad(), run.autocast():
+            fmap = common.feature_map(net, run.to_device(x)).float()
+        yield x, fmap, y.to(run.device)
 
 
-BANK_CHUNK = 16384  # bank cells per similarity block: [QUERY_CHUNK, BANK_CHUNK] fp32 = 128 MiB
-QUERY_CHUNK = 2048  # query cells per block
+@torch.no_grad()
+def seg_eval(predict, batches, run, n_classes, show=0):
+    """(confusion matrix [C, C] over all ranks, images counted once each, the first `show` (image, gt,
+    prediction) of rank 0) of predict(maps) -> per-cell scores [b, C, S, S], upsampled to the masks."""
+    conf = torch.zeros(n_classes, n_classes, dtype=torch.long, device=run.device)
+    n, shown = torch.zeros((), dtype=torch.long, device=run.device), []
+    for x, fmap, y in batches:
+        pred = upsample(predict(fmap), y.shape[-2:]).argmax(1)  # [b, H, W]
+        conf += confusion_matrix(pred, y, n_classes)
+        n += len(y)
+        shown += [(a, b, c) for a, b, c in zip(x, y.cpu(), pred.cpu())][:max(show - len(shown), 0)]
+    if run.world > 1:
+        torch.distributed.all_reduce(conf)
+        torch.distributed.all_reduce(n)
+    return conf, int(n), shown
 
 
-def knn_vote(queries, bank, bank_dist, k, t, bank_chunk=None):
-    """Label distribution [Q, C] of each query cell [Q, D] (unit length): the distributions of its k most
-    similar bank cells [M, D], weighted softmax(sim / t) over the k (exp(sim / t), normalised). The bank is
-    scanned in chunks with a running top-k: memory O(Q x (bank_chunk + k)) besides the bank."""
-    bank_chunk = bank_chunk or BANK_CHUNK
-    top_s = queries.new_empty(len(queries), 0)  # [Q, <=k] best similarities so far
-    top_i = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)  # [Q, <=k] their bank rows
-    for start in range(0, len(bank), bank_chunk):
-        sim = queries @ bank[start:start + bank_chunk].T  # [Q, b]
-        s, i = sim.topk(min(k, sim.shape[1]), dim=1)  # [Q, k]
-        top_s, j = torch.cat([top_s, s], 1).topk(min(k, top_s.shape[1] + s.shape[1]), dim=1)  # [Q, k]
-        top_i = torch.cat([top_i, i + start], 1).gather(1, j)  # [Q, k]
-    w = torch.softmax(top_s / t, dim=1)  # [Q, k]
-    return torch.einsum("qk,qkc->qc", w, bank_dist[top_i])  # [Q, C]
-
-
-def knn_scores(feats, mean, bank, bank_dist, k, t):
-    """Per-cell class scores [N, C, S, S] of val features [N, D, S, S], centred on the bank's mean [D] and
-    L2-normalised as the bank was, in chunks of QUERY_CHUNK cells."""
-    n, _, s, _ = feats.shape
-    q = unit_cells(feats.flatten(2).transpose(1, 2).reshape(n * s * s, -1), mean)  # [N*S*S, D] (a copy)
-    out = torch.cat([knn_vote(q[i:i + QUERY_CHUNK], bank, bank_dist, k, t)
-                     for i in range(0, len(q), QUERY_CHUNK)])  # [N*S*S, C]
-    return out.reshape(n, s, s, -1).permute(0, 3, 1, 2)  # [N, C, S, S]
+@torch.no_grad()
+def cache_train(net, ds, run, shape, n_classes, batch_size, res=0):
+    """The train maps (shape = (grid S, channels D)) of every rank in rank order. res > 0 (the probe): (every
+    cell [N, S*S, D], fp16 on CUDA; masks resized nearest [N, res, res] int32); res = 0 (the bank): (the cells
+    with a valid pixel [M, D], their label distributions [M, C])."""
+    (s, d), n, on = shape, len(range(run.rank, len(ds), run.world)), dict(device=run.device)
+    if res:  # fp16 halves VOC's cache on a GPU; the loss reads it back in fp32, PROBE_CHUNK images at a time
+        cells = torch.empty(n, s * s, d, dtype=torch.float16 if run.device.type == "cuda" else None, **on)
+        targets = torch.empty(n, res, res, dtype=torch.int32, **on)
+    else:
+        cells, targets = torch.empty(n * s * s, d, **on), torch.empty(n * s * s, n_classes, **on)
+    m = 0  # rows filled: preallocated buffers keep the peak at the cache, not a list plus its concatenation
+    for _, fmap, y in maps(net, ds, run, batch_size):  # [b, D, S, S], [b, H, W]
+        if res:
+            rows = fmap.flatten(2).transpose(1, 2)  # [b, S*S, D]
+            target = F.interpolate(y[:, None].float(), size=(res, res), mode="nearest")[:, 0]  # [b, R, R]
+        else:
+            rows, target = bank_entries(fmap, y, n_classes)  # [m_b, D], [m_b, C]
+        cells[m:m + len(rows)], targets[m:m + len(rows)] = rows, target
+        m += len(rows)
+    return gather_rows(cells[:m]), gather_rows(targets[:m])
 
 
 def gather_rows(x):
@@ -516,7 +672,7 @@ def gather_rows(x):
     return torch.cat([p[:m] for p, m in zip(parts, sizes)])
 
 
-# ============================================================================ dense evaluation
+# ============================================================================ seg
 
 PROBE_CHUNK = 512  # images per block of the probe's loss: bounds the upsampled logits [chunk, C, R, R]
 # L-BFGS stops (converged) once the largest gradient entry is below PROBE_TOL or the loss changes by less than
@@ -529,45 +685,22 @@ PROBE_ITERS = 1000
 PROBE_WD = 1e-4
 
 
-def features(net, x, run):
-    """Frozen final feature map [n, C, S, S] in fp32."""
-    with torch.no_grad(), run.autocast():
-        return common.feature_map(net, run.to_device(x)).float()
-
-
-@torch.no_grad()
-def cache_train(net, ds, run, shape, n_classes, batch_size, res=0):
-    """The frozen final maps of the train split, computed once, sharded across ranks and gathered to every
-    rank (rank order); shape = (grid S, channels D). res > 0 (the probe): (every cell [N, S*S, D], fp16 on
-    CUDA, fp32 on CPU; masks resized nearest to res x res [N, res, res] int32). res = 0 (the bank): (the cells
-    with a valid pixel [M, D] fp32, their label distributions [M, C]). Rows go into preallocated buffers: the
-    peak is the cache itself, not a list plus its concatenation."""
-    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=shard(len(ds), run),
-                                         num_workers=run.args.workers)
-    (s, d), n, on = shape, len(loader.sampler), dict(device=run.device)
-    if res:  # fp16 halves VOC's cache on a GPU; the loss reads it back in fp32, PROBE_CHUNK images at a time
-        cells = torch.empty(n, s * s, d, dtype=torch.float16 if run.device.type == "cuda" else None, **on)
-        targets = torch.empty(n, res, res, dtype=torch.int32, **on)
-    else:
-        cells, targets = torch.empty(n * s * s, d, **on), torch.empty(n * s * s, n_classes, **on)
-    m = 0
-    for x, y in loader:
-        fmap, y = features(net, x, run), y.to(run.device)  # [b, D, S, S], [b, H, W]
-        if res:
-            rows = fmap.flatten(2).transpose(1, 2)  # [b, S*S, D]
-            target = F.interpolate(y[:, None].float(), size=(res, res), mode="nearest")[:, 0]  # [b, R, R]
-        else:
-            rows, target = bank_entries(fmap, y, n_classes)  # [m_b, D], [m_b, C]
-        cells[m:m + len(rows)], targets[m:m + len(rows)] = rows, target
-        m += len(rows)
-    return gather_rows(cells[:m]), gather_rows(targets[:m])
+def seg_probe(args, net, train, run, shape, n_classes, batch_size):
+    """--mode seg: (the probe, its fit's summary fields, protocol), fit on the cached train maps."""
+    # the loss on the logits upsampled to 2x the grid, not per cell against the cells' label shares: per
+    # cell, random init stays on the floor of the synthetic scenes (7.43 mIoU); at 2x, 4x or 8x, 11.2-11.7
+    res = args.seg_res or min(args.img_size, 2 * shape[0])
+    wd = PROBE_WD if args.wd < 0 else args.wd
+    head, fit = fit_seg_probe(*cache_train(net, train, run, shape, n_classes, batch_size, res), n_classes, wd)
+    if run.world > 1:  # every rank fit the same gathered cache: rank 0's head is evaluated everywhere
+        for p in head.parameters():
+            torch.distributed.broadcast(p.data, 0)
+    return head, fit, f"linear seg probe (frozen, standardised, L-BFGS, wd {wd}, loss at {res}px)"
 
 
 def fit_seg_probe(cells, masks, n_classes, wd, max_iter=PROBE_ITERS):
-    """The seg probe on cached cells [N, S*S, D] (standardised here, in place) and masks [N, R, R]: a 1x1
-    conv whose logits, upsampled bilinearly from S x S to R x R, minimise the mean cross-entropy over the
-    pixels not labelled IGNORE + wd / 2 ||W||^2, by full-batch L-BFGS (strong Wolfe) from zero. Returns (the
-    conv on the raw features, the standardisation folded in; the fit's summary fields)."""
+    """The probe of the module docstring on cached cells [N, S*S, D] (standardised here, in place) and masks
+    [N, R, R]: (the 1x1 conv on the raw features, the standardisation folded in; the fit's summary fields)."""
     s, d = math.isqrt(cells.shape[1]), cells.shape[2]
     std, mean = torch.std_mean(cells.flatten(0, 1), dim=0)  # [D] each, in the cache's dtype
     std, mean = std.float().clamp(min=1e-6), mean.float()  # a constant (dead) channel stays 0, not 0 / 0
@@ -603,245 +736,77 @@ def fit_seg_probe(cells, masks, n_classes, wd, max_iter=PROBE_ITERS):
                       converged=state["n_iter"] < max_iter and state["func_evals"] < 2 * max_iter)
 
 
-@torch.no_grad()
-def seg_eval(predict, ds, run, n_classes, batch_size, show=0):
-    """(confusion matrix [C, C] summed over ranks, number of images, the first `show` (image, gt, prediction)
-    of rank 0) of predict(x) -> per-cell scores [n, C, s, s], upsampled to the mask; each image counted
-    once."""
-    loader = torch.utils.data.DataLoader(ds, batch_size, sampler=shard(len(ds), run),
-                                         num_workers=run.args.workers)
-    conf = torch.zeros(n_classes, n_classes, dtype=torch.long, device=run.device)
-    n, shown = torch.zeros((), dtype=torch.long, device=run.device), []
-    for x, y in loader:
-        y = y.to(run.device)  # [n, H, W]
-        pred = upsample(predict(x), y.shape[-2:]).argmax(1)  # [n, H, W]
-        conf += confusion_matrix(pred, y, n_classes)
-        n += len(y)
-        shown += [(a, b, c) for a, b, c in zip(x, y.cpu(), pred.cpu())][:max(show - len(shown), 0)]
-    if run.world > 1:
-        torch.distributed.all_reduce(conf)
-        torch.distributed.all_reduce(n)
-    return conf, int(n), shown
+# ============================================================================ seg-knn
+
+BANK_CHUNK = 16384  # bank cells per similarity block: [QUERY_CHUNK, BANK_CHUNK] fp32 = 128 MiB
+QUERY_CHUNK = 2048  # query cells per block
 
 
-def save_seg_figure(path, shown, title):
-    """A PNG: one row per val image (image | ground truth | prediction), VOC colours, title on top."""
-    cmap = common.palette()
-    rows = [[common.to_image(x), cmap[y.numpy()], cmap[p.numpy()]] for x, y, p in shown]
-    side = shown[0][1].shape[-1]
-    tile = side * max(1, math.ceil(96 / side))  # panels at >= 96 px, an integer zoom: masks stay readable
-    common.save_sheet(path, rows, ["image", "ground truth", "prediction"], tile, title)
+def seg_knn(args, net, train, run, shape, n_classes, batch_size):
+    """--mode seg-knn: (the retrieval, no fit fields, protocol) from the bank of centred train cells."""
+    bank, bank_dist = cache_train(net, train, run, shape, n_classes, batch_size)
+    mean = bank.mean(0)
+    unit_cells(bank, mean)
+    k = min(args.knn_k, len(bank))  # the vote takes at most the whole bank
+
+    def predict(fmap):
+        return knn_scores(fmap, mean, bank, bank_dist, args.knn_k, args.knn_t)
+    return predict, {}, (f"dense kNN retrieval k={k} T={args.knn_t}, centred cells, bank of {len(bank)} "
+                         "train cells")
 
 
-def dense_eval(args, meta, net, dim, run):
-    """--mode seg / seg-knn: cache the train maps once, fit the probe or build the bank, then mIoU on val."""
-    start = time.perf_counter()
-    train_base, val_base, n_cls = seg_splits(args)
-    grid = common.final_grid(args.arch, args.stem, args.img_size)
-    bs = max(args.batch_size // run.world, 1)
-    frozen = {k: v.clone() for k, v in net.state_dict().items()}
-    net.requires_grad_(False)
-    net.eval()
-    where = f"{args.data}, {args.img_size}px, {n_cls} classes, {grid}x{grid} feature grid"
-    # the probe's loss on the logits upsampled to 2x the grid, not per cell against the cells' label shares:
-    # per cell, random init stays on the floor of the synthetic scenes (7.43 mIoU); at 2x, 4x or 8x, 11.2-11.7
-    res = (args.seg_res or min(args.img_size, 2 * grid)) if args.mode == "seg" else 0  # 0: the bank
-    tf = SegTransform(args.img_size)
-    cached = cache_train(net, SegViews(train_base, tf), run, (grid, dim), n_cls, bs, res)
-    if args.mode == "seg":
-        wd = PROBE_WD if args.wd < 0 else args.wd
-        head, fit = fit_seg_probe(*cached, n_cls, wd)
-        if run.world > 1:  # every rank fit the same gathered cache: rank 0's head is evaluated everywhere
-            for p in head.parameters():
-                torch.distributed.broadcast(p.data, 0)
-        protocol = f"linear seg probe (frozen, standardised, L-BFGS, wd {wd}, loss at {res}px), {where}"
-
-        def predict(x):
-            return head(features(net, x, run))
-    else:
-        bank, bank_dist = cached
-        mean, fit = bank.mean(0), {}
-        unit_cells(bank, mean)
-        k = min(args.knn_k, len(bank))  # the vote takes at most the whole bank
-        protocol = (f"dense kNN retrieval k={k} T={args.knn_t}, centred cells, bank of {len(bank)} "
-                    f"train cells, {where}")
-
-        def predict(x):
-            return knn_scores(features(net, x, run), mean, bank, bank_dist, args.knn_k, args.knn_t)
-    del cached
-    show = SHOW_N if args.show_seg else 0
-    conf, n_val, shown = seg_eval(predict, SegViews(val_base, tf), run, n_cls, bs, show)
-    changed = [k for k, v in net.state_dict().items() if not torch.equal(v, frozen[k].to(v.device))]
-    if changed:
-        raise RuntimeError(f"the dense evaluation changed the frozen backbone: {changed[:3]}")
-    metrics = seg_metrics(conf)
-    if args.show_seg and run.main and shown:
-        save_seg_figure(args.show_seg, shown, f"{args.mode}: {protocol}, mIoU {metrics['miou']:.1f}")
-    return finish(run, args, meta, **metrics, top1=None, top5=None, val_images=n_val, **fit,
-                  eval_s=round(time.perf_counter() - start, 1), protocol=protocol)
+def cell_histograms(ids, n_classes, grid):
+    """Valid-pixel counts per class in every cell of a grid x grid partition: ids [N, H, W] -> [N, grid^2, C].
+    Pixel (h, w) falls in cell (h * grid // H, w * grid // W): equal bins, as the bilinear upsampling reads
+    them."""
+    n, h, w = ids.shape
+    rows = torch.arange(h, device=ids.device) * grid // h  # [H]
+    cols = torch.arange(w, device=ids.device) * grid // w  # [W]
+    cell = rows[:, None] * grid + cols[None, :]  # [H, W]
+    image = torch.arange(n, device=ids.device)[:, None, None] * grid * grid  # [N, 1, 1]
+    key = (image + cell) * n_classes + ids.clamp(max=n_classes - 1)  # [N, H, W]; ignore pixels dropped below
+    counts = torch.bincount(key[ids != IGNORE], minlength=n * grid * grid * n_classes)
+    return counts.reshape(n, grid * grid, n_classes)
 
 
-# ============================================================================ main
+def bank_entries(feats, ids, n_classes):
+    """Bank rows of a batch, feats [N, D, S, S] and ids [N, H, W]: (cell features [M, D], label distributions
+    [M, C]) of the M cells with at least one valid pixel."""
+    counts = cell_histograms(ids, n_classes, feats.shape[-1]).flatten(0, 1).float()  # [N*S*S, C]
+    cells = feats.flatten(2).transpose(1, 2).flatten(0, 1)  # [N*S*S, D]
+    keep = counts.sum(1) > 0  # cells with only ignore pixels are left out
+    return cells[keep], counts[keep] / counts[keep].sum(1, keepdim=True)
 
 
-def head_init(head):
-    """MoCo v3 protocol: weights N(0, 0.01), zero bias."""
-    nn.init.normal_(head.weight, std=0.01)
-    nn.init.zeros_(head.bias)
-    return head
+def unit_cells(cells, mean):
+    """cells [M, D] centred on mean [D] and L2-normalised, in place (the bank can be most of the memory)."""
+    return cells.sub_(mean).div_(torch.linalg.vector_norm(cells, dim=1, keepdim=True).clamp_(min=1e-12))
 
 
-def load_net(args, sd, run):
-    """The backbone with the pretrained weights (random init for --pretrained none)."""
-    net, dim = common.build_backbone(args.arch, args.stem, args.img_size, spatial=args.mode in DENSE)
-    if sd is not None:
-        pos = sd.get("encoder.pos_embedding") if args.arch in common.VIT_SIZES else None  # others: learned
-        if pos is not None and pos.shape != net.encoder.pos_embedding.shape:
-            # ViT at another size than pretrained (a dense probe): the fixed 2-D sin-cos embedding of this
-            # grid
-            sd = {**sd, "encoder.pos_embedding": net.encoder.pos_embedding.detach().clone()}
-        misfit = state_misfit(net.state_dict(), sd)
-        if misfit:
-            raise common.BadInput(f"{args.pretrained} does not fit {args.arch} (stem {args.stem}): {misfit}")
-        net.load_state_dict(sd, strict=True)
-    return net.to(run.device), dim
+def knn_vote(queries, bank, bank_dist, k, t, bank_chunk=None):
+    """Label distribution [Q, C] of each query cell [Q, D] (unit length): the distributions of its k most
+    similar bank cells [M, D], weighted softmax(sim / t). The bank is scanned in chunks with a running top-k:
+    memory O(Q x (bank_chunk + k)) besides the bank."""
+    bank_chunk = bank_chunk or BANK_CHUNK
+    top_s = queries.new_empty(len(queries), 0)  # [Q, <=k] best similarities so far
+    top_i = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)  # [Q, <=k] their bank rows
+    for start in range(0, len(bank), bank_chunk):
+        sim = queries @ bank[start:start + bank_chunk].T  # [Q, b]
+        s, i = sim.topk(min(k, sim.shape[1]), dim=1)  # [Q, k]
+        top_s, j = torch.cat([top_s, s], 1).topk(min(k, top_s.shape[1] + s.shape[1]), dim=1)  # [Q, k]
+        top_i = torch.cat([top_i, i + start], 1).gather(1, j)  # [Q, k]
+    w = torch.softmax(top_s / t, dim=1)  # [Q, k]
+    return torch.einsum("qk,qkc->qc", w, bank_dist[top_i])  # [Q, C]
 
 
-def state_misfit(own, sd):
-    """"" when state_dict sd loads strictly into a model with state_dict own, else what does not fit."""
-    missing = [k for k in own if k not in sd]
-    unexpected = [k for k in sd if k not in own]
-    shape = [k for k in own if k in sd and own[k].shape != sd[k].shape]
-    parts = [f"{len(v)} {what} (first: {v[0]})" for v, what in ((missing, "weights missing"),
-             (unexpected, "unexpected weights"), (shape, "weights of another shape")) if v]
-    return "; ".join(parts)
-
-
-@common.user_errors
-def main(argv=None):
-    given = sys.argv[1:] if argv is None else argv
-    flags_given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in given if a.startswith("--")}
-    args = common.parse_args(Args, PRESETS, argv)
-    if args.mode not in MODES:
-        raise common.BadInput(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
-    dense = args.mode in DENSE
-    if dense:
-        defaults = {**DENSE_PRESETS[args.preset], **(SEG_KNN if args.mode == "seg-knn" else {})}
-        for key, value in defaults.items():
-            if key not in flags_given:
-                setattr(args, key, value)
-    for flag, modes in MODE_FLAGS.items():
-        if flag in flags_given and args.mode not in modes:
-            raise common.BadInput(f"--{flag.replace('_', '-')} does nothing in --mode {args.mode} (it is for "
-                                  f"--mode {', '.join(modes)})")
-    if args.mode in TRAINED and args.epochs < 1:
-        raise common.BadInput(f"--epochs {args.epochs}: --mode {args.mode} trains for at least 1 epoch")
-    sd, meta = (None, {}) if args.pretrained == "none" else load_backbone(args.pretrained)
-    check_meta(args, meta, flags_given, free=("img_size",) if dense else ())
-    if dense and "img_size" not in flags_given:  # e.g. DenseCL's cpu preset (small stem, 32 px) -> 64 px: 8x8
-        while common.final_grid(args.arch, args.stem, args.img_size) < MIN_GRID:
-            args.img_size *= 2
-    if args.show_seg:
-        common.check_output_file("--show-seg", args.show_seg, args.output_dir)
-    run = common.setup(args, f"eval_{args.mode}")
-    common.seed_everything(args.seed)  # the same random init (--pretrained none) and head on every rank
-
-    # ---- backbone
-    net, dim = load_net(args, sd, run)
-    if dense:
-        return dense_eval(args, meta, net, dim, run)
-
-    # ---- data
-    train_base, val_base = eval_splits(args)
-    if args.data_on_device:  # decoded once into the device's memory; crops and flips drawn there
-        val_ds = common.held_split(args, run, val_base)
-    else:
-        val_ds = common.Views(val_base, common.eval_transform(args.img_size))
-    where = f", {args.data}, {args.img_size}px, {args.granularity} labels{labels_used(args, train_base)}" + (
-        f", train images corrupted {args.corrupt}" if args.corrupt else "")
-    if args.mode == "knn":
-        bank_ds = (common.held_split(args, run, train_base) if args.data_on_device
-                   else common.Views(train_base, common.eval_transform(args.img_size)))
-        top1, top5 = common.knn_eval(net, bank_ds, val_ds, run, args.knn_k, args.knn_t)
-        k = min(args.knn_k, len(bank_ds))  # the vote takes at most the whole bank
-        protocol = f"weighted kNN k={k} T={args.knn_t}" + where
-        return finish(run, args, meta, top1=top1, top5=top5, val_images=len(val_ds), protocol=protocol)
-
-    # ---- head, optimizer & schedule
-    n_cls = common.num_classes(train_base)
-    head = head_init(nn.Linear(dim, n_cls))
-    if args.bn_head:
-        head = nn.Sequential(nn.BatchNorm1d(dim, affine=False), head)
-    head = head.to(run.device)
-    linear = args.mode == "linear"
-    args.lr = args.lr or (3.0 if linear and args.arch.startswith("vit") else 0.1)
-    if args.wd < 0:  # the default: none for the linear probe, 1e-4 for fine-tuning
-        args.wd = 0.0 if linear else 1e-4
-    if linear:
-        net.requires_grad_(False)
-        frozen = {k: v.clone() for k, v in net.state_dict().items()}
-    model = nn.Sequential(net, head)
-    if run.world > 1 and run.device.type == "cuda" and not linear:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    step_model = nn.parallel.DistributedDataParallel(model) if run.world > 1 else model
-    optimizer = common.build_optimizer(args, [p for p in model.parameters() if p.requires_grad])
-    scaler = common.grad_scaler(run)
-    if args.data_on_device:
-        train_ds = common.held_split(args, run, train_base, copies=1)
-    else:
-        train_ds = common.Views(train_base, train_transform(args.img_size), args.seed)
-    steps_per_epoch = len(train_ds) // args.batch_size
-    if steps_per_epoch == 0:
-        raise common.BadInput(f"--batch-size {args.batch_size} is larger than the dataset "
-                              f"({len(train_ds)} images)")
-    base_lr = args.lr * args.batch_size / 256
-    log = common.Logger(run, steps_per_epoch, 0)
-
-    # ---- train loop
-    for epoch in log.epochs():
-        model.train()
-        if linear:
-            net.eval()  # frozen BN statistics: the backbone is a fixed feature extractor
-        for i, (x, y) in log.batches(train_ds, epoch):
-            e = epoch + i / steps_per_epoch
-            common.set_lr(optimizer, common.cosine_lr(e, base_lr, 0, args.epochs))
-            x = device_train_batch(run, x, log.step) if args.data_on_device else run.to_device(x)
-            with run.autocast():
-                loss = F.cross_entropy(step_model(x).float(), y.to(run.device))
-            common.optimizer_step(loss, optimizer, scaler)
-            log.log_step(loss.detach())
-            if log.done:
-                break
-
-    # ---- eval
-    if linear:
-        changed = [k for k, v in net.state_dict().items() if not torch.equal(v, frozen[k].to(v.device))]
-        if changed:
-            raise RuntimeError(f"linear probe changed the frozen backbone: {changed[:3]}")
-    top1, top5, n_val = evaluate(net, head, val_ds, run)
-    ran = log.step / steps_per_epoch  # epochs actually trained (--max-steps or --time-limit may stop early)
-    done = f"{args.epochs}" if ran >= args.epochs else f"{ran:.3g} of {args.epochs}"
-    protocol = {"finetune": f"fine-tune {done} ep",
-                "linear": f"linear probe (MoCo v3 protocol) {done} ep"}[args.mode] + where
-    return log.summary(top1=top1, top5=top5, val_images=n_val, protocol=protocol)
-
-
-def labels_used(args, train):
-    """", K labels/class" (or "K1-K2" where classes have fewer images than --labels-per-class asks)."""
-    if not args.labels_per_class:
-        return ""
-    counts = np.bincount(common.labels_of(train))
-    lo, hi = int(counts.min()), int(counts.max())
-    return f", {lo} labels/class" if lo == hi else f", {lo}-{hi} labels/class"
-
-
-def finish(run, args, meta, **metrics):
-    """The summary line of the modes without a training loop (knn, seg-knn)."""
-    rec = {"event": "summary", "mode": args.mode, "pretrained": args.pretrained, "arch": args.arch, **metrics,
-           "method": meta.get("method")}
-    if run.main:
-        print(json.dumps(rec), flush=True)
-    return rec
+def knn_scores(feats, mean, bank, bank_dist, k, t):
+    """Per-cell class scores [N, C, S, S] of val maps [N, D, S, S], centred and L2-normalised as the bank
+    was, QUERY_CHUNK cells at a time."""
+    n, _, s, _ = feats.shape
+    q = unit_cells(feats.flatten(2).transpose(1, 2).reshape(n * s * s, -1), mean)  # [N*S*S, D] (a copy)
+    out = torch.cat([knn_vote(q[i:i + QUERY_CHUNK], bank, bank_dist, k, t)
+                     for i in range(0, len(q), QUERY_CHUNK)])  # [N*S*S, C]
+    return out.reshape(n, s, s, -1).permute(0, 3, 1, 2)  # [N, C, S, S]
 
 
 if __name__ == "__main__":

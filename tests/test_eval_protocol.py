@@ -64,3 +64,30 @@ def test_a_backbone_of_another_arch_is_named_in_one_line_of_our_own(tmp_path, ca
     assert e.value.code == 2 and len(err) == 1, err
     assert "1 weights missing (first: layer4.1.bn2.bias)" in err[0] and "weights of another shape" in err[0]
     assert "weights_only" not in err[0] and "Error(s)" not in err[0]
+
+
+def test_help_of_a_dense_mode_lists_the_preset_values_it_runs_with(capsys):
+    """One preset table: --mode seg-knn --help shows the dense values (448 px, the small stem, 1280 images,
+    k = 5) that a dense run takes, and --mode knn --help the classification values."""
+    for mode, shown, hidden in (("seg-knn", ["imagenet: 448", "cpu: small", "cpu: 1280", "cpu: 5"], []),
+                                ("knn", ["cpu: 64"], ["imagenet: 448", "cpu: small", "cpu: 5"])):
+        with pytest.raises(SystemExit):
+            E.main(["--mode", mode, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert all(s in text for s in shown) and not any(s in text for s in hidden), (mode, text)
+
+
+class Stop(Exception):
+    """Raised in place of setting up the run: the parsed Args, nothing written."""
+
+
+def test_an_explicit_flag_wins_over_the_dense_preset_even_abbreviated(tmp_path, monkeypatch):
+    """argparse takes an unambiguous prefix of a flag (--img for --img-size): the dense preset must not
+    replace what the flag says (96 px: a 12x12 grid, nothing to double)."""
+    def stop(args, method):
+        raise Stop(args)
+    monkeypatch.setattr(E.common, "setup", stop)
+    for flags, size in ((["--img", "96"], 96), (["--img-size=48"], 48), ([], 64)):
+        with pytest.raises(Stop) as e:
+            E.main(["--mode", "seg", *flags, "--output-dir", str(tmp_path)])
+        assert e.value.args[0].img_size == size and e.value.args[0].stem == "small", flags
