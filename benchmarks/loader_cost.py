@@ -5,8 +5,8 @@ train images (decode, per-sample seeding, then the two views), for the PIL path 
 grayscale, blur, solarize, flip, to tensor, normalise; mocov3.byol_augmentations with blur on, MoCo v3's
 ImageNet crop_min 0.2) and for --gpu-aug's worker side (crop, flip, to uint8 tensor). For reference: decoding
 alone, and the photometric ops that --gpu-aug moves to the device, run batched here on the CPU
-(TwoViews.finish on the collated uint8 batches). The variants alternate over --rounds passes so drifting machine load hits them
-alike; each reports its median pass. Writes markdown, prints it, ends with a JSON line.
+(TwoViews.finish on the collated uint8 batches). The variants alternate over --rounds passes so drifting
+machine load hits them alike; each reports its median pass. Writes markdown, prints it, ends with a JSON line.
 
   python benchmarks/loader_cost.py                  # 200 images, 3 rounds -> benchmarks/results/loader_cpu.md
   python benchmarks/loader_cost.py --images 500 --rounds 5 --img-size 224
