@@ -9,28 +9,33 @@ location in view 2 and pushed away from a queue of negatives. The correspondence
 by the augmentation geometry but found on the fly: the key location whose backbone feature is
 most similar (cosine) to the query location's. Total loss = (1 - lambda) * global + lambda * dense.
 
-Kept from the official code: the MoCo v2 base (momentum encoder updated before the keys, constant
-m = 0.999, tau = 0.2, one direction: query = view 1, key = view 2); the neck (global head
-avgpool -> Linear -> ReLU -> Linear, dense head 1x1 conv -> ReLU -> 1x1 conv, no BN); two queues
-of random unit vectors, the second filled with the *pooled* dense keys; correspondence by argmax
-cosine of L2-normalised *backbone* features, query -> key only; the dense positive gathered from
-the key's dense-head grid; enqueue after the loss; shuffle-BN across GPUs (gather + broadcast
-permutation); lambda = 0.5 with an optional warm-up (the official DenseCLWarmupHook's lambda = 0).
-BN stays per GPU (no SyncBN), as in the official code: shuffle-BN needs each GPU's own batch statistics.
+Kept from the official code:
+- The MoCo v2 base: momentum encoder updated before the keys, constant m = 0.999, tau = 0.2, one
+  direction (query = view 1, key = view 2).
+- The neck: global head avgpool -> Linear -> ReLU -> Linear, dense head 1x1 conv -> ReLU -> 1x1 conv,
+  no BN.
+- Two queues of random unit vectors, the second filled with the *pooled* dense keys.
+- Correspondence by argmax cosine of L2-normalised *backbone* features, query -> key only.
+- The dense positive gathered from the key's dense-head grid.
+- Enqueue after the loss.
+- Shuffle-BN across GPUs (gather + broadcast permutation).
+- lambda = 0.5 with an optional warm-up (the official DenseCLWarmupHook's lambda = 0).
+- BN stays per GPU (no SyncBN), as in the official code: shuffle-BN needs each GPU's own batch statistics.
 
 Changed:
-- Backbone from common.py: torchvision ResNet with zero_init_residual=True (the paper's; any model with
-  a final spatial map also runs: common.feature_map), and the heads keep PyTorch's default init; the
-  official code zero-inits no residual branch and uses kaiming (fan_in) init for the backbone's
-  convolutions and for the heads.
+- Backbone from common.py: torchvision ResNet with zero_init_residual=True (the paper's); the official
+  code zero-inits no residual branch and uses kaiming (fan_in) init for the backbone's convolutions.
+- Any model with a final spatial map also runs (common.feature_map).
+- The heads keep PyTorch's default init; the official code uses kaiming (fan_in) init for the heads as well.
 - Precision: bf16 autocast with TF32 matmuls and convolutions by default on CUDA (--precision
   auto); the official code trains in fp32 (--precision fp32 here, TF32 still on).
 - The queue pointer moves without a host sync.
 - With one process, shuffle-BN is emulated by running the key encoder on --shuffle-splits shuffled
   sub-batches (the official code on one GPU has no shuffle-BN at all; the official MoCo CIFAR demo
   splits BN the same way).
-- --dense-weight 0 skips the dense branch (plain MoCo v2, for comparisons); --show-matches draws
-  the correspondences. The `cifar` and `cpu` presets are ours.
+- --dense-weight 0 skips the dense branch (plain MoCo v2, for comparisons).
+- --show-matches draws the correspondences.
+- The `cifar` and `cpu` presets are ours.
 
 Commands:
   python densecl.py                                  # CPU smoke run on synthetic data (README: quick start)
@@ -54,6 +59,7 @@ judge a run by the kNN monitor or linear probing alone.
 import copy
 import dataclasses
 import os
+from typing import NamedTuple, Optional
 
 import torch
 import torch.distributed as dist
@@ -134,41 +140,11 @@ PRESETS = {
 # ---------------------------------------------------------------------------- the method
 
 
-# Logits upcast at once by RowLogSumExp (whole rows): each fp32 temporary holds at most this many elements
-# (64 MiB): few chunks, so few kernel launches on a GPU, yet small next to the logits of a large batch.
-LSE_CHUNK = 2**24
-
-
-class RowLogSumExp(torch.autograd.Function):
-    """logsumexp over dim 1 of x [M, K], accumulated in at least fp32 -> [M]. torch.logsumexp returns x's
-    dtype (bf16: up to half a bf16 step of ~log K, ~0.03, off) and x.float() would hold an fp32 copy of all
-    the logits; a bf16 or fp16 x is instead upcast by chunks of rows. Backward returns softmax(x) * grad in
-    x's dtype (what the matmul that made x takes), by the same chunks of the saved x."""
-    @staticmethod
-    def forward(ctx, x):
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        rows = max(1, len(x) if dtype == x.dtype else LSE_CHUNK // max(x.shape[1], 1))
-        out = torch.cat([torch.logsumexp(c.to(dtype), 1) for c in x.split(rows)])  # [M]
-        ctx.save_for_backward(x)
-        ctx.rows, ctx.dtype = rows, dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, grad):
-        (x,) = ctx.saved_tensors
-        # softmax(x) = exp(x - logsumexp(x)): the fused softmax kernel reads and writes less than that formula
-        if len(x) <= ctx.rows:
-            return torch.softmax(x.to(ctx.dtype), 1).mul_(grad[:, None]).to(x.dtype)  # [M, K]
-        out = torch.empty_like(x)  # [M, K]
-        for c, o, g in zip(x.split(ctx.rows), out.split(ctx.rows), grad.split(ctx.rows)):
-            o.copy_(torch.softmax(c.to(ctx.dtype), 1).mul_(g[:, None]))  # [rows, K], rounded to x's dtype
-        return out
-
-
 def infonce_rows(l_pos, l_neg):
     """Mean cross-entropy with the positive at index 0 of [l_pos, l_neg], never concatenated: the per-row loss
     logsumexp([l_pos, l_neg]) - l_pos = logaddexp(l_pos, logsumexp(l_neg)) - l_pos. l_pos [M] fp32 and l_neg
-    [M, K] (any float dtype, e.g. bf16 under autocast) are already divided by the temperature."""
+    [M, K] (any float dtype, e.g. bf16 under autocast) are already divided by the temperature. RowLogSumExp
+    (numerics, below the model) sums the K negatives in fp32 without an fp32 copy of l_neg."""
     return (torch.logaddexp(l_pos, RowLogSumExp.apply(l_neg)) - l_pos).mean()
 
 
@@ -207,35 +183,6 @@ def dense_lambda(step, weight, warmup_steps):
     return 0.0 if step < warmup_steps else weight
 
 
-@torch.no_grad()
-def enqueue(queue, ptr, keys):
-    """Replace the oldest entries of queue [K, D] with the L2-normalised keys [n, D] of all ranks."""
-    keys = common.all_gather_nograd(F.normalize(keys.float(), dim=1))  # [B, D], B = global batch
-    idx = (ptr + torch.arange(len(keys), device=keys.device)) % len(queue)  # [B]; no .item(): no host sync
-    queue.index_copy_(0, idx, keys.to(queue.dtype))
-    ptr.add_(len(keys)).remainder_(len(queue))
-
-
-@torch.no_grad()
-def shuffle_bn(encoder, x, splits=1):
-    """Shuffle-BN (MoCo): run `encoder` (x [n, ...] -> tuple of [n, ...]) on a shuffled batch so the key's
-    BN statistics come from other images than the query's; return the outputs in the original order.
-    Distributed: shuffle the global batch across ranks. One process: shuffle, then `splits` sub-batches."""
-    world = common.get_world_size()
-    if world > 1:
-        x_all = common.all_gather_nograd(x)  # [B, ...]
-        perm = torch.randperm(len(x_all), device=x.device)  # [B]
-        dist.broadcast(perm, src=0)  # every rank uses rank 0's permutation
-        mine = perm.view(world, -1)[common.get_rank()]  # [n]
-        outs = encoder(x_all[mine])
-        back = torch.argsort(perm).view(world, -1)[common.get_rank()]  # [n]: where my samples went
-        return tuple(common.all_gather_nograd(o)[back] for o in outs)
-    perm = torch.randperm(len(x), device=x.device)  # [n]
-    chunks = [encoder(c) for c in x[perm].chunk(splits)]  # each sub-batch has its own BN statistics
-    back = torch.argsort(perm)  # [n]
-    return tuple(torch.cat(o)[back] for o in zip(*chunks))
-
-
 def global_head(dim, mlp_dim, out_dim):
     """MoCo v2 / DenseCL global head on the pooled feature: Linear -> ReLU -> Linear, no BN."""
     return nn.Sequential(nn.Linear(dim, mlp_dim), nn.ReLU(inplace=True), nn.Linear(mlp_dim, out_dim))
@@ -244,6 +191,13 @@ def global_head(dim, mlp_dim, out_dim):
 def dense_head(dim, mlp_dim, out_dim):
     """DenseCL dense head: the global head as 1x1 convolutions, applied at every location, no BN."""
     return nn.Sequential(nn.Conv2d(dim, mlp_dim, 1), nn.ReLU(inplace=True), nn.Conv2d(mlp_dim, out_dim, 1))
+
+
+class Encoded(NamedTuple):
+    """One encoder's outputs for n images, by name; the dense fields are None without the dense branch."""
+    global_out: torch.Tensor  # [n, D] global head on the pooled map
+    dense_out: Optional[torch.Tensor] = None  # [n, D, S^2] dense head at every location
+    fmap: Optional[torch.Tensor] = None  # [n, C, S, S] backbone map: the correspondence is found on it
 
 
 class DenseCL(nn.Module):
@@ -277,8 +231,8 @@ class DenseCL(nn.Module):
                 if m is not None for p in m.parameters()]
 
     def encode(self, x, momentum=False):
-        """x [n, 3, H, W] -> (global [n, D],) or, with the dense branch, (global [n, D], dense [n, D, S^2],
-        backbone map [n, C, S, S])."""
+        """x [n, 3, H, W] -> Encoded's fields as a plain tuple of tensors (what shuffle_bn gathers): (global
+        [n, D],) or, with the dense branch, (global [n, D], dense [n, D, S^2], backbone map [n, C, S, S])."""
         net, g_head, d_head = ((self.momentum_backbone, self.momentum_global_head, self.momentum_dense_head)
                                if momentum else (self.backbone, self.global_head, self.dense_head))
         fmap = common.feature_map(net, x)  # [n, C, S, S]
@@ -289,23 +243,90 @@ class DenseCL(nn.Module):
 
     def forward(self, x_q, x_k, m, dense_weight):
         """One direction: queries from view 1 (online), keys from view 2 (momentum). Returns (loss, parts)."""
-        q = self.encode(x_q)
+        q = Encoded(*self.encode(x_q))
         with torch.no_grad():
             common.ema_update(self.momentum_params(), self.online_params(), m)  # before the keys, as official
-            k = shuffle_bn(lambda x: self.encode(x, momentum=True), x_k,
-                           self.splits if common.get_world_size() == 1 else 1)
+            k = Encoded(*shuffle_bn(lambda x: self.encode(x, momentum=True), x_k,
+                                    self.splits if common.get_world_size() == 1 else 1))
         # .clone(): the queues are overwritten below, before backward needs the values the loss saw
-        loss_g = global_loss(q[0], k[0], self.queue.clone(), self.temperature)
+        loss_g = global_loss(q.global_out, k.global_out, self.queue.clone(), self.temperature)
         parts = {"loss_global": loss_g.detach()}
         loss = loss_g
         if self.dense_head is not None:
-            match = match_locations(q[2], k[2])  # [n, S^2]
-            loss_d = dense_loss(q[1], k[1], match, self.dense_queue.clone(), self.temperature)
+            match = match_locations(q.fmap, k.fmap)  # [n, S^2]
+            loss_d = dense_loss(q.dense_out, k.dense_out, match, self.dense_queue.clone(), self.temperature)
             loss = (1 - dense_weight) * loss_g + dense_weight * loss_d  # paper eq. 3
             parts["loss_dense"] = loss_d.detach()
-            enqueue(self.dense_queue, self.dense_queue_ptr, k[1].mean(2))  # pooled *before* L2 norm: [n, D]
-        enqueue(self.queue, self.queue_ptr, k[0])
+            # pooled *before* L2 norm: [n, D]
+            enqueue(self.dense_queue, self.dense_queue_ptr, k.dense_out.mean(2))
+        enqueue(self.queue, self.queue_ptr, k.global_out)
         return loss, parts
+
+
+# ---------------------------------------------------------------------------- queues and shuffle-BN (MoCo v2)
+
+
+@torch.no_grad()
+def enqueue(queue, ptr, keys):
+    """Replace the oldest entries of queue [K, D] with the L2-normalised keys [n, D] of all ranks."""
+    keys = common.all_gather_nograd(F.normalize(keys.float(), dim=1))  # [B, D], B = global batch
+    idx = (ptr + torch.arange(len(keys), device=keys.device)) % len(queue)  # [B]; no .item(): no host sync
+    queue.index_copy_(0, idx, keys.to(queue.dtype))
+    ptr.add_(len(keys)).remainder_(len(queue))
+
+
+@torch.no_grad()
+def shuffle_bn(encoder, x, splits=1):
+    """Shuffle-BN (MoCo): run `encoder` (x [n, ...] -> tuple of [n, ...]) on a shuffled batch so the key's
+    BN statistics come from other images than the query's; return the outputs in the original order.
+    Distributed: shuffle the global batch across ranks. One process: shuffle, then `splits` sub-batches."""
+    world = common.get_world_size()
+    if world > 1:
+        x_all = common.all_gather_nograd(x)  # [B, ...]
+        perm = torch.randperm(len(x_all), device=x.device)  # [B]
+        dist.broadcast(perm, src=0)  # every rank uses rank 0's permutation
+        mine = perm.view(world, -1)[common.get_rank()]  # [n]
+        outs = encoder(x_all[mine])
+        back = torch.argsort(perm).view(world, -1)[common.get_rank()]  # [n]: where my samples went
+        return tuple(common.all_gather_nograd(o)[back] for o in outs)
+    perm = torch.randperm(len(x), device=x.device)  # [n]
+    chunks = [encoder(c) for c in x[perm].chunk(splits)]  # each sub-batch has its own BN statistics
+    back = torch.argsort(perm)  # [n]
+    return tuple(torch.cat(o)[back] for o in zip(*chunks))
+
+
+# ---------------------------------------------------------------------------- numerics: a lean log-sum-exp
+
+
+# Logits upcast at once by RowLogSumExp (whole rows): each fp32 temporary holds at most this many elements
+# (64 MiB): few chunks, so few kernel launches on a GPU, yet small next to the logits of a large batch.
+LSE_CHUNK = 2**24
+
+
+class RowLogSumExp(torch.autograd.Function):
+    """logsumexp over dim 1 of x [M, K], accumulated in at least fp32 -> [M]. torch.logsumexp returns x's
+    dtype (bf16: up to half a bf16 step of ~log K, ~0.03, off) and x.float() would hold an fp32 copy of all
+    the logits; a bf16 or fp16 x is instead upcast by chunks of rows. Backward returns softmax(x) * grad in
+    x's dtype (what the matmul that made x takes), by the same chunks of the saved x."""
+    @staticmethod
+    def forward(ctx, x):
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        rows = max(1, len(x) if dtype == x.dtype else LSE_CHUNK // max(x.shape[1], 1))
+        out = torch.cat([torch.logsumexp(c.to(dtype), 1) for c in x.split(rows)])  # [M]
+        ctx.save_for_backward(x)
+        ctx.rows, ctx.dtype = rows, dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        # softmax(x) = exp(x - logsumexp(x)): the fused softmax kernel reads and writes less than that formula
+        if len(x) <= ctx.rows:
+            return torch.softmax(x.to(ctx.dtype), 1).mul_(grad[:, None]).to(x.dtype)  # [M, K]
+        out = torch.empty_like(x)  # [M, K]
+        for c, o, g in zip(x.split(ctx.rows), out.split(ctx.rows), grad.split(ctx.rows)):
+            o.copy_(torch.softmax(c.to(ctx.dtype), 1).mul_(g[:, None]))  # [rows, K], rounded to x's dtype
+        return out
 
 
 # ---------------------------------------------------------------------------- picture of the matches

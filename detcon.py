@@ -11,30 +11,42 @@ together the same mask seen in the two views and pushes apart every other mask o
 views. Many objects per image = many more contrastive pairs per forward pass, hence up to 10x less pretraining
 for the same COCO transfer.
 
-Kept from the official code: the loss term by term (targets of both views of the global batch as columns,
-same-view same-mask columns masked with -1e9, positive label mass split over duplicate draws, rows weighted
-1/number of draws and 0 without a counterpart, two directions summed, tau 0.1), 16 masks sampled per view
-uniformly over masks present in that view with replacement and shared by the online and target passes, BYOL
-heads (output layer without bias) and asymmetric augmentation, one crop window per view drawn as the official
-one (area ~ U(--crop-min, 1), log aspect ~ U(log 3/4, log 4/3), sides clamped to the image; no retries, unlike
-torchvision's RandomResizedCrop), EMA 0.996 -> 1 (cosine), LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup, FH on
-the un-augmented image at full resolution with scale 1000 / min_size 1000 / sigma 0.8 (the imagenet preset).
+Kept from the official code:
+- The loss term by term: targets of both views of the global batch as columns, same-view same-mask columns
+  masked with -1e9, positive label mass split over duplicate draws, rows weighted 1/number of draws and 0
+  without a counterpart, two directions summed, tau 0.1.
+- 16 masks sampled per view uniformly over masks present in that view with replacement, shared by the online
+  and target passes.
+- BYOL heads (output layer without bias).
+- BYOL's asymmetric augmentation.
+- One crop window per view drawn as the official one: area ~ U(--crop-min, 1), log aspect ~ U(log 3/4,
+  log 4/3), sides clamped to the image; no retries, unlike torchvision's RandomResizedCrop.
+- EMA 0.996 -> 1 (cosine).
+- LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup.
+- FH on the un-augmented image at full resolution with scale 1000 / min_size 1000 / sigma 0.8 (the imagenet
+  preset).
 
-Changed: FH runs in the loader workers during the first epoch, cached on disk for images >= 224 px (official:
-offline, stored with the images; ~0.3 s per ImageNet-size image in one worker, benchmarks/fh_cost.py); the
-`cifar` and `cpu` presets (ours) run FH on the image scaled to <= 128 px (--fh-size) with scale and min_size
-scaled to that pixel count (--fh-scale 0 --fh-min-size 0), which gives other segments than the official call;
-ids are int32 (the official uint8 cast merges ids > 255); masks are reduced to the feature grid by a majority
-vote per cell (= one-hot -> average-pool -> argmax); the EMA update runs at the start of a step (as in
-mocov3.py) rather than after it; DetCon_S keeps the gradient of the local targets (SimCLR-style). The colour
-ops are torchvision's/PIL's, not the official dm_pix-style ones: brightness multiplies (official: adds a delta
-~ U(-0.4, 0.4)), contrast scales around the grayscale mean (official: the per-channel mean), saturation blends
-with grayscale (official: scales S in HSV), blur is PIL's GaussianBlur with radius sigma (official: a 23-tap
-separable Gaussian kernel, same sigma range). Default precision on CUDA is bf16 autocast with TF32 matmuls
-(official: JAX on TPU). Backbones are torchvision's. The `cifar` and `cpu` presets are ours (final feature
-grid 4x4 via the small stem). --data-on-device computes FH once per image on the stored copy (1.25 x the crop
-for folders) with scale and min_size scaled to its pixel count, and draws the crop windows batched on the
-device.
+Changed:
+- FH runs in the loader workers during the first epoch, cached on disk for images >= 224 px (official:
+  offline, stored with the images; ~0.3 s per ImageNet-size image in one worker, benchmarks/fh_cost.py).
+- The `cifar` and `cpu` presets (ours) run FH on the image scaled to <= 128 px (--fh-size) with scale and
+  min_size scaled to that pixel count (--fh-scale 0 --fh-min-size 0), which gives other segments than the
+  official call.
+- Ids are int32 (the official uint8 cast merges ids > 255).
+- Masks are reduced to the feature grid by a majority vote per cell (= one-hot -> average-pool -> argmax).
+- The EMA update runs at the start of a step (as in mocov3.py) rather than after it.
+- DetCon_S keeps the gradient of the local targets (SimCLR-style).
+- The colour ops are torchvision's/PIL's, not the official dm_pix-style ones:
+  - brightness multiplies (official: adds a delta ~ U(-0.4, 0.4));
+  - contrast scales around the grayscale mean (official: the per-channel mean);
+  - saturation blends with grayscale (official: scales S in HSV);
+  - blur is PIL's GaussianBlur with radius sigma (official: a 23-tap separable Gaussian kernel, same sigma
+    range).
+- Default precision on CUDA is bf16 autocast with TF32 matmuls (official: JAX on TPU).
+- Backbones are torchvision's.
+- The `cifar` and `cpu` presets are ours (final feature grid 4x4 via the small stem).
+- --data-on-device computes FH once per image on the stored copy (1.25 x the crop for folders) with scale and
+  min_size scaled to its pixel count, and draws the crop windows batched on the device.
 
 Commands:
   python detcon.py                                   # CPU smoke run on built-in synthetic data
@@ -49,8 +61,8 @@ Commands:
 Healthy loss: each direction averages weight x CE over rows, and an image's weights add up to its distinct
 sampled ids also drawn in the other view, so it starts near 2 * (matched distinct ids / 16) * ln(2 * B * 16):
 ~12 for R50 at 224 px, B 4096 (~8 of ~12 FH masks matched); ~2.6 in the cpu preset (B 32, 4x4 grid), where it
-drifts down slowly and noisily (README's quick-start table shows where it ends). The level moves with the
-share of rows with a positive (logged as `matched`): compare runs at equal image size, grid and masks.
+drifts down slowly and noisily (the run's curves.png plots it). The level moves with the share of rows with a
+positive (logged as `matched`): compare runs at equal image size, grid and masks.
 """
 import copy
 import dataclasses
@@ -159,6 +171,126 @@ PRESETS = {
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, warmup_epochs=0.5, crop_min=0.3,
                 blur=False, mlp_dim=1024, workers=2, log_every=10, **SMALL_FH),
 }
+
+
+# ---------------------------------------------------------------------------- the method
+
+
+def detcon_loss(pred1, pred2, target1, target2, ids1, ids2, temperature=0.1):
+    """Contrastive-detection loss (paper eq. 3, official byol_nce_detcon). pred*/target* [B, M, D]
+    (un-normalised, this rank's images), ids* [B, M]. Targets are gathered across ranks. Direction 1->2: each
+    row of pred1 has as positives the target2 columns of the same image and id (label mass split evenly), as
+    negatives every other column of target1 and target2 of the global batch except target1 columns of the same
+    image and id (logit -1e9, label 0); rows are weighted by row_weights and averaged.
+    Returns loss(1->2) + loss(2->1)."""
+    return (_one_direction(pred1, ids1, target2, ids2, target1, temperature) +
+            _one_direction(pred2, ids2, target1, ids1, target2, temperature))
+
+
+def _one_direction(pred, ids, target_other, ids_other, target_same, temperature):
+    """Rows: one view's predictions; columns: both views' targets of every image of the global batch."""
+    b, m, _ = pred.shape
+    p = F.normalize(pred.float(), dim=-1)  # [B, M, D]
+    t_other = _gather(F.normalize(target_other.float(), dim=-1))  # [G, M, D], G = B * world
+    t_same = _gather(F.normalize(target_same.float(), dim=-1))  # [G, M, D]
+    rows, own = torch.arange(b, device=p.device), torch.arange(b, device=p.device) + b * common.get_rank()
+    logits_other = torch.einsum("bmd,gnd->bmgn", p, t_other) / temperature  # [B, M, G, M]
+    logits_same = torch.einsum("bmd,gnd->bmgn", p, t_same) / temperature  # [B, M, G, M]
+    same_id_other = (ids[:, :, None] == ids_other[:, None, :]).float()  # [B, M, M]: positives (own image)
+    same_id_same = (ids[:, :, None] == ids[:, None, :]).float()  # [B, M, M]: excluded (own image, incl. self)
+    logits_same[rows, :, own, :] -= 1e9 * same_id_same  # official "infinity proxy": never a negative
+    # log-sum-exp over all 2*G*M columns, without materialising their concatenation
+    lse = torch.logaddexp(logits_other.flatten(2).logsumexp(-1),
+                          logits_same.flatten(2).logsumexp(-1))  # [B, M]
+    num_pos = same_id_other.sum(-1)  # [B, M]
+    # mean positive logit
+    pos = (same_id_other * logits_other[rows, :, own, :]).sum(-1) / num_pos.clamp(min=1)  # [B, M]
+    ce = lse - pos  # [B, M] = soft-label CE with the label mass split evenly over the positives
+    return (row_weights(ids, ids_other) * ce).mean()
+
+
+def row_weights(ids, ids_other):
+    """[B, M] weight of each row: 0 if its id was not drawn in the other view (no positive), else 1 / (number
+    of draws of that id in its own view), so every matched mask counts once whatever its draw count."""
+    has_pos = (ids[:, :, None] == ids_other[:, None, :]).any(-1)  # [B, M]
+    draws = (ids[:, :, None] == ids[:, None, :]).sum(-1)  # [B, M] >= 1 (itself)
+    return has_pos.float() / draws
+
+
+def _gather(x):
+    """all_gather along dim 0 keeping the gradient of this rank's slice (DetCon_S backpropagates into it)."""
+    if common.get_world_size() == 1:
+        return x
+    g, n, r = common.all_gather_nograd(x), x.shape[0], common.get_rank()
+    return torch.cat([g[:r * n], x, g[(r + 1) * n:]])
+
+
+def mlp(in_dim, hidden, out_dim):
+    """BYOL head as the official haiku MLP: Linear (with bias) -> BN -> ReLU -> Linear (no bias)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim, bias=False))
+
+
+def sample_ids(mask, num):
+    """mask [N, S, S] ids < 2 S^2 -> [N, num] ids drawn uniformly with replacement among the masks that own at
+    least one cell of this view (every image has one: every cell belongs to some id)."""
+    exists = torch.zeros(mask.shape[0], 2 * mask[0].numel(), device=mask.device)  # [N, K]: static K, no sync
+    exists.scatter_(1, mask.flatten(1), 1.0)  # [N, K] 1 where the id owns >= 1 cell
+    return torch.multinomial(exists, num, replacement=True)  # [N, num]
+
+
+def mask_pool(fmap, mask, ids):
+    """Average of the feature map [N, C, S, S] over the cells of each sampled id (mask [N, S, S], ids [N, M])
+    -> [N, M, C]."""
+    if fmap.shape[-2:] != mask.shape[-2:]:
+        raise ValueError(f"feature map {tuple(fmap.shape[-2:])} and mask grid "
+                         f"{tuple(mask.shape[-2:])} differ")
+    sel = (mask.flatten(1)[:, None, :] == ids[:, :, None]).to(fmap.dtype)  # [N, M, S*S]
+    sel = sel / sel.sum(-1, keepdim=True).clamp(min=1)  # [N, M, S*S], rows sum to 1
+    return torch.bmm(sel, fmap.flatten(2).transpose(1, 2))  # [N, M, C]
+
+
+class DetCon(nn.Module):
+    def __init__(self, args):
+        super().__init__()
+        self.temperature, self.num_masks, self.byol = args.temperature, args.num_masks, args.variant == "B"
+        self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size,
+                                                   args.freeze_patch_proj, spatial=True)
+        self.projector = mlp(dim, args.mlp_dim, args.proj_dim)
+        if self.byol:  # DetCon_B: predictor on the online side, EMA target = backbone + projector
+            self.predictor = mlp(args.proj_dim, args.mlp_dim, args.proj_dim)
+            self.momentum_backbone = copy.deepcopy(self.backbone)  # exact copy at init
+            self.momentum_projector = copy.deepcopy(self.projector)
+            for p in [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]:
+                p.requires_grad = False  # updated only by EMA
+
+    def online_params(self):
+        return [*self.backbone.parameters(), *self.projector.parameters()]
+
+    def momentum_params(self):
+        return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
+
+    @staticmethod
+    def embed(backbone, projector, x, mask, ids):
+        """Pool the BACKBONE map inside each sampled mask, then project: -> [N, M, D]."""
+        pooled = mask_pool(common.feature_map(backbone, x), mask, ids)  # [N, M, C]
+        n, m, c = pooled.shape
+        return projector(pooled.reshape(n * m, c)).view(n, m, -1)  # [N, M, D]; BN over all N*M rows
+
+    def forward(self, x1, mask1, x2, mask2, m):
+        ids1, ids2 = sample_ids(mask1, self.num_masks), sample_ids(mask2, self.num_masks)  # [N, M] each
+        z1 = self.embed(self.backbone, self.projector, x1, mask1, ids1)  # [N, M, D]
+        z2 = self.embed(self.backbone, self.projector, x2, mask2, ids2)  # [N, M, D]
+        matched = (ids1[:, :, None] == ids2[:, None, :]).any(-1).float().mean()  # rows with a positive
+        if not self.byol:  # DetCon_S: the online outputs are both rows and columns
+            return detcon_loss(z1, z2, z1, z2, ids1, ids2, self.temperature), matched
+        p1 = self.predictor(z1.flatten(0, 1)).view_as(z1)  # [N, M, D]
+        p2 = self.predictor(z2.flatten(0, 1)).view_as(z2)  # [N, M, D]
+        with torch.no_grad():
+            common.ema_update(self.momentum_params(), self.online_params(), m)  # first, as mocov3.py
+            t1 = self.embed(self.momentum_backbone, self.momentum_projector, x1, mask1, ids1)
+            t2 = self.embed(self.momentum_backbone, self.momentum_projector, x2, mask2, ids2)  # online ids
+        return detcon_loss(p1, p2, t1, t2, ids1, ids2, self.temperature), matched
 
 
 # ---------------------------------------------------------------------------- masks (method-specific data)
@@ -366,126 +498,6 @@ class JointViews(common.TwoViews):
         return views[0], cells[:, 0], views[1], cells[:, 1]
 
 
-# ---------------------------------------------------------------------------- the method
-
-
-def sample_ids(mask, num):
-    """mask [N, S, S] ids < 2 S^2 -> [N, num] ids drawn uniformly with replacement among the masks that own at
-    least one cell of this view (every image has one: every cell belongs to some id)."""
-    exists = torch.zeros(mask.shape[0], 2 * mask[0].numel(), device=mask.device)  # [N, K]: static K, no sync
-    exists.scatter_(1, mask.flatten(1), 1.0)  # [N, K] 1 where the id owns >= 1 cell
-    return torch.multinomial(exists, num, replacement=True)  # [N, num]
-
-
-def mask_pool(fmap, mask, ids):
-    """Average of the feature map [N, C, S, S] over the cells of each sampled id (mask [N, S, S], ids [N, M])
-    -> [N, M, C]."""
-    if fmap.shape[-2:] != mask.shape[-2:]:
-        raise ValueError(f"feature map {tuple(fmap.shape[-2:])} and mask grid "
-                         f"{tuple(mask.shape[-2:])} differ")
-    sel = (mask.flatten(1)[:, None, :] == ids[:, :, None]).to(fmap.dtype)  # [N, M, S*S]
-    sel = sel / sel.sum(-1, keepdim=True).clamp(min=1)  # [N, M, S*S], rows sum to 1
-    return torch.bmm(sel, fmap.flatten(2).transpose(1, 2))  # [N, M, C]
-
-
-def mlp(in_dim, hidden, out_dim):
-    """BYOL head as the official haiku MLP: Linear (with bias) -> BN -> ReLU -> Linear (no bias)."""
-    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
-                         nn.Linear(hidden, out_dim, bias=False))
-
-
-def row_weights(ids, ids_other):
-    """[B, M] weight of each row: 0 if its id was not drawn in the other view (no positive), else 1 / (number
-    of draws of that id in its own view), so every matched mask counts once whatever its draw count."""
-    has_pos = (ids[:, :, None] == ids_other[:, None, :]).any(-1)  # [B, M]
-    draws = (ids[:, :, None] == ids[:, None, :]).sum(-1)  # [B, M] >= 1 (itself)
-    return has_pos.float() / draws
-
-
-def _gather(x):
-    """all_gather along dim 0 keeping the gradient of this rank's slice (DetCon_S backpropagates into it)."""
-    if common.get_world_size() == 1:
-        return x
-    g, n, r = common.all_gather_nograd(x), x.shape[0], common.get_rank()
-    return torch.cat([g[:r * n], x, g[(r + 1) * n:]])
-
-
-def _one_direction(pred, ids, target_other, ids_other, target_same, temperature):
-    """Rows: one view's predictions; columns: both views' targets of every image of the global batch."""
-    b, m, _ = pred.shape
-    p = F.normalize(pred.float(), dim=-1)  # [B, M, D]
-    t_other = _gather(F.normalize(target_other.float(), dim=-1))  # [G, M, D], G = B * world
-    t_same = _gather(F.normalize(target_same.float(), dim=-1))  # [G, M, D]
-    rows, own = torch.arange(b, device=p.device), torch.arange(b, device=p.device) + b * common.get_rank()
-    logits_other = torch.einsum("bmd,gnd->bmgn", p, t_other) / temperature  # [B, M, G, M]
-    logits_same = torch.einsum("bmd,gnd->bmgn", p, t_same) / temperature  # [B, M, G, M]
-    same_id_other = (ids[:, :, None] == ids_other[:, None, :]).float()  # [B, M, M]: positives (own image)
-    same_id_same = (ids[:, :, None] == ids[:, None, :]).float()  # [B, M, M]: excluded (own image, incl. self)
-    logits_same[rows, :, own, :] -= 1e9 * same_id_same  # official "infinity proxy": never a negative
-    # log-sum-exp over all 2*G*M columns, without materialising their concatenation
-    lse = torch.logaddexp(logits_other.flatten(2).logsumexp(-1),
-                          logits_same.flatten(2).logsumexp(-1))  # [B, M]
-    num_pos = same_id_other.sum(-1)  # [B, M]
-    # mean positive logit
-    pos = (same_id_other * logits_other[rows, :, own, :]).sum(-1) / num_pos.clamp(min=1)  # [B, M]
-    ce = lse - pos  # [B, M] = soft-label CE with the label mass split evenly over the positives
-    return (row_weights(ids, ids_other) * ce).mean()
-
-
-def detcon_loss(pred1, pred2, target1, target2, ids1, ids2, temperature=0.1):
-    """Contrastive-detection loss (paper eq. 3, official byol_nce_detcon). pred*/target* [B, M, D]
-    (un-normalised, this rank's images), ids* [B, M]. Targets are gathered across ranks. Direction 1->2: each
-    row of pred1 has as positives the target2 columns of the same image and id (label mass split evenly), as
-    negatives every other column of target1 and target2 of the global batch except target1 columns of the same
-    image and id (logit -1e9, label 0); rows are weighted by row_weights and averaged.
-    Returns loss(1->2) + loss(2->1)."""
-    return (_one_direction(pred1, ids1, target2, ids2, target1, temperature) +
-            _one_direction(pred2, ids2, target1, ids1, target2, temperature))
-
-
-class DetCon(nn.Module):
-    def __init__(self, args):
-        super().__init__()
-        self.temperature, self.num_masks, self.byol = args.temperature, args.num_masks, args.variant == "B"
-        self.backbone, dim = common.build_backbone(args.arch, args.stem, args.img_size,
-                                                   args.freeze_patch_proj, spatial=True)
-        self.projector = mlp(dim, args.mlp_dim, args.proj_dim)
-        if self.byol:  # DetCon_B: predictor on the online side, EMA target = backbone + projector
-            self.predictor = mlp(args.proj_dim, args.mlp_dim, args.proj_dim)
-            self.momentum_backbone = copy.deepcopy(self.backbone)  # exact copy at init
-            self.momentum_projector = copy.deepcopy(self.projector)
-            for p in [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]:
-                p.requires_grad = False  # updated only by EMA
-
-    def online_params(self):
-        return [*self.backbone.parameters(), *self.projector.parameters()]
-
-    def momentum_params(self):
-        return [*self.momentum_backbone.parameters(), *self.momentum_projector.parameters()]
-
-    @staticmethod
-    def embed(backbone, projector, x, mask, ids):
-        """Pool the BACKBONE map inside each sampled mask, then project: -> [N, M, D]."""
-        pooled = mask_pool(common.feature_map(backbone, x), mask, ids)  # [N, M, C]
-        n, m, c = pooled.shape
-        return projector(pooled.reshape(n * m, c)).view(n, m, -1)  # [N, M, D]; BN over all N*M rows
-
-    def forward(self, x1, mask1, x2, mask2, m):
-        ids1, ids2 = sample_ids(mask1, self.num_masks), sample_ids(mask2, self.num_masks)  # [N, M] each
-        z1 = self.embed(self.backbone, self.projector, x1, mask1, ids1)  # [N, M, D]
-        z2 = self.embed(self.backbone, self.projector, x2, mask2, ids2)  # [N, M, D]
-        matched = (ids1[:, :, None] == ids2[:, None, :]).any(-1).float().mean()  # rows with a positive
-        if not self.byol:  # DetCon_S: the online outputs are both rows and columns
-            return detcon_loss(z1, z2, z1, z2, ids1, ids2, self.temperature), matched
-        p1 = self.predictor(z1.flatten(0, 1)).view_as(z1)  # [N, M, D]
-        p2 = self.predictor(z2.flatten(0, 1)).view_as(z2)  # [N, M, D]
-        with torch.no_grad():
-            common.ema_update(self.momentum_params(), self.online_params(), m)  # first, as mocov3.py
-            t1 = self.embed(self.momentum_backbone, self.momentum_projector, x1, mask1, ids1)
-            t2 = self.embed(self.momentum_backbone, self.momentum_projector, x2, mask2, ids2)  # online ids
-        return detcon_loss(p1, p2, t1, t2, ids1, ids2, self.temperature), matched
-
-
 # ---------------------------------------------------------------------------- the mask picture
 
 
@@ -557,7 +569,8 @@ def main(argv=None):
     stored = dataclasses.replace(args, fh_size=0, fh_scale=0, fh_min_size=0)  # the stored size's FH settings
     train_ds, steps_per_epoch = common.pretrain_data(args, run, views, ids=MaskedImages(None, stored).mask)
     if not args.data_on_device:
-        train_ds.base = MaskedImages(train_ds.base, args, *mask_cache(args, run.out))
+        cache_dir, cache_min_side = mask_cache(args, run.out)  # --mask-cache: where FH masks are kept
+        train_ds.base = MaskedImages(train_ds.base, args, cache_dir, cache_min_side)
     knn = common.knn_monitor(args, run)
 
     # ---- model

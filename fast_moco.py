@@ -10,14 +10,20 @@ pick out the momentum encoder's embedding of the *full, other* view among the ke
 batch. Six positives per view and step make each epoch worth more (ImageNet linear 73.5 at 100
 epochs, above MoCo v3's 68.9 at 100 and 72.8 at 300).
 
-Kept from the paper/official code: split by tensor slicing (no resize), all patches of a view in one
-backbone pass, combination after the backbone's pooling and before the projector, target = EMA
-backbone + projector on the un-split other view, InfoNCE with tau = 1 averaged over the 12
-(6 combinations x 2 directions) cross-entropies without MoCo v3's 2*tau factor, the heads (Linear
-with bias, BN after every projector layer, 2048 -> 512 -> 2048 predictor), SGD with a constant
-predictor lr, 1 warm-up epoch rising linearly from a quarter of the peak lr at the first iteration
-to the peak at the last warm-up iteration (the official WCosConLR: 0.025 -> 0.1), grad-norm
-clipping 1.0, constant EMA 0.99, MoCo v2's symmetric augmentation.
+Kept from the paper/official code:
+- Split by tensor slicing (no resize).
+- All patches of a view in one backbone pass.
+- Combination after the backbone's pooling and before the projector.
+- Target = EMA backbone + projector on the un-split other view.
+- InfoNCE with tau = 1 averaged over the 12 (6 combinations x 2 directions) cross-entropies without
+  MoCo v3's 2*tau factor.
+- The heads: Linear with bias, BN after every projector layer, 2048 -> 512 -> 2048 predictor.
+- SGD with a constant predictor lr.
+- 1 warm-up epoch rising linearly from a quarter of the peak lr at the first iteration to the peak at
+  the last warm-up iteration (the official WCosConLR: 0.025 -> 0.1).
+- Grad-norm clipping 1.0.
+- Constant EMA 0.99.
+- MoCo v2's symmetric augmentation.
 
 Changed:
 - torchvision ResNets as in the official code (other torchvision models that take two input sizes run
@@ -32,7 +38,8 @@ Changed:
 - SyncBN only on multi-GPU CUDA runs (PyTorch's SyncBatchNorm is CUDA-only); one process or CPU
   ranks use per-process BN.
 - Patches are numbered row-major (any fixed order gives the same set of pairs and so the same loss).
-- --grid / --combine generalise the 2x2 / pairs choice. The `cifar` and `cpu` presets are ours.
+- --grid / --combine generalise the 2x2 / pairs choice.
+- The `cifar` and `cpu` presets are ours.
 
 Commands:
   python fast_moco.py                                # CPU smoke run on synthetic data (README: quick start)
@@ -265,6 +272,9 @@ def set_lrs(optimizer, lr, base_lr):
         g["lr"] = base_lr if g.get("fixed_lr") else lr
 
 
+# ---------------------------------------------------------------------------- training
+
+
 def check_args(args):
     """Fast-MoCo-specific argument errors (one line, exit 2)."""
     if args.grid < 1 or args.img_size % args.grid:
@@ -275,9 +285,6 @@ def check_args(args):
     if not 1 <= args.combine <= args.grid ** 2:
         raise common.BadInput(f"--combine must be between 1 and grid^2 = {args.grid ** 2}, "
                               f"got {args.combine}")
-
-
-# ---------------------------------------------------------------------------- training
 
 
 def mocov2_augmentation(img_size, crop_min, blur=True):

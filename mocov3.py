@@ -7,12 +7,16 @@ embeds one view, a momentum encoder (an EMA copy of backbone -> projector) embed
 and an InfoNCE loss makes each query pick its own key among all keys of the global batch. No
 memory queue: the large batch supplies the negatives. Symmetrised over the two views.
 
-Kept from the official code: heads without bias and the last-BN rules (ResNet vs ViT), momentum
-update before computing the keys, the summed symmetric loss scaled by 2*tau, keys gathered across
-GPUs without gradient and labels offset by rank, per-iteration lr and momentum schedules, LARS
-(ResNet) / AdamW (ViT), frozen random patch projection and sin-cos position embedding for ViT.
-Official ResNet-50 recipes (ImageNet, batch 4096, crop-min 0.2 at every length): 100 epochs lr 0.6,
-wd 1e-6, m0 0.99 (the defaults); 300 epochs lr 0.3; 1000 epochs lr 0.3, wd 1.5e-6, m0 0.996.
+Kept from the official code:
+- Heads without bias and the last-BN rules (ResNet vs ViT).
+- Momentum update before computing the keys.
+- The summed symmetric loss scaled by 2*tau.
+- Keys gathered across GPUs without gradient and labels offset by rank.
+- Per-iteration lr and momentum schedules.
+- LARS (ResNet) / AdamW (ViT).
+- Frozen random patch projection and sin-cos position embedding for ViT.
+- Official ResNet-50 recipes (ImageNet, batch 4096, crop-min 0.2 at every length): 100 epochs lr 0.6,
+  wd 1e-6, m0 0.99 (the defaults); 300 epochs lr 0.3; 1000 epochs lr 0.3, wd 1.5e-6, m0 0.996.
 
 Changed:
 - Backbones are torchvision's (ViT from torchvision's VisionTransformer with MoCo v3's position
@@ -22,7 +26,8 @@ Changed:
   auto); the official code uses fp16 autocast with a GradScaler (--precision fp16 here).
 - SyncBN only on multi-GPU CUDA runs (PyTorch's SyncBatchNorm is CUDA-only); one process or CPU
   ranks use per-process BN.
-- The `cifar` preset is solo-learn's validated recipe; the `cpu` preset is ours, sized for a laptop.
+- The `cifar` preset is solo-learn's validated recipe.
+- The `cpu` preset is ours, sized for a laptop.
 
 Commands:
   python mocov3.py                                   # CPU smoke run on synthetic data (README: quick start)
@@ -36,8 +41,8 @@ Commands:
 
 Healthy loss: the loss is a sum of two 2*tau-scaled cross-entropies, so with tau = 1 and
 B = 4096 it starts near 2 * 2 * ln(B) ~= 33 and plateaus around 27 on ImageNet. In the cpu preset
-(tau 0.2, B 32) it starts near 4 * 0.2 * ln 32 ~= 2.8 and falls slowly and noisily (README: "Healthy
-loss curves").
+(tau 0.2, B 32) it starts near 4 * 0.2 * ln 32 ~= 2.8 and falls slowly and noisily (README's MoCo v3
+section, "Healthy loss").
 """
 import copy
 import dataclasses
@@ -112,6 +117,16 @@ PRESETS = {
 # ---------------------------------------------------------------------------- the method
 
 
+def contrastive_loss(q, k, temperature):
+    """InfoNCE of queries q [N, D] against the keys of the global batch; positives on the diagonal."""
+    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)  # [N, D]
+    k = common.all_gather_nograd(k)  # [B, D], B = N * world; no gradient flows into the keys
+    logits = q @ k.T / temperature  # [N, B]
+    n = q.shape[0]
+    labels = torch.arange(n, device=q.device) + n * common.get_rank()  # my queries' keys sit at rank * N
+    return F.cross_entropy(logits, labels) * (2 * temperature)  # x 2 tau: gradient scale independent of tau
+
+
 def build_mlp(num_layers, in_dim, mlp_dim, out_dim, last_bn=True):
     """MoCo v3 MLP: Linear layers without bias; Linear-BN-ReLU hidden layers;
     optional last BN without affine."""
@@ -124,16 +139,6 @@ def build_mlp(num_layers, in_dim, mlp_dim, out_dim, last_bn=True):
         elif last_bn:
             layers.append(nn.BatchNorm1d(d_out, affine=False))  # SimCLR's design: BN on the output
     return nn.Sequential(*layers)
-
-
-def contrastive_loss(q, k, temperature):
-    """InfoNCE of queries q [N, D] against the keys of the global batch; positives on the diagonal."""
-    q, k = F.normalize(q, dim=1), F.normalize(k, dim=1)  # [N, D]
-    k = common.all_gather_nograd(k)  # [B, D], B = N * world; no gradient flows into the keys
-    logits = q @ k.T / temperature  # [N, B]
-    n = q.shape[0]
-    labels = torch.arange(n, device=q.device) + n * common.get_rank()  # my queries' keys sit at rank * N
-    return F.cross_entropy(logits, labels) * (2 * temperature)  # x 2 tau: gradient scale independent of tau
 
 
 class MoCoV3(nn.Module):

@@ -15,12 +15,15 @@ build_mlp, contrastive_loss inside MoCoV3, Args and PRESETS). Copy rotation_aux.
 + common.py. `diff mocov3.py rotation_aux.py` shows the method: the extra Args fields, the
 rotation head and loss, and the few changed lines of main().
 
-Kept from the paper / official code: MoCo v3 untouched on the unrotated views; the rotation is
-applied after all other augmentation (to the normalised square crop, on the device, inside the
-step), 0 degrees included; each rotated view is its own backbone forward pass (own BN batch
-statistics) and never reaches the projector, predictor or momentum encoder; rotation head
-Linear(C, C) -> BN -> ReLU -> Linear(C, 4) on the pooled backbone feature, dropped at export;
-weight 0.1 on the sum of the two views' cross-entropies.
+Kept from the paper / official code:
+- MoCo v3 untouched on the unrotated views.
+- The rotation is applied after all other augmentation (to the normalised square crop, on the device,
+  inside the step), 0 degrees included.
+- Each rotated view is its own backbone forward pass (own BN batch statistics) and never reaches the
+  projector, predictor or momentum encoder.
+- Rotation head Linear(C, C) -> BN -> ReLU -> Linear(C, 4) on the pooled backbone feature, dropped at
+  export.
+- Weight 0.1 on the sum of the two views' cross-entropies.
 
 Changed / ours:
 - Everything mocov3.py's docstring lists for the MoCo v3 part, including the precision (bf16
@@ -39,7 +42,7 @@ Changed / ours:
 Cost per step (4 online backbone passes with backward instead of 2, momentum passes unchanged):
 expected ~1.75x mocov3.py's step time; --rot-size img_size/2 ~1.2x by FLOPs (the rotated passes
 cost ~1/4; small passes are overhead-bound on a CPU, so expect more there). Measured ratios and
-peak memory: benchmarks/results/model_cost_cpu.md and model_cost_gpu.md (README: Results). Peak
+peak memory: benchmarks/results/model_cost_cpu.md and model_cost_gpu.md (RESULTS.md: Model cost). Peak
 activation memory grows by ~the online backbone's share, up to ~2x. Compare with mocov3.py at
 equal epochs *and* at equal wall-clock (benchmarks/).
 

@@ -1,12 +1,15 @@
 """Evidence at a real budget in one short GPU run: every method's accuracy against its cost on Imagenette, the
-speed targets at ImageNet resolution and the dense miniature, within --budget seconds (default 480, compiles
-included) on one H100/H200-class GPU.
+speed targets at ImageNet resolution and the dense miniature, within --budget seconds (default 540, compiles
+included) on one H100/H200-class GPU; what does not fit is left to a rerun of the stages left.
 
   python benchmarks/gpu_suite.py --make-data          # here, once: resized JPEG copies -> data/gpu (< 55 MiB)
   python benchmarks/gpu_suite.py --out $OUT/suite     # on the GPU machine, with carry=["data/gpu"]
   python benchmarks/gpu_suite.py --report runs/gpu_suite   # a bundle -> benchmarks/results/gpu_*.md + plot
   python benchmarks/gpu_suite.py --dry-run --out /tmp/gs   # every stage on the CPU at tiny sizes (~30 s)
   python benchmarks/gpu_suite.py --stages speed --budget 300   # some stages (the budget split among them)
+  cp -r FIRST $OUT/suite && python benchmarks/gpu_suite.py --out $OUT/suite --stages speed,dense --budget 260
+      # the rerun: FIRST holds the first run's <stage>.json (the machine's $OUT starts empty); on the same
+      # (still held) machine the finished runs under --work are reused as well
 
 Stages, most valuable first. Each has a fixed share of the budget (SHARES) plus what earlier stages left,
 never starts a run whose estimate no longer fits, gives every accuracy run --time-limit (a slower device
@@ -19,9 +22,11 @@ under --work: /dev/shm/effssl_gpu_suite where RAM allows; checkpoints are delete
             --data-on-device: every method, MoCo v2 (densecl --dense-weight 0) and supervised from scratch for
             the same epochs (as many as fit), kNN every few epochs; then linear probes, an equal-wall-clock
             MoCo v3 row and a second seed of the two closest rows as the budget allows.
-  speed     MoCo v3 ResNet-50 at 224 px: model_cost.py (DenseCL against its MoCo v2 mode; the ResNet-18 step
-            of the smoke runs) and kernels.py (the LARS step); --gpu-aug --compile against the compiled
-            model-only step; --gpu-aug, --data-on-device and the PIL loader; DenseCL and MoCo v2 whole-script.
+  speed     MoCo v3 ResNet-50 at 224 px, in this order: the whole-script runs with --gpu-aug, with
+            --data-on-device, DenseCL and MoCo v2 with --data-on-device, the PIL loader; model_cost.py
+            (DenseCL against its MoCo v2 mode; the ResNet-18 step of the smoke runs) and kernels.py (the LARS
+            step); last, as a slow compile can then cost only itself, the compiled model-only step and
+            --gpu-aug --compile. A run stopped at the stage's deadline is reported "killed at the N-s limit".
   dense     benchmarks/dense.py at 64 px, as many epochs as fit (skipped when nothing is left).
 
 --out holds <stage>.json, results.json (every stage, the kNN curves, meta: device, torch, commit, budget),
@@ -52,8 +57,24 @@ import suite_jobs  # noqa: E402
 from suite_jobs import write_json  # noqa: E402
 
 STAGES = ("smoke", "accuracy", "speed", "dense")
-# shares of --budget: a stage's deadline is the sum of the shares up to it, so time a stage leaves passes on
-SHARES = {"smoke": 0.2, "accuracy": 0.47, "speed": 0.26, "dense": 0.07}
+# Shares of --budget: a stage's deadline is the sum of the shares up to it, so time a stage leaves passes on
+# (a rerun splits the budget among the stages it runs). From the first run (one H200, 16 cores, --budget 480,
+# commit 5225d39; results/gpu_*.md): smoke took 76 s (its eleven runs and their process; its compiled run
+# did not fit), accuracy 246 s for 15 epochs (it takes as many epochs as its share holds), speed's
+# model_cost.py and kernels.py 26 s and its compiled run was still compiling when killed after 91 s; dense
+# got 0 s of the 34 its share held, and needs ~55 s before its first epoch (a process and six seg
+# evaluations, dense_eval_s) plus ~3 s per epoch. At BUDGET = 540 s these shares give smoke 86 s (its 76 and
+# a margin), accuracy 211 s and what smoke leaves (~11 epochs), speed 167 s (a process ~6 s, the five
+# uncompiled whole-script runs at speed_s each and the 26 s of model costs) and dense 76 s (~7 epochs) with
+# what speed leaves. The compiles (smoke's ResNet-18 one, speed's ResNet-50 pair: ~70 s and ~255 s by their
+# estimates) run last in their stages and start only where the time left holds their estimate: on a fast
+# device in the first run, else in the rerun.
+SHARES = {"smoke": 0.16, "accuracy": 0.39, "speed": 0.31, "dense": 0.14}
+# The default --budget: the device is lent for 900 s in all, start-up (~30 s) included. 540 s (and ~25 s of
+# the suite's own start and its last stop's grace) leave ~300 s for a rerun of the stages left (--budget 260:
+# the compiled pair, whose second run starts if the first compile took no more than its estimate), and keep
+# the first run well inside the 600-s limit of one command.
+BUDGET = 540
 METHODS = ("mocov3", "fast_moco", "densecl", "detcon", "rotation_aux")  # every training script
 # accuracy rows: (name, script, its own flags); MoCo v2 is DenseCL's global loss alone
 ROWS = [("mocov3", "mocov3.py", []), ("fast_moco", "fast_moco.py", []), ("densecl", "densecl.py", []),
@@ -65,6 +86,9 @@ MAIN_SHARE = 0.75  # of the accuracy budget for the equal-epoch rows; the rest: 
 TIME_SLACK = 1.3  # --time-limit over a run's planned training time: a guard against a slow device
 WARMUP_SHARE = 0.1  # MoCo v3's warm-up, 10 of 100 epochs in the official recipe, kept as a share of the run
 SAVE_MB_S = 1000  # checkpoint.pth written and fsynced once per accuracy run (--save-epochs): ~1 GB/s to RAM
+# the compiled whole-script run after the compiled model-only step, in one process: the same graph again, so
+# Inductor's FX-graph and AOTAutograd caches should hit while Dynamo still traces; assumed, not measured
+WARM_COMPILE = 0.5
 LIGHTLY = [("MoCo (v2-style, bank 4096)", 78.6, 87.4), ("SimCLR", 83.5, 88.9), ("BYOL", 70.5, 88.7),
            ("SwAV", 86.1, 90.2), ("VICReg", 76.3, 84.5)]  # SPEC section 11: kNN top-1 at 200 / 800 epochs
 
@@ -88,13 +112,21 @@ class Geometry:
     speed: tuple = ("resnet50", 224, 224, 256, 100)
     links: int = 26  # the 224-px subset (1,000) listed 26 times: 101 steps of 256 per epoch, none ends inside
     dense: tuple = ("--img-size", "64", "--batch-size", "128")  # an 8x8 final grid (small stem)
+    dense_images: int = 1280  # images per dense.py epoch: its --synthetic-size default
     train_extra: tuple = ()  # flags for every training script
     dry_extra: dict = dataclasses.field(default_factory=dict)  # per-script flags of the dry run
     run_s: float = 6.0  # estimate: one smoke run in a shared process (decode, build, steps, checkpoint)
-    compile_s: float = 60.0  # estimate: a first torch.compile of a ResNet MoCo v3 step (16 cores)
+    # estimate: a first torch.compile of the ResNet-18 128-px MoCo v3 step (smoke's), not measured yet (the
+    # first run left it out); ResNet-18 has 2/5 of ResNet-50's layers, whose compile took more than 85 s
+    compile_s: float = 60.0
+    # estimate: a first torch.compile of the ResNet-50 224-px MoCo v3 step (speed's), with its 23 timed steps
+    # (~4 s): in the first run (16 cores) the compiled job was still in Inductor's code generation when
+    # killed 91 s after its start, ~85 s after its model and loader were up; a margin above that
+    compile_speed_s: float = 150.0
     knn_s: float = 0.5  # estimate: one kNN evaluation (forward over 6,000 stored images, the vote)
     probe_s: float = 5.0  # estimate: one linear probe in a shared process (decode, epochs, evaluation)
     speed_s: float = 25.0  # estimate: one sustained ResNet-50 run in a shared process
+    cost_s: float = 5.0  # estimate: model_cost.py at the accuracy geometry, kernels.py (H200: 2.1 s, 1.1 s)
     dense_eval_s: float = 8.0  # estimate: seg + seg-knn of one backbone
 
 
@@ -104,10 +136,12 @@ SMALL = ["--stem", "small", "--img-size", "16", "--store-size", "20"]
 DRY = Geometry(img=16, store=20, batch=8, queue=64, smoke_steps=2, probe_epochs=1, knn_evals=1, max_epochs=1,
                loader_smoke=("mocov3",), speed_densecl=False, speed=("resnet18", 16, 20, 8, 2), links=2,
                dense=("--img-size", "16", "--batch-size", "8", "--max-steps", "2", "--synthetic-size", "40"),
+               dense_images=16,  # --max-steps 2 of batch 8
                train_extra=("--mlp-dim", "64"),
                dry_extra={"densecl.py": [*SMALL, "--shuffle-splits", "2"],
                           "detcon.py": [*SMALL, "--masks", "grid"]},
-               run_s=2.0, compile_s=5.0, knn_s=0.2, probe_s=1.0, speed_s=2.0, dense_eval_s=2.0)
+               run_s=2.0, compile_s=5.0, compile_speed_s=5.0, knn_s=0.2, probe_s=1.0, speed_s=2.0, cost_s=1.0,
+               dense_eval_s=2.0)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -275,20 +309,23 @@ def execute(ctx, jobs, deadline, label, keep_backbone=False):
         else:
             shutil.rmtree(j["dir"], ignore_errors=True)  # a fresh run: log.jsonl holds this run only
             todo.append(j)
-    if todo:
-        until = time.time() + ctx.left(deadline)
+    left, fresh = ctx.left(deadline), []
+    if todo and all(j["estimate_s"] > left for j in todo):  # no process started for nothing
+        fresh = [suite_jobs.not_started(j, left) for j in todo]
+    elif todo:
+        until = time.time() + left
         fresh = suite_jobs.run_jobs(todo, until) if ctx.dry else launch(ctx, todo, until, label)
-        for j, r in zip(todo, fresh):
-            results[j["name"]] = r
-            ck = os.path.join(j["dir"], "checkpoint.pth")
-            if os.path.isfile(ck):
-                r["checkpoint_mb"] = round(os.path.getsize(ck) / 2**20, 1)
-            for name in ("checkpoint.pth",) + (() if keep_backbone else ("backbone.pth",)):
-                if os.path.isfile(os.path.join(j["dir"], name)):
-                    os.remove(os.path.join(j["dir"], name))  # read here: log.jsonl (probes: backbone.pth)
-            if r["ok"]:
-                r["last_img_per_s"] = last_rate(j["dir"])
-                write_json(os.path.join(j["dir"], "suite_run.json"), {"key": run_key(j), "result": r})
+    for j, r in zip(todo, fresh):
+        results[j["name"]] = r
+        ck = os.path.join(j["dir"], "checkpoint.pth")
+        if os.path.isfile(ck):
+            r["checkpoint_mb"] = round(os.path.getsize(ck) / 2**20, 1)
+        for name in ("checkpoint.pth",) + (() if keep_backbone else ("backbone.pth",)):
+            if os.path.isfile(os.path.join(j["dir"], name)):
+                os.remove(os.path.join(j["dir"], name))  # read here: log.jsonl (probes: backbone.pth)
+        if r["ok"]:
+            r["last_img_per_s"] = last_rate(j["dir"])
+            write_json(os.path.join(j["dir"], "suite_run.json"), {"key": run_key(j), "result": r})
     return {j["name"]: results[j["name"]] for j in jobs}
 
 
@@ -300,7 +337,7 @@ def launch(ctx, jobs, until, label):
     write_json(base + ".jobs.json", {"deadline": until, "jobs": jobs})
     if os.path.exists(base + ".results.json"):
         os.remove(base + ".results.json")
-    t, why = time.monotonic(), None
+    t, stopped = time.monotonic(), None
     with open(base + ".log", "w") as log:
         p = subprocess.Popen([sys.executable, os.path.join(ROOT, "benchmarks", "suite_jobs.py"),
                               base + ".jobs.json", base + ".results.json"], cwd=ROOT, stdout=log, stderr=log,
@@ -308,7 +345,7 @@ def launch(ctx, jobs, until, label):
         try:
             p.wait(timeout=max(1.0, until - time.time()))
         except subprocess.TimeoutExpired:
-            why, killed = f"cut off at the stage's deadline after {time.monotonic() - t:.0f} s", time.time()
+            stopped = time.time()
             os.killpg(p.pid, signal.SIGTERM)  # a training script finishes its step, checkpoints and exits
             try:
                 p.wait(timeout=15)
@@ -317,15 +354,35 @@ def launch(ctx, jobs, until, label):
                 p.wait()
     path = base + ".results.json"
     done = json.load(open(path)) if os.path.isfile(path) else []
-    if done:
-        done[0]["process_s"] = round(time.monotonic() - t - sum(r["wall_s"] for r in done), 2)
-        for r in done:  # stopped at the deadline: not broken, a rerun tries again
-            if why and not r["ok"] and r["ended"] >= killed:
-                r.update(skipped=True, error=f"{why}: {r['error']}")
-    cut = bool(why)
-    why = why or f"the child process ended (exit {p.returncode}): {suite_jobs.tail(base + '.log', 1500)}"
-    return done + [{"name": j["name"], "ok": False, "skipped": cut, "summary": None, "error": why,
-                    "wall_s": 0.0} for j in jobs[len(done):]]
+    why = f"the child process ended (exit {p.returncode}): {suite_jobs.tail(base + '.log', 1500)}"
+    res = settle(jobs, done, until, stopped, why)
+    if res:
+        res[0]["process_s"] = round(time.monotonic() - t - sum(r["wall_s"] for r in res), 2)
+    return res
+
+
+def settle(jobs, done, until, stopped, why):
+    """Every job's result from those the child wrote (`done`, in order; its last entry {name, running,
+    started} when a job was under way). stopped: when (unix time) the child was stopped at its deadline
+    `until`, None when it ended by itself (`why` says how). A job under way at the stop, or failing after it,
+    was killed at its limit (until - its start): skipped, as a rerun tries it again; one the child never
+    reached was not started (skipped after a stop; failed after a crash)."""
+    out = []
+    for j, r in zip(jobs, done):
+        if r.get("running"):
+            end = stopped or time.time()
+            r = {"name": j["name"], "ok": False, "skipped": False, "summary": None, "started": r["started"],
+                 "ended": end, "wall_s": max(end - r["started"], 0.0), "error": "under way when the child "
+                 "process ended" + ("" if stopped else f"; {why}")}
+        if stopped and not r["ok"] and r.get("started") is not None and r["ended"] >= stopped:
+            limit = max(until - r["started"], 0.0)
+            r.update(skipped=True, killed_at_s=round(limit),
+                     error=f"killed at the {limit:.0f}-s limit (the stage's deadline): {r['error']}")
+        out.append(r)
+    gone = ("not started: the child process was stopped at the stage's deadline" if stopped
+            else f"not started: {why}")
+    return out + [{"name": j["name"], "ok": False, "skipped": bool(stopped), "summary": None, "error": gone,
+                   "wall_s": 0.0} for j in jobs[len(done):]]
 
 
 def log_records(run_dir):
@@ -361,20 +418,34 @@ def run_row(r):
            **{k: s.get(k) for k in keys}}
     if not r["ok"]:
         row["error"] = r.get("error")
+    if r.get("killed_at_s") is not None:
+        row["killed_at_s"] = r["killed_at_s"]
     return row
 
 
+def killed_at(r):
+    """The limit (s) a run was killed at, None if it was not. Bundles written before killed_at_s existed
+    marked a killed run as not started, but it had run: its wall_s, the seconds it had."""
+    if r.get("killed_at_s") is not None:
+        return r["killed_at_s"]
+    return round(r["wall_s"]) if not r.get("ok") and r.get("skipped") and (r.get("wall_s") or 0) > 0 else None
+
+
 def outcome(runs):
-    """A stage's status from its runs: failed if any failed, partial if some were not started, else ok."""
+    """A stage's status from its runs: failed if any failed, partial if some were stopped by the budget (not
+    started or killed at the deadline: a rerun tries them again), else ok."""
     if any(not r["ok"] and not r["skipped"] for r in runs.values()):
         return "failed"
     return "partial" if any(r["skipped"] for r in runs.values()) or not runs else "ok"
 
 
 def problems(runs):
+    """The headline's tail: the runs failed, killed at their limit, not started."""
     failed = [n for n, r in runs.items() if not r["ok"] and not r["skipped"]]
-    skipped = [n for n, r in runs.items() if r["skipped"]]
-    return ((f"; failed: {', '.join(failed)}" if failed else "")
+    killed = [f"{n} killed at the {killed_at(r)}-s limit" for n, r in runs.items()
+              if r["skipped"] and killed_at(r) is not None]
+    skipped = [n for n, r in runs.items() if r["skipped"] and killed_at(r) is None]
+    return ((f"; failed: {', '.join(failed)}" if failed else "") + "".join(f"; {k}" for k in killed)
             + (f"; not started (budget): {', '.join(skipped)}" if skipped else ""))
 
 
@@ -577,8 +648,10 @@ def stage_accuracy(ctx, deadline):
     return {"status": outcome(runs), "headline": head, **result}
 
 
-def stage_speed(ctx, deadline):
-    """MoCo v3 ResNet-50 at 224 px: model-only costs, the compiled pair, the loaders, DenseCL whole-script."""
+def speed_jobs(ctx):
+    """Stage speed's jobs as [(label, jobs)], one child process each, in the order they run: the uncompiled
+    whole-script runs (the sustained rates, DenseCL against MoCo v2), the model costs, then the compiled pair,
+    so that a slow compile stopped at the deadline costs only itself."""
     g = ctx.geo
     arch, img, store, batch, steps = g.speed
     geometry = (arch, img, store, batch)
@@ -595,26 +668,38 @@ def stage_speed(ctx, deadline):
         flags = train_flags(ctx, file, many, dod, geometry=geometry) + short + extra
         return job(ctx, "speed", name, file, flags, estimate)
 
+    whole = [script("mocov3 --gpu-aug", "mocov3.py", ["--gpu-aug"]),
+             script("mocov3 --data-on-device", "mocov3.py", [], dod=True)]
+    if g.speed_densecl:
+        whole += [script("densecl --data-on-device", "densecl.py", [], dod=True),
+                  script("mocov2 --data-on-device", "densecl.py", ["--dense-weight", "0"], dod=True)]
+    whole.append(script("mocov3 PIL loader", "mocov3.py", []))
     costs = [job(ctx, "speed", "model_cost speed", "benchmarks/model_cost.py",
                  ["--methods", "mocov3,densecl", *shape, *reps, "--out", md("mc_speed.md")], g.speed_s),
              job(ctx, "speed", "model_cost accuracy", "benchmarks/model_cost.py",
-                 ["--methods", "mocov3", *r18, *reps, "--out", md("mc_accuracy.md")], g.speed_s / 2)]
+                 ["--methods", "mocov3", *r18, *reps, "--out", md("mc_accuracy.md")], g.cost_s)]
     if not ctx.dry:  # kernels.py times ResNet-18/50-size LARS steps and the dense loss: ~1 min on a CPU
         costs.append(job(ctx, "speed", "kernels", "benchmarks/kernels.py",
-                         ["--reps", "20", "--out", md("kernels.md")], g.speed_s / 2))
+                         ["--reps", "20", "--out", md("kernels.md")], g.cost_s))
     compile_ = [] if ctx.dry else ["--compile"]
-    pair = [script("mocov3 --gpu-aug --compile", "mocov3.py", ["--gpu-aug", *compile_],
-                   estimate=g.compile_s + g.speed_s),
-            job(ctx, "speed", "model-only --compile", "model_only", shape + compile_ + reps, g.compile_s / 2)]
-    loaders = [script("mocov3 --gpu-aug", "mocov3.py", ["--gpu-aug"]),
-               script("mocov3 --data-on-device", "mocov3.py", [], dod=True),
-               script("mocov3 PIL loader", "mocov3.py", [])]
-    if g.speed_densecl:
-        loaders += [script("densecl --data-on-device", "densecl.py", [], dod=True),
-                    script("mocov2 --data-on-device", "densecl.py", ["--dense-weight", "0"], dod=True)]
+    # the model-only step first: no loader to start, its compile_s measured alone, and the whole-script run
+    # after it finds the compiled graph in the caches (WARM_COMPILE)
+    pair = [job(ctx, "speed", "model-only --compile", "model_only", [*shape, *compile_, *reps],
+                g.compile_speed_s),
+            script("mocov3 --gpu-aug --compile", "mocov3.py", ["--gpu-aug", *compile_],
+                   estimate=WARM_COMPILE * g.compile_speed_s + g.speed_s)]
+    groups = [("uncompiled", whole + costs), ("compiled", pair)]
+    for _, jobs in groups:
+        jobs[0]["estimate_s"] = round(jobs[0]["estimate_s"] + ctx.overhead, 1)  # the child process's start-up
+    return groups
+
+
+def stage_speed(ctx, deadline):
+    """MoCo v3 ResNet-50 at 224 px: the loaders, DenseCL whole-script, model-only costs, the compiled pair."""
+    g = ctx.geo
+    arch, img, store, batch, steps = g.speed
     res = {}
-    for label, jobs in (("costs", costs), ("compiled", pair), ("loaders", loaders)):
-        jobs[0]["estimate_s"] += ctx.overhead  # the child process's start-up
+    for label, jobs in speed_jobs(ctx):
         res.update(execute(ctx, jobs, deadline, f"speed {label}"))
     runs = {n: run_row(r) for n, r in res.items()}
     for n, r in res.items():
@@ -625,24 +710,34 @@ def stage_speed(ctx, deadline):
             runs[n]["lars"] = s.get("lars")
         elif n.startswith("model-only"):
             runs[n].update(img_per_s=s.get("img_per_s"), compile_s=s.get("compile_s"))
-    a = runs["mocov3 --gpu-aug --compile"].get("last_img_per_s")
-    head = f"{arch} {img} px compiled --gpu-aug {fmt(a, '.0f')} img/s sustained" + problems(runs)
+    sustained = {n: fmt(runs.get(f"mocov3 {n}", {}).get("last_img_per_s"), ".0f")
+                 for n in ("--gpu-aug", "--gpu-aug --compile")}
+    head = (f"{arch} {img} px sustained img/s: --gpu-aug {sustained['--gpu-aug']}, compiled "
+            f"{sustained['--gpu-aug --compile']}" + problems(runs))
     return {"status": outcome(runs), "headline": head, "runs": runs,
             "geometry": {"arch": arch, "img": img, "store": store, "batch": batch, "steps": steps},
             "links": g.links, "n_speed_train": count_images(ctx.data["speed"], "train"),
-            "n_links_train": count_images(many, "train")}
+            "n_links_train": count_images(ctx.data["speed_links"], "train")}
 
 
-def stage_dense(ctx, deadline):
-    """benchmarks/dense.py, as many epochs as fit (none: skipped)."""
+def dense_plan(ctx, left):
+    """(methods, seconds before the first epoch, epochs) of stage dense with `left` seconds: as many epochs
+    as fit at the smoke stage's MoCo v3 rate (0: none fits); a rerun keeps the first attempt's epochs."""
     g = ctx.geo
     smoke = ctx.stages.get("smoke", {}).get("runs", {}).get("mocov3", {})
     methods = ["mocov3"] if ctx.dry else ["mocov3", "densecl", "mocov2", "detcon"]  # the dense claims' rows
     # the small stem at 64 px has 4x the feature-map pixels of the imagenet stem at 128 px (smoke's runs)
     img_s = (smoke_rate(smoke, g.batch) or 1000.0) / 4
     fixed = ctx.overhead + (len(methods) + 2) * g.dense_eval_s  # + random init's and equal wall-clock's evals
-    epochs = (ctx.stages.get("dense") or {}).get("epochs") or epochs_for(  # a rerun keeps its epochs
-        ctx.left(deadline) - fixed, {m: 1280 / img_s for m in methods}, 0, lo=0, hi=g.max_epochs or 50)
+    epochs = (ctx.stages.get("dense") or {}).get("epochs") or epochs_for(
+        left - fixed, {m: g.dense_images / img_s for m in methods}, 0, lo=0, hi=g.max_epochs or 50)
+    return methods, fixed, epochs
+
+
+def stage_dense(ctx, deadline):
+    """benchmarks/dense.py, as many epochs as fit (none: skipped)."""
+    g = ctx.geo
+    methods, fixed, epochs = dense_plan(ctx, ctx.left(deadline))
     if epochs < 1:
         return {"status": "skipped", "headline": f"no budget left ({ctx.left(deadline):.0f} s)", "epochs": 0}
     # one seed: the stage's share of the budget holds one pass of the rows (its differences are all n.r.)
@@ -740,16 +835,25 @@ def run_suite(a):
     return ctx
 
 
+def stage_deadlines(budget, stages, t0=0.0):
+    """{stage: its deadline}: t0 + the budget split among `stages` (those to run) by SHARES, in order."""
+    total, deadline, out = sum(SHARES[s] for s in stages), t0, {}
+    for stage in stages:
+        deadline += budget * SHARES[stage] / total
+        out[stage] = deadline
+    return out
+
+
 def run_stages(ctx, a):
     wanted = [s for s in STAGES if s in a.stages.split(",")]
-    share = sum(SHARES[s] for s in wanted)
-    deadline = ctx.t0
+    done = [s for s in wanted if (ctx.stages.get(s) or {}).get("status") == "ok" and not a.force]
+    # the budget goes to the stages that run: a rerun skips those finished ok, and spends nothing on them
+    deadlines = stage_deadlines(a.budget, [s for s in wanted if s not in done], ctx.t0)
     for stage in wanted:
-        deadline += a.budget * SHARES[stage] / share  # the shares of the stages run, scaled to the budget
-        old = ctx.stages.get(stage)
-        if old and old["status"] == "ok" and not a.force:
-            status_line(ctx, stage, {**old, "status": "done", "seconds": 0})
+        if stage in done:
+            status_line(ctx, stage, {**ctx.stages[stage], "status": "done", "seconds": 0})
             continue
+        deadline = deadlines[stage]
         t = time.monotonic()
         result = globals()[f"stage_{stage}"](ctx, deadline)
         result["seconds"] = round(time.monotonic() - t, 1)
@@ -803,7 +907,17 @@ def percent(v):
 
 
 def state(r):
-    return "yes" if r.get("ok") else ("not run" if r.get("skipped") else "failed")
+    if r.get("ok"):
+        return "yes"
+    if killed_at(r) is not None:
+        return f"killed at the {killed_at(r)}-s limit"
+    return "not started" if r.get("skipped") else "failed"
+
+
+def why_not(r):
+    """A run's state, and the last line of its error where that says more."""
+    what, error = state(r), short_error(r.get("error"))
+    return what if not error or error.startswith(what) else f"{what}: {error}"
 
 
 def short_error(error):
@@ -887,7 +1001,7 @@ def accuracy_table(meta, st):
         "|---|---|---|---|---|---|---|---|"]
     for name, r in rows.items():
         if not r.get("ok"):
-            lines.append(f"| {name} | {state(r)}: {short_error(r.get('error'))} | - | - | - | - | - | - |")
+            lines.append(f"| {name} | {why_not(r)} | - | - | - | - | - | - |")
             continue
         lin = fmt(r.get("top1")) + " (fine-tune)" if r.get("method") == "supervised" else fmt(r.get("linear"))
         lines.append(f"| {name} | {fmt(r.get('epochs'), 'g')} | {fmt(r.get('train_s'), '.0f')} | "
@@ -999,8 +1113,9 @@ def throughput_table(meta, st, stages):
             steps = (r["step_ms"] or {}).items()
             lines += [f"| model_cost.py, {where} | {variant} | {fmt(ms)} | "
                       f"{fmt(1000 * at['batch'] / ms, '.0f')} |" for variant, ms in steps]
-        else:
-            lines.append(f"| compiled, {where} | mocov3 | {fmt(r.get('step_ms'))} | "
+        else:  # its first 3 steps: the compile, cudnn's autotuning, the allocator
+            first = f" (first 3 steps {r['compile_s']:.0f} s)" if finite(r.get("compile_s")) else ""
+            lines.append(f"| compiled, {where} | mocov3{first} | {fmt(r.get('step_ms'))} | "
                          f"{fmt(r.get('img_per_s'), '.0f')} |")
     lines += ["", "Targets:", "", "| measurement | value | target | met |", "|---|---|---|---|"]
     for what, v, target, met in targets(stages):
@@ -1043,7 +1158,7 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(ROOT, "runs", "gpu_suite"),
                     help="results: <stage>.json, results.json, gpu_knn_time.png, suite.log")
     ap.add_argument("--work", default="", help="run folders (default: /dev/shm or $TMPDIR, effssl_gpu_suite)")
-    ap.add_argument("--budget", type=float, default=480, help="seconds for the whole suite")
+    ap.add_argument("--budget", type=float, default=BUDGET, help="seconds for the whole suite")
     ap.add_argument("--stages", default=",".join(STAGES), help="comma list of " + ", ".join(STAGES))
     ap.add_argument("--force", action="store_true", help="rerun stages that finished ok (runs still reused)")
     ap.add_argument("--commit", default="", help="the commit the captions name (default: git's HEAD)")

@@ -4,11 +4,15 @@ group of them in one child process, and the compiled model-only MoCo v3 step (no
 A job is a dict: name, script (a training script, eval_linear.py, benchmarks/model_cost.py,
 benchmarks/kernels.py, benchmarks/dense.py, or "model_only"), argv, dir (its folder: stdout.log, and
 --output-dir for the training scripts), estimate_s (the job is not started with fewer seconds left before the
-deadline). Its result: name, ok, skipped, summary (the JSON summary line the script printed last; dense.py:
-its table), error (the output's tail when it failed, or why it was not started), wall_s.
+deadline). Its result: name, ok, skipped (stopped by the budget: not started, or killed_at_s set), summary
+(the JSON summary line the script printed last; dense.py: its table), error (the output's tail when it
+failed, or why it was not started), wall_s, started and ended (unix times). killed_at_s (set by the parent,
+gpu_suite.launch): the seconds the job had from its start to the deadline it was killed at.
 
   python benchmarks/suite_jobs.py JOBS.json RESULTS.json   # the child: JOBS = {"deadline": unix time,
-                                                          # "jobs": [...]}; RESULTS rewritten after each job
+                                                          # "jobs": [...]}; RESULTS rewritten before and
+                                                          # after each job (before: the job under way last,
+                                                          # {name, running: true, started})
 """
 import contextlib
 import importlib
@@ -88,7 +92,7 @@ def run_job(job):
     import torch
     os.makedirs(job["dir"], exist_ok=True)
     log = os.path.join(job["dir"], job.get("log", "stdout.log"))
-    threads, t = torch.get_num_threads(), time.perf_counter()
+    threads, t, started = torch.get_num_threads(), time.perf_counter(), time.time()
     ok, error, summary = False, None, None
     with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
         try:
@@ -116,7 +120,7 @@ def run_job(job):
             error = None if ok else "no JSON summary line"
     return {"name": job["name"], "ok": ok, "skipped": False, "summary": summary if ok else None,
             "error": None if ok else f"{error}: {text[-1500:]}", "wall_s": time.perf_counter() - t,
-            "ended": time.time()}
+            "started": started, "ended": time.time()}
 
 
 def model_only(argv):
@@ -167,18 +171,24 @@ def model_only(argv):
             "compile_s": compile_s, "compile": args.compile, "reps": reps, "batch_size": args.batch_size}
 
 
+def not_started(job, left):
+    """The result of a job not started: its estimate_s exceeds the `left` seconds before the deadline."""
+    return {"name": job["name"], "ok": False, "skipped": True, "summary": None, "wall_s": 0.0,
+            "ended": time.time(),
+            "error": f"not started: needs ~{job.get('estimate_s', 0):.0f} s, {max(left, 0):.0f} s left"}
+
+
 def run_jobs(jobs, deadline, done=lambda results: None):
     """Each job in turn, in this process, unless its estimate_s no longer fits before `deadline` (unix time);
-    `done(results so far)` after each one."""
+    `done(results)` before each job (its last entry the job under way: {name, running, started}, so that a
+    parent that kills this process knows which job it stopped and since when) and after each one."""
     results = []
     for job in jobs:
         left = deadline - time.time()
         if job.get("estimate_s", 0) > left:
-            results.append({"name": job["name"], "ok": False, "skipped": True, "summary": None, "wall_s": 0.0,
-                            "ended": time.time(),
-                            "error": f"not started: needs ~{job['estimate_s']:.0f} s, "
-                                     f"{max(left, 0):.0f} s left"})
+            results.append(not_started(job, left))
         else:
+            done(results + [{"name": job["name"], "running": True, "started": time.time()}])
             results.append(run_job(job))
         done(results)
     return results

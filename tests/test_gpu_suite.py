@@ -107,10 +107,12 @@ def test_a_failing_or_late_job_is_recorded_and_the_rest_run(tmp_path):
     late = {"name": "late", "script": "mocov3.py", "argv": [], "dir": str(tmp_path / "late"),
             "estimate_s": 60}
     seen = []
-    bad_r, late_r = suite_jobs.run_jobs([bad, late], time.time() + 30, lambda res: seen.append(len(res)))
+    bad_r, late_r = suite_jobs.run_jobs([bad, late], time.time() + 30,
+                                        lambda res: seen.append([r.get("running", False) for r in res]))
     assert not bad_r["ok"] and not bad_r["skipped"] and "--no-such-flag" in bad_r["error"]
     assert not late_r["ok"] and late_r["skipped"] and "not started" in late_r["error"]
-    assert seen == [1, 2] and not (tmp_path / "late").exists()
+    # before a job: its entry marked running (what a parent that kills the process reads); after it: done
+    assert seen == [[True], [False], [False, False]] and not (tmp_path / "late").exists()
 
 
 def test_planning_at_the_gpu_geometry():
@@ -152,3 +154,87 @@ def test_targets_read_the_measurements():
     values = [(round(v, 3) if v is not None else None, met) for _, v, _, met in gpu_suite.targets(stages)]
     assert values == [(12000.0, True), (None, None), (0.05, True), (0.95, True), (1.08, False), (None, None),
                       (0.015, True)]
+
+
+def gpu_ctx(**kw):
+    """A Ctx at the GPU geometry with the first run's measured process overhead (6 s on the H200)."""
+    return gpu_suite.Ctx(False, "out", "work", gpu_suite.GPU, gpu_suite.BUDGET, 0, {"speed_links": "links"},
+                         15, overhead=6.0, **kw)
+
+
+def test_speed_stage_runs_the_compiled_pair_last():
+    groups = gpu_suite.speed_jobs(gpu_ctx())
+    names = [j["name"] for _, jobs in groups for j in jobs]
+    compiled = [j["name"] for _, jobs in groups for j in jobs if "--compile" in j["argv"]]
+    assert compiled == names[-2:] == [j["name"] for j in groups[-1][1]], names  # alone in the last process
+    whole = ["mocov3 --gpu-aug", "mocov3 --data-on-device", "densecl --data-on-device",
+             "mocov2 --data-on-device", "mocov3 PIL loader"]
+    assert names[:len(whole)] == whole, names  # the uncompiled whole-script runs before everything else
+    # the first run's compiled ResNet-50 job was still compiling when killed after 91 s
+    assert all(j["estimate_s"] > 91 for j in groups[-1][1]), groups[-1][1]
+
+
+def test_shares_give_every_stage_its_measured_time():
+    """At the default budget, each stage's share holds what the first GPU run measured it to need."""
+    ends = gpu_suite.stage_deadlines(gpu_suite.BUDGET, gpu_suite.STAGES)
+    starts = [0.0] + [ends[s] for s in gpu_suite.STAGES[:-1]]
+    length = {s: ends[s] - t for s, t in zip(gpu_suite.STAGES, starts)}
+    assert math.isclose(ends["dense"], gpu_suite.BUDGET)
+    assert length["smoke"] >= 76 + 5  # measured, and a margin
+    ctx = gpu_ctx(stages={"smoke": {"runs": {"mocov3": {"ok": True, "img_per_s": 6641.0}}}})
+    uncompiled = [j for label, jobs in gpu_suite.speed_jobs(ctx) if label != "compiled" for j in jobs]
+    assert sum(j["estimate_s"] for j in uncompiled) <= length["speed"]
+    methods, fixed, epochs = gpu_suite.dense_plan(ctx, length["dense"])
+    assert len(methods) == 4 and epochs >= 3, (fixed, epochs)
+    # a rerun spends its budget on the stages it runs
+    assert gpu_suite.stage_deadlines(260, ["speed"], t0=10.0) == {"speed": 270.0}
+
+
+def test_a_job_killed_at_the_deadline_is_reported_so():
+    t0, jobs = 1000.0, [{"name": n} for n in ("a", "b", "c", "d")]
+    finished = {"name": "a", "ok": True, "skipped": False, "summary": {}, "started": t0, "ended": t0 + 5.0,
+                "wall_s": 5.0}
+    # the child was stopped at t0 + 40 while running b; c and d never started
+    res = gpu_suite.settle(jobs, [finished, {"name": "b", "running": True, "started": t0 + 5.0}], t0 + 40.0,
+                           t0 + 40.5, "")
+    assert res[0] == finished
+    assert res[1]["skipped"] and res[1]["killed_at_s"] == 35 and "killed at the 35-s limit" in res[1]["error"]
+    assert all(r["skipped"] and "killed_at_s" not in r and "not started" in r["error"] for r in res[2:])
+    runs = {r["name"]: gpu_suite.run_row(r) for r in res}
+    assert gpu_suite.problems(runs) == "; b killed at the 35-s limit; not started (budget): c, d"
+    assert gpu_suite.state(runs["b"]) == "killed at the 35-s limit"
+    assert gpu_suite.state(runs["c"]) == "not started"
+    assert gpu_suite.outcome(runs) == "partial"  # a rerun tries them again
+    # a run that failed before the stop stays failed; one the stop made fail (the SIGTERM) was killed
+    failed = {**finished, "ok": False, "error": "exception", "ended": t0 + 3.0}
+    stopped = {**finished, "name": "b", "ok": False, "error": "exception", "started": t0 + 3.0,
+               "ended": t0 + 41.0}
+    res = gpu_suite.settle(jobs[:2], [failed, stopped], t0 + 40.0, t0 + 40.0, "")
+    assert [gpu_suite.state(r) for r in res] == ["failed", "killed at the 37-s limit"]
+    # the child crashed under way (no stop): that job failed, the rest were not started and failed
+    res = gpu_suite.settle(jobs[:2], [{"name": "a", "running": True, "started": t0}], t0 + 40.0, None,
+                           "exit -9")
+    assert [(r["skipped"], gpu_suite.killed_at(r)) for r in res] == [(False, None), (False, None)]
+    assert "exit -9" in res[0]["error"] and "exit -9" in res[1]["error"]
+    # the first GPU run's bundle marked its killed compiled job as not started, after 91 s of running
+    assert gpu_suite.state({"ok": False, "skipped": True, "wall_s": 91.04}) == "killed at the 91-s limit"
+    assert gpu_suite.state({"ok": False, "skipped": True, "wall_s": 0.0}) == "not started"
+
+
+def test_the_child_killed_at_the_deadline_names_the_job_under_way(tmp_path, monkeypatch):
+    """A real child process, stopped by SIGTERM at the deadline in the middle of a job."""
+    (tmp_path / "sleeper.py").write_text("import time\n\n\ndef main(argv):\n    time.sleep(60)\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    ctx = gpu_suite.Ctx(False, "out", str(tmp_path / "work"), gpu_suite.DRY, 10, time.monotonic(), {}, 0)
+    jobs = [{"name": n, "script": "sleeper.py", "argv": [], "dir": str(tmp_path / n), "estimate_s": 0}
+            for n in ("sleeper", "next")]
+    t = time.time()
+    sleeper, after = gpu_suite.launch(ctx, jobs, t + 2.0, "kill test")
+    assert time.time() - t < 10
+    assert sleeper["skipped"] and sleeper["killed_at_s"] in (1, 2), sleeper
+    assert sleeper["error"].startswith(f"killed at the {sleeper['killed_at_s']}-s limit")
+    assert after["skipped"] and gpu_suite.state(after) == "not started"
+    # no process is started when no job's estimate fits the time left
+    monkeypatch.setattr(gpu_suite, "launch", lambda *a: pytest.fail("a process started for nothing"))
+    late = gpu_suite.execute(ctx, [{**jobs[0], "estimate_s": 60}], time.monotonic() + 5, "late")["sleeper"]
+    assert late["skipped"] and late["error"].startswith("not started: needs ~60 s")
