@@ -358,15 +358,18 @@ def test_mocov3_gpu_aug_feeds_uint8_crops_and_resumes_exactly(tmp_path, capsys, 
     assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)
 
 
-def test_photometric_view_is_ssl_view_without_its_geometry():
-    """DetCon's worker-side colour ops (common.photometric_view) are ssl_view's, transform for transform."""
-    for recipe in (*common.byol_recipes(True), *common.byol_recipes(False)):
-        full = common.ssl_view(32, 0.3, **dataclasses.asdict(recipe)).transforms
+def test_detcon_colour_is_mocov3s_views_without_their_geometry():
+    """DetCon's worker-side colour ops (detcon.byol_colour) are MoCo v3's views less crop and flip, transform
+    for transform, so both methods train on BYOL's pair; the device reads the same recipes off both."""
+    import detcon
+    for blur in (True, False):
         geometry = (T.RandomResizedCrop, T.RandomHorizontalFlip)
-        rest = [t for t in full if not isinstance(t, geometry)]
-        mine = common.photometric_view(recipe).transforms
-        assert [type(t) for t in mine] == [type(t) for t in rest]
-        assert [repr(t) for t in mine] == [repr(t) for t in rest]
+        for full, mine in zip(mocov3.byol_augmentations(32, 0.3, blur), detcon.byol_colour(blur)):
+            rest = [t for t in full if not isinstance(t, geometry)]
+            assert [repr(t) for t in mine] == [repr(t) for t in rest]
+            assert common.device_recipe(mine)[2] == common.device_recipe(full)[2]
+        assert detcon.JointViews(32, 0.3, blur, 4, gpu=True).photometric == (BYOL if blur else tuple(
+            dataclasses.replace(r, blur_p=0.0) for r in BYOL))
 
 
 def test_detcon_gpu_aug_runs_and_resumes_exactly(tmp_path):
