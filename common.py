@@ -378,14 +378,6 @@ BLUR_SIGMA = (0.1, 2.0)  # blur sigma range in pixels, as the official MoCo / BY
 SOLARIZE_AT = 128  # solarize inverts the pixels >= 128 of 255 (PIL's ImageOps.solarize default, BYOL)
 
 
-@dataclasses.dataclass(frozen=True)
-class Photometric:
-    """The photometric recipe of one view, read by both paths (PIL in the workers, or on the device)."""
-    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths (ColorJitter's)
-    blur_p: float = 1.0
-    solarize_p: float = 0.0
-
-
 class RandomBlur:
     """Gaussian blur with sigma ~ U(0.1, 2) as PIL radius, like the official MoCo/BYOL code (no
     kernel size to pick); sampled with torch's RNG so per-sample seeding covers it."""
@@ -399,60 +391,21 @@ class RandomBlur:
         return f"RandomBlur(sigma={self.sigma})"
 
 
-def photometric_ops(recipe):
-    """The PIL photometric ops of one view, in order: colour jitter, grayscale, blur, solarize."""
-    return [T.RandomApply([T.ColorJitter(*recipe.jitter)], p=JITTER_P), T.RandomGrayscale(p=GRAY_P),
-            T.RandomApply([RandomBlur()], p=recipe.blur_p),
-            T.RandomSolarize(threshold=SOLARIZE_AT, p=recipe.solarize_p)]
-
-
-def ssl_view(img_size, crop_min, jitter=(0.4, 0.4, 0.2, 0.1), blur_p=1.0, solarize_p=0.0):
-    """One augmented view: crop, photometric_ops, flip (PIL -> normalised tensor [3, img_size, img_size])."""
-    crop = T.RandomResizedCrop(img_size, scale=(crop_min, 1.0))
-    ops = photometric_ops(Photometric(jitter, blur_p, solarize_p))
-    return T.Compose([crop, *ops, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
-def photometric_view(recipe):
-    """photometric_ops alone (PIL -> normalised tensor), for a method that does its own geometry (DetCon
-    crops image and mask together)."""
-    return T.Compose([*photometric_ops(recipe), T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
-def make_views(img_size, crop_min, recipes, gpu):
-    """TwoViews of the two recipes: the whole view in the workers (PIL) or the geometry there and the
-    photometric ops in TwoViews.finish (gpu). With --data-on-device, finish() does all of it."""
-    if gpu:
-        geometry = geometry_view(img_size, crop_min)
-        views = TwoViews(geometry, geometry, recipes)
-    else:
-        views = TwoViews(*(ssl_view(img_size, crop_min, **dataclasses.asdict(r)) for r in recipes))
-    views.on_device = (img_size, crop_min, recipes)  # what finish() runs with --data-on-device
-    return views
-
-
-def byol_recipes(blur=True):
-    """MoCo v3 / BYOL asymmetric pair: view 1 blur p 1.0, no solarize; view 2 blur p 0.1, solarize 0.2."""
-    return Photometric(blur_p=1.0 if blur else 0.0), Photometric(blur_p=0.1 if blur else 0.0, solarize_p=0.2)
-
-
-def byol_views(img_size, crop_min, blur=True, gpu=False):
-    """The MoCo v3 / BYOL asymmetric pair (byol_recipes) as TwoViews."""
-    return make_views(img_size, crop_min, byol_recipes(blur), gpu)
-
-
-def mocov2_views(img_size, crop_min=0.2, blur=True, gpu=False):
-    """MoCo v2 symmetric pair (DenseCL, Fast-MoCo): jitter (0.4, 0.4, 0.4, 0.1), blur p 0.5, no solarize."""
-    view = Photometric(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5 if blur else 0.0)
-    return make_views(img_size, crop_min, (view, view), gpu)
-
-
 class TwoViews:
-    """Worker side: img -> (view 1, view 2). finish(): the collated batches on the device, ready for the
-    model. `photometric`: None (PIL path: the workers did everything) or the two views' Photometric recipes
-    (--gpu-aug: the workers return uint8 crops; finish() runs the photometric ops batched on the device)."""
-    def __init__(self, t1, t2, photometric=None):
-        self.t1, self.t2, self.photometric = t1, t2, photometric
+    """img -> (view 1, view 2), each view a method's list of torchvision transforms (PIL -> normalised tensor
+    [3, H, W]). finish(): the collated batches on the device, ready for the model. With gpu (--gpu-aug) the
+    workers run only each list's crop and flip, to uint8, and finish() the rest of the list (its Photometric
+    recipe, device_recipe) batched on the device; with --data-on-device finish() runs all of it."""
+    def __init__(self, augmentation1, augmentation2, gpu=False):
+        (size, crop_min, r1), (size2, crop_min2, r2) = map(device_recipe, (augmentation1, augmentation2))
+        if (size, crop_min) != (size2, crop_min2):
+            raise ValueError("the device path crops both views alike: give them one RandomResizedCrop")
+        self.on_device = (size, crop_min, (r1, r2))  # what finish() runs with --data-on-device
+        self.photometric = (r1, r2) if gpu else None  # what finish() runs with --gpu-aug
+        if gpu:
+            self.t1 = self.t2 = geometry_view(size, crop_min)
+        else:
+            self.t1, self.t2 = T.Compose(augmentation1), T.Compose(augmentation2)
 
     def __call__(self, img):
         return self.t1(img), self.t2(img)
@@ -884,10 +837,53 @@ class Logger:
 def geometry_view(img_size, crop_min):
     """The worker side of a --gpu-aug view: crop and flip only, PIL -> uint8 tensor [3, img_size, img_size].
     The flip commutes with every photometric op, so crop + flip here then photometric on the device is the
-    PIL path's crop, photometric, flip. The crop's box and the flip are drawn as in ssl_view; the resize runs
-    on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
+    PIL path's crop, photometric, flip. The box and the flip are drawn as the PIL path's transforms draw them;
+    the resize runs on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
     crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
     return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
+
+
+@dataclasses.dataclass(frozen=True)
+class Photometric:
+    """What the device runs for one view's photometric ops (device_recipe reads it off the view's list)."""
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths (ColorJitter's)
+    blur_p: float = 1.0
+    solarize_p: float = 0.0
+
+
+def device_recipe(ops):
+    """One view as a method writes it, a list of torchvision transforms in the PIL path's order ([crop],
+    colour jitter, grayscale, blur, [solarize], [flip], ToTensor, Normalize) -> (crop size, the crop scale's
+    lower bound, Photometric): what the device runs for it. Size and scale are None for a list without a crop
+    (DetCon crops image and mask itself). ValueError for a list the device path would not reproduce."""
+    def is_(i, cls, inner=None):
+        op = ops[i] if i < len(ops) else None
+        return isinstance(op, cls) and (inner is None or isinstance(op.transforms[0], inner))
+    i, size, crop_min = 0, None, None
+    if is_(0, T.RandomResizedCrop):
+        crop, i = ops[0], 1
+        if crop.scale[1] != 1.0 or crop.ratio != (3 / 4, 4 / 3) or crop.size[0] != crop.size[1]:
+            raise ValueError(f"the device path crops squares, scale (s, 1), ratio (3/4, 4/3), not {crop}")
+        size, crop_min = crop.size[0], crop.scale[0]
+    jitter, gray, blur = ops[i:i + 3]
+    if not (is_(i, T.RandomApply, T.ColorJitter) and jitter.p == JITTER_P and is_(i + 1, T.RandomGrayscale)
+            and gray.p == GRAY_P and is_(i + 2, T.RandomApply, RandomBlur)):
+        raise ValueError(f"the device path runs ColorJitter (p {JITTER_P}), RandomGrayscale (p {GRAY_P}) and "
+                         f"RandomBlur in that order, not {ops[i:i + 3]}")
+    cj, i = jitter.transforms[0], i + 3
+    strengths = [0.0 if r is None else r[1] - c for r, c in zip(
+        (cj.brightness, cj.contrast, cj.saturation, cj.hue), (1, 1, 1, 0))]  # ColorJitter keeps (c-s, c+s)
+    solarize_p = 0.0
+    if is_(i, T.RandomSolarize) and ops[i].threshold == SOLARIZE_AT:
+        solarize_p, i = ops[i].p, i + 1
+    i += is_(i, T.RandomHorizontalFlip) and ops[i].p == 0.5
+    tail = ops[i:]
+    if not (len(tail) == 2 and isinstance(tail[0], T.ToTensor) and isinstance(tail[1], T.Normalize)
+            and tuple(tail[1].mean) == MEAN and tuple(tail[1].std) == STD):
+        raise ValueError(f"a view ends with its flip, ToTensor and ImageNet's Normalize for the device path, "
+                         f"not {tail}")
+    recipe = Photometric(tuple(round(v, 6) for v in strengths), blur.p, solarize_p)  # round: (1 + s) - 1
+    return size, crop_min, recipe
 
 
 def finish_views(run, x1, x2, step, recipes=None):

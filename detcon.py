@@ -451,6 +451,28 @@ def crop_flip(img, ids, size, scale, generator=None):
     return img, ids
 
 
+def byol_colour(blur=True):
+    """BYOL's asymmetric pair (as MoCo v3's) without its geometry, which DetCon applies to image and mask
+    together (crop_flip): each view's colour ops, PIL image -> normalised tensor [3, H, W]."""
+    normalize = T.Normalize(common.MEAN, common.STD)  # ImageNet statistics
+    colour1 = [
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([common.RandomBlur()], p=1.0 if blur else 0.0),  # sigma ~ U(0.1, 2)
+        T.ToTensor(),
+        normalize,
+    ]
+    colour2 = [
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([common.RandomBlur()], p=0.1 if blur else 0.0),
+        T.RandomSolarize(threshold=128, p=0.2),
+        T.ToTensor(),
+        normalize,
+    ]
+    return colour1, colour2
+
+
 class JointViews(common.TwoViews):
     """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]). Each view: ONE official crop box and ONE
     flip applied to image (bilinear) and mask (nearest) alike; colour, blur and solarize touch the image only
@@ -459,9 +481,10 @@ class JointViews(common.TwoViews):
     runs the colour ops on the device; the joint geometry always stays in the worker."""
     def __init__(self, img_size, crop_min, blur, grid, gpu=False):
         self.img_size, self.scale, self.grid = img_size, (crop_min, 1.0), grid
-        self.recipes = recipes = common.byol_recipes(blur)
-        self.photometric = recipes if gpu else None  # what TwoViews.finish runs on the device
-        self.colour = [T.PILToTensor()] * 2 if gpu else [common.photometric_view(r) for r in recipes]
+        colour = byol_colour(blur)  # the two views' colour ops (the geometry is crop_flip's, joint)
+        self.recipes = tuple(common.device_recipe(ops)[2] for ops in colour)  # what the device runs
+        self.photometric = self.recipes if gpu else None  # what TwoViews.finish runs on the device
+        self.colour = [T.PILToTensor()] * 2 if gpu else [T.Compose(ops) for ops in colour]
 
     def views(self, img, ids):
         """Full-resolution views and masks (the --show-masks picture uses these)."""

@@ -73,6 +73,7 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 
 import common
 
@@ -286,6 +287,20 @@ def check_args(args):
                               f"got {args.combine}")
 
 
+def mocov2_augmentation(img_size, crop_min, blur=True):
+    """MoCo v2's view (moco's main_moco.py --aug-plus), used for both views, PIL image -> normalised tensor
+    [3, img_size, img_size]. --gpu-aug and --data-on-device run the same on the device."""
+    return [
+        T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),  # not strengthened
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([common.RandomBlur()], p=0.5 if blur else 0.0),  # sigma ~ U(0.1, 2)
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        T.Normalize(common.MEAN, common.STD),  # ImageNet statistics
+    ]
+
+
 @common.user_errors
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv)
@@ -293,7 +308,8 @@ def main(argv=None):
     run = common.setup(args, "fast_moco")
 
     # ---- data
-    views = common.mocov2_views(args.img_size, args.crop_min, args.blur, args.gpu_aug)  # MoCo v2 pair (alike)
+    augmentation = mocov2_augmentation(args.img_size, args.crop_min, args.blur)  # both views alike
+    views = common.TwoViews(augmentation, augmentation, args.gpu_aug)
     train_ds, steps_per_epoch = common.pretrain_data(args, run, views)
     knn = common.knn_monitor(args, run)
 

@@ -50,6 +50,7 @@ import dataclasses
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms as T
 
 import common
 
@@ -180,6 +181,32 @@ def check_args(args):
         raise common.BadInput(f"--img-size {args.img_size} is not a multiple of the ViT patch size 16")
 
 
+def byol_augmentations(img_size, crop_min, blur=True):
+    """MoCo v3's two views (main_moco.py's augmentation1 and 2: BYOL's asymmetric pair), PIL image ->
+    normalised tensor [3, img_size, img_size]. --gpu-aug and --data-on-device run the same on the device."""
+    normalize = T.Normalize(common.MEAN, common.STD)  # ImageNet statistics
+    augmentation1 = [
+        T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),  # not strengthened
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([common.RandomBlur()], p=1.0 if blur else 0.0),  # sigma ~ U(0.1, 2)
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        normalize,
+    ]
+    augmentation2 = [
+        T.RandomResizedCrop(img_size, scale=(crop_min, 1.0)),
+        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+        T.RandomGrayscale(p=0.2),
+        T.RandomApply([common.RandomBlur()], p=0.1 if blur else 0.0),
+        T.RandomSolarize(threshold=128, p=0.2),
+        T.RandomHorizontalFlip(),
+        T.ToTensor(),
+        normalize,
+    ]
+    return augmentation1, augmentation2
+
+
 @common.user_errors
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv)
@@ -187,7 +214,7 @@ def main(argv=None):
     run = common.setup(args, "mocov3")
 
     # ---- data
-    views = common.byol_views(args.img_size, args.crop_min, args.blur, args.gpu_aug)
+    views = common.TwoViews(*byol_augmentations(args.img_size, args.crop_min, args.blur), args.gpu_aug)
     train_ds, steps_per_epoch = common.pretrain_data(args, run, views)
     knn = common.knn_monitor(args, run)
 

@@ -150,7 +150,8 @@ def main(argv=None):
     run = common.setup(args, "rotation_aux")
 
     # ---- data
-    views = common.byol_views(args.img_size, args.crop_min, args.blur, args.gpu_aug)
+    augmentations = mocov3.byol_augmentations(args.img_size, args.crop_min, args.blur)  # as MoCo v3
+    views = common.TwoViews(*augmentations, args.gpu_aug)
     train_ds, steps_per_epoch = common.pretrain_data(args, run, views)
     knn = common.knn_monitor(args, run)
 

@@ -2,11 +2,11 @@
 
 One worker's work, in process and on one thread (torch.set_num_threads(1)): common.Views over imagenette2-224
 train images (decode, per-sample seeding, then the two views), for the PIL path (crop, colour jitter,
-grayscale, blur, solarize, flip, to tensor, normalise; byol_views with blur on, MoCo v3's ImageNet crop_min
-0.2) and for --gpu-aug's worker side (crop, flip, to uint8 tensor). For reference: decoding alone, and the
-photometric ops that --gpu-aug moves to the device, run batched here on the CPU (TwoViews.finish on the
-collated uint8 batches). The variants alternate over --rounds passes so drifting machine load hits them
-alike; each reports its median pass. Writes markdown, prints it, ends with a JSON line.
+grayscale, blur, solarize, flip, to tensor, normalise; mocov3.byol_augmentations with blur on, MoCo v3's
+ImageNet crop_min 0.2) and for --gpu-aug's worker side (crop, flip, to uint8 tensor). For reference: decoding
+alone, and the photometric ops that --gpu-aug moves to the device, run batched here on the CPU
+(TwoViews.finish on the collated uint8 batches). The variants alternate over --rounds passes so drifting
+machine load hits them alike; each reports its median pass. Writes markdown, prints it, ends with a JSON line.
 
   python benchmarks/loader_cost.py                  # 200 images, 3 rounds -> benchmarks/results/loader_cpu.md
   python benchmarks/loader_cost.py --images 500 --rounds 5 --img-size 224
@@ -58,8 +58,9 @@ def main(argv=None):
 
     base = images(opts.data, opts.images)
     n = len(base)
-    pil = common.Views(base, common.byol_views(opts.img_size, CROP_MIN, blur=True))
-    gpu_views = common.byol_views(opts.img_size, CROP_MIN, blur=True, gpu=True)
+    pair = mocov3.byol_augmentations(opts.img_size, CROP_MIN, blur=True)
+    pil = common.Views(base, common.TwoViews(*pair))
+    gpu_views = common.TwoViews(*pair, gpu=True)
     gpu = common.Views(base, gpu_views)
     crops = [gpu[i][0] for i in range(n)]  # (v1, v2) uint8 [3, S, S] each
     batches = [[torch.stack(v) for v in zip(*crops[i:i + opts.batch_size])]
@@ -85,8 +86,8 @@ def main(argv=None):
     given = sys.argv[1:] if argv is None else argv
     cmd = " ".join(["python benchmarks/loader_cost.py", *map(shlex.quote, given)])
     lines = [f"Device: {device_name()}. Command: `{cmd}`. {n} imagenette2-224 train images, MoCo v3 pair "
-             f"(byol_views, blur on, crop_min {CROP_MIN}) at {opts.img_size} px; one loader worker's CPU "
-             f"time per image, in process, median of {opts.rounds} alternating passes.", "",
+             f"(mocov3.byol_augmentations, blur on, crop_min {CROP_MIN}) at {opts.img_size} px; one loader "
+             f"worker's CPU time per image, in process, median of {opts.rounds} alternating passes.", "",
              "| work | ms / image | vs PIL path | target |", "|---|---|---|---|"]
     for k, v in ms.items():
         target = f"<= {TARGET:.2f}x" if k == worker else "-"

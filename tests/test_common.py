@@ -241,7 +241,7 @@ def test_synthetic_is_deterministic_labeled_and_split():
 
 
 def test_views_same_augmentation_in_any_worker_and_order():
-    ds = common.Views(common.Synthetic(8), common.byol_views(32, 0.2), seed=1)
+    ds = common.Views(common.Synthetic(8), common.TwoViews(*mocov3.byol_augmentations(32, 0.2)), seed=1)
     direct = [ds[i][0][0] for i in (5, 2)]
     loader = torch.utils.data.DataLoader(ds, batch_size=1, sampler=[2, 5], num_workers=2)
     got = {i: x[0] for i, ((x, _), _) in zip([2, 5], loader)}

@@ -18,6 +18,8 @@ import eval_linear
 import mocov3
 from conftest import TINY, losses, read_log
 
+BYOL = common.TwoViews(*mocov3.byol_augmentations(32, 0.2)).on_device[2]  # MoCo v3's two recipes
+
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
@@ -65,7 +67,7 @@ def test_two_samples_of_a_batch_get_their_own_boxes_and_views():
     boxes = common.rrc_boxes(8, 64, 64, (0.08, 1.0), gen(2))
     assert len({tuple(b) for b in boxes.tolist()}) == 8
     x = torch.randint(0, 256, (1, 3, 48, 48), dtype=torch.uint8).expand(6, -1, -1, -1).contiguous()
-    v1, v2_ = common.device_views(fake_run(), x, 0, 32, 0.2, common.byol_recipes())
+    v1, v2_ = common.device_views(fake_run(), x, 0, 32, 0.2, BYOL)
     for v in (v1, v2_):
         assert v.shape == (6, 3, 32, 32) and all(not torch.equal(v[0], v[i]) for i in range(1, 6))
 

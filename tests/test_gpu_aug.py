@@ -2,6 +2,7 @@
 path's recipes and distribution, seeding, and a resumed --gpu-aug run against the uninterrupted one."""
 import dataclasses
 import itertools
+import math
 import os
 
 import numpy as np
@@ -199,44 +200,76 @@ def test_grayscale_reaches_a_fifth_of_the_outputs():
     assert abs(grey.float().mean().item() - 0.2) < 0.03
 
 
-def pil_recipe(view):
-    """The Photometric recipe a PIL-path ssl_view Compose implements, read off its transforms."""
-    def find(cls, inner=None):
-        return next(t for t in view.transforms
-                    if isinstance(t, cls) and (not inner or isinstance(t.transforms[0], inner)))
-    jitter, blur = find(T.RandomApply, T.ColorJitter), find(T.RandomApply, common.RandomBlur)
-    solar, gray, cj = find(T.RandomSolarize), find(T.RandomGrayscale), jitter.transforms[0]
-    assert jitter.p == 0.8 and gray.p == 0.2 and solar.threshold == 128
-    assert blur.transforms[0].sigma == (0.1, 2.0)
-    strengths = (cj.brightness[1] - 1, cj.contrast[1] - 1, cj.saturation[1] - 1, cj.hue[1])
-    return common.Photometric(tuple(round(s, 6) for s in strengths), blur.p, solar.p)
+def view_list(recipe, img_size=32, crop_min=0.2, geometry=True):
+    """A view written as a method writes it, from the recipe the device should read off it."""
+    ops = [T.RandomApply([T.ColorJitter(*recipe.jitter)], p=0.8), T.RandomGrayscale(p=0.2),
+           T.RandomApply([common.RandomBlur()], p=recipe.blur_p),
+           *([T.RandomSolarize(threshold=128, p=recipe.solarize_p)] if recipe.solarize_p else [])]
+    if not geometry:
+        return [*ops, T.ToTensor(), T.Normalize(common.MEAN, common.STD)]
+    crop = T.RandomResizedCrop(img_size, scale=(crop_min, 1.0))
+    return [crop, *ops, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(common.MEAN, common.STD)]
 
 
-@pytest.mark.parametrize("make,blur,want", [
-    (common.byol_views, True, [((0.4, 0.4, 0.2, 0.1), 1.0, 0.0), ((0.4, 0.4, 0.2, 0.1), 0.1, 0.2)]),
-    (common.byol_views, False, [((0.4, 0.4, 0.2, 0.1), 0.0, 0.0), ((0.4, 0.4, 0.2, 0.1), 0.0, 0.2)]),
-    (common.mocov2_views, True, [((0.4, 0.4, 0.4, 0.1), 0.5, 0.0)] * 2),
-    (common.mocov2_views, False, [((0.4, 0.4, 0.4, 0.1), 0.0, 0.0)] * 2),
+BYOL = (common.Photometric(blur_p=1.0), common.Photometric(blur_p=0.1, solarize_p=0.2))  # MoCo v3's paper
+MOCOV2 = common.Photometric(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)  # MoCo v2's (--aug-plus)
+
+
+@pytest.mark.parametrize("lists,blur,want", [
+    ("mocov3", True, BYOL),
+    ("mocov3", False, tuple(dataclasses.replace(r, blur_p=0.0) for r in BYOL)),
+    ("fast_moco", True, (MOCOV2, MOCOV2)), ("densecl", True, (MOCOV2, MOCOV2)),
+    ("densecl", False, (dataclasses.replace(MOCOV2, blur_p=0.0),) * 2),
 ])
-def test_device_recipes_are_the_pil_paths(make, blur, want):
-    gpu, pil = make(32, 0.2, blur=blur, gpu=True), make(32, 0.2, blur=blur)
-    want = tuple(common.Photometric(*w) for w in want)
-    assert gpu.photometric == want and pil.photometric is None
-    assert (pil_recipe(pil.t1), pil_recipe(pil.t2)) == want
+def test_device_recipes_are_the_methods_lists(lists, blur, want):
+    """What --gpu-aug and --data-on-device run is read off each method's literal transform lists."""
+    import importlib
+    module = importlib.import_module(lists)
+    pair = (module.byol_augmentations(32, 0.3, blur) if lists == "mocov3"
+            else (module.mocov2_augmentation(32, 0.3, blur),) * 2)
+    gpu, pil = common.TwoViews(*pair, gpu=True), common.TwoViews(*pair)
+    assert gpu.photometric == want and pil.photometric is None and gpu.on_device == (32, 0.3, want)
+    assert all(isinstance(t, T.Compose) and t.transforms == lst for t, lst in zip((pil.t1, pil.t2), pair))
+
+
+@pytest.mark.parametrize("recipe", [*BYOL, MOCOV2, common.Photometric(jitter=(0.3, 0.0, 0.1, 0.0))])
+def test_device_recipe_reads_every_field_and_the_crop(recipe):
+    assert common.device_recipe(view_list(recipe, 48, 0.35)) == (48, 0.35, recipe)
+    assert common.device_recipe(view_list(recipe, geometry=False)) == (None, None, recipe)
+
+
+@pytest.mark.parametrize("change", ["swap jitter and gray", "jitter p 0.5", "extra op", "no normalize",
+                                    "other mean", "non-square crop", "solarize threshold 100"])
+def test_device_recipe_refuses_a_list_the_device_would_not_reproduce(change):
+    ops = view_list(common.Photometric(solarize_p=0.2))
+    if change == "swap jitter and gray":
+        ops[1], ops[2] = ops[2], ops[1]
+    elif change == "jitter p 0.5":
+        ops[1] = T.RandomApply(ops[1].transforms, p=0.5)
+    elif change == "extra op":
+        ops.insert(5, T.RandomVerticalFlip())
+    elif change == "no normalize":
+        ops.pop()
+    elif change == "other mean":
+        ops[-1] = T.Normalize((0.5, 0.5, 0.5), common.STD)
+    elif change == "non-square crop":
+        ops[0] = T.RandomResizedCrop((32, 48), scale=(0.2, 1.0))
+    else:
+        ops[4] = T.RandomSolarize(threshold=100, p=0.2)
+    with pytest.raises(ValueError):
+        common.device_recipe(ops)
 
 
 @pytest.mark.parametrize("recipe", [common.Photometric(), common.Photometric(blur_p=0.1, solarize_p=0.2),
                                     common.Photometric(jitter=(0.4, 0.4, 0.4, 0.1), blur_p=0.5)])
 def test_distribution_matches_the_pil_path(recipe, imagenette):
-    """Same image, 2000 draws each: the PIL path's photometric ops (ssl_view without crop and flip) and the
-    device's give the same average per-channel mean and std, spread of the means and grey fraction. The
-    residue (<= 0.003 here) is PIL's uint8 rounding between ops and its box blur; dropping solarize, blurring
-    with p 0.5 instead of 0.1, jittering always, sharing one draw per batch or triple hue move a statistic
-    by 0.008 or more."""
+    """Same image, 2000 draws each: the PIL path's photometric ops (a view without its crop, flip) and the
+    device's give the same average per-channel mean and std and spread of the means (the residue, <= 0.003
+    here, is PIL's uint8 rounding between ops and its box blur) and the same grey fraction (within its
+    binomial noise); dropping solarize, blurring with p 0.5 instead of 0.1, jittering always, sharing one draw
+    per batch or triple hue move a moment by 0.008 or more."""
     n, img = 2000, real_image(imagenette, 32, k=3)
-    view = common.ssl_view(32, 1.0, **dataclasses.asdict(recipe))
-    geometry = (T.RandomResizedCrop, T.RandomHorizontalFlip)
-    photo = T.Compose([t for t in view.transforms if not isinstance(t, geometry)])
+    photo = T.Compose(view_list(recipe, geometry=False))
     torch.manual_seed(0)
     pil = torch.stack([photo(img) for _ in range(n)])  # [n, 3, 32, 32]
     x = to_float(img).expand(n, -1, -1, -1).contiguous()
@@ -249,11 +282,13 @@ def test_distribution_matches_the_pil_path(recipe, imagenette):
         return torch.cat([m.mean(0), y.std((2, 3)).mean(0), m.std(0), grey[None]])  # [10]
 
     d = (stats(dev) - stats(pil)).abs()
-    assert d.max() < 0.005, np.round(d.numpy(), 4)
+    assert d[:9].max() < 0.005, np.round(d.numpy(), 4)
+    assert d[9] < 3 * math.sqrt(2 * 0.2 * 0.8 / n)  # grey fraction: 3 sd of two binomial estimates at p 0.2
 
 
 def test_worker_side_is_crop_and_flip_to_uint8():
-    ds = common.Views(common.Synthetic(4), common.byol_views(32, 0.3, gpu=True), seed=1)
+    views = common.TwoViews(*mocov3.byol_augmentations(32, 0.3), gpu=True)
+    ds = common.Views(common.Synthetic(4), views, seed=1)
     (v1, v2), _ = ds[2]
     assert v1.dtype == v2.dtype == torch.uint8 and v1.shape == v2.shape == (3, 32, 32)
     img = ds.base[2][0]
@@ -275,7 +310,7 @@ def fake_run(channels_last=False, rank=0, seed=0):
 
 
 def test_finish_seeded_by_seed_rank_and_step_and_leaves_the_global_rng():
-    views = common.byol_views(16, 0.2, gpu=True)
+    views = common.TwoViews(*mocov3.byol_augmentations(16, 0.2), gpu=True)
     x1, x2 = (torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8) for _ in range(2))
     state = torch.get_rng_state()
     a = views.finish(fake_run(), x1, x2, step=7)
@@ -291,7 +326,7 @@ def test_finish_seeded_by_seed_rank_and_step_and_leaves_the_global_rng():
 
 
 def test_finish_without_gpu_aug_is_to_device():
-    views, run = common.byol_views(16, 0.2), fake_run(channels_last=True)
+    views, run = common.TwoViews(*mocov3.byol_augmentations(16, 0.2)), fake_run(channels_last=True)
     x1, x2 = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
     y1, y2 = views.finish(run, x1, x2, step=0)
     assert torch.equal(y1, x1) and torch.equal(y2, x2) and y1.is_contiguous(memory_format=torch.channels_last)
@@ -313,7 +348,7 @@ def test_mocov3_gpu_aug_feeds_uint8_crops_and_resumes_exactly(tmp_path, capsys, 
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
     mocov3.main([*common_, "--output-dir", a, "--max-steps", "3"])
     assert [d for d, _ in seen] == [torch.uint8] * 6
-    assert [r for _, r in seen] == list(common.byol_views(32, 0.2, blur=True, gpu=True).photometric) * 3
+    assert [r for _, r in seen] == list(BYOL) * 3  # MoCo v3's two recipes, blur on
     mocov3.main([*common_, "--output-dir", b, "--max-steps", "1"])
     capsys.readouterr()
     mocov3.main([*common_, "--output-dir", b, "--max-steps", "3", "--resume", "auto"])
@@ -323,15 +358,18 @@ def test_mocov3_gpu_aug_feeds_uint8_crops_and_resumes_exactly(tmp_path, capsys, 
     assert la == pytest.approx(lb, rel=1e-6, abs=1e-7)
 
 
-def test_photometric_view_is_ssl_view_without_its_geometry():
-    """DetCon's worker-side colour ops (common.photometric_view) are ssl_view's, transform for transform."""
-    for recipe in (*common.byol_recipes(True), *common.byol_recipes(False)):
-        full = common.ssl_view(32, 0.3, **dataclasses.asdict(recipe)).transforms
+def test_detcon_colour_is_mocov3s_views_without_their_geometry():
+    """DetCon's worker-side colour ops (detcon.byol_colour) are MoCo v3's views less crop and flip, transform
+    for transform, so both methods train on BYOL's pair; the device reads the same recipes off both."""
+    import detcon
+    for blur in (True, False):
         geometry = (T.RandomResizedCrop, T.RandomHorizontalFlip)
-        rest = [t for t in full if not isinstance(t, geometry)]
-        mine = common.photometric_view(recipe).transforms
-        assert [type(t) for t in mine] == [type(t) for t in rest]
-        assert [repr(t) for t in mine] == [repr(t) for t in rest]
+        for full, mine in zip(mocov3.byol_augmentations(32, 0.3, blur), detcon.byol_colour(blur)):
+            rest = [t for t in full if not isinstance(t, geometry)]
+            assert [repr(t) for t in mine] == [repr(t) for t in rest]
+            assert common.device_recipe(mine)[2] == common.device_recipe(full)[2]
+        assert detcon.JointViews(32, 0.3, blur, 4, gpu=True).photometric == (BYOL if blur else tuple(
+            dataclasses.replace(r, blur_p=0.0) for r in BYOL))
 
 
 def test_detcon_gpu_aug_runs_and_resumes_exactly(tmp_path):

@@ -42,7 +42,7 @@ def test_domain_mix_fixed_total():
 
 def test_corruption_is_deterministic_per_index_across_epochs_and_workers():
     base = common.pretrain_base(args_for("--corrupt", "saltpepper:0.1,jpeg:20"))
-    ds = common.Views(base, common.byol_views(32, 0.2))
+    ds = common.Views(base, common.TwoViews(*mocov3.byol_augmentations(32, 0.2)))
     raw = [np.asarray(base[i][0]) for i in (3, 7)]
     assert np.array_equal(raw[0], np.asarray(base[3][0]))  # same stored image every time
     clean = np.asarray(common.Synthetic(200)[3][0])
