@@ -20,10 +20,8 @@ SECTIONS = [
      "A miniature of DenseCL's and DetCon's dense-transfer claims on the synthetic scenes: the frozen "
      "linear segmentation probe and training-free dense retrieval (eval_linear.py --mode seg / seg-knn) "
      "of each method's backbone, with random init as the floor. The comparisons the papers make are "
-     "DenseCL against its --dense-weight 0 (MoCo v2) mode and DetCon against MoCo v3. The miniature "
-     "table (not the memory table) was made with the previous probes (a 40-step SGD seg probe, a 4x4 grid, "
-     "seg-kNN at k 200), which left every backbone near the background-only floor; it awaits regeneration "
-     "with the current ones (cached maps, L-BFGS, an 8x8 grid, k 5). "
+     "DenseCL against its --dense-weight 0 (MoCo v2) mode and DetCon against MoCo v3, at equal epochs and "
+     "at equal wall-clock; each is a per-seed difference, marked (n.r.) where the seeds do not resolve it. "
      "![dense probe per method](benchmarks/results/dense.png) "
      "![predicted vs ground-truth masks](benchmarks/results/dense_masks.png)"),
     ("Model cost", ["model_cost_cpu", "model_cost_gpu", "fh_cost"],
