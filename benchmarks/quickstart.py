@@ -52,9 +52,19 @@ def pretrain(m, seed, a):
     """One method's no-argument run at one seed -> its record: cfg, wall, img/s, kNN per epoch, probes."""
     out = os.path.join(a.runs, f"{m}_s{seed}")
     record = out + ".json"
+    modes = ["seg", "seg-knn"] if m in a.dense.split(",") else []
     if a.reuse and os.path.isfile(record):
         with open(record) as f:
-            return json.load(f)
+            rec = json.load(f)
+        missing = [mode for mode in modes if mode not in rec["probes"]]  # a dense probe asked for later
+        if missing:
+            with open(os.path.join(out, "args.json")) as f:
+                cfg = json.load(f)
+            probes = evaluate(missing, os.path.join(out, "backbone.pth"), cfg, seed, out, None, False)
+            rec["probes"].update({k: v["miou"] for k, v in probes.items()})
+            with open(record, "w") as f:
+                json.dump(rec, f)
+        return rec
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume
     t = time.perf_counter()
     summary = run_summary(f"{m}.py", ["--output-dir", out, "--seed", str(seed), *a.train_flags.split()])
@@ -62,7 +72,6 @@ def pretrain(m, seed, a):
     with open(os.path.join(out, "args.json")) as f:
         cfg = json.load(f)
     knn = [r["knn_top1"] for r in read_log(out) if "knn_top1" in r and "event" not in r]
-    modes = ["seg", "seg-knn"] if m in a.dense.split(",") else []
     probes = evaluate(modes, os.path.join(out, "backbone.pth"), cfg, seed, out, None, False)
     keys = ("arch", "stem", "img_size", "batch_size", "epochs", "synthetic_size")
     rec = dict(cfg={k: cfg[k] for k in keys}, wall=wall, img_per_s=summary["img_per_s"], knn=knn,
