@@ -2303,37 +2303,60 @@ def num_classes(ds):
     return max(labels_of(ds)) + 1
 
 
+def eval_loader(ds, batch_size, run):
+    """This rank's share of ds in batches, for evaluation: every item exactly once over all ranks
+    (DistributedSampler would pad the last share with duplicates, which a metric would count twice)."""
+    mine = list(range(run.rank, len(ds), run.world))
+    if isinstance(ds, HeldSplit):  # --data-on-device: resize + centre crop on the device
+        return ds.eval_batches(mine, batch_size, run.args.img_size)
+    return torch.utils.data.DataLoader(ds, batch_size, sampler=mine, num_workers=run.args.workers,
+                                       worker_init_fn=ignore_interrupts)
+
+
+def gather_rows(x):
+    """Concatenate x [n_rank, ...] of every rank in rank order (n_rank may differ per rank); x when alone."""
+    if get_world_size() == 1:
+        return x
+    sizes = all_gather_nograd(torch.tensor([len(x)], device=x.device)).tolist()
+    padded = x.new_zeros(max(sizes), *x.shape[1:])
+    padded[:len(x)] = x
+    parts = all_gather_nograd(padded).split(max(sizes))
+    return torch.cat([p[:m] for p, m in zip(parts, sizes)])
+
+
 @torch.no_grad()
 def extract_features(net, ds, run, batch_size=256):
-    """L2-normalised pooled features [N, C] and labels [N] of the whole dataset (sharded across ranks)."""
+    """L2-normalised pooled features [N, C] and labels [N] of the whole dataset, every rank's share gathered
+    (in the order rank 0's, rank 1's, ...: features and labels stay paired, which is all kNN needs)."""
     was_training = net.training
     net.eval()
-    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle=False)
-    if isinstance(ds, HeldSplit):  # --data-on-device: resize + centre crop on the device
-        loader = ds.eval_batches(list(sampler), batch_size, run.args.img_size)
-    else:
-        loader = torch.utils.data.DataLoader(ds, batch_size, sampler=sampler, num_workers=run.args.workers,
-                                             worker_init_fn=ignore_interrupts)
-    feats, labels, idx = [], [], torch.tensor(list(sampler))
-    for x, y in loader:
+    feats, labels = [], []
+    for x, y in eval_loader(ds, batch_size, run):
         with run.autocast():
             feats.append(F.normalize(net(run.to_device(x)).float(), dim=1))  # [n, C]
         labels.append(y.to(run.device))
-    feats, labels = all_gather_nograd(torch.cat(feats)), all_gather_nograd(torch.cat(labels))
-    idx = all_gather_nograd(idx.to(run.device))
-    out_f = torch.empty(len(ds), feats.shape[1], device=run.device)
-    out_l = torch.empty(len(ds), dtype=torch.long, device=run.device)
-    out_f[idx], out_l[idx] = feats, labels  # undo the sampler's padding and rank interleaving
     net.train(was_training)
-    return out_f, out_l
+    return gather_rows(torch.cat(feats)), gather_rows(torch.cat(labels))
 
 
-def knn_predict(feats, bank, bank_labels, n_classes, k=200, t=0.1):
-    """Weighted kNN (InstDisc): votes exp(cos / t) of the k nearest -> class scores [N, n_classes]."""
-    sim = feats @ bank.T  # [N, M]
-    w, nn_idx = sim.topk(min(k, bank.shape[0]), dim=1)  # [N, k]
-    one_hot = F.one_hot(bank_labels[nn_idx], n_classes).float()  # [N, k, n_classes]
-    return (one_hot * (w / t).exp()[..., None]).sum(1)  # [N, n_classes]
+BANK_CHUNK = 16384  # bank rows per similarity block: [2048 queries, BANK_CHUNK] fp32 = 128 MiB
+
+
+def knn_vote(queries, bank, bank_dist, k, t, bank_chunk=None):
+    """Weighted kNN (InstDisc's weights exp(cos / t), normalised): the label distribution [Q, C] of each query
+    [Q, D] (unit length) as the weighted mean of the distributions [M, C] of its k most similar bank rows
+    [M, D] (one-hot for image labels). The bank is scanned in chunks with a running top-k: memory
+    O(Q x (bank_chunk + k)) besides the bank."""
+    bank_chunk = bank_chunk or BANK_CHUNK
+    top_s = queries.new_empty(len(queries), 0)  # [Q, <=k] best similarities so far
+    top_i = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)  # [Q, <=k] their bank rows
+    for start in range(0, len(bank), bank_chunk):
+        sim = queries @ bank[start:start + bank_chunk].T  # [Q, b]
+        s, i = sim.topk(min(k, sim.shape[1]), dim=1)  # [Q, k]
+        top_s, j = torch.cat([top_s, s], 1).topk(min(k, top_s.shape[1] + s.shape[1]), dim=1)  # [Q, k]
+        top_i = torch.cat([top_i, i + start], 1).gather(1, j)  # [Q, k]
+    w = torch.softmax(top_s / t, dim=1)  # [Q, k]
+    return torch.einsum("qk,qkc->qc", w, bank_dist[top_i])  # [Q, C]
 
 
 def topk_accuracy(scores, labels, ks=(1, 5)):
@@ -2342,13 +2365,13 @@ def topk_accuracy(scores, labels, ks=(1, 5)):
     return [100.0 * (pred[:, :k] == labels[:, None]).any(1).float().mean().item() for k in ks]
 
 
-def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=1024):
+def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=2048):
     """kNN top-1/top-5 (percent) of `net` with train_ds as the bank and val_ds as queries."""
     bank, bank_l = extract_features(net, train_ds, run)
     feats, labels = extract_features(net, val_ds, run)
     n_cls = int(max(bank_l.max(), labels.max())) + 1
-    scores = torch.cat([knn_predict(feats[i:i + chunk], bank, bank_l, n_cls, k, t)
-                        for i in range(0, len(feats), chunk)])
+    one_hot = F.one_hot(bank_l, n_cls).float()  # [M, C]: an image's label as a distribution
+    scores = torch.cat([knn_vote(feats[i:i + chunk], bank, one_hot, k, t) for i in range(0, len(feats), chunk)])
     return topk_accuracy(scores, labels, (1, min(5, n_cls)))
 
 

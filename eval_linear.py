@@ -223,15 +223,6 @@ def load_net(args, sd, run):
     return net.to(run.device), dim
 
 
-def loader(ds, batch_size, run):
-    """This rank's share of ds in batches, for evaluation: every item exactly once over all ranks
-    (DistributedSampler would pad the last share with duplicates, which a metric would count twice)."""
-    mine = list(range(run.rank, len(ds), run.world))
-    if isinstance(ds, common.HeldSplit):  # --data-on-device: resize + centre crop on the device
-        return ds.eval_batches(mine, batch_size, run.args.img_size)
-    return torch.utils.data.DataLoader(ds, batch_size, sampler=mine, num_workers=run.args.workers)
-
-
 def frozen(net):
     """Freezes net (no gradients); returns check(what), a RuntimeError if net's state has changed since."""
     net.requires_grad_(False)
@@ -415,7 +406,7 @@ def evaluate(net, head, ds, run):
     net.eval()
     head.eval()
     hits = torch.zeros(3, dtype=torch.long, device=run.device)  # top-1 hits, top-5 hits, images: exact counts
-    for x, y in loader(ds, 256, run):
+    for x, y in common.eval_loader(ds, 256, run):
         with run.autocast():
             logits = head(net(run.to_device(x))).float()  # [n, classes]
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices == y.to(run.device)[:, None]  # [n, 5]
@@ -615,7 +606,7 @@ def dense_eval(args, meta, net, dim, run):
 
 def maps(net, ds, run, batch_size):
     """(images, frozen final maps [b, D, S, S] in fp32, masks [b, H, W]) of this rank's share of ds."""
-    for x, y in loader(ds, batch_size, run):
+    for x, y in common.eval_loader(ds, batch_size, run):
         with torch.no_grad(), run.autocast():
             fmap = common.feature_map(net, run.to_device(x)).float()
         yield x, fmap, y.to(run.device)
@@ -658,18 +649,7 @@ def cache_train(net, ds, run, shape, n_classes, batch_size, res=0):
             rows, target = bank_entries(fmap, y, n_classes)  # [m_b, D], [m_b, C]
         cells[m:m + len(rows)], targets[m:m + len(rows)] = rows, target
         m += len(rows)
-    return gather_rows(cells[:m]), gather_rows(targets[:m])
-
-
-def gather_rows(x):
-    """Concatenate x [n_rank, ...] of every rank in rank order (n_rank may differ per rank); x when alone."""
-    if common.get_world_size() == 1:
-        return x
-    sizes = common.all_gather_nograd(torch.tensor([len(x)], device=x.device)).tolist()
-    padded = x.new_zeros(max(sizes), *x.shape[1:])
-    padded[:len(x)] = x
-    parts = common.all_gather_nograd(padded).split(max(sizes))
-    return torch.cat([p[:m] for p, m in zip(parts, sizes)])
+    return common.gather_rows(cells[:m]), common.gather_rows(targets[:m])
 
 
 # ============================================================================ seg
@@ -738,8 +718,7 @@ def fit_seg_probe(cells, masks, n_classes, wd, max_iter=PROBE_ITERS):
 
 # ============================================================================ seg-knn
 
-BANK_CHUNK = 16384  # bank cells per similarity block: [QUERY_CHUNK, BANK_CHUNK] fp32 = 128 MiB
-QUERY_CHUNK = 2048  # query cells per block
+QUERY_CHUNK = 2048  # query cells per block of common.knn_vote
 
 
 def seg_knn(args, net, train, run, shape, n_classes, batch_size):
@@ -783,28 +762,12 @@ def unit_cells(cells, mean):
     return cells.sub_(mean).div_(torch.linalg.vector_norm(cells, dim=1, keepdim=True).clamp_(min=1e-12))
 
 
-def knn_vote(queries, bank, bank_dist, k, t, bank_chunk=None):
-    """Label distribution [Q, C] of each query cell [Q, D] (unit length): the distributions of its k most
-    similar bank cells [M, D], weighted softmax(sim / t). The bank is scanned in chunks with a running top-k:
-    memory O(Q x (bank_chunk + k)) besides the bank."""
-    bank_chunk = bank_chunk or BANK_CHUNK
-    top_s = queries.new_empty(len(queries), 0)  # [Q, <=k] best similarities so far
-    top_i = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)  # [Q, <=k] their bank rows
-    for start in range(0, len(bank), bank_chunk):
-        sim = queries @ bank[start:start + bank_chunk].T  # [Q, b]
-        s, i = sim.topk(min(k, sim.shape[1]), dim=1)  # [Q, k]
-        top_s, j = torch.cat([top_s, s], 1).topk(min(k, top_s.shape[1] + s.shape[1]), dim=1)  # [Q, k]
-        top_i = torch.cat([top_i, i + start], 1).gather(1, j)  # [Q, k]
-    w = torch.softmax(top_s / t, dim=1)  # [Q, k]
-    return torch.einsum("qk,qkc->qc", w, bank_dist[top_i])  # [Q, C]
-
-
 def knn_scores(feats, mean, bank, bank_dist, k, t):
     """Per-cell class scores [N, C, S, S] of val maps [N, D, S, S], centred and L2-normalised as the bank
     was, QUERY_CHUNK cells at a time."""
     n, _, s, _ = feats.shape
     q = unit_cells(feats.flatten(2).transpose(1, 2).reshape(n * s * s, -1), mean)  # [N*S*S, D] (a copy)
-    out = torch.cat([knn_vote(q[i:i + QUERY_CHUNK], bank, bank_dist, k, t)
+    out = torch.cat([common.knn_vote(q[i:i + QUERY_CHUNK], bank, bank_dist, k, t)
                      for i in range(0, len(q), QUERY_CHUNK)])  # [N*S*S, C]
     return out.reshape(n, s, s, -1).permute(0, 3, 1, 2)  # [N, C, S, S]
 

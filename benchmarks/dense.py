@@ -178,6 +178,7 @@ def measure_memory(path, train_images=1464, img_size=448, stride=32, dim=2048, n
     memory of one chunked vote measured on top of it; the seg probe's cache computed analytically."""
     import torch
     sys.path.insert(0, ROOT)
+    import common
     import eval_linear as E
     torch.manual_seed(0)
     k, t = E.SEG_KNN["knn_k"], E.SEG_KNN["knn_t"]
@@ -198,7 +199,7 @@ def measure_memory(path, train_images=1464, img_size=448, stride=32, dim=2048, n
     seconds = time.perf_counter() - t
     vote_mb = peak_rss_mb() - before
     assert scores.shape == (n_val, n_classes, grid, grid)
-    sim_mb = E.QUERY_CHUNK * E.BANK_CHUNK * 4 / 2**20
+    sim_mb = E.QUERY_CHUNK * common.BANK_CHUNK * 4 / 2**20
     aug_gib = 10582 * grid * grid * (dim + n_classes) * 4 / 2**30
     probe_mb = 10582 * grid * grid * dim * 2 / 2**20  # fp16 cells on CUDA
     masks_mb = 10582 * 100 * 100 * 4 / 2**20  # int32 masks at --seg-res 100
@@ -208,7 +209,7 @@ def measure_memory(path, train_images=1464, img_size=448, stride=32, dim=2048, n
         f"ResNet-50: {train_images} train images at {img_size} px -> {grid}x{grid} final cells of {dim} "
         f"channels, {n_classes} classes, k={k}; and the seg probe's cache (`--mode seg`) for train_aug.",
         f"The vote's peak does not grow with the bank or the val split: queries are taken {E.QUERY_CHUNK} "
-        f"cells at a time and the bank is scanned {E.BANK_CHUNK} cells at a time with a running top-k. The "
+        f"cells at a time and the bank is scanned {common.BANK_CHUNK} cells at a time with a running top-k. The "
         f"bank dominates: about {(bank_mb + vote_mb) / 1024:.1f} GiB in all for VOC train (train_aug's "
         f"10,582 images: {aug_gib:.1f} GiB of bank) besides the backbone and one val batch. Under torchrun "
         f"every rank holds the whole gathered bank (plus the padded copies while gathering). The seg probe "
@@ -218,8 +219,8 @@ def measure_memory(path, train_images=1464, img_size=448, stride=32, dim=2048, n
         (f"bank: {cells:,} cells x ({dim} features + {n_classes} label shares) x 4 B",
          "computed (every cell kept: an upper bound, cells with only ignore pixels are left out)", bank_mb),
         ("bank, resident", "measured: peak RSS rise while building a random bank of that size", resident),
-        (f"one similarity block: {E.QUERY_CHUNK} query cells x {E.BANK_CHUNK} bank cells x 4 B",
-         "computed (QUERY_CHUNK, BANK_CHUNK in eval_linear.py)", sim_mb),
+        (f"one similarity block: {E.QUERY_CHUNK} query cells x {common.BANK_CHUNK} bank cells x 4 B",
+         "computed (eval_linear.QUERY_CHUNK, common.BANK_CHUNK)", sim_mb),
         (f"one chunked vote: {n_val} val images = {n_val * grid * grid} query cells against the whole bank",
          f"measured: peak RSS rise during knn_scores, bank already resident ({seconds:.0f} s on this CPU)",
          vote_mb),

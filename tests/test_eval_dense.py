@@ -160,7 +160,7 @@ def test_chunked_vote_equals_a_direct_top_k():
     w = np.exp(np.take_along_axis(sim, idx, 1) / t)
     ref = (w[..., None] * dist.numpy()[idx]).sum(1) / w.sum(1, keepdims=True)
     for chunk in (7, 50, 1000):
-        assert np.allclose(E.knn_vote(q, bank, dist, k, t, bank_chunk=chunk).numpy(), ref, atol=1e-6), chunk
+        assert np.allclose(common.knn_vote(q, bank, dist, k, t, bank_chunk=chunk).numpy(), ref, atol=1e-6), chunk
 
 
 def one_hot_batch(rng, n, n_classes, grid=4, cell=8):
@@ -175,7 +175,7 @@ def one_hot_batch(rng, n, n_classes, grid=4, cell=8):
 
 
 def test_seg_knn_on_one_hot_features_gives_miou_100(monkeypatch):
-    monkeypatch.setattr(E, "BANK_CHUNK", 13)  # several bank chunks and query chunks
+    monkeypatch.setattr(common, "BANK_CHUNK", 13)  # several bank chunks and query chunks
     monkeypatch.setattr(E, "QUERY_CHUNK", 10)
     rng, n_classes = np.random.default_rng(0), 5
     feats, ids = one_hot_batch(rng, 6, n_classes)
