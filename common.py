@@ -686,8 +686,9 @@ def knn_monitor(args, run):
 # records", below the banner)
 
 class Logger:
-    """log.jsonl + a progress line every --log-every steps + the JSON summary line. Throughput counts source
-    images per second over all ranks after 2 warm-up steps, without data waits and evaluation (Meter)."""
+    """log.jsonl, a progress line every --log-every steps, the JSON summary line, and the run's clock:
+    img/s and step_ms count source images over all ranks after WARMUP steps, evaluation left out;
+    data_time_frac is the share of that time spent waiting for the loader (timed)."""
     WARMUP = 2  # first steps include lazy init / compilation and are left out of img/s
 
     def __init__(self, run, steps_per_epoch, start_step):
@@ -701,7 +702,6 @@ class Logger:
         self.last, self.stored = {}, None  # the last log record (+ evaluations); the finished run's summary
         writer = tensorboard_writer() if run.main and run.args.tensorboard else None  # BadInput if missing
         run.start()  # every check has passed: the folder, its lock and args.json (the run's first write)
-        self.clock = Meter(run)
         mode = "a" if start_step else "w"  # a resumed run appends; a fresh run (or --overwrite) starts anew
         path = os.path.join(run.out, "log.jsonl")
         if run.main and start_step and drop_torn_tail(path):  # a crash or kill -9 cut the last write
@@ -710,6 +710,13 @@ class Logger:
             self.last, self.stored = recall(read_jsonl(path)[0])
         self.file = open(path, mode) if run.main else None
         self.tb = writer(os.path.join(run.out, "tb")) if writer else None
+        # the clock: t_warm when the warm-up ended, t_end when the last step did (the final checkpoint and
+        # export are not training); data waits since the last log line and after the warm-up; evaluation
+        # seconds after the warm-up (left out of img/s) and in all (left out of train_s)
+        self.t0 = self.t_last = time.perf_counter()
+        self.t_warm = self.t_end = None
+        self.data_time = self.data_warm = self.excluded = self.eval_s = self.eval_end = 0.0
+        self.n_since = 0  # steps since the last log line
 
     @property
     def done(self):
@@ -723,10 +730,25 @@ class Logger:
                 return
             yield epoch
 
-    def batches(self, ds, epoch):
-        """(index in the epoch, batch) of this rank's loader, timed; a resumed epoch starts where it left."""
-        skip = self.step % self.spe if epoch == self.step // self.spe else 0
-        return enumerate(self.clock.timed(epoch_loader(ds, self.run, epoch, skip)), start=skip)
+    def timed(self, loader):
+        """(index in the epoch, batch) of an epoch's loader (a resumed epoch's starts where it stopped),
+        the time spent waiting for each batch counted as data time."""
+        it, i = iter(loader), self.step % self.spe
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - t
+            self.data_time += waited
+            self.data_warm += waited if self.t_warm else 0.0
+            yield i, batch
+            i += 1
+
+    def sync(self):
+        if self.run.device.type == "cuda":
+            torch.cuda.synchronize(self.run.device)
 
     def write(self, record):
         if self.file:
@@ -739,13 +761,21 @@ class Logger:
         """Call after every optimizer step with the (tensor) loss; syncs only on log steps."""
         self.step, self.loss = self.step + 1, loss
         step, epoch = self.step, self.step / self.spe
-        self.clock.tick(warm=step - self.start == self.WARMUP)
+        self.n_since += 1
+        if step - self.start == self.WARMUP:  # the throughput clock starts
+            self.sync()
+            self.t_warm = time.perf_counter()
         if self.time_up():
             self.total = step  # this step is the run's last: log it, then kNN, checkpoint, export, summary
         if step % self.run.args.log_every and step != self.total:
             return
         loss = float(loss)  # waits for the step's kernels
-        now, img_per_s, data_frac = self.clock.interval(last=step == self.total)
+        now = time.perf_counter()
+        if step == self.total:
+            self.t_end, self.eval_end = now, self.eval_s  # evaluation after the last step is not training
+        dt = now - self.t_last
+        img_per_s, data_frac = self.n_since * self.run.args.batch_size / dt, self.data_time / dt
+        self.t_last, self.data_time, self.n_since = now, 0.0, 0
         rec = {"step": step, "epoch": round(epoch, 4), "loss": loss,
                **{k: float(v) for k, v in metrics.items()},
                "img_per_s": img_per_s, "data_time_frac": data_frac,
@@ -757,7 +787,7 @@ class Logger:
                 f"the last good checkpoint is {good[0]} (step {good[1]}), never overwritten by this state"
                 if good else "this run wrote no checkpoint before it"))
         if self.run.main:
-            eta = (now - self.clock.t0) / (step - self.start) * (self.total - step)
+            eta = (now - self.t0) / (step - self.start) * (self.total - step)
             extra = "".join(f" {k} {v:.4g}" for k, v in metrics.items())
             print(f"ep {epoch:.2f} step {step}/{self.total} loss {loss:.4f}{extra} img/s {img_per_s:.1f} "
                   f"data {100 * data_frac:.0f}% eta {eta / 60:.1f}m", flush=True)
@@ -769,7 +799,7 @@ class Logger:
         args = self.run.args
         if not args.time_limit or (self.run.world > 1 and self.step % args.log_every):
             return False
-        up = time.perf_counter() - self.clock.t0 - self.clock.eval_s >= args.time_limit
+        up = time.perf_counter() - self.t0 - self.eval_s >= args.time_limit
         if self.run.world > 1:
             flag = torch.tensor(float(up), device=self.run.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
@@ -787,8 +817,11 @@ class Logger:
     def log_eval(self, seconds, **metrics):
         """Log evaluation metrics; `seconds` spent evaluating are left out of img/s and step_ms.
         `train_s` is the training wall-clock so far (evaluation excluded), for equal-time comparisons."""
+        self.eval_s += seconds
+        self.t_last += seconds
+        self.excluded += seconds if self.t_warm and not self.t_end else 0.0
         rec = {"step": self.step, "epoch": round(self.step / self.spe, 4), **metrics,
-               "train_s": self.clock.evaluated(seconds)}
+               "train_s": time.perf_counter() - self.t0 - self.eval_s}
         self.last.update(metrics)
         if self.run.main:
             print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
@@ -800,11 +833,18 @@ class Logger:
         so and prints the summary it ended with, appending nothing to log.jsonl."""
         if self.finished and self.step == self.start:
             return repeat_summary(self, extra)
-        img_per_s, step_ms, data_frac = self.clock.totals(self.step - self.start - self.WARMUP)
+        self.sync()
+        steps, end = self.step - self.start - self.WARMUP, self.t_end or time.perf_counter()
+        img_per_s = step_ms = data_frac = None
+        if self.t_warm and steps > 0:  # over the steps after the warm-up, evaluation left out
+            dt = end - self.t_warm - self.excluded
+            img_per_s, step_ms = steps * self.run.args.batch_size / dt, 1000 * dt / steps
+            data_frac = self.data_warm / dt
+        train_s = end - self.t0 - (self.eval_end if self.t_end else self.eval_s)  # evaluation excluded
         rec = {"event": "summary", "method": self.run.method, "steps": self.step, "img_per_s": img_per_s,
                "step_ms": step_ms, "data_time_frac": data_frac, "peak_mem_mb": peak_mem_mb(self.run.device),
                "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1"),
-               "epochs": round(self.step / self.spe, 4), "train_s": self.clock.train_seconds(), **extra}
+               "epochs": round(self.step / self.spe, 4), "train_s": train_s, **extra}
         if self.run.main:
             self.write(rec)
             self.file.close()
@@ -2371,7 +2411,8 @@ def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=2048):
     feats, labels = extract_features(net, val_ds, run)
     n_cls = int(max(bank_l.max(), labels.max())) + 1
     one_hot = F.one_hot(bank_l, n_cls).float()  # [M, C]: an image's label as a distribution
-    scores = torch.cat([knn_vote(feats[i:i + chunk], bank, one_hot, k, t) for i in range(0, len(feats), chunk)])
+    scores = torch.cat([knn_vote(feats[i:i + chunk], bank, one_hot, k, t)
+                        for i in range(0, len(feats), chunk)])  # [N, C]
     return topk_accuracy(scores, labels, (1, min(5, n_cls)))
 
 
@@ -2407,75 +2448,6 @@ def tensorboard_writer():
     except ImportError:
         raise BadInput("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter
-
-
-class Meter:
-    """The Logger's clock. img/s and step_ms count the steps after the warm-up and leave out the time spent
-    evaluating; data_time_frac is the share of that time spent waiting for the loader."""
-    def __init__(self, run):
-        self.run = run
-        self.t_last = self.t0 = time.perf_counter()
-        self.t_warm = None  # when the warm-up steps ended
-        self.t_end = None  # when the last step finished: the final checkpoint and export are not training
-        self.data_time, self.n_since = 0.0, 0  # data wait and steps since the last log line
-        self.data_warm = 0.0  # data wait after the warm-up steps, for the summary's data_time_frac
-        self.excluded = self.eval_s = 0.0  # evaluation time after the warm-up / in all
-
-    def sync(self):
-        if self.run.device.type == "cuda":
-            torch.cuda.synchronize(self.run.device)
-
-    def timed(self, loader):
-        """Iterate the loader, accumulating the time spent waiting for data."""
-        it = iter(loader)
-        while True:
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            waited = time.perf_counter() - t
-            self.data_time += waited
-            self.data_warm += waited if self.t_warm else 0.0
-            yield batch
-
-    def tick(self, warm):
-        """One optimizer step done; `warm`: it was the last warm-up step, the throughput clock starts."""
-        self.n_since += 1
-        if warm:
-            self.sync()
-            self.t_warm = time.perf_counter()
-
-    def interval(self, last):
-        """A log line: (now, img/s, data-time fraction) since the previous one. `last`: the final step."""
-        now = time.perf_counter()
-        if last:
-            self.t_end, self.eval_end = now, self.eval_s  # evaluation after the last step is not training
-        dt = now - self.t_last
-        out = now, self.n_since * self.run.args.batch_size / dt, self.data_time / dt
-        self.t_last, self.data_time, self.n_since = now, 0.0, 0
-        return out
-
-    def evaluated(self, seconds):
-        """`seconds` of evaluation, left out of the throughput -> training wall-clock so far (train_s)."""
-        self.eval_s += seconds
-        self.t_last += seconds
-        self.excluded += seconds if self.t_warm and not self.t_end else 0.0
-        return time.perf_counter() - self.t0 - self.eval_s
-
-    def train_seconds(self):
-        """Training wall-clock from the start to the last step (or now), evaluation excluded."""
-        if self.t_end:
-            return self.t_end - self.t0 - self.eval_end
-        return time.perf_counter() - self.t0 - self.eval_s
-
-    def totals(self, steps):
-        """(img/s, step_ms, data_time_frac) over `steps` steps after the warm-up; None each without any."""
-        self.sync()
-        if not (self.t_warm and steps > 0):
-            return None, None, None
-        dt = (self.t_end or time.perf_counter()) - self.t_warm - self.excluded
-        return steps * self.run.args.batch_size / dt, 1000 * dt / steps, self.data_warm / dt
 
 
 def read_jsonl(path):

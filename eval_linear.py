@@ -373,7 +373,8 @@ def train_head(args, meta, net, dim, run):
         model.train()
         if linear:
             net.eval()  # frozen BN statistics: the backbone is a fixed feature extractor
-        for i, (x, y) in log.batches(train_ds, epoch):
+        loader = common.epoch_loader(train_ds, run, epoch, log.step % steps_per_epoch)
+        for i, (x, y) in log.timed(loader):
             common.set_lr(optimizer, common.cosine_lr(epoch + i / steps_per_epoch, base_lr, 0, args.epochs))
             x = device_train_batch(run, x, log.step) if args.data_on_device else run.to_device(x)
             with run.autocast():

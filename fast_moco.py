@@ -330,7 +330,8 @@ def main(argv=None):
     m = args.momentum  # Fast-MoCo: constant EMA coefficient
     for epoch in log.epochs():  # the epochs left: none when a finished run is resumed
         model.train()
-        for _, ((x1, x2), _) in log.batches(train_ds, epoch):
+        loader = common.epoch_loader(train_ds, run, epoch, log.step % steps_per_epoch)
+        for _, ((x1, x2), _) in log.timed(loader):
             # 0-based iteration
             lr = fast_moco_lr(log.step, steps_per_epoch, base_lr, args.warmup_epochs, args.epochs)
             set_lrs(optimizer, lr, base_lr)  # the predictor's group keeps base_lr
