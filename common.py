@@ -5,12 +5,9 @@ detcon.py, rotation_aux.py) and eval_linear.py. Method logic never lives here: a
 what it needs (its param groups, its trust coefficient, its SyncBN choice, its own geometry).
 Copy this file together with one method file.
 
-Sections, in the order a method file uses them: errors & args | run setup | data | augmentations |
-backbones | optimizer & schedules | checkpoint, resume & export | kNN monitor | logging. After a
-banner, what only some runs need: augmentation on the device (--gpu-aug) | data-study knobs; then the
-plumbing under the sections above, which a method reader can skip: errors & argument parsing |
-preemption signals | run lock | synthetic scenes | image files | backbone internals | optimizer internals |
-checkpoint files | kNN internals | run records & pictures.
+Sections (=====), in the order a method file uses them, each followed by its details (-----): errors &
+args | run setup | data | augmentations | backbones | optimizer & schedules | checkpoint, resume & export |
+kNN monitor | logging.
 """
 import argparse
 import ast
@@ -47,7 +44,6 @@ from torchvision.transforms import v2
 
 
 # ============================================================================ errors & args
-# (user_errors, parse_args' helpers and setup's check_paths: "errors & argument parsing", below the banner)
 
 class BadInput(Exception):
     """A user error: reported as one line on stderr with exit code 2, never a traceback."""
@@ -175,1175 +171,7 @@ def parse_args(cls, presets, argv=None):
     return args
 
 
-# ============================================================================ run setup
-
-def get_rank():
-    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def get_world_size():
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-@torch.no_grad()
-def all_gather_nograd(x):
-    """Concatenate x [n, ...] from every rank in rank order -> [world * n, ...]; x itself if alone."""
-    if get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
-@dataclasses.dataclass
-class Run:
-    """What a training process knows about itself."""
-    args: object
-    method: str
-    rank: int
-    world: int
-    device: torch.device
-    out: str
-    checkpoint: tuple = None  # (path, contents) of the --resume checkpoint, read and checked by setup
-    held_train: object = None  # --data-on-device: the whole train split as pretraining decoded it (kNN bank)
-    data_id: str = None  # the training data's size and fingerprint (pretrain_data): a checkpoint records it
-    good: tuple = None  # (path, step) of the last checkpoint this run wrote or resumed from (the NaN stop's)
-    pending: bool = False  # set up, nothing written yet: start() locks the folder and writes args.json
-    stamp: tuple = None  # checkpoint_stamp when setup read the --resume file
-
-    @property
-    def main(self):
-        return self.rank == 0
-
-    def autocast(self):
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.precision)
-        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
-
-    def scalar(self, v):
-        """A per-step number (the EMA coefficient) as a 0-d tensor on the device. A compiled model guards
-        on the value of a Python float and would recompile every step; a fill kernel, no host sync."""
-        return torch.full((), float(v), device=self.device)
-
-    def to_device(self, x):
-        x = x.to(self.device, non_blocking=True)
-        if self.args.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def start(self):
-        """The run's first write, once every check has passed (start_run, "run lock" below the banner)."""
-        start_run(self)
-
-
-def setup(args, method):
-    """torchrun-native setup: every check that needs no data, then process group (only when WORLD_SIZE > 1),
-    device, seeds. A --resume checkpoint is read and checked here (under the folder's lock when the folder has
-    one). Nothing is written: the folder, its lock and args.json come with the run's first write (Run.start,
-    from the Logger), after the data, the model and the resumed state have passed their checks too."""
-    check_paths(args)
-    check_input(args.arch, args.img_size, args.img_size, "--img-size")  # e.g. a ViT size off its patch grid
-    args.output_dir = args.output_dir or os.path.join("runs", method)
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
-    if args.batch_size % world:
-        raise BadInput(f"global --batch-size {args.batch_size} is not divisible by the world size {world}")
-    cuda = torch.cuda.is_available()
-    if args.precision == "auto":
-        args.precision = "bf16" if cuda else "fp32"
-    if args.precision == "fp16" and not cuda:  # measured: about 11x slower than fp32 on a CPU
-        raise BadInput("--precision fp16 needs a CUDA GPU: a CPU emulates it, many times slower than fp32 "
-                       "(use fp32, the CPU default, or bf16)")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    refused = lock_output_dir(args.output_dir, create=False) if rank == 0 else None  # an existing .lock only
-    if world > 1 and not dist.is_initialized():  # one process group serves every run of this process
-        dist.init_process_group("nccl" if cuda else "gloo")
-    agree_on_lock(refused, world)  # BadInput on every rank when rank 0 was refused
-    stamp = checkpoint_stamp(args)
-    checkpoint = find_checkpoint(args, method)  # BadInput unless its method and the flags of a step match
-    check_not_overwriting(args, method, checkpoint)
-    catch_stop_signals()
-    seed_everything(args.seed + rank)
-    run = Run(args, method, rank, world, device, args.output_dir, checkpoint, pending=True, stamp=stamp)
-    STARTING.append(run)
-    return run
-
-
-def use_sync_bn(sync_bn, run):
-    """SyncBN only where the method's official code uses it, and only on multi-GPU CUDA runs
-    (PyTorch's SyncBatchNorm is CUDA-only: CPU/gloo runs keep per-process BN)."""
-    return sync_bn and run.world > 1 and run.device.type == "cuda"
-
-
-def prepare_model(model, run, sync_bn):
-    """SyncBN (see use_sync_bn), device, layout, compile, DDP. `sync_bn` is the method's own choice.
-    Returns (model, step_model): keep `model` for state_dicts and use `step_model` for forward passes."""
-    if use_sync_bn(sync_bn, run):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(run.device)
-    if run.args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    step_model = model
-    if run.world > 1:
-        device_ids = [run.device] if run.device.type == "cuda" else None
-        step_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    if run.args.compile:
-        step_model.compile()  # in place: state_dict keys keep their names
-    return model, step_model
-
-
-# ============================================================================ data
-# (below the banner: Synthetic in "synthetic scenes", load_torchvision, load_folder and FlatFolder in
-# "image files", pretrain_base in "data-study knobs", labels_of in "kNN internals")
-
-BUILTIN_DATA = ("synthetic", "cifar10", "cifar100", "stl10")
-
-
-def load_dataset(args, split, name=None):
-    """Base dataset of (PIL image, label) for split 'train' or 'val' (None if there is no such split).
-    Label -1 means unlabeled. With --data A,B the val split is A's."""
-    name = name or args.data.split(",")[0]
-    if name == "synthetic":
-        size = args.synthetic_size if split == "train" else max(args.synthetic_size // 5, 10)  # val: a fifth
-        return Synthetic(size, split, args.seed)
-    if name in ("cifar10", "cifar100", "stl10"):
-        return load_torchvision(name, split, args.data_root)
-    return load_folder(name, split)
-
-
-class Views(torch.utils.data.Dataset):
-    """Applies `transform` to base[i] with a seed made from (seed, epoch, i): a sample gets the same
-    augmentation whatever worker loads it and after a resume, so runs are reproducible on CPU."""
-    def __init__(self, base, transform, seed=0):
-        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        with self.rng(i):
-            return self.transform(img), label
-
-    @contextmanager
-    def rng(self, i):
-        """torch's global RNG, forked and seeded by (seed, epoch, i) for sample i's transform."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-            yield
-
-
-def pretrain_data(args, run, transform, ids=None):
-    """The pretraining dataset (train split with `transform`) and steps per epoch. With --data-on-device the
-    split is decoded once into the device's memory (held_split) and `transform` runs in its finish() there;
-    `ids`: a method's mask function (PIL image -> ids [H, W]), run once on each stored image (DetCon's)."""
-    base = pretrain_base(args)
-    run.data_id = base.data_id  # a checkpoint records it; a resume on other data is refused (resume)
-    if args.data_on_device:
-        ds = held_split(args, run, base, copies=2, ids=ids)
-        if not (args.subset or args.corrupt or "," in args.data):  # the whole, clean train split
-            run.held_train = ds
-    else:
-        ds = Views(base, transform, args.seed)
-    steps = len(ds) // args.batch_size
-    if steps == 0:
-        raise BadInput(f"--batch-size {args.batch_size} is larger than the dataset ({len(ds)} images)")
-    return ds, steps
-
-
-def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
-    """This rank's loader for one epoch, starting `skip_batches` batches in (mid-epoch resume)."""
-    local_bs = run.args.batch_size // run.world
-    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle, run.args.seed, drop_last)
-    sampler.set_epoch(epoch)
-    ds.epoch = epoch
-    indices = list(sampler)[skip_batches * local_bs:]
-    if isinstance(ds, HeldSplit):  # --data-on-device: the same order, batches indexed on the device
-        return ds.batches(indices, local_bs, drop_last)
-    return torch.utils.data.DataLoader(
-        ds, local_bs, sampler=indices, num_workers=run.args.workers, pin_memory=run.device.type == "cuda",
-        drop_last=drop_last, persistent_workers=False, prefetch_factor=4 if run.args.workers else None,
-        generator=torch.Generator().manual_seed(run.args.seed + epoch),  # keeps the global RNG untouched
-        worker_init_fn=ignore_interrupts)
-
-
-# ============================================================================ augmentations
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
-JITTER_P, GRAY_P = 0.8, 0.2  # SimCLR / MoCo v2 / BYOL: colour jitter with p 0.8, grayscale with p 0.2
-BLUR_SIGMA = (0.1, 2.0)  # blur sigma range in pixels, as the official MoCo / BYOL code
-SOLARIZE_AT = 128  # solarize inverts the pixels >= 128 of 255 (PIL's ImageOps.solarize default, BYOL)
-
-
-class RandomBlur:
-    """Gaussian blur with sigma ~ U(0.1, 2) as PIL radius, like the official MoCo/BYOL code (no
-    kernel size to pick); sampled with torch's RNG so per-sample seeding covers it."""
-    def __init__(self, sigma=BLUR_SIGMA):
-        self.sigma = sigma
-
-    def __call__(self, img):
-        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(*self.sigma))))
-
-    def __repr__(self):
-        return f"RandomBlur(sigma={self.sigma})"
-
-
-class TwoViews:
-    """img -> (view 1, view 2), each view a method's list of torchvision transforms (PIL -> normalised tensor
-    [3, H, W]). finish(): the collated batches on the device, ready for the model. With gpu (--gpu-aug) the
-    workers run only each list's crop and flip, to uint8, and finish() the rest of the list (its Photometric
-    recipe, device_recipe) batched on the device; with --data-on-device finish() runs all of it."""
-    def __init__(self, augmentation1, augmentation2, gpu=False):
-        (size, crop_min, r1), (size2, crop_min2, r2) = map(device_recipe, (augmentation1, augmentation2))
-        if (size, crop_min) != (size2, crop_min2):
-            raise ValueError("the device path crops both views alike: give them one RandomResizedCrop")
-        self.on_device = (size, crop_min, (r1, r2))  # what finish() runs with --data-on-device
-        self.photometric = (r1, r2) if gpu else None  # what finish() runs with --gpu-aug
-        if gpu:
-            self.t1 = self.t2 = geometry_view(size, crop_min)
-        else:
-            self.t1, self.t2 = T.Compose(augmentation1), T.Compose(augmentation2)
-
-    def __call__(self, img):
-        return self.t1(img), self.t2(img)
-
-    def finish(self, run, x1, x2, step):
-        """x1, x2 [n, 3, H, W] from the loader -> the model's inputs on the device. `step`: the global step
-        (optimizer steps done before this batch); with --gpu-aug or --data-on-device it seeds the draw, so a
-        resumed run redraws exactly what the uninterrupted run drew at that step. With --data-on-device x1
-        and x2 are the stored images, and each view's crop, flip and colour are drawn here."""
-        if run.args.data_on_device:
-            return device_views(run, x1, step, *self.on_device)
-        return finish_views(run, x1, x2, step, self.photometric)
-
-
-def eval_transform(img_size):
-    """Resize to 256/224 of the crop, center crop (the standard evaluation transform)."""
-    resize = round(img_size * 256 / 224)
-    return T.Compose([T.Resize(resize), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
-# ============================================================================ backbones
-# (registry_model, strip_classifier, probe_run and traced_map, the final map of any other torchvision model;
-# sincos_pos_embed, MoCo v3's ViT position embedding: "backbone internals", below the banner)
-
-# MoCo v3's ViT-S has 12 heads, not 6
-VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),
-             "vit_base": dict(hidden_dim=768, mlp_dim=3072, num_heads=12)}
-
-
-def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True, spatial=False):
-    """torchvision backbone with the classifier removed -> (net, feature dim). net(x) is the pooled
-    feature [N, C] (ResNet: global average pool; ViT: class token; any other model of torchvision's registry:
-    its own forward up to its last Linear, which becomes Identity). spatial=True (DenseCL, DetCon): dim is
-    the channels of the final spatial map (feature_map), and the parameters the map does not reach (e.g.
-    MobileNetV3's hidden Linear after the pool) are frozen: never read, DDP would find them unused."""
-    if arch.startswith(RESNETS):
-        net = getattr(torchvision.models, arch)(zero_init_residual=True)
-        if stem == "small":  # CIFAR-style stem: keeps 32-px inputs at 32x32 into layer1
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()
-        dim, net.fc = net.fc.in_features, nn.Identity()
-        return net, dim
-    if arch not in VIT_SIZES:
-        net = registry_model(arch, img_size)
-        dim = strip_classifier(net, arch)
-        net.effssl_arch = (arch, img_size)  # for feature_map (a plain attribute: no state_dict key)
-        if spatial and not isinstance(net, torchvision.models.VisionTransformer):  # ViT: its patch tokens
-            found = traced_map(arch, img_size)
-            net.map_forward = found.forward  # a plain attribute: no state_dict key
-            for name, p in net.named_parameters():
-                if name not in found.params:
-                    p.requires_grad_(False)
-            dim = found.shape[1]
-        return net, dim
-    if img_size % 16:
-        raise BadInput(f"--img-size {img_size} is not a multiple of the ViT patch size 16")
-    net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12,
-                                               **VIT_SIZES[arch])
-    dim, net.heads = net.hidden_dim, nn.Identity()
-    grid = img_size // 16
-    # MoCo v3: fixed 2-D sin-cos position embedding (not learned); zero for the class token
-    net.encoder.pos_embedding.data.copy_(torch.cat([torch.zeros(1, 1, dim), sincos_pos_embed(dim, grid)], 1))
-    net.encoder.pos_embedding.requires_grad = False
-    # MoCo v3: uniform (Xavier-like) init of the patch projection, optionally frozen ("random patch
-    # projection" stabilises training: the paper's fix for the loss spikes)
-    val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
-    nn.init.uniform_(net.conv_proj.weight, -val, val)
-    nn.init.zeros_(net.conv_proj.bias)
-    net.conv_proj.requires_grad_(not freeze_patch_proj)
-    return net, dim
-
-
-def feature_map(net, x):
-    """Final spatial feature map [N, C, S, S] (ResNet: layer4 output; ViT: patch tokens; any other model:
-    the activation traced_map found, computed by the traced forward up to it on this net's own modules)."""
-    if isinstance(net, torchvision.models.ResNet):
-        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
-        return net.layer4(net.layer3(net.layer2(net.layer1(x))))  # [N, C, S, S]
-    if isinstance(net, torchvision.models.VisionTransformer):
-        tokens = net._process_input(x)  # [N, S*S, D]
-        n, s = tokens.shape[0], int(math.isqrt(tokens.shape[1]))
-        tokens = net.encoder(torch.cat([net.class_token.expand(n, -1, -1), tokens], 1))[:, 1:]  # [N, S*S, D]
-        return tokens.transpose(1, 2).reshape(n, -1, s, s)  # [N, D, S, S]
-    forward = getattr(net, "map_forward", None)
-    if forward is None:  # built without spatial=True: trace it now (eager use; the methods trace at build)
-        forward = net.map_forward = traced_map(*net.effssl_arch).forward
-    return forward[0 if net.training else 1](net, x)["map"]  # [N, C, S, S]
-
-
-def final_grid(arch, stem, img_size):
-    """Side of the final feature map for this backbone and input size (BadInput if it has none)."""
-    return map_shape(arch, stem, img_size)[1]
-
-
-def map_shape(arch, stem, img_size):
-    """(channels, side) of the final spatial map at this input size; BadInput when the arch has none."""
-    if arch in VIT_SIZES:
-        return VIT_SIZES[arch]["hidden_dim"], img_size // 16
-    if arch.startswith(RESNETS):
-        side = math.ceil(img_size / 8) if stem == "small" else math.ceil(img_size / 32)
-        return _probe_model(arch, 0)[1], side
-    net = _probe_model(arch, _built_for(arch, img_size))[0]
-    if isinstance(net, torchvision.models.VisionTransformer):
-        return net.hidden_dim, img_size // net.patch_size
-    shape = traced_map(arch, img_size).shape
-    return shape[1], shape[2]
-
-
-def check_input(arch, img_size, size, why):
-    """BadInput (one line naming --arch and `why`) unless the backbone built for --img-size img_size runs on
-    size x size inputs; before any work. ResNets run on any size; MoCo v3's ViTs on img_size only."""
-    if arch.startswith(RESNETS):
-        return
-    if arch in VIT_SIZES:
-        err = None if size == img_size else f"it is built for {img_size}-px inputs"
-    else:
-        err = probe_run(arch, img_size, size)
-    if err:
-        raise BadInput(f"--arch {arch} does not run on {size}-px inputs ({why}): {err}")
-
-
-def grid_advice(arch, stem, grid):
-    """What to change for a final feature map of at least grid x grid (an error message's advice): the
-    smallest --img-size that gives it with this backbone, and --stem small where it would need less."""
-    if arch in VIT_SIZES:
-        return f"use --img-size {16 * grid} or more"
-    if not arch.startswith(RESNETS):  # --stem is a ResNet's only; other families' strides vary
-        return "use a larger --img-size"
-    size = (grid - 1) * (8 if stem == "small" else 32) + 1  # final_grid rounds up: one pixel past a cell
-    return f"use --img-size {size} or more" + (", or --stem small" if stem != "small" else "")
-
-
-# ============================================================================ optimizer & schedules
-# (the LARS optimizer itself: "optimizer internals", below the banner)
-
-def build_optimizer(args, params, trust_coefficient=0.001):
-    """`params`: parameters or param groups; every group starts at the scaled lr (the loop sets it per step).
-    `trust_coefficient`: LARS's, from the method (ImageNet recipes 0.001)."""
-    lr = args.lr * args.batch_size / 256  # linear scaling rule: --lr is the base lr for batch 256
-    if args.optimizer == "lars":
-        return LARS(params, lr=lr, weight_decay=args.wd, trust_coefficient=trust_coefficient)
-    if args.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd)
-    if args.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=args.wd)
-    raise BadInput(f"unknown optimizer {args.optimizer!r}; choose from lars, sgd, adamw")
-
-
-def grad_scaler(run):
-    return torch.amp.GradScaler(run.device.type, enabled=run.args.precision == "fp16")
-
-
-def optimizer_step(loss, optimizer, scaler, clip_params=None, clip=0.0):
-    """Backward + (optional grad-norm clip) + step, GradScaler-aware (a no-op scaler unless fp16)."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if clip > 0:
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_(clip_params, clip)
-    scaler.step(optimizer)
-    scaler.update()
-
-
-def cosine_lr(epoch, base_lr, warmup_epochs, epochs):
-    """Linear warmup then half-cosine, evaluated at a fractional epoch (per iteration)."""
-    if epoch < warmup_epochs:
-        return base_lr * epoch / warmup_epochs
-    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def set_lr(optimizer, lr):
-    """Set the lr of every parameter group (a method with per-group rules sets its groups itself)."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr
-
-
-def cosine_momentum(epoch, epochs, m0):
-    """m(e) = 1 - (1 + cos(pi e / E)) / 2 * (1 - m0): from m0 at the start to 1 at the end."""
-    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - m0)
-
-
-@torch.no_grad()
-def ema_update(target_params, online_params, m):
-    """theta_target <- m * theta_target + (1 - m) * theta_online (fused over all tensors); m a float or a 0-d
-    tensor (Run.scalar: what the training loops pass, so that --compile keeps one graph)."""
-    target_params, online_params = list(target_params), list(online_params)
-    torch._foreach_mul_(target_params, m)
-    torch._foreach_add_(target_params, torch._foreach_mul(online_params, 1.0 - m))
-
-
-# ============================================================================ checkpoint, resume & export
-# (find_checkpoint, load_states, RNG state, save_atomic, load_file: "checkpoint files", below the banner;
-# end_of_step's stop_requested: "preemption signals")
-
-def save_checkpoint(run, log, state, epoch_end=False):
-    """Full training state -> checkpoint.pth (rank 0, atomic). `state`: {name: object with a state_dict}.
-    Refuses a non-finite loss: a good checkpoint is never overwritten by a diverged state. `epoch_end`: the
-    end-of-epoch save, written every --save-epochs epochs and at the end of the run."""
-    if epoch_end and not log.done and (log.step // log.spe) % run.args.save_epochs:
-        return
-    if not math.isfinite(float(log.loss)):
-        return
-    path = os.path.join(run.out, "checkpoint.pth")
-    if run.main:
-        ck = {"method": run.method, "args": dataclasses.asdict(run.args), "data_id": run.data_id,
-              "step": log.step, "epoch": log.step / log.spe, "rng": rng_state(),
-              **{k: v.state_dict() for k, v in state.items()}}
-        save_atomic(ck, path)
-    run.good = (path, log.step)
-
-
-def end_of_step(run, log, state):
-    """After every optimizer step: the --save-every checkpoint; on SIGTERM/SIGUSR1 a checkpoint at this
-    step and Preempted (exit PREEMPTED_EXIT). True once the step budget is spent: leave the epoch."""
-    if run.args.save_every and log.step % run.args.save_every == 0:
-        save_checkpoint(run, log, state)
-    if stop_requested(run, log.step):
-        save_checkpoint(run, log, state)
-        raise Preempted(f"{STOP_SIGNAL[0] or 'a stop signal on another rank'} at step {log.step}: wrote "
-                        f"{os.path.join(run.out, 'checkpoint.pth')}; rerun with --resume auto to continue")
-    return log.done
-
-
-def resume(run, **state):
-    """Load --resume (auto/path; setup has read and checked it) into the given objects (model=...,
-    optimizer=..., scaler=...). Returns the global step to continue from (0 for a fresh run). From here on a
-    Ctrl-C ends the run at the end of its step, with a checkpoint (before it, at once: nothing to save)."""
-    STOP_AT_STEP[0] = True
-    if run.checkpoint is None:
-        return 0
-    (path, ck), run.checkpoint = run.checkpoint, None  # the run no longer holds the file's tensors
-    if ck.get("data_id") and run.data_id and ck["data_id"] != run.data_id:  # the flags matched (setup)
-        raise BadInput(f"cannot resume from {path}: it was made on {ck['data_id']} of training data, --data "
-                       f"{run.args.data} has {run.data_id}; resume on the data it was made with")
-    load_states(ck, state, path)  # BadInput naming the part that does not fit
-    set_rng_state(ck["rng"])
-    run.good = (path, ck["step"])
-    if run.main:
-        print(f"resumed from {path} at step {ck['step']} (epoch {ck['epoch']})", flush=True)
-    return ck["step"]
-
-
-def export_backbone(run, net):
-    """Online backbone -> backbone.pth: a plain state_dict (loads strict=True into the torchvision model
-    with its classifier removed); arch/stem/img_size/encoder are kept in its `_metadata`."""
-    if not run.main:
-        return
-    sd = OrderedDict((k, v.detach().cpu()) for k, v in net.state_dict().items())
-    sd._metadata = getattr(net.state_dict(), "_metadata", OrderedDict()).copy()
-    sd._metadata["effssl"] = {"method": run.method, "encoder": "online", "arch": run.args.arch,
-                              "stem": run.args.stem, "img_size": run.args.img_size}
-    save_atomic(sd, os.path.join(run.out, "backbone.pth"))
-
-
-
-# ============================================================================ kNN monitor
-# (knn_eval and its parts, also used by eval_linear.py: "kNN internals", below the banner)
-
-def knn_monitor(args, run):
-    """(train, val) datasets with the eval transform for the kNN monitor, or None when unlabeled/off."""
-    if not args.knn_every:
-        return None
-    train, val = load_dataset(args, "train"), load_dataset(args, "val")
-    if val is None or min(labels_of(train)) < 0:
-        if run.main:
-            print("kNN monitor off: the data has no labeled val split", flush=True)
-        return None
-    if args.data_on_device:
-        bank = run.held_train or held_split(args, run, train)  # decoded once when pretraining holds it
-        return HeldSplit(bank.images, bank.labels, copies=1), held_split(args, run, val)
-    tf = eval_transform(args.img_size)
-    return Views(train, tf), Views(val, tf)
-
-
-# ============================================================================ logging
-# (Meter, the Logger's clock, and peak_mem_mb, tensorboard_writer, add_scalars, plot_curves, git_sha: "run
-# records", below the banner)
-
-class Logger:
-    """log.jsonl, a progress line every --log-every steps, the JSON summary line, and the run's clock:
-    img/s and step_ms count source images over all ranks after WARMUP steps, evaluation left out;
-    data_time_frac is the share of that time spent waiting for the loader (timed)."""
-    WARMUP = 2  # first steps include lazy init / compilation and are left out of img/s
-
-    def __init__(self, run, steps_per_epoch, start_step):
-        self.run, self.spe = run, steps_per_epoch
-        self.total = run.args.epochs * steps_per_epoch
-        if run.args.max_steps:
-            self.total = min(self.total, run.args.max_steps)
-        self.start = self.step = start_step
-        self.finished = bool(start_step) and start_step >= self.total  # a finished run resumed: no step left
-        self.loss = torch.zeros(())  # the last step's loss (a tensor: read only on log steps and checkpoints)
-        self.last, self.stored = {}, None  # the last log record (+ evaluations); the finished run's summary
-        writer = tensorboard_writer() if run.main and run.args.tensorboard else None  # BadInput if missing
-        run.start()  # every check has passed: the folder, its lock and args.json (the run's first write)
-        mode = "a" if start_step else "w"  # a resumed run appends; a fresh run (or --overwrite) starts anew
-        path = os.path.join(run.out, "log.jsonl")
-        if run.main and start_step and drop_torn_tail(path):  # a crash or kill -9 cut the last write
-            print(f"{path}: dropped its torn last line", flush=True)
-        if run.main and start_step and os.path.isfile(path):
-            self.last, self.stored = recall(read_jsonl(path)[0])
-        self.file = open(path, mode) if run.main else None
-        self.tb = writer(os.path.join(run.out, "tb")) if writer else None
-        # the clock: t_warm when the warm-up ended, t_end when the last step did (the final checkpoint and
-        # export are not training); data waits since the last log line and after the warm-up; evaluation
-        # seconds after the warm-up (left out of img/s) and in all (left out of train_s)
-        self.t0 = self.t_last = time.perf_counter()
-        self.t_warm = self.t_end = None
-        self.data_time = self.data_warm = self.excluded = self.eval_s = self.eval_end = 0.0
-        self.n_since = 0  # steps since the last log line
-
-    @property
-    def done(self):
-        """The step budget (all epochs, or --max-steps) is spent: also true when a finished run is resumed."""
-        return self.step >= self.total
-
-    def epochs(self):
-        """The epochs left to train, stopping once the budget is spent (a finished run trains no more)."""
-        for epoch in range(self.step // self.spe, self.run.args.epochs):
-            if self.done:
-                return
-            yield epoch
-
-    def timed(self, loader):
-        """(index in the epoch, batch) of an epoch's loader (a resumed epoch's starts where it stopped),
-        the time spent waiting for each batch counted as data time."""
-        it, i = iter(loader), self.step % self.spe
-        while True:
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            waited = time.perf_counter() - t
-            self.data_time += waited
-            self.data_warm += waited if self.t_warm else 0.0
-            yield i, batch
-            i += 1
-
-    def sync(self):
-        if self.run.device.type == "cuda":
-            torch.cuda.synchronize(self.run.device)
-
-    def write(self, record):
-        if self.file:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        if self.tb and "step" in record and record.get("event") != "summary":
-            add_scalars(self.tb, record)
-
-    def log_step(self, loss, **metrics):
-        """Call after every optimizer step with the (tensor) loss; syncs only on log steps."""
-        self.step, self.loss = self.step + 1, loss
-        step, epoch = self.step, self.step / self.spe
-        self.n_since += 1
-        if step - self.start == self.WARMUP:  # the throughput clock starts
-            self.sync()
-            self.t_warm = time.perf_counter()
-        if self.time_up():
-            self.total = step  # this step is the run's last: log it, then kNN, checkpoint, export, summary
-        if step % self.run.args.log_every and step != self.total:
-            return
-        loss = float(loss)  # waits for the step's kernels
-        now = time.perf_counter()
-        if step == self.total:
-            self.t_end, self.eval_end = now, self.eval_s  # evaluation after the last step is not training
-        dt = now - self.t_last
-        img_per_s, data_frac = self.n_since * self.run.args.batch_size / dt, self.data_time / dt
-        self.t_last, self.data_time, self.n_since = now, 0.0, 0
-        rec = {"step": step, "epoch": round(epoch, 4), "loss": loss,
-               **{k: float(v) for k, v in metrics.items()},
-               "img_per_s": img_per_s, "data_time_frac": data_frac,
-               "peak_mem_mb": peak_mem_mb(self.run.device)}
-        self.last = rec
-        if not math.isfinite(loss):
-            good = self.run.good  # what this run wrote or resumed from, never an older run's file
-            raise FloatingPointError(f"loss is {loss} at step {step}; " + (
-                f"the last good checkpoint is {good[0]} (step {good[1]}), never overwritten by this state"
-                if good else "this run wrote no checkpoint before it"))
-        if self.run.main:
-            eta = (now - self.t0) / (step - self.start) * (self.total - step)
-            extra = "".join(f" {k} {v:.4g}" for k, v in metrics.items())
-            print(f"ep {epoch:.2f} step {step}/{self.total} loss {loss:.4f}{extra} img/s {img_per_s:.1f} "
-                  f"data {100 * data_frac:.0f}% eta {eta / 60:.1f}m", flush=True)
-            self.write(rec)
-
-    def time_up(self):
-        """--time-limit reached (training seconds, evaluation excluded), on every rank at the same step: alone
-        checked every step; distributed, the ranks agree every --log-every steps (as stop_requested)."""
-        args = self.run.args
-        if not args.time_limit or (self.run.world > 1 and self.step % args.log_every):
-            return False
-        up = time.perf_counter() - self.t0 - self.eval_s >= args.time_limit
-        if self.run.world > 1:
-            flag = torch.tensor(float(up), device=self.run.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            up = bool(flag)
-        return up
-
-    def evaluate(self, net, knn, epoch):
-        """End of an epoch: the kNN monitor of `net` every --knn-every epochs and after the last step."""
-        args = self.run.args
-        if knn and (self.done or (epoch + 1) % args.knn_every == 0):
-            t = time.perf_counter()
-            top1, top5 = knn_eval(net, *knn, self.run, args.knn_k, args.knn_t)
-            self.log_eval(time.perf_counter() - t, knn_top1=top1, knn_top5=top5)
-
-    def log_eval(self, seconds, **metrics):
-        """Log evaluation metrics; `seconds` spent evaluating are left out of img/s and step_ms.
-        `train_s` is the training wall-clock so far (evaluation excluded), for equal-time comparisons."""
-        self.eval_s += seconds
-        self.t_last += seconds
-        self.excluded += seconds if self.t_warm and not self.t_end else 0.0
-        rec = {"step": self.step, "epoch": round(self.step / self.spe, 4), **metrics,
-               "train_s": time.perf_counter() - self.t0 - self.eval_s}
-        self.last.update(metrics)
-        if self.run.main:
-            print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
-                  flush=True)
-            self.write(rec)
-
-    def summary(self, **extra):
-        """Print the JSON summary as the last line of the run. A finished run resumed (nothing trained) says
-        so and prints the summary it ended with, appending nothing to log.jsonl."""
-        if self.finished and self.step == self.start:
-            return repeat_summary(self, extra)
-        self.sync()
-        steps, end = self.step - self.start - self.WARMUP, self.t_end or time.perf_counter()
-        img_per_s = step_ms = data_frac = None
-        if self.t_warm and steps > 0:  # over the steps after the warm-up, evaluation left out
-            dt = end - self.t_warm - self.excluded
-            img_per_s, step_ms = steps * self.run.args.batch_size / dt, 1000 * dt / steps
-            data_frac = self.data_warm / dt
-        train_s = end - self.t0 - (self.eval_end if self.t_end else self.eval_s)  # evaluation excluded
-        rec = {"event": "summary", "method": self.run.method, "steps": self.step, "img_per_s": img_per_s,
-               "step_ms": step_ms, "data_time_frac": data_frac, "peak_mem_mb": peak_mem_mb(self.run.device),
-               "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1"),
-               "epochs": round(self.step / self.spe, 4), "train_s": train_s, **extra}
-        if self.run.main:
-            self.write(rec)
-            self.file.close()
-            if self.tb:
-                self.tb.close()
-            plot_curves(os.path.join(self.run.out, "log.jsonl"), os.path.join(self.run.out, "curves.png"))
-            print(json.dumps(rec), flush=True)
-        return rec
-
-
-# ##########################################################################################################
-# Everything above is what a reader of a method file needs. Below: what only some runs need -- the
-# device-side augmentation (--gpu-aug) and the data-study knobs (--subset, --corrupt, --data A,B) -- then the
-# plumbing under the sections above, which a method reader can skip, in the same order: errors & argument
-# parsing (exit codes, --help text, range and path checks), preemption signals, the run lock (one run per
-# output folder), synthetic scenes (the built-in data), image files, backbone internals (any torchvision
-# model: its probe and traced final map; MoCo v3's ViT position embedding), optimizer internals (LARS),
-# checkpoint files (checks, RNG state, atomic save, safe load), kNN internals and run records & pictures (the
-# Logger's clock, git sha, peak memory, TensorBoard, the log.jsonl reader, curves.png, the VOC colours and the
-# contact sheets of --show-masks / --show-seg).
-# ##########################################################################################################
-
-
-# ============================================================================ augmentation on the device
-
-# --gpu-aug: every op takes a batch x [N, 3, H, W] float in [0, 1] and per-sample parameters [N], and follows
-# torchvision's tensor formulas (torchvision.transforms.functional); parameters are drawn per sample, never
-# one per batch (torchvision v2 on a batch and kornia's defaults share one draw across the batch).
-
-def geometry_view(img_size, crop_min):
-    """The worker side of a --gpu-aug view: crop and flip only, PIL -> uint8 tensor [3, img_size, img_size].
-    The flip commutes with every photometric op, so crop + flip here then photometric on the device is the
-    PIL path's crop, photometric, flip. The box and the flip are drawn as the PIL path's transforms draw them;
-    the resize runs on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
-    crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
-    return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
-
-
-@dataclasses.dataclass(frozen=True)
-class Photometric:
-    """What the device runs for one view's photometric ops (device_recipe reads it off the view's list)."""
-    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths (ColorJitter's)
-    blur_p: float = 1.0
-    solarize_p: float = 0.0
-
-
-def device_recipe(ops):
-    """One view as a method writes it, a list of torchvision transforms in the PIL path's order ([crop],
-    colour jitter, grayscale, blur, [solarize], [flip], ToTensor, Normalize) -> (crop size, the crop scale's
-    lower bound, Photometric): what the device runs for it. Size and scale are None for a list without a crop
-    (DetCon crops image and mask itself). ValueError for a list the device path would not reproduce."""
-    def is_(i, cls, inner=None):
-        op = ops[i] if i < len(ops) else None
-        return isinstance(op, cls) and (inner is None or isinstance(op.transforms[0], inner))
-    i, size, crop_min = 0, None, None
-    if is_(0, T.RandomResizedCrop):
-        crop, i = ops[0], 1
-        if crop.scale[1] != 1.0 or crop.ratio != (3 / 4, 4 / 3) or crop.size[0] != crop.size[1]:
-            raise ValueError(f"the device path crops squares, scale (s, 1), ratio (3/4, 4/3), not {crop}")
-        size, crop_min = crop.size[0], crop.scale[0]
-    jitter, gray, blur = ops[i:i + 3]
-    if not (is_(i, T.RandomApply, T.ColorJitter) and jitter.p == JITTER_P and is_(i + 1, T.RandomGrayscale)
-            and gray.p == GRAY_P and is_(i + 2, T.RandomApply, RandomBlur)):
-        raise ValueError(f"the device path runs ColorJitter (p {JITTER_P}), RandomGrayscale (p {GRAY_P}) and "
-                         f"RandomBlur in that order, not {ops[i:i + 3]}")
-    cj, i = jitter.transforms[0], i + 3
-    strengths = [0.0 if r is None else r[1] - c for r, c in zip(
-        (cj.brightness, cj.contrast, cj.saturation, cj.hue), (1, 1, 1, 0))]  # ColorJitter keeps (c-s, c+s)
-    solarize_p = 0.0
-    if is_(i, T.RandomSolarize) and ops[i].threshold == SOLARIZE_AT:
-        solarize_p, i = ops[i].p, i + 1
-    i += is_(i, T.RandomHorizontalFlip) and ops[i].p == 0.5
-    tail = ops[i:]
-    if not (len(tail) == 2 and isinstance(tail[0], T.ToTensor) and isinstance(tail[1], T.Normalize)
-            and tuple(tail[1].mean) == MEAN and tuple(tail[1].std) == STD):
-        raise ValueError(f"a view ends with its flip, ToTensor and ImageNet's Normalize for the device path, "
-                         f"not {tail}")
-    recipe = Photometric(tuple(round(v, 6) for v in strengths), blur.p, solarize_p)  # round: (1 + s) - 1
-    return size, crop_min, recipe
-
-
-def finish_views(run, x1, x2, step, recipes=None):
-    """TwoViews.finish for any pair of views: to the device, and with recipes (--gpu-aug: uint8 crops) the
-    photometric ops there, drawn from a generator seeded by (seed, rank, step)."""
-    if recipes is None:
-        return run.to_device(x1), run.to_device(x2)
-    gen = device_generator(run, step)
-    return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
-
-
-BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # one 13-tap kernel for every sigma: 3 sigma of the largest one
-
-
-# (the tails cut at sigma 2 hold 0.3% of the weight; the kernel is renormalised, as torchvision does)
-
-
-def per_sample(v, x):
-    """A per-sample parameter [N] (or a float) broadcast against the batch x [N, C, H, W]."""
-    return v.to(x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(v) else v
-
-
-def blend(x, y, f):
-    """torchvision's _blend: f * x + (1 - f) * y, clamped to [0, 1]; f = 1 returns x exactly."""
-    f = per_sample(f, x)
-    return (f * x + (1.0 - f) * y).clamp(0.0, 1.0)
-
-
-def rgb_to_hsv(x):
-    """x [N, 3, H, W] -> h, s, v [N, H, W] each in [0, 1] (torchvision's _rgb2hsv)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)  # [N, H, W]
-    eqc = maxc == minc  # grey pixels: s = 0 and h = 0, no division by zero
-    cr = maxc - minc
-    s = cr / torch.where(eqc, 1.0, maxc)
-    cr = torch.where(eqc, 1.0, cr)
-    rc, gc, bc = (maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
-
-
-def hsv_to_rgb(h, s, v):
-    """h, s, v [N, H, W] -> [N, 3, H, W]: the closed form of torchvision's six-sector _hsv2rgb
-    (channel n: v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for r, g, b)."""
-    n = 5.0 - 2.0 * torch.arange(3, dtype=h.dtype, device=h.device)  # [3]: 5, 3, 1 (made on the device)
-    k = torch.remainder(n[:, None, None, None] + 6.0 * h, 6.0)  # [3, N, H, W]
-    rgb = v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)  # [3, N, H, W]
-    return rgb.transpose(0, 1)  # [N, 3, H, W]
-
-
-def adjust_hue(x, h):
-    """Rotate the hue by h (fraction of a turn, in [-0.5, 0.5])."""
-    hue, s, v = rgb_to_hsv(x)
-    return hsv_to_rgb(torch.remainder(hue + per_sample(h, x)[:, 0], 1.0), s, v)
-
-
-def gaussian_kernels(sigma, radius=BLUR_RADIUS):
-    """sigma [N] -> normalised 1-D Gaussian kernels [N, 2 radius + 1] (as torchvision's
-    _get_gaussian_kernel1d)."""
-    t = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)  # [K]
-    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)  # [N, K]
-    return k / k.sum(1, keepdim=True)
-
-
-def gaussian_blur(x, sigma, radius=BLUR_RADIUS):
-    """Separable Gaussian blur with a per-sample sigma [N], reflect padding (torchvision's gaussian_blur with
-    kernel_size 2 radius + 1). The PIL path's GaussianBlur(radius=sigma) is an extended box blur of about the
-    same std: away from the borders the two differ by under 1 grey level on average, 4 at most (tested)."""
-    n, c, h, w = x.shape
-    k = gaussian_kernels(sigma.to(x.dtype), radius).repeat_interleave(c, 0)  # [N*C, K]: a kernel per channel
-    y = F.pad(x, [radius] * 4, mode="reflect").reshape(1, n * c, h + 2 * radius, w + 2 * radius)
-    y = F.conv2d(y, k[:, None, None, :], groups=n * c)  # [1, N*C, H + 2r, W]: along rows
-    y = F.conv2d(y, k[:, None, :, None], groups=n * c)  # [1, N*C, H, W]: along columns
-    return y.reshape(n, c, h, w)
-
-
-def normalize(x):
-    """ImageNet normalisation of x [N, 3, H, W] (Python constants: no host-to-device copy, which syncs)."""
-    return torch.stack([(x[:, c] - MEAN[c]) / STD[c] for c in range(3)], 1)  # [N, 3, H, W]
-
-
-def device_aug_seed(seed, rank, step):
-    """Seed of the device generator at one step: each (--seed, rank, global step) has its own stream, so the
-    draw at a step does not depend on what was drawn before it (a resumed run draws the same)."""
-    return ((seed * 1_000_003 + rank) * 10_000_019 + step) % 2**63  # large primes keep the triples apart
-
-
-def sample_photometric(recipe, n, gen):
-    """Per-sample parameters of one view for a batch of n, drawn from `gen` (on its device), as torchvision
-    draws them per image: jitter on [N] (p 0.8), factors [N, 4] (brightness, contrast, saturation in
-    [max(0, 1 - s), 1 + s], hue in [-s, s]), order [N, 4] (a random permutation of the four ops per sample),
-    gray [N] (p 0.2), sigma [N] ~ U(0.1, 2), blur [N] (p blur_p), solarize [N] (p solarize_p). Every field is
-    drawn whatever the recipe, so the stream's layout is the same for every view."""
-    def u(*shape):
-        return torch.rand(*shape, generator=gen, device=gen.device)
-    b, c, s, h = recipe.jitter
-    lo, hi = (max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h), (1 + b, 1 + c, 1 + s, h)
-    r = u(n, 4)  # [N, 4]
-    factors = torch.stack([lo[j] + (hi[j] - lo[j]) * r[:, j] for j in range(4)], 1)  # [N, 4]
-    return {"jitter": u(n) < JITTER_P, "factors": factors, "order": u(n, 4).argsort(1),
-            "gray": u(n) < GRAY_P, "sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u(n),
-            "blur": u(n) < recipe.blur_p, "solarize": u(n) < recipe.solarize_p}
-
-
-def jitter_slots(order, on):
-    """Each sample's jitter order [N, 4] (0-2: brightness, contrast, saturation; 3: hue) and whether its
-    jitter is on [N] -> its ops before the hue and after it, [N, 3] each, -1 for none: the hue (the costly
-    op) then runs once on the batch, between the two."""
-    hue_at = (order == 3).int().argmax(1, keepdim=True)  # [N, 1]
-    k = torch.arange(3, device=order.device)  # [3]
-    pre = torch.where((k < hue_at) & on[:, None], order[:, :3], -1)  # [N, 3]
-    after = hue_at + 1 + k  # [N, 3] positions after the hue
-    post = torch.where((after < 4) & on[:, None], order.gather(1, after.clamp(max=3)), -1)  # [N, 3]
-    return pre, post
-
-
-def adjust_bcs(x, op, factors):
-    """Per sample one of brightness (op 0), contrast (1), saturation (2) or nothing (-1), op [N], with its
-    factor from factors [N, 4]: each is a blend of x with 0, the mean grey or the grey image (torchvision's
-    formulas), so the three run as one blend; factor 1 for nothing, which returns x exactly."""
-    gray = v2.functional.rgb_to_grayscale(x)  # [N, 1, H, W]
-    mean = gray.mean((1, 2, 3), keepdim=True)  # [N, 1, 1, 1]
-    target = torch.where((op == 1)[:, None, None, None], mean, gray)  # [N, 1, H, W]
-    f = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)  # [N]
-    return blend(x, target * per_sample(op != 0, x), f)
-
-
-def apply_photometric(x, p, recipe):
-    """x [N, 3, H, W] in [0, 1], parameters p from sample_photometric -> the normalised view [N, 3, H, W]:
-    colour jitter in each sample's order, grayscale, blur, solarize (the PIL path's order), then normalise.
-    Static shapes and no host sync: every op runs on the whole batch and each sample keeps its own result."""
-    def where(mask, y, x):
-        return torch.where(mask[:, None, None, None], y, x)
-    pre, post = jitter_slots(p["order"], p["jitter"])  # [N, 3] each
-    for op in pre.unbind(1):
-        x = adjust_bcs(x, op, p["factors"])
-    if recipe.jitter[3]:  # hue 0 is not bit-exact (HSV round trip): the samples without jitter keep x
-        x = where(p["jitter"], adjust_hue(x, p["factors"][:, 3]), x)
-    for op in post.unbind(1):
-        x = adjust_bcs(x, op, p["factors"])
-    x = where(p["gray"], v2.functional.rgb_to_grayscale(x).expand_as(x), x)
-    if recipe.blur_p > 0:
-        x = where(p["blur"], gaussian_blur(x, p["sigma"]), x)
-    if recipe.solarize_p > 0:
-        x = where(p["solarize"], v2.functional.solarize(x, SOLARIZE_AT / 255), x)
-    return normalize(x)
-
-
-def device_view(run, x, recipe, gen):
-    """uint8 crops [n, 3, H, W] from the loader -> the view's normalised float batch on the device."""
-    return colour(run, x.to(run.device, non_blocking=True).float().div_(255), recipe, gen)  # [n, 3, H, W]
-
-
-# ============================================================================ data on the device
-
-# --data-on-device: the split decoded once into one uint8 tensor [N, 3, S, S] on the training device; a batch
-# is indexed from it in DistributedSampler's order, and each view's crop box, flip and colour are drawn per
-# sample on the device from the (seed, rank, step) generator of --gpu-aug, so resumes are exact. One batched
-# call per op, no Python loop over images: at GPU speed such a loop costs about as much as the training step.
-
-STORE_FACTOR = 1.25  # folders: stored at 1.25 x the crop (lightly: Imagenette at 160 px for 128-px crops)
-
-
-def store_size(args):
-    """Side of the stored square images: --store-size, native for the built-in sets, else 1.25 x the crop."""
-    native = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": SYNTH_PX}  # stored as they are
-    names = args.data.split(",")
-    if args.store_size:
-        return args.store_size
-    if all(n in native for n in names):
-        return max(native[n] for n in names)
-    return round(STORE_FACTOR * args.img_size)
-
-
-class Stored(torch.utils.data.Dataset):
-    """base[i] -> (uint8 [3, S, S], label), or ((uint8 [3, S, S], ids [S, S]), label) with `ids`: the shorter
-    side resized to S (antialiased), then the centre S x S (a square image is only resized)."""
-    def __init__(self, base, size, ids=None):
-        self.base, self.ids = base, ids
-        self.tf = T.Compose([T.Resize(size), T.CenterCrop(size)])
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        img = self.tf(img.convert("RGB"))
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
-        return ((x, torch.as_tensor(self.ids(img))) if self.ids else x), label
-
-
-class HeldSplit:
-    """A split held on the device: images uint8 [N, 3, S, S], labels [N], optional ids [N, S, S]. A training
-    batch is the stored images once per view, ((x, x), labels), or ((x, ids, x, ids), labels) with ids, for
-    the views' finish() to crop, flip and colour; `copies` 1: (x, labels) (eval_linear's training split)."""
-    def __init__(self, images, labels, ids=None, copies=2):
-        self.images, self.labels, self.ids, self.copies = images, labels, ids, copies
-        self.targets, self.epoch = labels.tolist(), 0  # targets: what labels_of reads
-
-    def __len__(self):
-        return len(self.images)
-
-    def batches(self, indices, batch_size, drop_last=True):
-        """This rank's batches of one epoch: `indices` (the sampler's order) cut into batch_size pieces."""
-        idx = torch.tensor(indices, dtype=torch.long, device=self.images.device)  # [n]
-        end = len(idx) - len(idx) % batch_size if drop_last else len(idx)
-        for b in idx[:end].split(batch_size):
-            x, y = self.images[b], self.labels[b]  # [b, 3, S, S] uint8, [b]
-            if self.copies == 1:
-                yield x, y
-            elif self.ids is None:
-                yield (x, x), y
-            else:
-                ids = self.ids[b]  # [b, S, S]
-                yield (x, ids, x, ids), y
-
-    def eval_batches(self, indices, batch_size, img_size):
-        """(normalised [b, 3, img_size, img_size], labels) batches of `indices`: eval_transform on the
-        device (resize to 256/224 of the crop, centre crop)."""
-        resize, idx = round(img_size * 256 / 224), torch.tensor(indices, dtype=torch.long)
-        for b in idx.to(self.images.device).split(batch_size):
-            x = F.interpolate(self.images[b].float().div_(255), size=(resize, resize), mode="bilinear",
-                              antialias=True, align_corners=False)  # [b, 3, resize, resize]
-            top = int(round((resize - img_size) / 2.0))  # CenterCrop's offset
-            yield normalize(x[..., top:top + img_size, top:top + img_size].clamp(0, 1)), self.labels[b]
-
-
-def held_split(args, run, base, copies=2, ids=None):
-    """Decode `base` once (loader workers, then never again) into a HeldSplit on run.device."""
-    size = store_size(args)
-    loader = torch.utils.data.DataLoader(Stored(base, size, ids), batch_size=256, num_workers=args.workers,
-                                         worker_init_fn=ignore_interrupts)
-    xs, ys, ms = [], [], []
-    for x, y in loader:
-        if ids:
-            x, m = x
-            ms.append(m.int())
-        xs.append(x)
-        ys.append(y)
-    masks = None
-    if ids:  # ids stay wider than uint8 (the official uint8 cast merges ids > 255); int16 when they fit
-        masks = torch.cat(ms)
-        masks = masks.to(torch.int16 if masks.max() < 2**15 else torch.int32).to(run.device)
-    return HeldSplit(torch.cat(xs).to(run.device), torch.cat(ys).long().to(run.device), masks, copies)
-
-
-def rrc_boxes(n, h, w, scale, gen, ratio=(3 / 4, 4 / 3), tries=10):
-    """torchvision's RandomResizedCrop.get_params for n samples at once -> boxes [n, 4] float64 (top, left,
-    height, width): up to `tries` draws per sample of area ~ U(scale) x h w and log aspect ~ U(log ratio), the
-    first that fits the image, else its centre crop at the nearest allowed aspect (torchvision's fallback)."""
-    u = torch.rand(n, tries, 4, generator=gen, device=gen.device, dtype=torch.float64)  # [n, tries, 4]
-    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[..., 0])  # [n, tries]
-    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1])
-    bw, bh = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # half to even
-    fits = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)  # [n, tries]
-    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # [n, 1] the first draw that fits
-    pick = lambda t: t.gather(1, first)[:, 0]  # noqa: E731 -- [n, tries] -> [n]
-    bw, bh = pick(bw), pick(bh)
-    top = torch.floor(pick(u[..., 2]) * (h - bh + 1))  # randint(0, h - bh + 1)
-    left = torch.floor(pick(u[..., 3]) * (w - bw + 1))
-    if w / h < ratio[0]:  # the fallback box, the same for every sample
-        fw, fh = w, round(w / ratio[0])
-    elif w / h > ratio[1]:
-        fw, fh = round(h * ratio[1]), h
-    else:
-        fw, fh = w, h
-    fallback = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], dtype=torch.float64, device=gen.device)
-    boxes = torch.stack([top, left, bh, bw], 1)  # [n, 4]
-    return torch.where(fits.any(1, keepdim=True), boxes, fallback)
-
-
-def crop_resize(x, boxes, size):
-    """x float [N, C, H, W], boxes [N, 4] (top, left, height, width) -> [N, C, size, size], one box per
-    sample, by torchvision.ops.roi_align: aligned=True puts pixel centres at +0.5 (resized_crop's convention);
-    adaptive sampling averages ceil(box / size) bilinear samples per output pixel along each side, a box
-    filter close to the antialiased resize (tested within a tolerance), upsampling plain bilinear."""
-    top, left, bh, bw = boxes.to(x.dtype).unbind(1)
-    rois = torch.stack([torch.arange(len(x), device=x.device, dtype=x.dtype), left, top, left + bw,
-                        top + bh], 1)  # [N, 5]: batch index, x1, y1, x2, y2
-    return torchvision.ops.roi_align(x, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
-
-
-def flip_where(x, flip):
-    """x [N, ...] with the samples where flip [N] is true mirrored left-right."""
-    return torch.where(flip.reshape(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
-
-
-def colour(run, x, recipe, gen):
-    """x float [N, 3, H, W] in [0, 1] -> the view's photometric ops (per-sample draws of gen), normalised."""
-    x = apply_photometric(x, sample_photometric(recipe, x.shape[0], gen), recipe)
-    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
-
-
-def device_generator(run, step):
-    """The --gpu-aug / --data-on-device draw of one step: its own stream per (--seed, rank, global step)."""
-    return torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
-
-
-def device_crops(x, img_size, scale, gen):
-    """x float [n, 3, S, S] -> RandomResizedCrop(img_size, scale) + horizontal flip (p 0.5), per sample."""
-    boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], scale, gen)  # [n, 4]
-    flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5  # [n]
-    return flip_where(crop_resize(x, boxes, img_size), flip)  # [n, 3, img_size, img_size]
-
-
-def device_views(run, x, step, img_size, crop_min, recipes):
-    """TwoViews.finish with --data-on-device: stored uint8 images x [n, 3, S, S] -> per view a
-    RandomResizedCrop box (torchvision's distribution), a flip and the colour ops, per sample."""
-    gen, x = device_generator(run, step), x.float().div_(255)  # x [n, 3, S, S] in [0, 1]
-    return tuple(colour(run, device_crops(x, img_size, (crop_min, 1.0), gen), r, gen) for r in recipes)
-
-
-# ============================================================================ data-study knobs
-
-def pretrain_base(args):
-    """The pretraining images: the train split of --data (A,B mixes two domains), then --subset, --corrupt."""
-    names, parts, offset, ids = args.data.split(","), [], 0, []
-    shares = [args.subset] if len(names) == 1 else [round(args.subset * args.mix_fraction)] * 2
-    shares[-1] = args.subset - sum(shares[:-1])
-    for name, share in zip(names, shares):
-        ds = load_dataset(args, "train", name)
-        ids.append(data_id(name, ds))
-        if share > len(ds):
-            raise BadInput(f"--subset asks for {share} images of {name}, which has {len(ds)}")
-        order = balanced_order(labels_of(ds), args.seed)[:share] if args.subset else range(len(ds))
-        parts.append(Subset(ds, sorted(order), offset))
-        offset += num_classes(ds) if min(labels_of(ds)) >= 0 else 0
-    base = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
-    base.targets = [t for p in parts for t in p.targets]
-    base = Corrupted(base, parse_corruptions(args.corrupt), args.seed) if args.corrupt else base
-    base.data_id = "; ".join(ids)  # --subset, --corrupt and --mix-fraction are flags: find_checkpoint's
-    return base
-
-
-def data_id(name, ds):
-    """What a checkpoint records of one training set: its size and a fingerprint of its labels and, for a
-    folder, its file names relative to --data (a copy of the folder elsewhere is the same data; other files,
-    or the same names under other labels, are not)."""
-    h = hashlib.sha1(np.asarray(labels_of(ds), dtype=np.int64).tobytes())
-    files = [p for p, _ in ds.samples] if hasattr(ds, "samples") else getattr(ds, "files", None)
-    prefix = os.path.join(name, "")  # every file path starts with it: cut (os.path.relpath: ~10 us a file)
-    h.update("\0".join(f[len(prefix):] if f.startswith(prefix) else f for f in files or [name]).encode())
-    return f"{len(ds)} images (fingerprint {h.hexdigest()[:10]})"
-
-
-class Subset(torch.utils.data.Dataset):
-    """base restricted to `indices`, labels shifted by `offset` (to keep two domains' classes apart)."""
-    def __init__(self, base, indices, offset=0):
-        self.base, self.indices, labels = base, list(indices), labels_of(base)
-        self.targets = [labels[i] + offset if labels[i] >= 0 else -1 for i in self.indices]
-
-    def __len__(self):
-        return len(self.indices)
-
-    def __getitem__(self, i):
-        return self.base[self.indices[i]][0], self.targets[i]
-
-
-def balanced_order(labels, seed):
-    """Seeded order of indices, round-robin over classes: every prefix is class-balanced and contains
-    every shorter prefix, so `order[:n]` gives nested subsets."""
-    rng, labels = np.random.default_rng(seed), np.asarray(labels)
-    perms = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
-    return [int(p[r]) for r in range(max(map(len, perms))) for p in perms if r < len(p)]
-
-
-CORRUPTIONS = {"jpeg": lambda q: q == int(q) and 1 <= q <= 100, "downsample": lambda f: f >= 1,
-               "saltpepper": lambda p: 0 <= p <= 1, "blur": lambda s: s > 0}
-
-
-def parse_corruptions(spec):
-    """'jpeg:10,blur:2' -> [('jpeg', 10.0), ('blur', 2.0)]; BadInput on an unknown name or bad value."""
-    out = []
-    for item in filter(None, spec.split(",")):
-        name, _, value = item.partition(":")
-        try:
-            ok = name in CORRUPTIONS and CORRUPTIONS[name](float(value))
-        except ValueError:
-            ok = False
-        if not ok:
-            raise BadInput(f"bad --corrupt spec {item!r}: use jpeg:Q (1-100), downsample:F (>= 1), "
-                           f"saltpepper:P (0-1) or blur:S (> 0)")
-        out.append((name, float(value)))
-    return out
-
-
-def corrupt_image(img, specs, rng):
-    """Apply the corruptions in order (the study's JPEG, resolution, salt-and-pepper and blur lenses)."""
-    for name, v in specs:
-        if name == "jpeg":
-            buf = io.BytesIO()
-            img.save(buf, "JPEG", quality=int(v))
-            img = Image.open(buf).convert("RGB")
-        elif name == "downsample":  # down by F, back up bilinear: lower resolution at the same size
-            w, h = img.size
-            small = (max(1, round(w / v)), max(1, round(h / v)))
-            img = img.resize(small, Image.BILINEAR).resize((w, h), Image.BILINEAR)
-        elif name == "saltpepper":
-            a, u = np.array(img), rng.random(img.size[::-1])  # u: [H, W]
-            a[u < v / 2], a[(u >= v / 2) & (u < v)] = 0, 255
-            img = Image.fromarray(a)
-        else:
-            img = img.filter(ImageFilter.GaussianBlur(v))
-    return img
-
-
-class Corrupted(torch.utils.data.Dataset):
-    """Corrupts base[i] with an RNG seeded by (seed, i): the same stored image every epoch and worker."""
-    def __init__(self, base, specs, seed=0):
-        self.base, self.specs, self.seed, self.targets = base, specs, seed, labels_of(base)
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        return corrupt_image(img, self.specs, np.random.default_rng([self.seed, i])), label
-
-
-# ============================================================================ errors & argument parsing
+# -------- argument parsing, path checks
 
 def auto_preset(data, cuda=True):
     """--preset auto: cpu for the built-in synthetic data, cifar for the 32-px sets, imagenet otherwise;
@@ -1585,76 +413,127 @@ def remove_run_outputs(out):
             os.remove(path)
 
 
-# ============================================================================ preemption signals
+# ============================================================================ run setup
 
-STOP_SIGNAL = [None]  # name of the preemption signal received, set by the handler below
-STOP_AT_STEP = [False]  # a Ctrl-C waits for the end of the step (True from resume(): the training loop next)
-INTERRUPTS = [0, -math.inf]  # Ctrl-Cs received (the second exits at once) and when the last one came
-# torchrun's agent forwards the Ctrl-C its workers already got from the terminal (the process group), a few ms
-# later: under torchrun a second SIGINT this soon after the first is that same Ctrl-C
-TORCHRUN_ECHO_S = 1.0
-INTERRUPTED_EXIT = 130  # exit code of a run a Ctrl-C ended at once: 128 + SIGINT, as a shell reports it
-SAVED_HANDLERS = {}  # signal -> the handler before catch_stop_signals, put back when main() ends
+def get_rank():
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
-def _say(text):
-    """One line on stderr from a signal handler (rank 0 only): os.write, as print could re-enter a write that
-    the signal interrupted."""
-    if os.environ.get("RANK", "0") == "0":
-        os.write(2, (text + "\n").encode())
+def get_world_size():
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def _on_stop_signal(signum, frame):
-    if signum == signal.SIGINT:
-        now = time.monotonic()
-        if "TORCHELASTIC_RUN_ID" in os.environ and now - INTERRUPTS[1] < TORCHRUN_ECHO_S:
-            return
-        INTERRUPTS[0], INTERRUPTS[1] = INTERRUPTS[0] + 1, now
-        if not STOP_AT_STEP[0] or INTERRUPTS[0] > 1:  # nothing to save yet, or a second Ctrl-C
-            _say("interrupted: exiting at once" + (", losing the steps since the last checkpoint"
-                                                     if STOP_AT_STEP[0] else ""))
-            raise SystemExit(INTERRUPTED_EXIT)
-        _say("interrupted: finishing this step, then writing checkpoint.pth (Ctrl-C again to exit at once)")
-    STOP_SIGNAL[0] = STOP_SIGNAL[0] or signal.Signals(signum).name  # acted on after the step (stop_requested)
+@torch.no_grad()
+def all_gather_nograd(x):
+    """Concatenate x [n, ...] from every rank in rank order -> [world * n, ...]; x itself if alone."""
+    if get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
 
 
-def catch_stop_signals():
-    """SIGTERM (torchrun, Kubernetes, `kill`), SIGUSR1 (SLURM's `--signal`) and SIGINT (Ctrl-C) finish the
-    current step, write checkpoint.pth and exit with PREEMPTED_EXIT instead of killing the run mid-step; a
-    Ctrl-C before the training loop, or a second one, exits at once (INTERRUPTED_EXIT, one line)."""
-    STOP_SIGNAL[0], STOP_AT_STEP[0], INTERRUPTS[:] = None, False, [0, -math.inf]
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        SAVED_HANDLERS.setdefault(sig, signal.getsignal(sig))
-        signal.signal(sig, _on_stop_signal)
+@dataclasses.dataclass
+class Run:
+    """What a training process knows about itself."""
+    args: object
+    method: str
+    rank: int
+    world: int
+    device: torch.device
+    out: str
+    checkpoint: tuple = None  # (path, contents) of the --resume checkpoint, read and checked by setup
+    held_train: object = None  # --data-on-device: the whole train split as pretraining decoded it (kNN bank)
+    data_id: str = None  # the training data's size and fingerprint (pretrain_data): a checkpoint records it
+    good: tuple = None  # (path, step) of the last checkpoint this run wrote or resumed from (the NaN stop's)
+    pending: bool = False  # set up, nothing written yet: start() locks the folder and writes args.json
+    stamp: tuple = None  # checkpoint_stamp when setup read the --resume file
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def autocast(self):
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.args.precision)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext()
+
+    def scalar(self, v):
+        """A per-step number (the EMA coefficient) as a 0-d tensor on the device. A compiled model guards
+        on the value of a Python float and would recompile every step; a fill kernel, no host sync."""
+        return torch.full((), float(v), device=self.device)
+
+    def to_device(self, x):
+        x = x.to(self.device, non_blocking=True)
+        if self.args.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def start(self):
+        """The run's first write, once every check has passed (start_run, under "run lock")."""
+        start_run(self)
 
 
-def restore_signal_handlers():
-    """The handlers from before catch_stop_signals (main() has ended: a notebook's or pytest's Ctrl-C)."""
-    for sig, handler in SAVED_HANDLERS.items():
-        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-    SAVED_HANDLERS.clear()
+def setup(args, method):
+    """torchrun-native setup: every check that needs no data, then process group (only when WORLD_SIZE > 1),
+    device, seeds. A --resume checkpoint is read and checked here (under the folder's lock when the folder has
+    one). Nothing is written: the folder, its lock and args.json come with the run's first write (Run.start,
+    from the Logger), after the data, the model and the resumed state have passed their checks too."""
+    check_paths(args)
+    check_input(args.arch, args.img_size, args.img_size, "--img-size")  # e.g. a ViT size off its patch grid
+    args.output_dir = args.output_dir or os.path.join("runs", method)
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
+    if args.batch_size % world:
+        raise BadInput(f"global --batch-size {args.batch_size} is not divisible by the world size {world}")
+    cuda = torch.cuda.is_available()
+    if args.precision == "auto":
+        args.precision = "bf16" if cuda else "fp32"
+    if args.precision == "fp16" and not cuda:  # measured: about 11x slower than fp32 on a CPU
+        raise BadInput("--precision fp16 needs a CUDA GPU: a CPU emulates it, many times slower than fp32 "
+                       "(use fp32, the CPU default, or bf16)")
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    refused = lock_output_dir(args.output_dir, create=False) if rank == 0 else None  # an existing .lock only
+    if world > 1 and not dist.is_initialized():  # one process group serves every run of this process
+        dist.init_process_group("nccl" if cuda else "gloo")
+    agree_on_lock(refused, world)  # BadInput on every rank when rank 0 was refused
+    stamp = checkpoint_stamp(args)
+    checkpoint = find_checkpoint(args, method)  # BadInput unless its method and the flags of a step match
+    check_not_overwriting(args, method, checkpoint)
+    catch_stop_signals()
+    seed_everything(args.seed + rank)
+    run = Run(args, method, rank, world, device, args.output_dir, checkpoint, pending=True, stamp=stamp)
+    STARTING.append(run)
+    return run
 
 
-def ignore_interrupts(worker_id=None):
-    """A loader worker's init: Ctrl-C is the main process's to handle (a terminal sends it to the whole
-    process group, and a worker it killed would end the run with a traceback before the step's checkpoint)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+def use_sync_bn(sync_bn, run):
+    """SyncBN only where the method's official code uses it, and only on multi-GPU CUDA runs
+    (PyTorch's SyncBatchNorm is CUDA-only: CPU/gloo runs keep per-process BN)."""
+    return sync_bn and run.world > 1 and run.device.type == "cuda"
 
 
-def stop_requested(run, step):
-    """True once SIGTERM/SIGUSR1 has arrived, on every rank at the same step. Alone: checked every step
-    (a Python flag, free). Distributed: the ranks agree every --log-every steps with one all_reduce
-    (it waits for the step's kernels, as the log line does), so at most log_every steps late."""
-    if run.world == 1:
-        return STOP_SIGNAL[0] is not None
-    if step % run.args.log_every:
-        return False
-    flag = torch.tensor(float(STOP_SIGNAL[0] is not None), device=run.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag)
+def prepare_model(model, run, sync_bn):
+    """SyncBN (see use_sync_bn), device, layout, compile, DDP. `sync_bn` is the method's own choice.
+    Returns (model, step_model): keep `model` for state_dicts and use `step_model` for forward passes."""
+    if use_sync_bn(sync_bn, run):
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(run.device)
+    if run.args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    step_model = model
+    if run.world > 1:
+        device_ids = [run.device] if run.device.type == "cuda" else None
+        step_model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    if run.args.compile:
+        step_model.compile()  # in place: state_dict keys keep their names
+    return model, step_model
 
 
-# ============================================================================ run lock
+# -------- run lock: one run per output folder
 
 try:
     import fcntl
@@ -1774,7 +653,149 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_locks_in_child)
 
 
-# ============================================================================ synthetic scenes
+# -------- preemption signals
+
+STOP_SIGNAL = [None]  # name of the preemption signal received, set by the handler below
+STOP_AT_STEP = [False]  # a Ctrl-C waits for the end of the step (True from resume(): the training loop next)
+INTERRUPTS = [0, -math.inf]  # Ctrl-Cs received (the second exits at once) and when the last one came
+# torchrun's agent forwards the Ctrl-C its workers already got from the terminal (the process group), a few ms
+# later: under torchrun a second SIGINT this soon after the first is that same Ctrl-C
+TORCHRUN_ECHO_S = 1.0
+INTERRUPTED_EXIT = 130  # exit code of a run a Ctrl-C ended at once: 128 + SIGINT, as a shell reports it
+SAVED_HANDLERS = {}  # signal -> the handler before catch_stop_signals, put back when main() ends
+
+
+def _say(text):
+    """One line on stderr from a signal handler (rank 0 only): os.write, as print could re-enter a write that
+    the signal interrupted."""
+    if os.environ.get("RANK", "0") == "0":
+        os.write(2, (text + "\n").encode())
+
+
+def _on_stop_signal(signum, frame):
+    if signum == signal.SIGINT:
+        now = time.monotonic()
+        if "TORCHELASTIC_RUN_ID" in os.environ and now - INTERRUPTS[1] < TORCHRUN_ECHO_S:
+            return
+        INTERRUPTS[0], INTERRUPTS[1] = INTERRUPTS[0] + 1, now
+        if not STOP_AT_STEP[0] or INTERRUPTS[0] > 1:  # nothing to save yet, or a second Ctrl-C
+            _say("interrupted: exiting at once" + (", losing the steps since the last checkpoint"
+                                                     if STOP_AT_STEP[0] else ""))
+            raise SystemExit(INTERRUPTED_EXIT)
+        _say("interrupted: finishing this step, then writing checkpoint.pth (Ctrl-C again to exit at once)")
+    STOP_SIGNAL[0] = STOP_SIGNAL[0] or signal.Signals(signum).name  # acted on after the step (stop_requested)
+
+
+def catch_stop_signals():
+    """SIGTERM (torchrun, Kubernetes, `kill`), SIGUSR1 (SLURM's `--signal`) and SIGINT (Ctrl-C) finish the
+    current step, write checkpoint.pth and exit with PREEMPTED_EXIT instead of killing the run mid-step; a
+    Ctrl-C before the training loop, or a second one, exits at once (INTERRUPTED_EXIT, one line)."""
+    STOP_SIGNAL[0], STOP_AT_STEP[0], INTERRUPTS[:] = None, False, [0, -math.inf]
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        SAVED_HANDLERS.setdefault(sig, signal.getsignal(sig))
+        signal.signal(sig, _on_stop_signal)
+
+
+def restore_signal_handlers():
+    """The handlers from before catch_stop_signals (main() has ended: a notebook's or pytest's Ctrl-C)."""
+    for sig, handler in SAVED_HANDLERS.items():
+        signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+    SAVED_HANDLERS.clear()
+
+
+def ignore_interrupts(worker_id=None):
+    """A loader worker's init: Ctrl-C is the main process's to handle (a terminal sends it to the whole
+    process group, and a worker it killed would end the run with a traceback before the step's checkpoint)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def stop_requested(run, step):
+    """True once SIGTERM/SIGUSR1 has arrived, on every rank at the same step. Alone: checked every step
+    (a Python flag, free). Distributed: the ranks agree every --log-every steps with one all_reduce
+    (it waits for the step's kernels, as the log line does), so at most log_every steps late."""
+    if run.world == 1:
+        return STOP_SIGNAL[0] is not None
+    if step % run.args.log_every:
+        return False
+    flag = torch.tensor(float(STOP_SIGNAL[0] is not None), device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag)
+
+
+# ============================================================================ data
+
+BUILTIN_DATA = ("synthetic", "cifar10", "cifar100", "stl10")
+
+
+def load_dataset(args, split, name=None):
+    """Base dataset of (PIL image, label) for split 'train' or 'val' (None if there is no such split).
+    Label -1 means unlabeled. With --data A,B the val split is A's."""
+    name = name or args.data.split(",")[0]
+    if name == "synthetic":
+        size = args.synthetic_size if split == "train" else max(args.synthetic_size // 5, 10)  # val: a fifth
+        return Synthetic(size, split, args.seed)
+    if name in ("cifar10", "cifar100", "stl10"):
+        return load_torchvision(name, split, args.data_root)
+    return load_folder(name, split)
+
+
+class Views(torch.utils.data.Dataset):
+    """Applies `transform` to base[i] with a seed made from (seed, epoch, i): a sample gets the same
+    augmentation whatever worker loads it and after a resume, so runs are reproducible on CPU."""
+    def __init__(self, base, transform, seed=0):
+        self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        with self.rng(i):
+            return self.transform(img), label
+
+    @contextmanager
+    def rng(self, i):
+        """torch's global RNG, forked and seeded by (seed, epoch, i) for sample i's transform."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
+            yield
+
+
+def pretrain_data(args, run, transform, ids=None):
+    """The pretraining dataset (train split with `transform`) and steps per epoch. With --data-on-device the
+    split is decoded once into the device's memory (held_split) and `transform` runs in its finish() there;
+    `ids`: a method's mask function (PIL image -> ids [H, W]), run once on each stored image (DetCon's)."""
+    base = pretrain_base(args)
+    run.data_id = base.data_id  # a checkpoint records it; a resume on other data is refused (resume)
+    if args.data_on_device:
+        ds = held_split(args, run, base, copies=2, ids=ids)
+        if not (args.subset or args.corrupt or "," in args.data):  # the whole, clean train split
+            run.held_train = ds
+    else:
+        ds = Views(base, transform, args.seed)
+    steps = len(ds) // args.batch_size
+    if steps == 0:
+        raise BadInput(f"--batch-size {args.batch_size} is larger than the dataset ({len(ds)} images)")
+    return ds, steps
+
+
+def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
+    """This rank's loader for one epoch, starting `skip_batches` batches in (mid-epoch resume)."""
+    local_bs = run.args.batch_size // run.world
+    sampler = torch.utils.data.DistributedSampler(ds, run.world, run.rank, shuffle, run.args.seed, drop_last)
+    sampler.set_epoch(epoch)
+    ds.epoch = epoch
+    indices = list(sampler)[skip_batches * local_bs:]
+    if isinstance(ds, HeldSplit):  # --data-on-device: the same order, batches indexed on the device
+        return ds.batches(indices, local_bs, drop_last)
+    return torch.utils.data.DataLoader(
+        ds, local_bs, sampler=indices, num_workers=run.args.workers, pin_memory=run.device.type == "cuda",
+        drop_last=drop_last, persistent_workers=False, prefetch_factor=4 if run.args.workers else None,
+        generator=torch.Generator().manual_seed(run.args.seed + epoch),  # keeps the global RNG untouched
+        worker_init_fn=ignore_interrupts)
+
+
+# -------- the built-in data: synthetic scenes
 
 SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "crescent", "bar", "ell")
 
@@ -1886,7 +907,7 @@ class Synthetic(torch.utils.data.Dataset):
         return img, Image.fromarray(seg)  # uint8 -> mode "L"
 
 
-# ============================================================================ image files
+# -------- image files
 
 IMG_EXT = datasets.folder.IMG_EXTENSIONS  # the extensions torchvision's ImageFolder reads
 
@@ -1989,7 +1010,648 @@ def cached_ids(path, shape, compute):
     return ids
 
 
-# ======================================================================== backbone internals: the registry
+# -------- data-study knobs: --subset, --corrupt, --data A,B
+
+def pretrain_base(args):
+    """The pretraining images: the train split of --data (A,B mixes two domains), then --subset, --corrupt."""
+    names, parts, offset, ids = args.data.split(","), [], 0, []
+    shares = [args.subset] if len(names) == 1 else [round(args.subset * args.mix_fraction)] * 2
+    shares[-1] = args.subset - sum(shares[:-1])
+    for name, share in zip(names, shares):
+        ds = load_dataset(args, "train", name)
+        ids.append(data_id(name, ds))
+        if share > len(ds):
+            raise BadInput(f"--subset asks for {share} images of {name}, which has {len(ds)}")
+        order = balanced_order(labels_of(ds), args.seed)[:share] if args.subset else range(len(ds))
+        parts.append(Subset(ds, sorted(order), offset))
+        offset += num_classes(ds) if min(labels_of(ds)) >= 0 else 0
+    base = parts[0] if len(parts) == 1 else torch.utils.data.ConcatDataset(parts)
+    base.targets = [t for p in parts for t in p.targets]
+    base = Corrupted(base, parse_corruptions(args.corrupt), args.seed) if args.corrupt else base
+    base.data_id = "; ".join(ids)  # --subset, --corrupt and --mix-fraction are flags: find_checkpoint's
+    return base
+
+
+def data_id(name, ds):
+    """What a checkpoint records of one training set: its size and a fingerprint of its labels and, for a
+    folder, its file names relative to --data (a copy of the folder elsewhere is the same data; other files,
+    or the same names under other labels, are not)."""
+    h = hashlib.sha1(np.asarray(labels_of(ds), dtype=np.int64).tobytes())
+    files = [p for p, _ in ds.samples] if hasattr(ds, "samples") else getattr(ds, "files", None)
+    prefix = os.path.join(name, "")  # every file path starts with it: cut (os.path.relpath: ~10 us a file)
+    h.update("\0".join(f[len(prefix):] if f.startswith(prefix) else f for f in files or [name]).encode())
+    return f"{len(ds)} images (fingerprint {h.hexdigest()[:10]})"
+
+
+class Subset(torch.utils.data.Dataset):
+    """base restricted to `indices`, labels shifted by `offset` (to keep two domains' classes apart)."""
+    def __init__(self, base, indices, offset=0):
+        self.base, self.indices, labels = base, list(indices), labels_of(base)
+        self.targets = [labels[i] + offset if labels[i] >= 0 else -1 for i in self.indices]
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, i):
+        return self.base[self.indices[i]][0], self.targets[i]
+
+
+def balanced_order(labels, seed):
+    """Seeded order of indices, round-robin over classes: every prefix is class-balanced and contains
+    every shorter prefix, so `order[:n]` gives nested subsets."""
+    rng, labels = np.random.default_rng(seed), np.asarray(labels)
+    perms = [rng.permutation(np.flatnonzero(labels == c)) for c in np.unique(labels)]
+    return [int(p[r]) for r in range(max(map(len, perms))) for p in perms if r < len(p)]
+
+
+CORRUPTIONS = {"jpeg": lambda q: q == int(q) and 1 <= q <= 100, "downsample": lambda f: f >= 1,
+               "saltpepper": lambda p: 0 <= p <= 1, "blur": lambda s: s > 0}
+
+
+def parse_corruptions(spec):
+    """'jpeg:10,blur:2' -> [('jpeg', 10.0), ('blur', 2.0)]; BadInput on an unknown name or bad value."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        name, _, value = item.partition(":")
+        try:
+            ok = name in CORRUPTIONS and CORRUPTIONS[name](float(value))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise BadInput(f"bad --corrupt spec {item!r}: use jpeg:Q (1-100), downsample:F (>= 1), "
+                           f"saltpepper:P (0-1) or blur:S (> 0)")
+        out.append((name, float(value)))
+    return out
+
+
+def corrupt_image(img, specs, rng):
+    """Apply the corruptions in order (the study's JPEG, resolution, salt-and-pepper and blur lenses)."""
+    for name, v in specs:
+        if name == "jpeg":
+            buf = io.BytesIO()
+            img.save(buf, "JPEG", quality=int(v))
+            img = Image.open(buf).convert("RGB")
+        elif name == "downsample":  # down by F, back up bilinear: lower resolution at the same size
+            w, h = img.size
+            small = (max(1, round(w / v)), max(1, round(h / v)))
+            img = img.resize(small, Image.BILINEAR).resize((w, h), Image.BILINEAR)
+        elif name == "saltpepper":
+            a, u = np.array(img), rng.random(img.size[::-1])  # u: [H, W]
+            a[u < v / 2], a[(u >= v / 2) & (u < v)] = 0, 255
+            img = Image.fromarray(a)
+        else:
+            img = img.filter(ImageFilter.GaussianBlur(v))
+    return img
+
+
+class Corrupted(torch.utils.data.Dataset):
+    """Corrupts base[i] with an RNG seeded by (seed, i): the same stored image every epoch and worker."""
+    def __init__(self, base, specs, seed=0):
+        self.base, self.specs, self.seed, self.targets = base, specs, seed, labels_of(base)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        return corrupt_image(img, self.specs, np.random.default_rng([self.seed, i])), label
+
+
+# ============================================================================ augmentations
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics
+JITTER_P, GRAY_P = 0.8, 0.2  # SimCLR / MoCo v2 / BYOL: colour jitter with p 0.8, grayscale with p 0.2
+BLUR_SIGMA = (0.1, 2.0)  # blur sigma range in pixels, as the official MoCo / BYOL code
+SOLARIZE_AT = 128  # solarize inverts the pixels >= 128 of 255 (PIL's ImageOps.solarize default, BYOL)
+
+
+class RandomBlur:
+    """Gaussian blur with sigma ~ U(0.1, 2) as PIL radius, like the official MoCo/BYOL code (no
+    kernel size to pick); sampled with torch's RNG so per-sample seeding covers it."""
+    def __init__(self, sigma=BLUR_SIGMA):
+        self.sigma = sigma
+
+    def __call__(self, img):
+        return img.filter(ImageFilter.GaussianBlur(radius=float(torch.empty(1).uniform_(*self.sigma))))
+
+    def __repr__(self):
+        return f"RandomBlur(sigma={self.sigma})"
+
+
+class TwoViews:
+    """img -> (view 1, view 2), each view a method's list of torchvision transforms (PIL -> normalised tensor
+    [3, H, W]). finish(): the collated batches on the device, ready for the model. With gpu (--gpu-aug) the
+    workers run only each list's crop and flip, to uint8, and finish() the rest of the list (its Photometric
+    recipe, device_recipe) batched on the device; with --data-on-device finish() runs all of it."""
+    def __init__(self, augmentation1, augmentation2, gpu=False):
+        (size, crop_min, r1), (size2, crop_min2, r2) = map(device_recipe, (augmentation1, augmentation2))
+        if (size, crop_min) != (size2, crop_min2):
+            raise ValueError("the device path crops both views alike: give them one RandomResizedCrop")
+        self.on_device = (size, crop_min, (r1, r2))  # what finish() runs with --data-on-device
+        self.photometric = (r1, r2) if gpu else None  # what finish() runs with --gpu-aug
+        if gpu:
+            self.t1 = self.t2 = geometry_view(size, crop_min)
+        else:
+            self.t1, self.t2 = T.Compose(augmentation1), T.Compose(augmentation2)
+
+    def __call__(self, img):
+        return self.t1(img), self.t2(img)
+
+    def finish(self, run, x1, x2, step):
+        """x1, x2 [n, 3, H, W] from the loader -> the model's inputs on the device. `step`: the global step
+        (optimizer steps done before this batch); with --gpu-aug or --data-on-device it seeds the draw, so a
+        resumed run redraws exactly what the uninterrupted run drew at that step. With --data-on-device x1
+        and x2 are the stored images, and each view's crop, flip and colour are drawn here."""
+        if run.args.data_on_device:
+            return device_views(run, x1, step, *self.on_device)
+        return finish_views(run, x1, x2, step, self.photometric)
+
+
+def eval_transform(img_size):
+    """Resize to 256/224 of the crop, center crop (the standard evaluation transform)."""
+    resize = round(img_size * 256 / 224)
+    return T.Compose([T.Resize(resize), T.CenterCrop(img_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+# -------- --gpu-aug: the photometric ops on the device
+
+# --gpu-aug: every op takes a batch x [N, 3, H, W] float in [0, 1] and per-sample parameters [N], and follows
+# torchvision's tensor formulas (torchvision.transforms.functional); parameters are drawn per sample, never
+# one per batch (torchvision v2 on a batch and kornia's defaults share one draw across the batch).
+
+def geometry_view(img_size, crop_min):
+    """The worker side of a --gpu-aug view: crop and flip only, PIL -> uint8 tensor [3, img_size, img_size].
+    The flip commutes with every photometric op, so crop + flip here then photometric on the device is the
+    PIL path's crop, photometric, flip. The box and the flip are drawn as the PIL path's transforms draw them;
+    the resize runs on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
+    crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
+    return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
+
+
+@dataclasses.dataclass(frozen=True)
+class Photometric:
+    """What the device runs for one view's photometric ops (device_recipe reads it off the view's list)."""
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # brightness, contrast, saturation, hue strengths (ColorJitter's)
+    blur_p: float = 1.0
+    solarize_p: float = 0.0
+
+
+def device_recipe(ops):
+    """One view as a method writes it, a list of torchvision transforms in the PIL path's order ([crop],
+    colour jitter, grayscale, blur, [solarize], [flip], ToTensor, Normalize) -> (crop size, the crop scale's
+    lower bound, Photometric): what the device runs for it. Size and scale are None for a list without a crop
+    (DetCon crops image and mask itself). ValueError for a list the device path would not reproduce."""
+    def is_(i, cls, inner=None):
+        op = ops[i] if i < len(ops) else None
+        return isinstance(op, cls) and (inner is None or isinstance(op.transforms[0], inner))
+    i, size, crop_min = 0, None, None
+    if is_(0, T.RandomResizedCrop):
+        crop, i = ops[0], 1
+        if crop.scale[1] != 1.0 or crop.ratio != (3 / 4, 4 / 3) or crop.size[0] != crop.size[1]:
+            raise ValueError(f"the device path crops squares, scale (s, 1), ratio (3/4, 4/3), not {crop}")
+        size, crop_min = crop.size[0], crop.scale[0]
+    jitter, gray, blur = ops[i:i + 3]
+    if not (is_(i, T.RandomApply, T.ColorJitter) and jitter.p == JITTER_P and is_(i + 1, T.RandomGrayscale)
+            and gray.p == GRAY_P and is_(i + 2, T.RandomApply, RandomBlur)):
+        raise ValueError(f"the device path runs ColorJitter (p {JITTER_P}), RandomGrayscale (p {GRAY_P}) and "
+                         f"RandomBlur in that order, not {ops[i:i + 3]}")
+    cj, i = jitter.transforms[0], i + 3
+    strengths = [0.0 if r is None else r[1] - c for r, c in zip(
+        (cj.brightness, cj.contrast, cj.saturation, cj.hue), (1, 1, 1, 0))]  # ColorJitter keeps (c-s, c+s)
+    solarize_p = 0.0
+    if is_(i, T.RandomSolarize) and ops[i].threshold == SOLARIZE_AT:
+        solarize_p, i = ops[i].p, i + 1
+    i += is_(i, T.RandomHorizontalFlip) and ops[i].p == 0.5
+    tail = ops[i:]
+    if not (len(tail) == 2 and isinstance(tail[0], T.ToTensor) and isinstance(tail[1], T.Normalize)
+            and tuple(tail[1].mean) == MEAN and tuple(tail[1].std) == STD):
+        raise ValueError(f"a view ends with its flip, ToTensor and ImageNet's Normalize for the device path, "
+                         f"not {tail}")
+    recipe = Photometric(tuple(round(v, 6) for v in strengths), blur.p, solarize_p)  # round: (1 + s) - 1
+    return size, crop_min, recipe
+
+
+def finish_views(run, x1, x2, step, recipes=None):
+    """TwoViews.finish for any pair of views: to the device, and with recipes (--gpu-aug: uint8 crops) the
+    photometric ops there, drawn from a generator seeded by (seed, rank, step)."""
+    if recipes is None:
+        return run.to_device(x1), run.to_device(x2)
+    gen = device_generator(run, step)
+    return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
+
+
+BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # one 13-tap kernel for every sigma: 3 sigma of the largest one
+
+
+# (the tails cut at sigma 2 hold 0.3% of the weight; the kernel is renormalised, as torchvision does)
+
+
+def per_sample(v, x):
+    """A per-sample parameter [N] (or a float) broadcast against the batch x [N, C, H, W]."""
+    return v.to(x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(v) else v
+
+
+def blend(x, y, f):
+    """torchvision's _blend: f * x + (1 - f) * y, clamped to [0, 1]; f = 1 returns x exactly."""
+    f = per_sample(f, x)
+    return (f * x + (1.0 - f) * y).clamp(0.0, 1.0)
+
+
+def rgb_to_hsv(x):
+    """x [N, 3, H, W] -> h, s, v [N, H, W] each in [0, 1] (torchvision's _rgb2hsv)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)  # [N, H, W]
+    eqc = maxc == minc  # grey pixels: s = 0 and h = 0, no division by zero
+    cr = maxc - minc
+    s = cr / torch.where(eqc, 1.0, maxc)
+    cr = torch.where(eqc, 1.0, cr)
+    rc, gc, bc = (maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
+
+
+def hsv_to_rgb(h, s, v):
+    """h, s, v [N, H, W] -> [N, 3, H, W]: the closed form of torchvision's six-sector _hsv2rgb
+    (channel n: v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for r, g, b)."""
+    n = 5.0 - 2.0 * torch.arange(3, dtype=h.dtype, device=h.device)  # [3]: 5, 3, 1 (made on the device)
+    k = torch.remainder(n[:, None, None, None] + 6.0 * h, 6.0)  # [3, N, H, W]
+    rgb = v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)  # [3, N, H, W]
+    return rgb.transpose(0, 1)  # [N, 3, H, W]
+
+
+def adjust_hue(x, h):
+    """Rotate the hue by h (fraction of a turn, in [-0.5, 0.5])."""
+    hue, s, v = rgb_to_hsv(x)
+    return hsv_to_rgb(torch.remainder(hue + per_sample(h, x)[:, 0], 1.0), s, v)
+
+
+def gaussian_kernels(sigma, radius=BLUR_RADIUS):
+    """sigma [N] -> normalised 1-D Gaussian kernels [N, 2 radius + 1] (as torchvision's
+    _get_gaussian_kernel1d)."""
+    t = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)  # [K]
+    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)  # [N, K]
+    return k / k.sum(1, keepdim=True)
+
+
+def gaussian_blur(x, sigma, radius=BLUR_RADIUS):
+    """Separable Gaussian blur with a per-sample sigma [N], reflect padding (torchvision's gaussian_blur with
+    kernel_size 2 radius + 1). The PIL path's GaussianBlur(radius=sigma) is an extended box blur of about the
+    same std: away from the borders the two differ by under 1 grey level on average, 4 at most (tested)."""
+    n, c, h, w = x.shape
+    k = gaussian_kernels(sigma.to(x.dtype), radius).repeat_interleave(c, 0)  # [N*C, K]: a kernel per channel
+    y = F.pad(x, [radius] * 4, mode="reflect").reshape(1, n * c, h + 2 * radius, w + 2 * radius)
+    y = F.conv2d(y, k[:, None, None, :], groups=n * c)  # [1, N*C, H + 2r, W]: along rows
+    y = F.conv2d(y, k[:, None, :, None], groups=n * c)  # [1, N*C, H, W]: along columns
+    return y.reshape(n, c, h, w)
+
+
+def normalize(x):
+    """ImageNet normalisation of x [N, 3, H, W] (Python constants: no host-to-device copy, which syncs)."""
+    return torch.stack([(x[:, c] - MEAN[c]) / STD[c] for c in range(3)], 1)  # [N, 3, H, W]
+
+
+def device_aug_seed(seed, rank, step):
+    """Seed of the device generator at one step: each (--seed, rank, global step) has its own stream, so the
+    draw at a step does not depend on what was drawn before it (a resumed run draws the same)."""
+    return ((seed * 1_000_003 + rank) * 10_000_019 + step) % 2**63  # large primes keep the triples apart
+
+
+def sample_photometric(recipe, n, gen):
+    """Per-sample parameters of one view for a batch of n, drawn from `gen` (on its device), as torchvision
+    draws them per image: jitter on [N] (p 0.8), factors [N, 4] (brightness, contrast, saturation in
+    [max(0, 1 - s), 1 + s], hue in [-s, s]), order [N, 4] (a random permutation of the four ops per sample),
+    gray [N] (p 0.2), sigma [N] ~ U(0.1, 2), blur [N] (p blur_p), solarize [N] (p solarize_p). Every field is
+    drawn whatever the recipe, so the stream's layout is the same for every view."""
+    def u(*shape):
+        return torch.rand(*shape, generator=gen, device=gen.device)
+    b, c, s, h = recipe.jitter
+    lo, hi = (max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h), (1 + b, 1 + c, 1 + s, h)
+    r = u(n, 4)  # [N, 4]
+    factors = torch.stack([lo[j] + (hi[j] - lo[j]) * r[:, j] for j in range(4)], 1)  # [N, 4]
+    return {"jitter": u(n) < JITTER_P, "factors": factors, "order": u(n, 4).argsort(1),
+            "gray": u(n) < GRAY_P, "sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u(n),
+            "blur": u(n) < recipe.blur_p, "solarize": u(n) < recipe.solarize_p}
+
+
+def jitter_slots(order, on):
+    """Each sample's jitter order [N, 4] (0-2: brightness, contrast, saturation; 3: hue) and whether its
+    jitter is on [N] -> its ops before the hue and after it, [N, 3] each, -1 for none: the hue (the costly
+    op) then runs once on the batch, between the two."""
+    hue_at = (order == 3).int().argmax(1, keepdim=True)  # [N, 1]
+    k = torch.arange(3, device=order.device)  # [3]
+    pre = torch.where((k < hue_at) & on[:, None], order[:, :3], -1)  # [N, 3]
+    after = hue_at + 1 + k  # [N, 3] positions after the hue
+    post = torch.where((after < 4) & on[:, None], order.gather(1, after.clamp(max=3)), -1)  # [N, 3]
+    return pre, post
+
+
+def adjust_bcs(x, op, factors):
+    """Per sample one of brightness (op 0), contrast (1), saturation (2) or nothing (-1), op [N], with its
+    factor from factors [N, 4]: each is a blend of x with 0, the mean grey or the grey image (torchvision's
+    formulas), so the three run as one blend; factor 1 for nothing, which returns x exactly."""
+    gray = v2.functional.rgb_to_grayscale(x)  # [N, 1, H, W]
+    mean = gray.mean((1, 2, 3), keepdim=True)  # [N, 1, 1, 1]
+    target = torch.where((op == 1)[:, None, None, None], mean, gray)  # [N, 1, H, W]
+    f = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)  # [N]
+    return blend(x, target * per_sample(op != 0, x), f)
+
+
+def apply_photometric(x, p, recipe):
+    """x [N, 3, H, W] in [0, 1], parameters p from sample_photometric -> the normalised view [N, 3, H, W]:
+    colour jitter in each sample's order, grayscale, blur, solarize (the PIL path's order), then normalise.
+    Static shapes and no host sync: every op runs on the whole batch and each sample keeps its own result."""
+    def where(mask, y, x):
+        return torch.where(mask[:, None, None, None], y, x)
+    pre, post = jitter_slots(p["order"], p["jitter"])  # [N, 3] each
+    for op in pre.unbind(1):
+        x = adjust_bcs(x, op, p["factors"])
+    if recipe.jitter[3]:  # hue 0 is not bit-exact (HSV round trip): the samples without jitter keep x
+        x = where(p["jitter"], adjust_hue(x, p["factors"][:, 3]), x)
+    for op in post.unbind(1):
+        x = adjust_bcs(x, op, p["factors"])
+    x = where(p["gray"], v2.functional.rgb_to_grayscale(x).expand_as(x), x)
+    if recipe.blur_p > 0:
+        x = where(p["blur"], gaussian_blur(x, p["sigma"]), x)
+    if recipe.solarize_p > 0:
+        x = where(p["solarize"], v2.functional.solarize(x, SOLARIZE_AT / 255), x)
+    return normalize(x)
+
+
+def device_view(run, x, recipe, gen):
+    """uint8 crops [n, 3, H, W] from the loader -> the view's normalised float batch on the device."""
+    return colour(run, x.to(run.device, non_blocking=True).float().div_(255), recipe, gen)  # [n, 3, H, W]
+
+
+# -------- --data-on-device: the split held on the device
+
+# --data-on-device: the split decoded once into one uint8 tensor [N, 3, S, S] on the training device; a batch
+# is indexed from it in DistributedSampler's order, and each view's crop box, flip and colour are drawn per
+# sample on the device from the (seed, rank, step) generator of --gpu-aug, so resumes are exact. One batched
+# call per op, no Python loop over images: at GPU speed such a loop costs about as much as the training step.
+
+STORE_FACTOR = 1.25  # folders: stored at 1.25 x the crop (lightly: Imagenette at 160 px for 128-px crops)
+
+
+def store_size(args):
+    """Side of the stored square images: --store-size, native for the built-in sets, else 1.25 x the crop."""
+    native = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": SYNTH_PX}  # stored as they are
+    names = args.data.split(",")
+    if args.store_size:
+        return args.store_size
+    if all(n in native for n in names):
+        return max(native[n] for n in names)
+    return round(STORE_FACTOR * args.img_size)
+
+
+class Stored(torch.utils.data.Dataset):
+    """base[i] -> (uint8 [3, S, S], label), or ((uint8 [3, S, S], ids [S, S]), label) with `ids`: the shorter
+    side resized to S (antialiased), then the centre S x S (a square image is only resized)."""
+    def __init__(self, base, size, ids=None):
+        self.base, self.ids = base, ids
+        self.tf = T.Compose([T.Resize(size), T.CenterCrop(size)])
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, i):
+        img, label = self.base[i]
+        img = self.tf(img.convert("RGB"))
+        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
+        return ((x, torch.as_tensor(self.ids(img))) if self.ids else x), label
+
+
+class HeldSplit:
+    """A split held on the device: images uint8 [N, 3, S, S], labels [N], optional ids [N, S, S]. A training
+    batch is the stored images once per view, ((x, x), labels), or ((x, ids, x, ids), labels) with ids, for
+    the views' finish() to crop, flip and colour; `copies` 1: (x, labels) (eval_linear's training split)."""
+    def __init__(self, images, labels, ids=None, copies=2):
+        self.images, self.labels, self.ids, self.copies = images, labels, ids, copies
+        self.targets, self.epoch = labels.tolist(), 0  # targets: what labels_of reads
+
+    def __len__(self):
+        return len(self.images)
+
+    def batches(self, indices, batch_size, drop_last=True):
+        """This rank's batches of one epoch: `indices` (the sampler's order) cut into batch_size pieces."""
+        idx = torch.tensor(indices, dtype=torch.long, device=self.images.device)  # [n]
+        end = len(idx) - len(idx) % batch_size if drop_last else len(idx)
+        for b in idx[:end].split(batch_size):
+            x, y = self.images[b], self.labels[b]  # [b, 3, S, S] uint8, [b]
+            if self.copies == 1:
+                yield x, y
+            elif self.ids is None:
+                yield (x, x), y
+            else:
+                ids = self.ids[b]  # [b, S, S]
+                yield (x, ids, x, ids), y
+
+    def eval_batches(self, indices, batch_size, img_size):
+        """(normalised [b, 3, img_size, img_size], labels) batches of `indices`: eval_transform on the
+        device (resize to 256/224 of the crop, centre crop)."""
+        resize, idx = round(img_size * 256 / 224), torch.tensor(indices, dtype=torch.long)
+        for b in idx.to(self.images.device).split(batch_size):
+            x = F.interpolate(self.images[b].float().div_(255), size=(resize, resize), mode="bilinear",
+                              antialias=True, align_corners=False)  # [b, 3, resize, resize]
+            top = int(round((resize - img_size) / 2.0))  # CenterCrop's offset
+            yield normalize(x[..., top:top + img_size, top:top + img_size].clamp(0, 1)), self.labels[b]
+
+
+def held_split(args, run, base, copies=2, ids=None):
+    """Decode `base` once (loader workers, then never again) into a HeldSplit on run.device."""
+    size = store_size(args)
+    loader = torch.utils.data.DataLoader(Stored(base, size, ids), batch_size=256, num_workers=args.workers,
+                                         worker_init_fn=ignore_interrupts)
+    xs, ys, ms = [], [], []
+    for x, y in loader:
+        if ids:
+            x, m = x
+            ms.append(m.int())
+        xs.append(x)
+        ys.append(y)
+    masks = None
+    if ids:  # ids stay wider than uint8 (the official uint8 cast merges ids > 255); int16 when they fit
+        masks = torch.cat(ms)
+        masks = masks.to(torch.int16 if masks.max() < 2**15 else torch.int32).to(run.device)
+    return HeldSplit(torch.cat(xs).to(run.device), torch.cat(ys).long().to(run.device), masks, copies)
+
+
+def rrc_boxes(n, h, w, scale, gen, ratio=(3 / 4, 4 / 3), tries=10):
+    """torchvision's RandomResizedCrop.get_params for n samples at once -> boxes [n, 4] float64 (top, left,
+    height, width): up to `tries` draws per sample of area ~ U(scale) x h w and log aspect ~ U(log ratio), the
+    first that fits the image, else its centre crop at the nearest allowed aspect (torchvision's fallback)."""
+    u = torch.rand(n, tries, 4, generator=gen, device=gen.device, dtype=torch.float64)  # [n, tries, 4]
+    area = h * w * (scale[0] + (scale[1] - scale[0]) * u[..., 0])  # [n, tries]
+    aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[..., 1])
+    bw, bh = torch.round(torch.sqrt(area * aspect)), torch.round(torch.sqrt(area / aspect))  # half to even
+    fits = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)  # [n, tries]
+    first = fits.to(torch.uint8).argmax(1, keepdim=True)  # [n, 1] the first draw that fits
+    pick = lambda t: t.gather(1, first)[:, 0]  # noqa: E731 -- [n, tries] -> [n]
+    bw, bh = pick(bw), pick(bh)
+    top = torch.floor(pick(u[..., 2]) * (h - bh + 1))  # randint(0, h - bh + 1)
+    left = torch.floor(pick(u[..., 3]) * (w - bw + 1))
+    if w / h < ratio[0]:  # the fallback box, the same for every sample
+        fw, fh = w, round(w / ratio[0])
+    elif w / h > ratio[1]:
+        fw, fh = round(h * ratio[1]), h
+    else:
+        fw, fh = w, h
+    fallback = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], dtype=torch.float64, device=gen.device)
+    boxes = torch.stack([top, left, bh, bw], 1)  # [n, 4]
+    return torch.where(fits.any(1, keepdim=True), boxes, fallback)
+
+
+def crop_resize(x, boxes, size):
+    """x float [N, C, H, W], boxes [N, 4] (top, left, height, width) -> [N, C, size, size], one box per
+    sample, by torchvision.ops.roi_align: aligned=True puts pixel centres at +0.5 (resized_crop's convention);
+    adaptive sampling averages ceil(box / size) bilinear samples per output pixel along each side, a box
+    filter close to the antialiased resize (tested within a tolerance), upsampling plain bilinear."""
+    top, left, bh, bw = boxes.to(x.dtype).unbind(1)
+    rois = torch.stack([torch.arange(len(x), device=x.device, dtype=x.dtype), left, top, left + bw,
+                        top + bh], 1)  # [N, 5]: batch index, x1, y1, x2, y2
+    return torchvision.ops.roi_align(x, rois, size, spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def flip_where(x, flip):
+    """x [N, ...] with the samples where flip [N] is true mirrored left-right."""
+    return torch.where(flip.reshape(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
+
+
+def colour(run, x, recipe, gen):
+    """x float [N, 3, H, W] in [0, 1] -> the view's photometric ops (per-sample draws of gen), normalised."""
+    x = apply_photometric(x, sample_photometric(recipe, x.shape[0], gen), recipe)
+    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
+
+
+def device_generator(run, step):
+    """The --gpu-aug / --data-on-device draw of one step: its own stream per (--seed, rank, global step)."""
+    return torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
+
+
+def device_crops(x, img_size, scale, gen):
+    """x float [n, 3, S, S] -> RandomResizedCrop(img_size, scale) + horizontal flip (p 0.5), per sample."""
+    boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], scale, gen)  # [n, 4]
+    flip = torch.rand(len(x), generator=gen, device=gen.device) < 0.5  # [n]
+    return flip_where(crop_resize(x, boxes, img_size), flip)  # [n, 3, img_size, img_size]
+
+
+def device_views(run, x, step, img_size, crop_min, recipes):
+    """TwoViews.finish with --data-on-device: stored uint8 images x [n, 3, S, S] -> per view a
+    RandomResizedCrop box (torchvision's distribution), a flip and the colour ops, per sample."""
+    gen, x = device_generator(run, step), x.float().div_(255)  # x [n, 3, S, S] in [0, 1]
+    return tuple(colour(run, device_crops(x, img_size, (crop_min, 1.0), gen), r, gen) for r in recipes)
+
+
+# ============================================================================ backbones
+
+# MoCo v3's ViT-S has 12 heads, not 6
+VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),
+             "vit_base": dict(hidden_dim=768, mlp_dim=3072, num_heads=12)}
+
+
+def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True, spatial=False):
+    """torchvision backbone with the classifier removed -> (net, feature dim). net(x) is the pooled
+    feature [N, C] (ResNet: global average pool; ViT: class token; any other model of torchvision's registry:
+    its own forward up to its last Linear, which becomes Identity). spatial=True (DenseCL, DetCon): dim is
+    the channels of the final spatial map (feature_map), and the parameters the map does not reach (e.g.
+    MobileNetV3's hidden Linear after the pool) are frozen: never read, DDP would find them unused."""
+    if arch.startswith(RESNETS):
+        net = getattr(torchvision.models, arch)(zero_init_residual=True)
+        if stem == "small":  # CIFAR-style stem: keeps 32-px inputs at 32x32 into layer1
+            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        dim, net.fc = net.fc.in_features, nn.Identity()
+        return net, dim
+    if arch not in VIT_SIZES:
+        net = registry_model(arch, img_size)
+        dim = strip_classifier(net, arch)
+        net.effssl_arch = (arch, img_size)  # for feature_map (a plain attribute: no state_dict key)
+        if spatial and not isinstance(net, torchvision.models.VisionTransformer):  # ViT: its patch tokens
+            found = traced_map(arch, img_size)
+            net.map_forward = found.forward  # a plain attribute: no state_dict key
+            for name, p in net.named_parameters():
+                if name not in found.params:
+                    p.requires_grad_(False)
+            dim = found.shape[1]
+        return net, dim
+    if img_size % 16:
+        raise BadInput(f"--img-size {img_size} is not a multiple of the ViT patch size 16")
+    net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12,
+                                               **VIT_SIZES[arch])
+    dim, net.heads = net.hidden_dim, nn.Identity()
+    grid = img_size // 16
+    # MoCo v3: fixed 2-D sin-cos position embedding (not learned); zero for the class token
+    net.encoder.pos_embedding.data.copy_(torch.cat([torch.zeros(1, 1, dim), sincos_pos_embed(dim, grid)], 1))
+    net.encoder.pos_embedding.requires_grad = False
+    # MoCo v3: uniform (Xavier-like) init of the patch projection, optionally frozen ("random patch
+    # projection" stabilises training: the paper's fix for the loss spikes)
+    val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
+    nn.init.uniform_(net.conv_proj.weight, -val, val)
+    nn.init.zeros_(net.conv_proj.bias)
+    net.conv_proj.requires_grad_(not freeze_patch_proj)
+    return net, dim
+
+
+def feature_map(net, x):
+    """Final spatial feature map [N, C, S, S] (ResNet: layer4 output; ViT: patch tokens; any other model:
+    the activation traced_map found, computed by the traced forward up to it on this net's own modules)."""
+    if isinstance(net, torchvision.models.ResNet):
+        x = net.maxpool(net.relu(net.bn1(net.conv1(x))))
+        return net.layer4(net.layer3(net.layer2(net.layer1(x))))  # [N, C, S, S]
+    if isinstance(net, torchvision.models.VisionTransformer):
+        tokens = net._process_input(x)  # [N, S*S, D]
+        n, s = tokens.shape[0], int(math.isqrt(tokens.shape[1]))
+        tokens = net.encoder(torch.cat([net.class_token.expand(n, -1, -1), tokens], 1))[:, 1:]  # [N, S*S, D]
+        return tokens.transpose(1, 2).reshape(n, -1, s, s)  # [N, D, S, S]
+    forward = getattr(net, "map_forward", None)
+    if forward is None:  # built without spatial=True: trace it now (eager use; the methods trace at build)
+        forward = net.map_forward = traced_map(*net.effssl_arch).forward
+    return forward[0 if net.training else 1](net, x)["map"]  # [N, C, S, S]
+
+
+def final_grid(arch, stem, img_size):
+    """Side of the final feature map for this backbone and input size (BadInput if it has none)."""
+    return map_shape(arch, stem, img_size)[1]
+
+
+def map_shape(arch, stem, img_size):
+    """(channels, side) of the final spatial map at this input size; BadInput when the arch has none."""
+    if arch in VIT_SIZES:
+        return VIT_SIZES[arch]["hidden_dim"], img_size // 16
+    if arch.startswith(RESNETS):
+        side = math.ceil(img_size / 8) if stem == "small" else math.ceil(img_size / 32)
+        return _probe_model(arch, 0)[1], side
+    net = _probe_model(arch, _built_for(arch, img_size))[0]
+    if isinstance(net, torchvision.models.VisionTransformer):
+        return net.hidden_dim, img_size // net.patch_size
+    shape = traced_map(arch, img_size).shape
+    return shape[1], shape[2]
+
+
+def check_input(arch, img_size, size, why):
+    """BadInput (one line naming --arch and `why`) unless the backbone built for --img-size img_size runs on
+    size x size inputs; before any work. ResNets run on any size; MoCo v3's ViTs on img_size only."""
+    if arch.startswith(RESNETS):
+        return
+    if arch in VIT_SIZES:
+        err = None if size == img_size else f"it is built for {img_size}-px inputs"
+    else:
+        err = probe_run(arch, img_size, size)
+    if err:
+        raise BadInput(f"--arch {arch} does not run on {size}-px inputs ({why}): {err}")
+
+
+def grid_advice(arch, stem, grid):
+    """What to change for a final feature map of at least grid x grid (an error message's advice): the
+    smallest --img-size that gives it with this backbone, and --stem small where it would need less."""
+    if arch in VIT_SIZES:
+        return f"use --img-size {16 * grid} or more"
+    if not arch.startswith(RESNETS):  # --stem is a ResNet's only; other families' strides vary
+        return "use a larger --img-size"
+    size = (grid - 1) * (8 if stem == "small" else 32) + 1  # final_grid rounds up: one pixel past a cell
+    return f"use --img-size {size} or more" + (", or --stem small" if stem != "small" else "")
+
+
+# -------- any model of torchvision's registry: its final map
 
 def registry_model(arch, img_size):
     """torchvision.models.get_model(arch), random init. Its ViTs and MaxViT fix their input size when built;
@@ -2128,7 +1790,7 @@ def traced_map(arch, img_size):
     return TracedMap(node, shape, forward, params)
 
 
-# ============================================================================ backbone internals: ViT
+# -------- MoCo v3's ViT position embedding
 
 def sincos_pos_embed(dim, grid, temperature=10000.0):
     """MoCo v3's 2-D sin-cos position embedding -> [1, grid*grid, dim]."""
@@ -2140,7 +1802,65 @@ def sincos_pos_embed(dim, grid, temperature=10000.0):
     return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], 1)[None]
 
 
-# ============================================================================ optimizer internals: LARS
+# ============================================================================ optimizer & schedules
+
+def build_optimizer(args, params, trust_coefficient=0.001):
+    """`params`: parameters or param groups; every group starts at the scaled lr (the loop sets it per step).
+    `trust_coefficient`: LARS's, from the method (ImageNet recipes 0.001)."""
+    lr = args.lr * args.batch_size / 256  # linear scaling rule: --lr is the base lr for batch 256
+    if args.optimizer == "lars":
+        return LARS(params, lr=lr, weight_decay=args.wd, trust_coefficient=trust_coefficient)
+    if args.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=args.wd)
+    if args.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=args.wd)
+    raise BadInput(f"unknown optimizer {args.optimizer!r}; choose from lars, sgd, adamw")
+
+
+def grad_scaler(run):
+    return torch.amp.GradScaler(run.device.type, enabled=run.args.precision == "fp16")
+
+
+def optimizer_step(loss, optimizer, scaler, clip_params=None, clip=0.0):
+    """Backward + (optional grad-norm clip) + step, GradScaler-aware (a no-op scaler unless fp16)."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if clip > 0:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(clip_params, clip)
+    scaler.step(optimizer)
+    scaler.update()
+
+
+def cosine_lr(epoch, base_lr, warmup_epochs, epochs):
+    """Linear warmup then half-cosine, evaluated at a fractional epoch (per iteration)."""
+    if epoch < warmup_epochs:
+        return base_lr * epoch / warmup_epochs
+    progress = (epoch - warmup_epochs) / max(epochs - warmup_epochs, 1e-8)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_lr(optimizer, lr):
+    """Set the lr of every parameter group (a method with per-group rules sets its groups itself)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+
+
+def cosine_momentum(epoch, epochs, m0):
+    """m(e) = 1 - (1 + cos(pi e / E)) / 2 * (1 - m0): from m0 at the start to 1 at the end."""
+    return 1.0 - 0.5 * (1.0 + math.cos(math.pi * epoch / epochs)) * (1.0 - m0)
+
+
+@torch.no_grad()
+def ema_update(target_params, online_params, m):
+    """theta_target <- m * theta_target + (1 - m) * theta_online (fused over all tensors); m a float or a 0-d
+    tensor (Run.scalar: what the training loops pass, so that --compile keeps one graph)."""
+    target_params, online_params = list(target_params), list(online_params)
+    torch._foreach_mul_(target_params, m)
+    torch._foreach_add_(target_params, torch._foreach_mul(online_params, 1.0 - m))
+
+
+# -------- LARS
 
 class LARS(torch.optim.Optimizer):
     """LARS as in MoCo v3: 1-D parameters (biases, norm weights) get neither weight decay nor trust scaling.
@@ -2195,7 +1915,69 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-# ============================================================================ checkpoint files
+# ============================================================================ checkpoint, resume & export
+
+def save_checkpoint(run, log, state, epoch_end=False):
+    """Full training state -> checkpoint.pth (rank 0, atomic). `state`: {name: object with a state_dict}.
+    Refuses a non-finite loss: a good checkpoint is never overwritten by a diverged state. `epoch_end`: the
+    end-of-epoch save, written every --save-epochs epochs and at the end of the run."""
+    if epoch_end and not log.done and (log.step // log.spe) % run.args.save_epochs:
+        return
+    if not math.isfinite(float(log.loss)):
+        return
+    path = os.path.join(run.out, "checkpoint.pth")
+    if run.main:
+        ck = {"method": run.method, "args": dataclasses.asdict(run.args), "data_id": run.data_id,
+              "step": log.step, "epoch": log.step / log.spe, "rng": rng_state(),
+              **{k: v.state_dict() for k, v in state.items()}}
+        save_atomic(ck, path)
+    run.good = (path, log.step)
+
+
+def end_of_step(run, log, state):
+    """After every optimizer step: the --save-every checkpoint; on SIGTERM/SIGUSR1 a checkpoint at this
+    step and Preempted (exit PREEMPTED_EXIT). True once the step budget is spent: leave the epoch."""
+    if run.args.save_every and log.step % run.args.save_every == 0:
+        save_checkpoint(run, log, state)
+    if stop_requested(run, log.step):
+        save_checkpoint(run, log, state)
+        raise Preempted(f"{STOP_SIGNAL[0] or 'a stop signal on another rank'} at step {log.step}: wrote "
+                        f"{os.path.join(run.out, 'checkpoint.pth')}; rerun with --resume auto to continue")
+    return log.done
+
+
+def resume(run, **state):
+    """Load --resume (auto/path; setup has read and checked it) into the given objects (model=...,
+    optimizer=..., scaler=...). Returns the global step to continue from (0 for a fresh run). From here on a
+    Ctrl-C ends the run at the end of its step, with a checkpoint (before it, at once: nothing to save)."""
+    STOP_AT_STEP[0] = True
+    if run.checkpoint is None:
+        return 0
+    (path, ck), run.checkpoint = run.checkpoint, None  # the run no longer holds the file's tensors
+    if ck.get("data_id") and run.data_id and ck["data_id"] != run.data_id:  # the flags matched (setup)
+        raise BadInput(f"cannot resume from {path}: it was made on {ck['data_id']} of training data, --data "
+                       f"{run.args.data} has {run.data_id}; resume on the data it was made with")
+    load_states(ck, state, path)  # BadInput naming the part that does not fit
+    set_rng_state(ck["rng"])
+    run.good = (path, ck["step"])
+    if run.main:
+        print(f"resumed from {path} at step {ck['step']} (epoch {ck['epoch']})", flush=True)
+    return ck["step"]
+
+
+def export_backbone(run, net):
+    """Online backbone -> backbone.pth: a plain state_dict (loads strict=True into the torchvision model
+    with its classifier removed); arch/stem/img_size/encoder are kept in its `_metadata`."""
+    if not run.main:
+        return
+    sd = OrderedDict((k, v.detach().cpu()) for k, v in net.state_dict().items())
+    sd._metadata = getattr(net.state_dict(), "_metadata", OrderedDict()).copy()
+    sd._metadata["effssl"] = {"method": run.method, "encoder": "online", "arch": run.args.arch,
+                              "stem": run.args.stem, "img_size": run.args.img_size}
+    save_atomic(sd, os.path.join(run.out, "backbone.pth"))
+
+
+# -------- checkpoint files: checks, RNG state, atomic save, safe load
 
 def seed_everything(seed):
     random.seed(seed)
@@ -2333,7 +2115,25 @@ def misfit(obj, saved):
     return "; ".join(parts) or "values of another kind"
 
 
-# ============================================================================ kNN internals
+# ============================================================================ kNN monitor
+
+def knn_monitor(args, run):
+    """(train, val) datasets with the eval transform for the kNN monitor, or None when unlabeled/off."""
+    if not args.knn_every:
+        return None
+    train, val = load_dataset(args, "train"), load_dataset(args, "val")
+    if val is None or min(labels_of(train)) < 0:
+        if run.main:
+            print("kNN monitor off: the data has no labeled val split", flush=True)
+        return None
+    if args.data_on_device:
+        bank = run.held_train or held_split(args, run, train)  # decoded once when pretraining holds it
+        return HeldSplit(bank.images, bank.labels, copies=1), held_split(args, run, val)
+    tf = eval_transform(args.img_size)
+    return Views(train, tf), Views(val, tf)
+
+
+# -------- kNN: features and the vote
 
 def labels_of(ds):
     return list(getattr(ds, "targets", None) or getattr(ds, "labels"))
@@ -2416,7 +2216,179 @@ def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=2048):
     return topk_accuracy(scores, labels, (1, min(5, n_cls)))
 
 
-# ============================================================================ run records & pictures
+# ============================================================================ logging
+
+class Logger:
+    """log.jsonl, a progress line every --log-every steps, the JSON summary line, and the run's clock:
+    img/s and step_ms count source images over all ranks after WARMUP steps, evaluation left out;
+    data_time_frac is the share of that time spent waiting for the loader (timed)."""
+    WARMUP = 2  # first steps include lazy init / compilation and are left out of img/s
+
+    def __init__(self, run, steps_per_epoch, start_step):
+        self.run, self.spe = run, steps_per_epoch
+        self.total = run.args.epochs * steps_per_epoch
+        if run.args.max_steps:
+            self.total = min(self.total, run.args.max_steps)
+        self.start = self.step = start_step
+        self.finished = bool(start_step) and start_step >= self.total  # a finished run resumed: no step left
+        self.loss = torch.zeros(())  # the last step's loss (a tensor: read only on log steps and checkpoints)
+        self.last, self.stored = {}, None  # the last log record (+ evaluations); the finished run's summary
+        writer = tensorboard_writer() if run.main and run.args.tensorboard else None  # BadInput if missing
+        run.start()  # every check has passed: the folder, its lock and args.json (the run's first write)
+        mode = "a" if start_step else "w"  # a resumed run appends; a fresh run (or --overwrite) starts anew
+        path = os.path.join(run.out, "log.jsonl")
+        if run.main and start_step and drop_torn_tail(path):  # a crash or kill -9 cut the last write
+            print(f"{path}: dropped its torn last line", flush=True)
+        if run.main and start_step and os.path.isfile(path):
+            self.last, self.stored = recall(read_jsonl(path)[0])
+        self.file = open(path, mode) if run.main else None
+        self.tb = writer(os.path.join(run.out, "tb")) if writer else None
+        # the clock: t_warm when the warm-up ended, t_end when the last step did (the final checkpoint and
+        # export are not training); data waits since the last log line and after the warm-up; evaluation
+        # seconds after the warm-up (left out of img/s) and in all (left out of train_s)
+        self.t0 = self.t_last = time.perf_counter()
+        self.t_warm = self.t_end = None
+        self.data_time = self.data_warm = self.excluded = self.eval_s = self.eval_end = 0.0
+        self.n_since = 0  # steps since the last log line
+
+    @property
+    def done(self):
+        """The step budget (all epochs, or --max-steps) is spent: also true when a finished run is resumed."""
+        return self.step >= self.total
+
+    def epochs(self):
+        """The epochs left to train, stopping once the budget is spent (a finished run trains no more)."""
+        for epoch in range(self.step // self.spe, self.run.args.epochs):
+            if self.done:
+                return
+            yield epoch
+
+    def timed(self, loader):
+        """(index in the epoch, batch) of an epoch's loader (a resumed epoch's starts where it stopped),
+        the time spent waiting for each batch counted as data time."""
+        it, i = iter(loader), self.step % self.spe
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            waited = time.perf_counter() - t
+            self.data_time += waited
+            self.data_warm += waited if self.t_warm else 0.0
+            yield i, batch
+            i += 1
+
+    def sync(self):
+        if self.run.device.type == "cuda":
+            torch.cuda.synchronize(self.run.device)
+
+    def write(self, record):
+        if self.file:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+        if self.tb and "step" in record and record.get("event") != "summary":
+            add_scalars(self.tb, record)
+
+    def log_step(self, loss, **metrics):
+        """Call after every optimizer step with the (tensor) loss; syncs only on log steps."""
+        self.step, self.loss = self.step + 1, loss
+        step, epoch = self.step, self.step / self.spe
+        self.n_since += 1
+        if step - self.start == self.WARMUP:  # the throughput clock starts
+            self.sync()
+            self.t_warm = time.perf_counter()
+        if self.time_up():
+            self.total = step  # this step is the run's last: log it, then kNN, checkpoint, export, summary
+        if step % self.run.args.log_every and step != self.total:
+            return
+        loss = float(loss)  # waits for the step's kernels
+        now = time.perf_counter()
+        if step == self.total:
+            self.t_end, self.eval_end = now, self.eval_s  # evaluation after the last step is not training
+        dt = now - self.t_last
+        img_per_s, data_frac = self.n_since * self.run.args.batch_size / dt, self.data_time / dt
+        self.t_last, self.data_time, self.n_since = now, 0.0, 0
+        rec = {"step": step, "epoch": round(epoch, 4), "loss": loss,
+               **{k: float(v) for k, v in metrics.items()},
+               "img_per_s": img_per_s, "data_time_frac": data_frac,
+               "peak_mem_mb": peak_mem_mb(self.run.device)}
+        self.last = rec
+        if not math.isfinite(loss):
+            good = self.run.good  # what this run wrote or resumed from, never an older run's file
+            raise FloatingPointError(f"loss is {loss} at step {step}; " + (
+                f"the last good checkpoint is {good[0]} (step {good[1]}), never overwritten by this state"
+                if good else "this run wrote no checkpoint before it"))
+        if self.run.main:
+            eta = (now - self.t0) / (step - self.start) * (self.total - step)
+            extra = "".join(f" {k} {v:.4g}" for k, v in metrics.items())
+            print(f"ep {epoch:.2f} step {step}/{self.total} loss {loss:.4f}{extra} img/s {img_per_s:.1f} "
+                  f"data {100 * data_frac:.0f}% eta {eta / 60:.1f}m", flush=True)
+            self.write(rec)
+
+    def time_up(self):
+        """--time-limit reached (training seconds, evaluation excluded), on every rank at the same step: alone
+        checked every step; distributed, the ranks agree every --log-every steps (as stop_requested)."""
+        args = self.run.args
+        if not args.time_limit or (self.run.world > 1 and self.step % args.log_every):
+            return False
+        up = time.perf_counter() - self.t0 - self.eval_s >= args.time_limit
+        if self.run.world > 1:
+            flag = torch.tensor(float(up), device=self.run.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            up = bool(flag)
+        return up
+
+    def evaluate(self, net, knn, epoch):
+        """End of an epoch: the kNN monitor of `net` every --knn-every epochs and after the last step."""
+        args = self.run.args
+        if knn and (self.done or (epoch + 1) % args.knn_every == 0):
+            t = time.perf_counter()
+            top1, top5 = knn_eval(net, *knn, self.run, args.knn_k, args.knn_t)
+            self.log_eval(time.perf_counter() - t, knn_top1=top1, knn_top5=top5)
+
+    def log_eval(self, seconds, **metrics):
+        """Log evaluation metrics; `seconds` spent evaluating are left out of img/s and step_ms.
+        `train_s` is the training wall-clock so far (evaluation excluded), for equal-time comparisons."""
+        self.eval_s += seconds
+        self.t_last += seconds
+        self.excluded += seconds if self.t_warm and not self.t_end else 0.0
+        rec = {"step": self.step, "epoch": round(self.step / self.spe, 4), **metrics,
+               "train_s": time.perf_counter() - self.t0 - self.eval_s}
+        self.last.update(metrics)
+        if self.run.main:
+            print(" ".join(f"{k} {v:.2f}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()),
+                  flush=True)
+            self.write(rec)
+
+    def summary(self, **extra):
+        """Print the JSON summary as the last line of the run. A finished run resumed (nothing trained) says
+        so and prints the summary it ended with, appending nothing to log.jsonl."""
+        if self.finished and self.step == self.start:
+            return repeat_summary(self, extra)
+        self.sync()
+        steps, end = self.step - self.start - self.WARMUP, self.t_end or time.perf_counter()
+        img_per_s = step_ms = data_frac = None
+        if self.t_warm and steps > 0:  # over the steps after the warm-up, evaluation left out
+            dt = end - self.t_warm - self.excluded
+            img_per_s, step_ms = steps * self.run.args.batch_size / dt, 1000 * dt / steps
+            data_frac = self.data_warm / dt
+        train_s = end - self.t0 - (self.eval_end if self.t_end else self.eval_s)  # evaluation excluded
+        rec = {"event": "summary", "method": self.run.method, "steps": self.step, "img_per_s": img_per_s,
+               "step_ms": step_ms, "data_time_frac": data_frac, "peak_mem_mb": peak_mem_mb(self.run.device),
+               "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1"),
+               "epochs": round(self.step / self.spe, 4), "train_s": train_s, **extra}
+        if self.run.main:
+            self.write(rec)
+            self.file.close()
+            if self.tb:
+                self.tb.close()
+            plot_curves(os.path.join(self.run.out, "log.jsonl"), os.path.join(self.run.out, "curves.png"))
+            print(json.dumps(rec), flush=True)
+        return rec
+
+
+# -------- run records & pictures
 
 def git_sha():
     try:
