@@ -126,10 +126,7 @@ PRESETS = {
     # small stem -> 4x4 grid
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, epochs=200, wd=5e-4,
                   momentum=0.99, queue_size=4096, knn_every=10),
-    # ours, one quick-start tuning shared by every method file: 3 epochs of 1280 synthetic images at batch 32
-    # (120 updates, a few minutes on 2 CPU cores: README's quick-start table); AdamW at lr 1.6e-2 per 256
-    # (2e-3 here) and wd 1e-6: SGD and LARS at the published lrs learned less in our trials; EMA
-    # momentum 0.9: the target follows the online network within ~1 / (1 - m) = 10 updates, not hundreds.
+    # ours: the quick-start tuning shared by every method file (README, "The cpu preset"); here also:
     # Small stem at 32 px -> 4x4 final grid; a queue of 32 batches; 4 shuffle-BN groups of 8.
     "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=32, epochs=3, synthetic_size=1280,
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, queue_size=1024, shuffle_splits=4,

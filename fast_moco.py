@@ -130,10 +130,7 @@ PRESETS = {
     # MoCo v2-style CIFAR settings
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=512, lr=0.06, wd=5e-4, epochs=800,
                   warmup_epochs=10, temperature=0.2, crop_min=0.08, blur=False, knn_every=10),
-    # ours, one quick-start tuning shared by every method file: 3 epochs of 1280 synthetic images at batch 32
-    # (120 updates, a few minutes on 2 CPU cores: README's quick-start table); AdamW at lr 1.6e-2 per 256
-    # (2e-3 here) and wd 1e-6: SGD and LARS at the published lrs learned less in our trials; EMA
-    # momentum 0.9: the target follows the online network within ~1 / (1 - m) = 10 updates, not hundreds.
+    # ours: the quick-start tuning shared by every method file (README, "The cpu preset"); here also:
     # ResNet-18 at 64 px -> 32-px patches.
     "cpu": dict(arch="resnet18", stem="imagenet", img_size=64, batch_size=32, epochs=3, synthetic_size=1280,
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, warmup_epochs=0.5, temperature=0.2,

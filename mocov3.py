@@ -102,12 +102,8 @@ PRESETS = {
     # solo-learn's validated MoCo v3 CIFAR recipe (ResNet-18, small stem)
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, lr=0.3, trust_coefficient=0.02,
                   wd=1e-6, temperature=0.2, crop_min=0.08, blur=False, epochs=1000, knn_every=10),
-    # ours, one quick-start tuning shared by every method file: 3 epochs of 1280 synthetic images at batch 32
-    # (120 updates, a few minutes on 2 CPU cores: README's quick-start table); AdamW at lr 1.6e-2 per 256
-    # (2e-3 here) and wd 1e-6: SGD and LARS at the published lrs learned less in our trials; EMA
-    # momentum 0.9: the target follows the online network within ~1 / (1 - m) = 10 updates, not hundreds.
-    # Crops of >= 60% keep the main shape in both views;
-    # no blur: at 64 px a sigma up to 2 px erases the shapes.
+    # ours: the quick-start tuning shared by every method file (README, "The cpu preset"); here also:
+    # crops of >= 60% keep the main shape in both views; no blur: at 64 px a sigma of 2 px erases shapes
     "cpu": dict(arch="resnet18", stem="imagenet", img_size=64, batch_size=32, epochs=3, synthetic_size=1280,
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, warmup_epochs=0.5, temperature=0.2,
                 crop_min=0.6, blur=False, mlp_dim=1024, workers=2, log_every=20),
