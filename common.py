@@ -140,7 +140,8 @@ class CommonArgs:
 
 def parse_args(cls, presets, argv=None):
     """Dataclass -> argparse. Precedence: explicit flag > preset > dataclass default. --help lists the
-    method's own hyperparameters first, then the shared plumbing, each with the values the presets set."""
+    method's own hyperparameters first, then the shared plumbing, each with the values the presets set.
+    The names of the flags given on the command line are in args.given (a frozenset; not a field)."""
     docs = field_docs(cls)
     doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
     p = _Parser(description=doc, argument_default=argparse.SUPPRESS, epilog=PRESET_HELP)
@@ -168,6 +169,7 @@ def parse_args(cls, presets, argv=None):
                        "keeps its own: drop --stem")
     parse_corruptions(args.corrupt)
     check_ranges(args)
+    args.given = frozenset(given)
     return args
 
 

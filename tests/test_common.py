@@ -385,3 +385,9 @@ def test_tensorboard_flag_writes_scalars_or_names_the_missing_package(tmp_path, 
     else:
         mocov3.main(argv)
         assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "tb"))
+
+
+def test_parse_args_names_the_flags_given_even_abbreviated():
+    args = common.parse_args(mocov3.Args, mocov3.PRESETS, ["--batch-s", "8", "--no-blur"])
+    assert args.given == {"batch_size", "blur"} and args.batch_size == 8 and args.blur is False
+    assert "given" not in dataclasses.asdict(args)  # not recorded in args.json or a checkpoint
