@@ -3,50 +3,39 @@
 Paper: Hénaff, Koppula, Alayrac, van den Oord, Vinyals, Carreira, ICCV 2021, arXiv:2103.10957.
 Official code (JAX): github.com/deepmind/detcon
 
-Idea: instead of one embedding per image, contrast one embedding per *object*. Unsupervised masks
-(Felzenszwalb-Huttenlocher segments, or a plain grid) are computed once on the un-augmented image and follow
-each view through the same crop and flip. The backbone's final feature map is averaged inside each mask; the
-pooled vectors go through the projector (and, for DetCon_B, a predictor against an EMA target). The loss pulls
-together the same mask seen in the two views and pushes apart every other mask of the global batch, both
-views. Many objects per image = many more contrastive pairs per forward pass, hence up to 10x less pretraining
-for the same COCO transfer.
+Idea: contrast one embedding per *object*, not per image. Unsupervised masks (Felzenszwalb-Huttenlocher
+segments, or a grid), computed once on the un-augmented image, follow each view through its crop and flip.
+The final feature map is averaged inside each mask and projected (DetCon_B adds a predictor and an EMA
+target); the loss pulls the same mask in the two views together and pushes apart every other mask of the
+global batch. Many objects per image = many pairs per forward pass: up to 10x less pretraining for the
+same COCO transfer.
 
 Kept from the official code:
-- The loss term by term: targets of both views of the global batch as columns, same-view same-mask columns
-  masked with -1e9, positive label mass split over duplicate draws, rows weighted 1/number of draws and 0
-  without a counterpart, two directions summed, tau 0.1.
-- 16 masks sampled per view uniformly over masks present in that view with replacement, shared by the online
-  and target passes.
-- BYOL heads (output layer without bias).
-- BYOL's asymmetric augmentation.
-- One crop window per view drawn as the official one: area ~ U(--crop-min, 1), log aspect ~ U(log 3/4,
-  log 4/3), sides clamped to the image; no retries, unlike torchvision's RandomResizedCrop.
-- EMA 0.996 -> 1 (cosine).
-- LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup.
-- FH on the un-augmented image at full resolution with scale 1000 / min_size 1000 / sigma 0.8 (the imagenet
-  preset).
+- The loss term by term: both views' targets of the global batch as columns, same-view same-mask columns
+  masked with -1e9, label mass split over duplicate draws, rows weighted 1/draws (0 without a counterpart),
+  two directions summed, tau 0.1.
+- 16 masks per view, drawn uniformly with replacement among those present; the same for online and target.
+- BYOL heads (output layer without bias), BYOL's asymmetric augmentation, EMA 0.996 -> 1 (cosine), LARS
+  lr 0.2 x B/256, wd 1.5e-6, 1% warmup.
+- One crop window per view: area ~ U(--crop-min, 1), log aspect ~ U(log 3/4, log 4/3), sides clamped to
+  the image; no retries, unlike torchvision's RandomResizedCrop.
+- FH on the un-augmented image at full resolution, scale 1000 / min_size 1000 / sigma 0.8 (imagenet preset).
 
 Changed:
-- FH runs in the loader workers during the first epoch, cached on disk for images >= 224 px (official:
-  offline, stored with the images; ~0.3 s per ImageNet-size image in one worker, benchmarks/fh_cost.py).
-- The `cifar` and `cpu` presets (ours) run FH on the image scaled to <= 128 px (--fh-size) with scale and
-  min_size scaled to that pixel count (--fh-scale 0 --fh-min-size 0), which gives other segments than the
-  official call.
+- FH runs in the loader workers in the first epoch, cached on disk for images >= 224 px (official: offline;
+  the cost: README's DetCon section, "Cost").
+- The `cifar` and `cpu` presets are ours (small stem: a 4x4 final grid), with FH at <= 128 px (--fh-size)
+  and scale / min_size scaled to its pixels: other segments than the official call.
 - Ids are int32 (the official uint8 cast merges ids > 255).
-- Masks are reduced to the feature grid by a majority vote per cell (= one-hot -> average-pool -> argmax).
-- The EMA update runs at the start of a step (as in mocov3.py) rather than after it.
-- DetCon_S keeps the gradient of the local targets (SimCLR-style).
-- The colour ops are torchvision's/PIL's, not the official dm_pix-style ones:
-  - brightness multiplies (official: adds a delta ~ U(-0.4, 0.4));
-  - contrast scales around the grayscale mean (official: the per-channel mean);
-  - saturation blends with grayscale (official: scales S in HSV);
-  - blur is PIL's GaussianBlur with radius sigma (official: a 23-tap separable Gaussian kernel, same sigma
-    range).
-- Default precision on CUDA is bf16 autocast with TF32 matmuls (official: JAX on TPU).
-- Backbones are torchvision's.
-- The `cifar` and `cpu` presets are ours (final feature grid 4x4 via the small stem).
-- --data-on-device computes FH once per image on the stored copy (1.25 x the crop for folders) with scale and
-  min_size scaled to its pixel count, and draws the crop windows batched on the device.
+- Masks reach the feature grid by a majority vote per cell (= one-hot -> average-pool -> argmax).
+- The EMA update runs at the start of a step (as in mocov3.py); DetCon_S keeps the gradient of the local
+  targets (SimCLR-style).
+- Colour ops are torchvision's/PIL's, not the official dm_pix-style ones: brightness multiplies (official:
+  adds), contrast scales around the grayscale mean (official: per channel), saturation blends with grayscale
+  (official: S in HSV), blur is PIL's of radius sigma (official: a 23-tap kernel, same sigma range).
+- Backbones are torchvision's; on CUDA bf16 autocast with TF32 matmuls by default (official: JAX on TPU).
+- --data-on-device runs FH once per stored image with scale and min_size scaled to its pixels, and draws the
+  crop windows batched on the device.
 
 Commands:
   python detcon.py                                   # CPU smoke run on built-in synthetic data
@@ -58,11 +47,11 @@ Commands:
   python detcon.py --resume auto                     # continue the run in --output-dir
   python detcon.py --variant S --masks grid          # DetCon_S on 5x5 grid masks (no scikit-image)
 
-Healthy loss: each direction averages weight x CE over rows, and an image's weights add up to its distinct
-sampled ids also drawn in the other view, so it starts near 2 * (matched distinct ids / 16) * ln(2 * B * 16):
-~12 for R50 at 224 px, B 4096 (~8 of ~12 FH masks matched); ~2.6 in the cpu preset (B 32, 4x4 grid), where it
-drifts down slowly and noisily (the run's curves.png plots it). The level moves with the share of rows with a
-positive (logged as `matched`): compare runs at equal image size, grid and masks.
+Healthy loss: each direction averages weight x CE over rows, and an image's weights add up to its matched
+distinct ids, so it starts near 2 * (matched distinct ids / 16) * ln(2 * B * 16): ~12 for R50 at 224 px,
+B 4096 (~8 of ~12 FH masks matched); ~2.6 in the cpu preset (B 32, 4x4 grid), drifting down slowly and
+noisily (curves.png). The level moves with the share of rows with a positive (logged as `matched`):
+compare runs at equal image size, grid and masks.
 """
 import copy
 import dataclasses
@@ -86,8 +75,7 @@ from common import BadInput
 @dataclasses.dataclass
 class Args(common.CommonArgs):
     arch: str = "resnet50"
-    """backbone: resnet18, resnet50 (official: resnet50), vit_small, vit_base or any torchvision model with a
-    final spatial map"""
+    """backbone: resnet18, resnet50 (official), vit_small, vit_base or a torchvision net with a spatial map"""
     epochs: int = 1000
     """pretraining epochs (ImageNet: 1000 for the headline DetCon_B result, 300 also reported)"""
     batch_size: int = 4096
@@ -125,21 +113,17 @@ class Args(common.CommonArgs):
     num_masks: int = 16
     """mask ids sampled per view (with replacement, among masks present in the view; official: 16)"""
     fh_size: int = 0
-    """FH runs on the un-augmented image scaled so its longer side is <= this; 0 = native size (official: full
-    resolution). With a smaller size, or images smaller than ImageNet's (e.g. imagenette2-224, where the
-    official values leave ~5 segments), set --fh-scale 0 --fh-min-size 0, which scale with the pixels"""
+    """FH runs on the un-augmented image scaled to a longer side <= this; 0 = native (official). Below
+    ImageNet's size (e.g. imagenette2-224: ~5 segments) set --fh-scale 0 --fh-min-size 0 (scaled to pixels)"""
     fh_scale: float = 1000
-    """FH scale (official: 1000 at full resolution); 0 = 1000 x (pixels / 400x350)^0.4 of the size FH runs at,
-    ~300 at 64-96 px"""
+    """FH scale (official: 1000, full resolution); 0 = 1000 x (FH's pixels / 400x350)^0.4, ~300 at 64-96 px"""
     fh_min_size: int = 1000
-    """FH min_size in pixels (official: 1000); 0 = 1000 x pixels / (400x350) of the size FH runs at, ~50 at
-    80 px"""
+    """FH min_size in pixels (official: 1000); 0 = 1000 x FH's pixels / (400x350), ~50 at 80 px"""
     fh_sigma: float = 0.8
     """FH Gaussian pre-smoothing (official: 0.8)"""
     mask_cache: str = "auto"
-    """auto = cache FH masks in <output-dir>/fh_cache for images >= 224 px; a directory = cache every image
-    there (share it across runs: entries are keyed on each image's pixels and the FH parameters, so a changed
-    image gets new masks); off: never"""
+    """auto = cache FH masks in <output-dir>/fh_cache for images >= 224 px; a directory = every image there
+    (shareable: keyed on the pixels and FH parameters, so a changed image gets new masks); off: never"""
     show_masks: str = ""
     """write a PNG of a few images, their two views and the masks on each view to this path, then exit"""
 
@@ -152,8 +136,8 @@ class Args(common.CommonArgs):
               "fh_scale": common.Range(0), "fh_min_size": common.Range(0), "fh_sigma": common.Range(0)}
 
 
-# ours, for small images: FH at <= 128 px with scale and min_size scaled to the pixels it runs at (fh_params);
-# the official 1000 / 1000 would leave a 64-px image one or two segments
+# ours, for small images: FH at <= 128 px with scale and min_size scaled to its pixels (fh_params); the
+# official 1000 / 1000 would leave a 64-px image one or two segments
 SMALL_FH = dict(fh_size=128, fh_scale=0, fh_min_size=0)
 PRESETS = {
     "imagenet": {},  # the official recipe, FH included: full resolution, scale 1000, min_size 1000, sigma 0.8
@@ -161,12 +145,9 @@ PRESETS = {
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, lr=1.0, trust_coefficient=0.02,
                   wd=1e-5, momentum=0.99, blur=False, epochs=1000, warmup_epochs=10, knn_every=10,
                   **SMALL_FH),
-    # ours, one quick-start tuning shared by every method file: 3 epochs of 1280 synthetic images at batch 32
-    # (120 updates, a few minutes on 2 CPU cores: README's quick-start table); AdamW at lr 1.6e-2 per 256
-    # (2e-3 here) and wd 1e-6: SGD and LARS at the published lrs learned less in our trials; EMA
-    # momentum 0.9: the target follows the online network within ~1 / (1 - m) = 10 updates, not hundreds.
-    # Small stem at 32 px -> a 4x4 final grid (a coarser grid leaves too few cells for several
-    # masks per view).
+    # ours: the quick-start tuning shared by every method file (README, "The cpu preset"); DetCon's own:
+    # small stem at 32 px -> a 4x4 final grid (a coarser one leaves too few cells for several masks per
+    # view); FH at <= 128 px with scaled parameters (SMALL_FH)
     "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=32, epochs=3, synthetic_size=1280,
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, warmup_epochs=0.5, crop_min=0.3,
                 blur=False, mlp_dim=1024, workers=2, log_every=10, **SMALL_FH),
@@ -177,18 +158,17 @@ PRESETS = {
 
 
 def detcon_loss(pred1, pred2, target1, target2, ids1, ids2, temperature=0.1):
-    """Contrastive-detection loss (paper eq. 3, official byol_nce_detcon). pred*/target* [B, M, D]
-    (un-normalised, this rank's images), ids* [B, M]. Targets are gathered across ranks. Direction 1->2: each
-    row of pred1 has as positives the target2 columns of the same image and id (label mass split evenly), as
-    negatives every other column of target1 and target2 of the global batch except target1 columns of the same
-    image and id (logit -1e9, label 0); rows are weighted by row_weights and averaged.
-    Returns loss(1->2) + loss(2->1)."""
+    """Contrastive-detection loss (paper eq. 3, official byol_nce_detcon): pred*/target* [B, M, D]
+    (un-normalised, this rank's images; targets are gathered across ranks), ids* [B, M]. Returns
+    loss(1->2) + loss(2->1)."""
     return (_one_direction(pred1, ids1, target2, ids2, target1, temperature) +
             _one_direction(pred2, ids2, target1, ids1, target2, temperature))
 
 
 def _one_direction(pred, ids, target_other, ids_other, target_same, temperature):
-    """Rows: one view's predictions; columns: both views' targets of every image of the global batch."""
+    """Rows: one view's predictions; columns: both views' targets of every image of the global batch. A row's
+    positives: the other view's columns of its image and id (label mass split evenly); its own view's columns
+    of its image and id are excluded (logit -1e9, label 0); rows weighted by row_weights, averaged."""
     b, m, _ = pred.shape
     p = F.normalize(pred.float(), dim=-1)  # [B, M, D]
     t_other = _gather(F.normalize(target_other.float(), dim=-1))  # [G, M, D], G = B * world
@@ -344,10 +324,25 @@ def cache_name(img, args):
     return os.path.join(key[:2], f"{key}.png")
 
 
+def cached_ids(path, shape, compute):
+    """Integer ids [h, w] (a mask): read from the 16-bit PNG at `path` when it holds `shape`, else compute()
+    and store them there atomically when they fit 16 bits. `path` None: always compute."""
+    if path and os.path.isfile(path):  # written atomically: never half a file
+        ids = np.asarray(Image.open(path), dtype=np.int32)
+        if ids.shape == shape:  # a guard: a file of another size was not written for this image
+            return ids
+    ids = compute()
+    if path and ids.max() < 2**16:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with common.atomic_path(path, ".png") as tmp:  # another worker or rank never reads half a file
+            Image.fromarray(ids.astype(np.uint16)).save(tmp)
+    return ids
+
+
 class MaskedImages(torch.utils.data.Dataset):
     """base[i] = (PIL image, label) -> ((image, ids [H, W] int32), label). The mask is computed from the
     un-augmented image, in the loader worker; FH masks of large images go through a disk cache in cache_dir
-    keyed by the image's pixels and the FH parameters (cache_name; 16-bit PNG at FH resolution)."""
+    (cached_ids, at FH resolution, named by cache_name)."""
     def __init__(self, base, args, cache_dir=None, cache_min_side=224):
         self.base, self.args, self.cache_dir, self.cache_min_side = base, args, cache_dir, cache_min_side
         if args.masks == "fh":
@@ -367,8 +362,8 @@ class MaskedImages(torch.utils.data.Dataset):
             return torch.from_numpy(grid_mask(h, w, a.grid_masks))
         cached = self.cache_dir and min(h, w) >= self.cache_min_side
         path = os.path.join(self.cache_dir, cache_name(img, a)) if cached else None
-        ids = common.cached_ids(path, fh_shape(h, w, a.fh_size),
-                                lambda: fh_segments(img, a.fh_size, a.fh_scale, a.fh_min_size, a.fh_sigma))
+        ids = cached_ids(path, fh_shape(h, w, a.fh_size),
+                         lambda: fh_segments(img, a.fh_size, a.fh_scale, a.fh_min_size, a.fh_sigma))
         if ids.shape != (h, w):  # back to image size, nearest, so crop boxes apply to image and mask alike
             ids = ids[(np.arange(h) * ids.shape[0] // h)[:, None],
                       (np.arange(w) * ids.shape[1] // w)[None, :]]
@@ -389,16 +384,33 @@ def reduce_mask(mask, grid):
 
 
 def crop_windows(u, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """crop_box's window for a batch of uniforms u [n, 4] (area, aspect, top, left) -> boxes [n, 4] float64
-    (top, left, height, width); torch.round is half to even, like jnp.round; the clamp to >= 1 only matters
-    for images of a few pixels; u < 1, so top and left stay in 0..h-bh and 0..w-bw."""
+    """The official crop window (BYOL's get_random_crop_window) for uniforms u [n, 4] (area, aspect, top,
+    left) -> boxes [n, 4] float64 (top, left, height, width). Each side is clamped to the image, no retries
+    (torchvision's RandomResizedCrop redraws up to 10 times until a box fits unclamped: smaller boxes)."""
     u = u.double()
     area = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, 0])  # [n]
     aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])  # [n]
+    # torch.round is half to even, like jnp.round; the clamp to >= 1 matters only for images of a few pixels
     bw = torch.round(torch.sqrt(area * aspect)).clamp(1, w)  # [n]
     bh = torch.round(torch.sqrt(area / aspect)).clamp(1, h)  # [n]
-    top, left = torch.floor(u[:, 2] * (h - bh + 1)), torch.floor(u[:, 3] * (w - bw + 1))  # [n]
+    top, left = torch.floor(u[:, 2] * (h - bh + 1)), torch.floor(u[:, 3] * (w - bw + 1))  # [n]; u < 1: fits
     return torch.stack([top, left, bh, bw], 1)  # [n, 4]
+
+
+def crop_box(h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+    """One crop_windows box, drawn from torch's RNG -> (top, left, height, width) ints."""
+    u = torch.rand(1, 4, generator=generator, dtype=torch.float64)  # area, aspect, top, left
+    return tuple(int(v) for v in crop_windows(u, h, w, scale, ratio)[0])
+
+
+def nearest_exact(ids, size):
+    """ids [..., h, w] -> [..., size, size]: each output pixel takes the id under its centre, the
+    pixel-centre convention of the bilinear image resize. (torchvision's Mask resize takes
+    floor(i * h / size): up to half an output pixel off the image's content, towards the top-left.)"""
+    h, w = ids.shape[-2:]
+    rows = (2 * torch.arange(size) + 1) * h // (2 * size)  # [size] floor((i + 0.5) * h / size), exact in ints
+    cols = (2 * torch.arange(size) + 1) * w // (2 * size)  # [size]
+    return ids[..., rows[:, None], cols[None, :]]  # [..., size, size]
 
 
 def crop_ids(ids, boxes, size):
@@ -421,32 +433,13 @@ def relabel(cells):
     return (present.cumsum(1) - 1).gather(1, flat).view(cells.shape)  # [n, V, S, S]
 
 
-def crop_box(h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
-    """The official crop window (BYOL's get_random_crop_window), one draw of torch's RNG: area ~ U(scale) x
-    h*w, log aspect ~ U(log ratio), width round(sqrt(area * aspect)), height round(sqrt(area / aspect)), each
-    clamped to the image, offset uniform over the valid positions -> (top, left, height, width). No retries
-    (torchvision's RandomResizedCrop redraws up to 10 times until a box fits unclamped: smaller boxes)."""
-    u = torch.rand(1, 4, generator=generator, dtype=torch.float64)  # area, aspect, top, left
-    return tuple(int(v) for v in crop_windows(u, h, w, scale, ratio)[0])
-
-
-def nearest_exact(ids, size):
-    """ids [..., h, w] -> [..., size, size]: each output pixel takes the id under its centre, the
-    pixel-centre convention of the bilinear image resize. (torchvision's Mask resize takes
-    floor(i * h / size): up to half an output pixel off the image's content, towards the top-left.)"""
-    h, w = ids.shape[-2:]
-    rows = (2 * torch.arange(size) + 1) * h // (2 * size)  # [size] floor((i + 0.5) * h / size), exact in ints
-    cols = (2 * torch.arange(size) + 1) * w // (2 * size)  # [size]
-    return ids[..., rows[:, None], cols[None, :]]  # [..., size, size]
-
-
-def crop_flip(img, ids, size, scale, generator=None):
+def crop_flip(img, ids, size, scale):
     """ONE crop_box and ONE horizontal flip (p 0.5) applied to the PIL image (bilinear, antialiased) and
     its ids [H, W] (nearest) alike -> (image at size x size, ids [size, size])."""
-    top, left, bh, bw = crop_box(*v2.functional.get_size(img), scale, generator=generator)
+    top, left, bh, bw = crop_box(*v2.functional.get_size(img), scale)
     img = v2.functional.resized_crop(img, top, left, bh, bw, size=[size, size], antialias=True)
     ids = nearest_exact(ids[top:top + bh, left:left + bw], size)  # [size, size]
-    if torch.rand((), generator=generator) < 0.5:
+    if torch.rand(()) < 0.5:
         img, ids = v2.functional.horizontal_flip(img), ids.flip(-1)
     return img, ids
 
@@ -474,11 +467,10 @@ def byol_colour(blur=True):
 
 
 class JointViews(common.TwoViews):
-    """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]). Each view: ONE official crop box and ONE
-    flip applied to image (bilinear) and mask (nearest) alike; colour, blur and solarize touch the image only
-    (BYOL's asymmetric pair, as MoCo v3). Both views keep the image's ids, relabelled jointly to 0..U-1
-    (U <= 2 S^2). With gpu (--gpu-aug) the views leave the worker as uint8 crops and finish() (TwoViews')
-    runs the colour ops on the device; the joint geometry always stays in the worker."""
+    """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]). Each view: crop_flip on image and mask
+    alike, then BYOL's colour ops on the image only; both views' ids relabelled jointly to 0..U-1 (U <= 2
+    S^2). With gpu (--gpu-aug) the views leave the worker as uint8 crops and finish() (TwoViews') runs the
+    colour ops on the device; the joint geometry always stays in the worker."""
     def __init__(self, img_size, crop_min, blur, grid, gpu=False):
         self.img_size, self.scale, self.grid = img_size, (crop_min, 1.0), grid
         colour = byol_colour(blur)  # the two views' colour ops (the geometry is crop_flip's, joint)
@@ -502,9 +494,8 @@ class JointViews(common.TwoViews):
 
     def finish_joint(self, run, x1, m1, x2, m2, step):
         """The batch on the device -> (view 1, cells 1 [n, S, S], view 2, cells 2). With --data-on-device x1,
-        x2 are the stored images and m1, m2 their stored ids: each view's ONE official crop box and ONE flip
-        are drawn here per sample and applied to image (roi_align) and ids (nearest) alike, then __call__'s
-        feature-grid reduction and joint relabel, batched."""
+        x2 are the stored images and m1, m2 their ids: __call__'s work, batched, with each view's box
+        (crop_windows) and flip drawn per sample and applied to image (roi_align) and ids (crop_ids) alike."""
         if not run.args.data_on_device:
             x1, x2 = self.finish(run, x1, x2, step)  # [n, 3, H, W] each
             return x1, run.to_device(m1), x2, run.to_device(m2)
@@ -572,13 +563,6 @@ def check_args(args):
     return grid
 
 
-def mask_cache(args, out):
-    """(cache folder or None, smallest image side cached) from --mask-cache. One folder serves any data and
-    FH setting: its entries are keyed on both (cache_name)."""
-    return {"auto": (os.path.join(out, "fh_cache"), 224), "off": (None, 0)}.get(args.mask_cache,
-                                                                                (args.mask_cache, 0))
-
-
 @common.user_errors
 def main(argv=None):
     args = common.parse_args(Args, PRESETS, argv)
@@ -592,8 +576,9 @@ def main(argv=None):
     stored = dataclasses.replace(args, fh_size=0, fh_scale=0, fh_min_size=0)  # the stored size's FH settings
     train_ds, steps_per_epoch = common.pretrain_data(args, run, views, ids=MaskedImages(None, stored).mask)
     if not args.data_on_device:
-        cache_dir, cache_min_side = mask_cache(args, run.out)  # --mask-cache: where FH masks are kept
-        train_ds.base = MaskedImages(train_ds.base, args, cache_dir, cache_min_side)
+        # --mask-cache: (folder, smallest image side cached); entries are keyed on image and FH settings
+        cache = {"auto": (os.path.join(run.out, "fh_cache"), 224), "off": (None, 0)}.get(args.mask_cache)
+        train_ds.base = MaskedImages(train_ds.base, args, *(cache or (args.mask_cache, 0)))
     knn = common.knn_monitor(args, run)
 
     # ---- model

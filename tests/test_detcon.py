@@ -169,8 +169,11 @@ def _np_official_crop_sides(h, w, scale, n, seed):
 @pytest.mark.parametrize("scale", [(0.08, 1.0), (0.3, 1.0)])
 def test_crop_box_follows_the_official_window_not_torchvision_retries(scale):
     h, w, n = 375, 500, 20000  # a typical ImageNet image, landscape: the box height gets clamped often
+    # the n draws batched (crop_windows), the first ones checked against crop_box's draws from the same stream
+    u = torch.rand(n, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)  # [n, 4]
+    boxes = detcon.crop_windows(u, h, w, scale).long().numpy()  # [n, 4] top left bh bw
     g = torch.Generator().manual_seed(0)
-    boxes = np.array([detcon.crop_box(h, w, scale, generator=g) for _ in range(n)])  # [n, 4] top left bh bw
+    assert [detcon.crop_box(h, w, scale, generator=g) for _ in range(200)] == [tuple(b) for b in boxes[:200]]
     top, left, bh, bw = boxes.T
     assert np.all((top >= 0) & (left >= 0) & (bh >= 1) & (bw >= 1) & (top + bh <= h) & (left + bw <= w))
     got_area = bh * bw / (h * w)
@@ -188,7 +191,7 @@ def test_crop_box_follows_the_official_window_not_torchvision_retries(scale):
         torch.manual_seed(0)
         img = torch.zeros(3, h, w)
         tv = np.array([np.prod(T.RandomResizedCrop.get_params(img, list(scale), [3 / 4, 4 / 3])[2:])
-                       for _ in range(n)]) / (h * w)
+                       for _ in range(n // 4)]) / (h * w)  # the means differ by ~0.08, ~20 standard errors
         assert want_area.mean() - tv.mean() > 0.05  # torchvision's retries give clearly smaller boxes
         assert abs(got_area.mean() - tv.mean()) > 0.05
 
