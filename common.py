@@ -997,21 +997,6 @@ class FlatFolder(torch.utils.data.Dataset):
         return load_image(self.files[i]), -1
 
 
-def cached_ids(path, shape, compute):
-    """Integer ids [h, w] (a mask): read from the 16-bit PNG at `path` when it holds `shape`, else compute()
-    and store them there atomically when they fit 16 bits. `path` None: always compute."""
-    if path and os.path.isfile(path):  # written atomically: never half a file
-        ids = np.asarray(Image.open(path), dtype=np.int32)
-        if ids.shape == shape:  # a guard: a file of another size was not written for this image
-            return ids
-    ids = compute()
-    if path and ids.max() < 2**16:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with atomic_path(path, ".png") as tmp:  # another worker or rank never reads half a file
-            Image.fromarray(ids.astype(np.uint16)).save(tmp)
-    return ids
-
-
 # -------- data-study knobs: --subset, --corrupt, --data A,B
 
 def pretrain_base(args):
