@@ -8,32 +8,23 @@ Protocols (the summary's `protocol` says which one produced a number):
             no warmup; RandomResizedCrop + flip for train, resize + centre crop for val.
   finetune  every weight trained (as linear, but wd 1e-4 and lr 0.1 x B/256); with `--pretrained none` the
             supervised-from-scratch baseline.
-  seg       frozen linear segmentation probe (Leopart / VICRegL): the final map (ResNet layer4, ViT patch
-            tokens) of every train image cached once, unaugmented, standardised per channel; a 1x1 conv whose
-            logits, upsampled bilinearly to --seg-res, meet the masks resized nearest: cross-entropy (255
-            ignored) + wd/2 ||W||^2, by full-batch L-BFGS from zero to convergence, or 1000 iterations.
-  seg-knn   dense retrieval (Hummingbird-style): a bank of (feature, label distribution) of every final-grid
-            train cell, centred and L2-normalised; a val cell takes the distributions of its k most similar
-            cells weighted softmax(sim / T), upsampled bilinearly; argmax. k = 5, T = 0.02.
-linear, finetune and seg check the frozen backbone unchanged at the end.
-
-Dense --data: `synthetic` (0 background, shape class + 1), a PASCAL VOC 2012 root (SegmentationClassAug/ and
-train_aug.txt for train when present) or a folder {train,val}/images/* + {train,val}/masks/<stem>.png of
-class ids; 255 = ignore. Without --img-size the size is doubled until the final grid is 8x8. Dense metrics
-(percent, val split, masks at --img-size): miou over the classes in ground truth or prediction, miou_fg
-(background left out), floor_miou (background everywhere), pixel_acc, iou per class.
+  seg       frozen linear segmentation probe (Leopart / VICRegL): a 1x1 conv on the final maps (ResNet layer4,
+            ViT patch tokens) of the train images, cached once, unaugmented, standardised per channel; its
+            logits upsampled to --seg-res, cross-entropy (255 ignored) + L2, full-batch L-BFGS to convergence.
+  seg-knn   dense retrieval (Hummingbird-style): each val cell takes the label distributions of its k = 5 most
+            similar (centred, cosine) train cells, weighted softmax(sim / 0.02); no training.
+linear, finetune and seg check the frozen backbone unchanged at the end. The dense modes' data (synthetic, a
+PASCAL VOC 2012 root or {train,val}/images + masks), image size and metrics: README.md, "Evaluation".
 
 `--pretrained`: a checkpoint.pth or backbone.pth of any training script (its arch, stem and image size are
 used; a conflicting flag is an error, but for --img-size in the dense modes), or `none` (random init).
 
   python eval_linear.py --pretrained runs/mocov3/backbone.pth --mode knn
   torchrun --nproc_per_node=8 eval_linear.py --pretrained backbone.pth --mode linear --data /imagenet
-  python eval_linear.py --pretrained none --mode finetune   # supervised baseline
   python eval_linear.py --pretrained runs/densecl/backbone.pth --mode seg --show-seg seg.png
-  python eval_linear.py --pretrained backbone.pth --mode seg --data VOC2012   # 448 px, loss at 100x100
 
-The last line printed is a JSON summary: top1 and top5, or the dense metrics, eval_s and (seg) probe_loss,
-probe_iters, probe_grad, converged; val_images (each counted once, also under torchrun) and protocol.
+The last line printed is a JSON summary: top1 and top5 or the dense metrics (and seg's fit), val_images (each
+counted once, also under torchrun) and protocol.
 """
 import argparse
 import dataclasses
@@ -42,7 +33,6 @@ import math
 import os
 import sys
 import time
-from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -137,7 +127,6 @@ MIN_GRID = 8
 
 # ============================================================================ main
 
-
 @common.user_errors
 def main(argv=None):
     args, sd, meta = parse(argv)
@@ -152,14 +141,8 @@ def main(argv=None):
 def parse(argv):
     """(Args, the --pretrained weights or None, the file's record); every refusal comes before any work."""
     argv = sys.argv[1:] if argv is None else argv
-    first = argparse.ArgumentParser(add_help=False, exit_on_error=False)  # --mode picks the preset values
-    first.add_argument("--mode", default=Args.mode)
-    try:
-        mode = first.parse_known_args(argv)[0].mode
-    except argparse.ArgumentError:  # --mode without a value: the full parse says so in one line
-        mode = Args.mode
-    args = common.parse_args(Args, presets(mode), argv)
-    given = {a.lstrip("-").split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    given = given_flags(argv)
+    args = common.parse_args(Args, presets(given.get("mode", Args.mode)), argv)  # --mode picks the presets
     if args.mode not in MODES:
         raise common.BadInput(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
     for flag, modes in MODE_FLAGS.items():
@@ -185,15 +168,31 @@ def parse(argv):
     return args, sd, meta
 
 
+def given_flags(argv):
+    """{field: value} of the flags argv gives, each resolved as common.parse_args resolves it (argparse takes
+    an unambiguous prefix: --img for --img-size); {} where argv does not parse (that parse says why)."""
+    p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    p.add_argument("-h", "--help", action="store_true")  # the options of that parser: prefixes resolve alike
+    for f in dataclasses.fields(Args):
+        if f.name not in Args.not_flags:
+            p.add_argument("--" + f.name.replace("_", "-"),
+                           action=argparse.BooleanOptionalAction if f.type is bool else "store")
+
+    def unparsed(message):  # instead of argparse's usage block and exit
+        raise ValueError(message)
+    p.error = unparsed
+    try:
+        return vars(p.parse_known_args(argv)[0])
+    except ValueError:
+        return {}
+
+
 def load_backbone(path):
     """(state_dict, meta) from a backbone.pth or checkpoint.pth; BadInput if it is neither."""
     obj = common.load_file(path)
     if isinstance(obj, dict) and "model" in obj and "args" in obj:  # training checkpoint: the online backbone
-        model = obj["model"]
-        sd = OrderedDict((k[len("backbone."):], v) for k, v in model.items() if k.startswith("backbone."))
-        a = obj["args"]
-        meta = {"method": obj.get("method"), "encoder": "online", "arch": a.get("arch"),
-                "stem": a.get("stem"), "img_size": a.get("img_size")}
+        sd = {k.removeprefix("backbone."): v for k, v in obj["model"].items() if k.startswith("backbone.")}
+        meta = {"method": obj.get("method"), **{k: obj["args"].get(k) for k in ("arch", "stem", "img_size")}}
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         sd, meta = obj, dict(getattr(obj, "_metadata", {}).get("effssl", {}))
     else:
@@ -322,7 +321,6 @@ def data_note(args, train):
 
 # ============================================================================ knn
 
-
 def knn(args, meta, net, dim, run):
     """--mode knn: weighted kNN of the val images against the train images' features."""
     train, val = eval_splits(args)
@@ -335,8 +333,6 @@ def knn(args, meta, net, dim, run):
 
 
 # ============================================================================ linear, finetune
-# one training loop: the linear probe trains the head on the frozen backbone, fine-tuning trains both
-
 
 def train_head(args, meta, net, dim, run):
     """--mode linear / finetune: train a linear head (fine-tuning: and the backbone), then top-1/top-5."""
@@ -395,7 +391,7 @@ def train_head(args, meta, net, dim, run):
 
 def device_train_batch(run, x, step):
     """The train transform on the device (--data-on-device): stored uint8 images [n, 3, S, S] ->
-    RandomResizedCrop (scale 0.08-1) + flip per sample, normalised [n, 3, img_size, img_size]."""
+    RandomResizedCrop (its default scale, 0.08-1) + flip per sample, normalised [n, 3, img_size, img_size]."""
     gen = common.device_generator(run, step)
     x = common.normalize(common.device_crops(x.float().div_(255), run.args.img_size, (0.08, 1.0), gen))
     return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
@@ -551,8 +547,9 @@ def confusion_matrix(pred, gt, n_classes):
 
 
 def seg_metrics(conf, floor=True):
-    """The dense metrics of the module docstring from a confusion matrix [C, C]; a class in neither ground
-    truth nor prediction has no IoU (None)."""
+    """From a confusion matrix [C, C], in percent: miou over the classes in ground truth or prediction (iou
+    None for a class in neither), miou_fg (background left out), pixel_acc, iou per class and floor_miou (the
+    miou of background predicted everywhere)."""
     c = conf.double()
     tp = c.diag()  # [C]
     union = c.sum(0) + c.sum(1) - tp  # [C] gt or predicted
@@ -760,7 +757,7 @@ def bank_entries(feats, ids, n_classes):
 
 def unit_cells(cells, mean):
     """cells [M, D] centred on mean [D] and L2-normalised, in place (the bank can be most of the memory)."""
-    return cells.sub_(mean).div_(torch.linalg.vector_norm(cells, dim=1, keepdim=True).clamp_(min=1e-12))
+    return F.normalize(cells.sub_(mean), dim=1, out=cells)
 
 
 def knn_scores(feats, mean, bank, bank_dist, k, t):

@@ -22,6 +22,7 @@ def test_knn_reports_k_clamped_to_the_bank_and_the_labels_per_class_used(tmp_pat
 @pytest.mark.parametrize("flags, expected", [
     (["--mode", "knn", "--show-seg", "x.png"], "--show-seg does nothing in --mode knn"),
     (["--mode", "knn", "--epochs", "3"], "--epochs does nothing in --mode knn"),
+    (["--mode", "knn", "--epo", "3"], "--epochs does nothing in --mode knn"),  # a prefix is the flag
     (["--mode", "seg", "--knn-k", "3"], "--knn-k does nothing in --mode seg"),
     (["--mode", "seg-knn", "--labels-per-class", "2"], "--labels-per-class does nothing in --mode seg-knn"),
     (["--mode", "linear", "--seg-res", "8"], "--seg-res does nothing in --mode linear"),
@@ -83,11 +84,11 @@ class Stop(Exception):
 
 def test_an_explicit_flag_wins_over_the_dense_preset_even_abbreviated(tmp_path, monkeypatch):
     """argparse takes an unambiguous prefix of a flag (--img for --img-size): the dense preset must not
-    replace what the flag says (96 px: a 12x12 grid, nothing to double)."""
+    replace what the flag says, nor the size be doubled to an 8x8 grid (32 px: 4x4)."""
     def stop(args, method):
         raise Stop(args)
     monkeypatch.setattr(E.common, "setup", stop)
-    for flags, size in ((["--img", "96"], 96), (["--img-size=48"], 48), ([], 64)):
+    for flags, size in ((["--img", "96"], 96), (["--img", "32"], 32), (["--img-size=48"], 48), ([], 64)):
         with pytest.raises(Stop) as e:
             E.main(["--mode", "seg", *flags, "--output-dir", str(tmp_path)])
         assert e.value.args[0].img_size == size and e.value.args[0].stem == "small", flags
