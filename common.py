@@ -141,17 +141,14 @@ class CommonArgs:
 def parse_args(cls, presets, argv=None):
     """Dataclass -> argparse. Precedence: explicit flag > preset > dataclass default. --help lists the
     method's own hyperparameters first, then the shared plumbing, each with the values the presets set.
-    The names of the flags given on the command line are in args.given (a frozenset; not a field)."""
-    docs = field_docs(cls)
-    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
-    p = _Parser(description=doc, argument_default=argparse.SUPPRESS, epilog=PRESET_HELP)
-    method = p.add_argument_group("method hyperparameters")
-    plumbing = p.add_argument_group("data, run and plumbing (shared by every script)")
-    common_fields = {f.name for f in dataclasses.fields(CommonArgs)}
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in common_fields):  # the method's own first
-        if f.name in getattr(cls, "not_flags", ()):  # shared fields that mean nothing to this script
-            continue
-        _add_flag(plumbing if f.name in common_fields else method, f, _help(f, docs.get(f.name, ""), presets))
+    `presets`: {name: {field: value}}, or a function of the given flags ({field: value}) that returns it
+    (eval_linear's table depends on --mode). The names of the flags given are in args.given (not a field)."""
+    if callable(presets):  # a first parse, without --help, reads the flags the table depends on
+        try:
+            presets = presets(vars(_parser(cls, {}, add_help=False).parse_known_args(argv)[0]))
+        except BadInput:
+            presets = presets({})  # the full parse below says what is wrong
+    p = _parser(cls, presets)
     given = vars(p.parse_args(argv))
     preset = given.get("preset", "auto")
     if preset == "auto":
@@ -234,6 +231,21 @@ def field_docs(cls):
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line, exit 2 (argparse would print the usage block first)
         raise BadInput(f"{message} (see --help)")
+
+
+def _parser(cls, presets, add_help=True):
+    """The parser of cls's fields: the method's own hyperparameters first, then CommonArgs' plumbing."""
+    docs = field_docs(cls)
+    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
+    p = _Parser(description=doc, argument_default=argparse.SUPPRESS, epilog=PRESET_HELP, add_help=add_help)
+    method = p.add_argument_group("method hyperparameters")
+    plumbing = p.add_argument_group("data, run and plumbing (shared by every script)")
+    common_fields = {f.name for f in dataclasses.fields(CommonArgs)}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in common_fields):  # the method's own first
+        if f.name in getattr(cls, "not_flags", ()):  # shared fields that mean nothing to this script
+            continue
+        _add_flag(plumbing if f.name in common_fields else method, f, _help(f, docs.get(f.name, ""), presets))
+    return p
 
 
 CHOICES = {"arch": ARCH_NAMES, "stem": ("imagenet", "small"), "precision": ("auto", "fp32", "bf16", "fp16"),

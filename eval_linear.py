@@ -26,12 +26,10 @@ used; a conflicting flag is an error, but for --img-size in the dense modes), or
 The last line printed is a JSON summary: top1 and top5 or the dense metrics (and seg's fit), val_images (each
 counted once, also under torchrun) and protocol.
 """
-import argparse
 import dataclasses
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -140,9 +138,8 @@ def main(argv=None):
 
 def parse(argv):
     """(Args, the --pretrained weights or None, the file's record); every refusal comes before any work."""
-    argv = sys.argv[1:] if argv is None else argv
-    given = given_flags(argv)
-    args = common.parse_args(Args, presets(given.get("mode", Args.mode)), argv)  # --mode picks the presets
+    args = common.parse_args(Args, lambda flags: presets(flags.get("mode", Args.mode)), argv)  # per --mode
+    given = args.given  # the flags given (abbreviations resolved)
     if args.mode not in MODES:
         raise common.BadInput(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
     for flag, modes in MODE_FLAGS.items():
@@ -166,25 +163,6 @@ def parse(argv):
     if args.show_seg:
         common.check_output_file("--show-seg", args.show_seg, args.output_dir)
     return args, sd, meta
-
-
-def given_flags(argv):
-    """{field: value} of the flags argv gives, each resolved as common.parse_args resolves it (argparse takes
-    an unambiguous prefix: --img for --img-size); {} where argv does not parse (that parse says why)."""
-    p = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
-    p.add_argument("-h", "--help", action="store_true")  # the options of that parser: prefixes resolve alike
-    for f in dataclasses.fields(Args):
-        if f.name not in Args.not_flags:
-            p.add_argument("--" + f.name.replace("_", "-"),
-                           action=argparse.BooleanOptionalAction if f.type is bool else "store")
-
-    def unparsed(message):  # instead of argparse's usage block and exit
-        raise ValueError(message)
-    p.error = unparsed
-    try:
-        return vars(p.parse_known_args(argv)[0])
-    except ValueError:
-        return {}
 
 
 def load_backbone(path):
