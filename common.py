@@ -87,11 +87,9 @@ class CommonArgs:
     gpu_aug: bool = False
     """photometric augmentation batched on the device (per-sample parameters); workers decode, crop, flip"""
     data_on_device: bool = False
-    """decode the data set once into one uint8 tensor held on the device; crops, flips and colour run there,
-    batched and per sample (no loader workers); for data that fits in memory (synthetic, CIFAR, Imagenette)"""
+    """hold the data set decoded on the device; crops, flips and colour run there, per sample (no workers)"""
     store_size: int = 0
-    """--data-on-device: side of the stored square images (0 = native for synthetic, CIFAR and STL-10, else
-    1.25 x --img-size, as lightly stores Imagenette at 160 px for 128-px crops)"""
+    """--data-on-device: side of the stored images (0 = native for built-in sets, else 1.25 x --img-size)"""
     precision: str = "auto"
     """fp32, bf16 or fp16 (GradScaler); auto = bf16 on CUDA, fp32 on CPU"""
     channels_last: bool = False
@@ -103,16 +101,13 @@ class CommonArgs:
     output_dir: str = ""
     """run directory; default runs/<method>"""
     resume: str = ""
-    """auto (latest checkpoint in --output-dir, if any), a checkpoint path, or empty for a fresh run (refused
-    where --output-dir holds a run's checkpoint.pth or backbone.pth, unless --overwrite)"""
+    """auto (the checkpoint in --output-dir, if any), a checkpoint path, or empty for a fresh run"""
     overwrite: bool = False
-    """a fresh run replaces the run in --output-dir: once every check has passed, its checkpoint.pth,
-    backbone.pth, log.jsonl, curves.png and tb/ are deleted (other files, such as a mask cache, stay)"""
+    """a fresh run replaces the run in --output-dir (its checkpoint, backbone, log, curves and tb/ go)"""
     max_steps: int = 0
     """stop after this many optimizer steps in total (0 = run all epochs); for smoke tests and benchmarks"""
     time_limit: float = 0
-    """end the run cleanly (kNN, checkpoint, backbone.pth, summary) after this many seconds of training
-    (evaluation excluded; 0 = no limit): a slower device trains fewer steps instead of being cut off"""
+    """end the run cleanly after this many seconds of training (evaluation excluded; 0 = no limit)"""
     knn_every: int = 1
     """run the weighted-kNN monitor on the labeled val split every N epochs (0 = off)"""
     knn_k: int = 200
@@ -126,8 +121,7 @@ class CommonArgs:
     save_every: int = 0
     """also save checkpoint.pth every N steps (0 = at the end of each epoch only)"""
     save_epochs: int = 1
-    """save checkpoint.pth at the end of every N-th epoch and of the run (raise it when epochs take seconds:
-    a checkpoint can then cost more than its epoch)"""
+    """save checkpoint.pth every N epochs and at the end (raise it when a save costs more than an epoch)"""
     synthetic_size: int = 2560
     """number of images in the synthetic train split (val split: a fifth of it)"""
     subset: int = 0
@@ -1548,45 +1542,19 @@ VIT_SIZES = {"vit_small": dict(hidden_dim=384, mlp_dim=1536, num_heads=12),
 
 
 def build_backbone(arch, stem="imagenet", img_size=224, freeze_patch_proj=True, spatial=False):
-    """torchvision backbone with the classifier removed -> (net, feature dim). net(x) is the pooled
-    feature [N, C] (ResNet: global average pool; ViT: class token; any other model of torchvision's registry:
-    its own forward up to its last Linear, which becomes Identity). spatial=True (DenseCL, DetCon): dim is
-    the channels of the final spatial map (feature_map), and the parameters the map does not reach (e.g.
-    MobileNetV3's hidden Linear after the pool) are frozen: never read, DDP would find them unused."""
-    if arch.startswith(RESNETS):
-        net = getattr(torchvision.models, arch)(zero_init_residual=True)
-        if stem == "small":  # CIFAR-style stem: keeps 32-px inputs at 32x32 into layer1
-            net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
-            net.maxpool = nn.Identity()
-        dim, net.fc = net.fc.in_features, nn.Identity()
-        return net, dim
-    if arch not in VIT_SIZES:
-        net = registry_model(arch, img_size)
-        dim = strip_classifier(net, arch)
-        net.effssl_arch = (arch, img_size)  # for feature_map (a plain attribute: no state_dict key)
-        if spatial and not isinstance(net, torchvision.models.VisionTransformer):  # ViT: its patch tokens
-            found = traced_map(arch, img_size)
-            net.map_forward = found.forward  # a plain attribute: no state_dict key
-            for name, p in net.named_parameters():
-                if name not in found.params:
-                    p.requires_grad_(False)
-            dim = found.shape[1]
-        return net, dim
-    if img_size % 16:
-        raise BadInput(f"--img-size {img_size} is not a multiple of the ViT patch size 16")
-    net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12,
-                                               **VIT_SIZES[arch])
-    dim, net.heads = net.hidden_dim, nn.Identity()
-    grid = img_size // 16
-    # MoCo v3: fixed 2-D sin-cos position embedding (not learned); zero for the class token
-    net.encoder.pos_embedding.data.copy_(torch.cat([torch.zeros(1, 1, dim), sincos_pos_embed(dim, grid)], 1))
-    net.encoder.pos_embedding.requires_grad = False
-    # MoCo v3: uniform (Xavier-like) init of the patch projection, optionally frozen ("random patch
-    # projection" stabilises training: the paper's fix for the loss spikes)
-    val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
-    nn.init.uniform_(net.conv_proj.weight, -val, val)
-    nn.init.zeros_(net.conv_proj.bias)
-    net.conv_proj.requires_grad_(not freeze_patch_proj)
+    """torchvision backbone with the classifier removed -> (net, feature dim). net(x) is the pooled feature
+    [N, C]: ResNet's global average pool, ViT's class token, any other registry model's forward up to its
+    last Linear (made Identity). spatial=True (DenseCL, DetCon): dim is the channels of the final spatial
+    map (feature_map), and the parameters the map never reads are frozen (DDP would find them unused)."""
+    if arch in VIT_SIZES:
+        return moco_vit(arch, img_size, freeze_patch_proj)
+    if not arch.startswith(RESNETS):
+        return registry_backbone(arch, img_size, spatial)
+    net = getattr(torchvision.models, arch)(zero_init_residual=True)
+    if stem == "small":  # CIFAR-style stem: keeps 32-px inputs at 32x32 into layer1
+        net.conv1 = nn.Conv2d(3, 64, kernel_size=3, stride=1, padding=1, bias=False)
+        net.maxpool = nn.Identity()
+    dim, net.fc = net.fc.in_features, nn.Identity()
     return net, dim
 
 
@@ -1611,6 +1579,8 @@ def final_grid(arch, stem, img_size):
     """Side of the final feature map for this backbone and input size (BadInput if it has none)."""
     return map_shape(arch, stem, img_size)[1]
 
+
+# -------- backbone checks; any model of torchvision's registry: its final map
 
 def map_shape(arch, stem, img_size):
     """(channels, side) of the final spatial map at this input size; BadInput when the arch has none."""
@@ -1650,7 +1620,20 @@ def grid_advice(arch, stem, grid):
     return f"use --img-size {size} or more" + (", or --stem small" if stem != "small" else "")
 
 
-# -------- any model of torchvision's registry: its final map
+def registry_backbone(arch, img_size, spatial):
+    """build_backbone for any other model of torchvision's registry -> (net, dim)."""
+    net = registry_model(arch, img_size)
+    dim = strip_classifier(net, arch)
+    net.effssl_arch = (arch, img_size)  # for feature_map (a plain attribute: no state_dict key)
+    if spatial and not isinstance(net, torchvision.models.VisionTransformer):  # ViT: its patch tokens
+        found = traced_map(arch, img_size)
+        net.map_forward = found.forward  # a plain attribute: no state_dict key
+        for name, p in net.named_parameters():
+            if name not in found.params:
+                p.requires_grad_(False)
+        dim = found.shape[1]
+    return net, dim
+
 
 def registry_model(arch, img_size):
     """torchvision.models.get_model(arch), random init. Its ViTs and MaxViT fix their input size when built;
@@ -1789,7 +1772,27 @@ def traced_map(arch, img_size):
     return TracedMap(node, shape, forward, params)
 
 
-# -------- MoCo v3's ViT position embedding
+# -------- MoCo v3's ViT
+
+def moco_vit(arch, img_size, freeze_patch_proj):
+    """build_backbone for MoCo v3's ViT-S/16 and ViT-B/16 -> (net, dim)."""
+    if img_size % 16:
+        raise BadInput(f"--img-size {img_size} is not a multiple of the ViT patch size 16")
+    net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12,
+                                               **VIT_SIZES[arch])
+    dim, net.heads = net.hidden_dim, nn.Identity()
+    grid = img_size // 16
+    # MoCo v3: fixed 2-D sin-cos position embedding (not learned); zero for the class token
+    net.encoder.pos_embedding.data.copy_(torch.cat([torch.zeros(1, 1, dim), sincos_pos_embed(dim, grid)], 1))
+    net.encoder.pos_embedding.requires_grad = False
+    # MoCo v3: uniform (Xavier-like) init of the patch projection, optionally frozen ("random patch
+    # projection" stabilises training: the paper's fix for the loss spikes)
+    val = math.sqrt(6.0 / float(3 * 16 * 16 + dim))
+    nn.init.uniform_(net.conv_proj.weight, -val, val)
+    nn.init.zeros_(net.conv_proj.bias)
+    net.conv_proj.requires_grad_(not freeze_patch_proj)
+    return net, dim
+
 
 def sincos_pos_embed(dim, grid, temperature=10000.0):
     """MoCo v3's 2-D sin-cos position embedding -> [1, grid*grid, dim]."""
