@@ -482,10 +482,9 @@ class Run:
 
 
 def setup(args, method):
-    """torchrun-native setup: every check that needs no data, then process group (only when WORLD_SIZE > 1),
-    device, seeds. A --resume checkpoint is read and checked here (under the folder's lock when the folder has
-    one). Nothing is written: the folder, its lock and args.json come with the run's first write (Run.start,
-    from the Logger), after the data, the model and the resumed state have passed their checks too."""
+    """torchrun-native setup: every check that needs no data, device, process group (when WORLD_SIZE > 1),
+    seeds; the --resume checkpoint read and checked. Nothing is written: the folder, its lock and args.json
+    come with the run's first write (Run.start, from the Logger), once data, model and state have passed."""
     check_paths(args)
     check_input(args.arch, args.img_size, args.img_size, "--img-size")  # e.g. a ViT size off its patch grid
     args.output_dir = args.output_dir or os.path.join("runs", method)
@@ -493,20 +492,10 @@ def setup(args, method):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.batch_size % world:
         raise BadInput(f"global --batch-size {args.batch_size} is not divisible by the world size {world}")
-    cuda = torch.cuda.is_available()
-    if args.precision == "auto":
-        args.precision = "bf16" if cuda else "fp32"
-    if args.precision == "fp16" and not cuda:  # measured: about 11x slower than fp32 on a CPU
-        raise BadInput("--precision fp16 needs a CUDA GPU: a CPU emulates it, many times slower than fp32 "
-                       "(use fp32, the CPU default, or bf16)")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = pick_device(args, local_rank)  # and --precision auto -> bf16 on CUDA, fp32 on a CPU
     refused = lock_output_dir(args.output_dir, create=False) if rank == 0 else None  # an existing .lock only
     if world > 1 and not dist.is_initialized():  # one process group serves every run of this process
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     agree_on_lock(refused, world)  # BadInput on every rank when rank 0 was refused
     stamp = checkpoint_stamp(args)
     checkpoint = find_checkpoint(args, method)  # BadInput unless its method and the flags of a step match
@@ -541,7 +530,26 @@ def prepare_model(model, run, sync_bn):
     return model, step_model
 
 
-# -------- run lock: one run per output folder
+# -------- device; run lock: one run per output folder
+
+def pick_device(args, local_rank):
+    """This process's device (cuda:LOCAL_RANK, else the CPU), with cuDNN autotuning and TF32 on CUDA; sets
+    --precision auto."""
+    cuda = torch.cuda.is_available()
+    if args.precision == "auto":
+        args.precision = "bf16" if cuda else "fp32"
+    if args.precision == "fp16" and not cuda:  # measured: about 11x slower than fp32 on a CPU
+        raise BadInput("--precision fp16 needs a CUDA GPU: a CPU emulates it, many times slower than fp32 "
+                       "(use fp32, the CPU default, or bf16)")
+    if not cuda:
+        return torch.device("cpu")
+    device = torch.device("cuda", local_rank)
+    torch.cuda.set_device(device)
+    torch.backends.cudnn.benchmark = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    return device
+
+
 
 try:
     import fcntl
@@ -2300,7 +2308,7 @@ class Logger:
         if step - self.start == self.WARMUP:  # the throughput clock starts
             self.sync()
             self.t_warm = time.perf_counter()
-        if self.time_up():
+        if time_up(self):
             self.total = step  # this step is the run's last: log it, then kNN, checkpoint, export, summary
         if step % self.run.args.log_every and step != self.total:
             return
@@ -2327,19 +2335,6 @@ class Logger:
             print(f"ep {epoch:.2f} step {step}/{self.total} loss {loss:.4f}{extra} img/s {img_per_s:.1f} "
                   f"data {100 * data_frac:.0f}% eta {eta / 60:.1f}m", flush=True)
             self.write(rec)
-
-    def time_up(self):
-        """--time-limit reached (training seconds, evaluation excluded), on every rank at the same step: alone
-        checked every step; distributed, the ranks agree every --log-every steps (as stop_requested)."""
-        args = self.run.args
-        if not args.time_limit or (self.run.world > 1 and self.step % args.log_every):
-            return False
-        up = time.perf_counter() - self.t0 - self.eval_s >= args.time_limit
-        if self.run.world > 1:
-            flag = torch.tensor(float(up), device=self.run.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            up = bool(flag)
-        return up
 
     def evaluate(self, net, knn, epoch):
         """End of an epoch: the kNN monitor of `net` every --knn-every epochs and after the last step."""
@@ -2368,18 +2363,9 @@ class Logger:
         so and prints the summary it ended with, appending nothing to log.jsonl."""
         if self.finished and self.step == self.start:
             return repeat_summary(self, extra)
-        self.sync()
-        steps, end = self.step - self.start - self.WARMUP, self.t_end or time.perf_counter()
-        img_per_s = step_ms = data_frac = None
-        if self.t_warm and steps > 0:  # over the steps after the warm-up, evaluation left out
-            dt = end - self.t_warm - self.excluded
-            img_per_s, step_ms = steps * self.run.args.batch_size / dt, 1000 * dt / steps
-            data_frac = self.data_warm / dt
-        train_s = end - self.t0 - (self.eval_end if self.t_end else self.eval_s)  # evaluation excluded
-        rec = {"event": "summary", "method": self.run.method, "steps": self.step, "img_per_s": img_per_s,
-               "step_ms": step_ms, "data_time_frac": data_frac, "peak_mem_mb": peak_mem_mb(self.run.device),
-               "loss": self.last.get("loss"), "knn_top1": self.last.get("knn_top1"),
-               "epochs": round(self.step / self.spe, 4), "train_s": train_s, **extra}
+        rec = {"event": "summary", "method": self.run.method, "steps": self.step, **run_totals(self),
+               "peak_mem_mb": peak_mem_mb(self.run.device), "loss": self.last.get("loss"),
+               "knn_top1": self.last.get("knn_top1"), "epochs": round(self.step / self.spe, 4), **extra}
         if self.run.main:
             self.write(rec)
             self.file.close()
@@ -2422,6 +2408,33 @@ def tensorboard_writer():
     except ImportError:
         raise BadInput("--tensorboard needs the tensorboard package: pip install tensorboard") from None
     return SummaryWriter
+
+
+def time_up(log):
+    """--time-limit reached (training seconds, evaluation excluded), on every rank at the same step: alone
+    checked every step; distributed, the ranks agree every --log-every steps (as stop_requested)."""
+    args = log.run.args
+    if not args.time_limit or (log.run.world > 1 and log.step % args.log_every):
+        return False
+    up = time.perf_counter() - log.t0 - log.eval_s >= args.time_limit
+    if log.run.world > 1:
+        flag = torch.tensor(float(up), device=log.run.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        up = bool(flag)
+    return up
+
+
+def run_totals(log):
+    """The summary's clock: img_per_s, step_ms and data_time_frac over the steps after the warm-up (None
+    without any), evaluation left out; train_s from the start to the last step, evaluation excluded."""
+    log.sync()
+    steps, end = log.step - log.start - log.WARMUP, log.t_end or time.perf_counter()
+    out = dict(img_per_s=None, step_ms=None, data_time_frac=None)
+    if log.t_warm and steps > 0:
+        dt = end - log.t_warm - log.excluded
+        out = dict(img_per_s=steps * log.run.args.batch_size / dt, step_ms=1000 * dt / steps,
+                   data_time_frac=log.data_warm / dt)
+    return {**out, "train_s": end - log.t0 - (log.eval_end if log.t_end else log.eval_s)}
 
 
 def read_jsonl(path):

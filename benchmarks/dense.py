@@ -209,8 +209,8 @@ def measure_memory(path, train_images=1464, img_size=448, stride=32, dim=2048, n
         f"ResNet-50: {train_images} train images at {img_size} px -> {grid}x{grid} final cells of {dim} "
         f"channels, {n_classes} classes, k={k}; and the seg probe's cache (`--mode seg`) for train_aug.",
         f"The vote's peak does not grow with the bank or the val split: queries are taken {E.QUERY_CHUNK} "
-        f"cells at a time and the bank is scanned {common.BANK_CHUNK} cells at a time with a running top-k. The "
-        f"bank dominates: about {(bank_mb + vote_mb) / 1024:.1f} GiB in all for VOC train (train_aug's "
+        f"cells at a time and the bank is scanned {common.BANK_CHUNK} cells at a time with a running top-k. "
+        f"The bank dominates: about {(bank_mb + vote_mb) / 1024:.1f} GiB in all for VOC train (train_aug's "
         f"10,582 images: {aug_gib:.1f} GiB of bank) besides the backbone and one val batch. Under torchrun "
         f"every rank holds the whole gathered bank (plus the padded copies while gathering). The seg probe "
         f"keeps every train cell (fp32 on a CPU: twice the fp16 figure) and evaluates its loss "

@@ -160,7 +160,8 @@ def test_chunked_vote_equals_a_direct_top_k():
     w = np.exp(np.take_along_axis(sim, idx, 1) / t)
     ref = (w[..., None] * dist.numpy()[idx]).sum(1) / w.sum(1, keepdims=True)
     for chunk in (7, 50, 1000):
-        assert np.allclose(common.knn_vote(q, bank, dist, k, t, bank_chunk=chunk).numpy(), ref, atol=1e-6), chunk
+        votes = common.knn_vote(q, bank, dist, k, t, bank_chunk=chunk).numpy()
+        assert np.allclose(votes, ref, atol=1e-6), chunk
 
 
 def one_hot_batch(rng, n, n_classes, grid=4, cell=8):

@@ -139,3 +139,19 @@ def test_densecl_encoder_outputs_have_names_and_shapes():
     assert out.global_out.shape == (2, 16) and out.dense_out.shape == (2, 16, 16)  # [n, D], [n, D, S^2]
     assert out.fmap.shape == (2, 512, 4, 4)  # [n, C, S, S]: what match_locations takes
     assert plain.global_out.shape == (2, 16) and plain.dense_out is None and plain.fmap is None
+
+
+def test_common_reads_in_the_order_a_method_uses_it_and_its_reader_part_is_short():
+    """SPEC: common.py in the order a method file uses it, the part a method reader needs <= ~700 lines: the
+    '=====' sections, without the '--------' details that follow each of them."""
+    lines = read("common.py").splitlines()
+    heads = [line.split(" ", 2)[2] for line in lines if line.startswith("# ====")]
+    assert heads == ["errors & args", "run setup", "data", "augmentations", "backbones",
+                     "optimizer & schedules", "checkpoint, resume & export", "kNN monitor", "logging"]
+    reader, inside = 0, False  # from the first section on (the module docstring and imports come before)
+    for line in lines:
+        if line.startswith("# ====") or line.startswith("# --------"):
+            inside = line.startswith("# ====")
+        reader += inside
+    assert reader <= 700, reader
+    assert not re.search(r"^# #####", read("common.py"), re.M)  # no banner
