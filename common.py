@@ -2050,17 +2050,18 @@ def load_file(path):
 
 # The flags a resumed run may change: where and how often it logs, evaluates and saves, when it stops, its
 # loader and speed switches (the same step up to float rounding), and where the data is (the data itself is
-# checked by its fingerprint: DATA_ID). Every other flag (data flags, sizes, arch, batch, seed, precision,
-# --epochs (the lr and momentum schedules), the method's flags, ...) must equal the checkpoint's.
+# checked by its fingerprint: DATA_ID); a method's Args adds its own in a RESUME_FREE tuple (e.g. where it
+# writes a picture). Every other flag (data flags, sizes, arch, batch, seed, precision, --epochs (the lr and
+# momentum schedules), the method's flags, ...) must equal the checkpoint's.
 RESUME_FREE = ("data", "data_root", "output_dir", "resume", "overwrite", "preset", "workers", "max_steps",
                "time_limit", "knn_every", "knn_k", "knn_t", "log_every", "save_every", "save_epochs",
-               "tensorboard", "compile", "channels_last", "mask_cache", "show_matches")
+               "tensorboard", "compile", "channels_last")
 
 
 def find_checkpoint(args, method):
     """(path, contents) of --resume (auto: <output-dir>/checkpoint.pth if there is one), or None. BadInput
     unless it is a training checkpoint of this method made with the same value of every flag that changes what
-    a step computes (all but RESUME_FREE; a flag the checkpoint does not record is not compared)."""
+    a step computes (all but RESUME_FREE and the Args' own; a flag the checkpoint lacks is not compared)."""
     path = args.resume
     if path == "auto":
         path = os.path.join(args.output_dir, "checkpoint.pth")
@@ -2074,8 +2075,9 @@ def find_checkpoint(args, method):
     if ck.get("method") != method:
         raise BadInput(f"cannot resume from {path}: it was made with method={ck.get('method')}, "
                        f"this run has method={method}")
+    free = RESUME_FREE + getattr(args, "RESUME_FREE", ())
     for f in dataclasses.fields(args):
-        if f.name in RESUME_FREE or f.name not in ck["args"]:
+        if f.name in free or f.name not in ck["args"]:
             continue
         have, want = ck["args"][f.name], getattr(args, f.name)
         if have != want:

@@ -118,6 +118,7 @@ class Args(common.CommonArgs):
               "dense_weight": common.Range(0, 1),  # weights 1 - lambda and lambda: above 1, a negative loss
               "dense_warmup_steps": common.Range(0), "shuffle_splits": common.Range(1),
               "crop_min": common.Range(0, 1, lo_excluded=True)}
+    RESUME_FREE = ("show_matches",)  # a resumed run may change it: it does not change what a step computes
 
 
 PRESETS = {

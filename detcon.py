@@ -134,6 +134,7 @@ class Args(common.CommonArgs):
               "mlp_dim": common.Range(1), "crop_min": common.Range(0, 1, lo_excluded=True),
               "grid_masks": common.Range(1), "num_masks": common.Range(1), "fh_size": common.Range(0),
               "fh_scale": common.Range(0), "fh_min_size": common.Range(0), "fh_sigma": common.Range(0)}
+    RESUME_FREE = ("mask_cache",)  # a resumed run may change it: it does not change what a step computes
 
 
 # ours, for small images: FH at <= 128 px with scale and min_size scaled to its pixels (fh_params); the

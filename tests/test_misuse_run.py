@@ -1,6 +1,7 @@
 """What a user does by mistake to a run never silently loses or corrupts it (issue 27): a second run into a
 run's folder, a refused command, Ctrl-C, a NaN, a resume with other flags or data, a CPU without a preset, a
 file that is not a checkpoint, and a finished run run again. Each test is named after the item it covers."""
+import dataclasses
 import fractions
 import importlib
 import json
@@ -280,3 +281,16 @@ def test_item12_nearly_constant_curves_are_drawn_flat_without_an_offset(tmp_path
     assert low < 0.95 and high > 1.03
     low, high = axes["loss"].get_ylim()
     assert 1.0 < low < 1.5 and 3.5 < high < 4.0
+
+
+def test_a_method_names_the_flags_a_resume_may_change(tmp_path):
+    """DetCon's --mask-cache is its Args' RESUME_FREE: a resume may change it, not --fh-sigma."""
+    detcon = importlib.import_module("detcon")
+    saved = common.parse_args(detcon.Args, detcon.PRESETS, ["--output-dir", str(tmp_path)])
+    torch.save({"method": "detcon", "model": {}, "args": {**dataclasses.asdict(saved), "mask_cache": "off"}},
+               tmp_path / "checkpoint.pth")
+    args = common.parse_args(detcon.Args, detcon.PRESETS, ["--output-dir", str(tmp_path), "--resume", "auto"])
+    assert common.find_checkpoint(args, "detcon")[0] == str(tmp_path / "checkpoint.pth")
+    args.fh_sigma = 0.5
+    with pytest.raises(common.BadInput, match="fh_sigma=0.8, this run has fh_sigma=0.5"):
+        common.find_checkpoint(args, "detcon")
