@@ -231,7 +231,7 @@ def main(argv=None):
     for epoch in log.epochs():  # the epochs left: none when a finished run is resumed
         model.train()
         loader = common.epoch_loader(train_ds, run, epoch, log.step % steps_per_epoch)
-        for i, ((x1, x2), _) in log.timed(loader):  # i: index in the epoch (resumed: after its done ones)
+        for i, ((x1, x2), _) in log.timed(loader):  # i: index in the epoch
             e = epoch + i / steps_per_epoch  # fractional epoch: schedules are per iteration
             lr = common.cosine_lr(e, base_lr, args.warmup_epochs, args.epochs)
             common.set_lr(optimizer, lr)
