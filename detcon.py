@@ -4,54 +4,47 @@ Paper: Hénaff, Koppula, Alayrac, van den Oord, Vinyals, Carreira, ICCV 2021, ar
 Official code (JAX): github.com/deepmind/detcon
 
 Idea: contrast one embedding per *object*, not per image. Unsupervised masks (Felzenszwalb-Huttenlocher
-segments, or a grid), computed once on the un-augmented image, follow each view through its crop and flip.
-The final feature map is averaged inside each mask and projected (DetCon_B adds a predictor and an EMA
-target); the loss pulls the same mask in the two views together and pushes apart every other mask of the
-global batch. Many objects per image = many pairs per forward pass: up to 10x less pretraining for the
-same COCO transfer.
+segments, or a grid) of the un-augmented image follow each view through its crop and flip; the backbone map is
+averaged inside each mask, and the same mask in the two views is pulled together while every other mask of the
+global batch is pushed away: many more pairs per pass, up to 10x less pretraining for the same COCO transfer.
 
 Kept from the official code:
-- The loss term by term: both views' targets of the global batch as columns, same-view same-mask columns
-  masked with -1e9, label mass split over duplicate draws, rows weighted 1/draws (0 without a counterpart),
-  two directions summed, tau 0.1.
-- 16 masks per view, drawn uniformly with replacement among those present; the same for online and target.
-- BYOL heads (output layer without bias), BYOL's asymmetric augmentation, EMA 0.996 -> 1 (cosine), LARS
-  lr 0.2 x B/256, wd 1.5e-6, 1% warmup.
-- One crop window per view: area ~ U(--crop-min, 1), log aspect ~ U(log 3/4, log 4/3), sides clamped to
-  the image; no retries, unlike torchvision's RandomResizedCrop.
-- FH on the un-augmented image at full resolution, scale 1000 / min_size 1000 / sigma 0.8 (imagenet preset).
+- The loss term by term (detcon_loss): both views' targets of the global batch as columns, same-view
+  same-mask columns masked with -1e9, label mass split over duplicate draws, rows weighted 1/draws (0 without
+  a counterpart), two directions summed, tau 0.1.
+- 16 masks per view, uniform over those present in it, with replacement, shared by online and target.
+- BYOL heads (output layer without bias), BYOL's asymmetric augmentation, EMA 0.996 -> 1 (cosine).
+- One crop window per view drawn as the official one (crop_windows): no retries, unlike RandomResizedCrop.
+- LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup.
+- The imagenet preset's FH: the un-augmented image at full resolution, scale 1000, min_size 1000, sigma 0.8.
 
 Changed:
-- FH runs in the loader workers in the first epoch, cached on disk for images >= 224 px (official: offline;
-  the cost: README's DetCon section, "Cost").
-- The `cifar` and `cpu` presets are ours (small stem: a 4x4 final grid), with FH at <= 128 px (--fh-size)
-  and scale / min_size scaled to its pixels: other segments than the official call.
-- Ids are int32 (the official uint8 cast merges ids > 255).
-- Masks reach the feature grid by a majority vote per cell (= one-hot -> average-pool -> argmax).
-- The EMA update runs at the start of a step (as in mocov3.py); DetCon_S keeps the gradient of the local
-  targets (SimCLR-style).
-- Colour ops are torchvision's/PIL's, not the official dm_pix-style ones: brightness multiplies (official:
-  adds), contrast scales around the grayscale mean (official: per channel), saturation blends with grayscale
-  (official: S in HSV), blur is PIL's of radius sigma (official: a 23-tap kernel, same sigma range).
-- Backbones are torchvision's; on CUDA bf16 autocast with TF32 matmuls by default (official: JAX on TPU).
-- --data-on-device runs FH once per stored image with scale and min_size scaled to its pixels, and draws the
-  crop windows batched on the device.
+- FH runs in the loader workers during the first epoch, cached on disk for images >= 224 px (official:
+  offline; ~0.3 s per ImageNet-size image, benchmarks/fh_cost.py); ids are int32 (the official uint8 cast
+  merges ids > 255).
+- The `cifar` and `cpu` presets (ours; a 4x4 final grid via the small stem) run FH at <= 128 px (--fh-size)
+  with scale and min_size scaled to those pixels: other segments than the official call. --data-on-device
+  runs FH once on the stored copy, likewise scaled, and draws the crop windows batched on the device.
+- Masks are reduced to the feature grid by a majority vote per cell (= one-hot -> average-pool -> argmax).
+- The EMA update runs at the start of a step (as in mocov3.py); DetCon_S keeps the local targets' gradient.
+- Colour ops are torchvision's/PIL's, not dm_pix-style: brightness multiplies (official: adds U(-0.4, 0.4)),
+  contrast uses the grayscale mean (official: per channel), saturation blends with grayscale (official: scales
+  HSV's S), blur is PIL's with radius sigma (official: a 23-tap kernel, same sigma range).
+- bf16 autocast with TF32 matmuls by default on CUDA (official: JAX on TPU); torchvision backbones.
 
 Commands:
-  python detcon.py                                   # CPU smoke run on built-in synthetic data
+  python detcon.py                                   # CPU smoke run on synthetic data (README: quick start)
   python detcon.py --data /imagenet --show-masks masks.png   # look at the masks first (writes a PNG, exits)
   python detcon.py --data /imagenet --batch-size 256 --epochs 100            # 1 GPU
   torchrun --nproc_per_node=8 detcon.py --data /imagenet --resume auto       # 1 node
   torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 \\
       --nproc_per_node=8 detcon.py --data /imagenet --resume auto            # multi-node
   python detcon.py --resume auto                     # continue the run in --output-dir
-  python detcon.py --variant S --masks grid          # DetCon_S on 5x5 grid masks (no scikit-image)
 
-Healthy loss: each direction averages weight x CE over rows, and an image's weights add up to its matched
-distinct ids, so it starts near 2 * (matched distinct ids / 16) * ln(2 * B * 16): ~12 for R50 at 224 px,
-B 4096 (~8 of ~12 FH masks matched); ~2.6 in the cpu preset (B 32, 4x4 grid), drifting down slowly and
-noisily (curves.png). The level moves with the share of rows with a positive (logged as `matched`):
-compare runs at equal image size, grid and masks.
+Healthy loss: each direction averages weight x CE over rows, and an image's weights add up to its distinct
+sampled ids also drawn in the other view, so it starts near 2 * (matched distinct ids / 16) * ln(2 * B * 16):
+~12 for R50 at 224 px, B 4096 (~8 of ~12 FH masks matched); ~2.6 in the cpu preset (B 32, 4x4 grid), drifting
+down slowly and noisily. `matched` (logged: the share of rows with a positive) moves the level.
 """
 import copy
 import dataclasses
@@ -69,13 +62,13 @@ from torchvision import transforms as T
 from torchvision.transforms import v2
 
 import common
-from common import BadInput
 
 
 @dataclasses.dataclass
 class Args(common.CommonArgs):
     arch: str = "resnet50"
-    """backbone: resnet18, resnet50 (official), vit_small, vit_base or a torchvision net with a spatial map"""
+    """backbone: resnet18, resnet50 (official: resnet50), vit_small, vit_base or any torchvision model with a
+    final spatial map"""
     epochs: int = 1000
     """pretraining epochs (ImageNet: 1000 for the headline DetCon_B result, 300 also reported)"""
     batch_size: int = 4096
@@ -113,17 +106,21 @@ class Args(common.CommonArgs):
     num_masks: int = 16
     """mask ids sampled per view (with replacement, among masks present in the view; official: 16)"""
     fh_size: int = 0
-    """FH runs on the un-augmented image scaled to a longer side <= this; 0 = native (official). Below
-    ImageNet's size (e.g. imagenette2-224: ~5 segments) set --fh-scale 0 --fh-min-size 0 (scaled to pixels)"""
+    """FH runs on the un-augmented image scaled so its longer side is <= this; 0 = native size (official: full
+    resolution). With a smaller size, or images smaller than ImageNet's (e.g. imagenette2-224, where the
+    official values leave ~5 segments), set --fh-scale 0 --fh-min-size 0, which scale with the pixels"""
     fh_scale: float = 1000
-    """FH scale (official: 1000, full resolution); 0 = 1000 x (FH's pixels / 400x350)^0.4, ~300 at 64-96 px"""
+    """FH scale (official: 1000 at full resolution); 0 = 1000 x (pixels / 400x350)^0.4 of the size FH runs at,
+    ~300 at 64-96 px"""
     fh_min_size: int = 1000
-    """FH min_size in pixels (official: 1000); 0 = 1000 x FH's pixels / (400x350), ~50 at 80 px"""
+    """FH min_size in pixels (official: 1000); 0 = 1000 x pixels / (400x350) of the size FH runs at, ~50 at
+    80 px"""
     fh_sigma: float = 0.8
     """FH Gaussian pre-smoothing (official: 0.8)"""
     mask_cache: str = "auto"
-    """auto = cache FH masks in <output-dir>/fh_cache for images >= 224 px; a directory = every image there
-    (shareable: keyed on the pixels and FH parameters, so a changed image gets new masks); off: never"""
+    """auto = cache FH masks in <output-dir>/fh_cache for images >= 224 px; a directory = cache every image
+    there (share it across runs: entries are keyed on each image's pixels and the FH parameters, so a changed
+    image gets new masks); off: never"""
     show_masks: str = ""
     """write a PNG of a few images, their two views and the masks on each view to this path, then exit"""
 
@@ -137,8 +134,8 @@ class Args(common.CommonArgs):
     RESUME_FREE = ("mask_cache",)  # a resumed run may change it: it does not change what a step computes
 
 
-# ours, for small images: FH at <= 128 px with scale and min_size scaled to its pixels (fh_params); the
-# official 1000 / 1000 would leave a 64-px image one or two segments
+# ours, for small images: FH at <= 128 px with scale and min_size scaled to the pixels it runs at (fh_params);
+# the official 1000 / 1000 would leave a 64-px image one or two segments
 SMALL_FH = dict(fh_size=128, fh_scale=0, fh_min_size=0)
 PRESETS = {
     "imagenet": {},  # the official recipe, FH included: full resolution, scale 1000, min_size 1000, sigma 0.8
@@ -147,8 +144,8 @@ PRESETS = {
                   wd=1e-5, momentum=0.99, blur=False, epochs=1000, warmup_epochs=10, knn_every=10,
                   **SMALL_FH),
     # ours: the quick-start tuning shared by every method file (README, "The cpu preset"); DetCon's own:
-    # small stem at 32 px -> a 4x4 final grid (a coarser one leaves too few cells for several masks per
-    # view); FH at <= 128 px with scaled parameters (SMALL_FH)
+    # small stem at 32 px -> a 4x4 final grid (a coarser one leaves too few cells for several masks per view),
+    # no blur (32-px images are already blurry), FH scaled to the pixels (SMALL_FH)
     "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=32, epochs=3, synthetic_size=1280,
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, warmup_epochs=0.5, crop_min=0.3,
                 blur=False, mlp_dim=1024, workers=2, log_every=10, **SMALL_FH),
@@ -159,17 +156,16 @@ PRESETS = {
 
 
 def detcon_loss(pred1, pred2, target1, target2, ids1, ids2, temperature=0.1):
-    """Contrastive-detection loss (paper eq. 3, official byol_nce_detcon): pred*/target* [B, M, D]
-    (un-normalised, this rank's images; targets are gathered across ranks), ids* [B, M]. Returns
-    loss(1->2) + loss(2->1)."""
+    """Contrastive-detection loss (paper eq. 3, official byol_nce_detcon): pred*/target* [B, M, D] (this
+    rank's images, un-normalised), ids* [B, M]; targets are gathered across ranks. loss(1->2) + loss(2->1)."""
     return (_one_direction(pred1, ids1, target2, ids2, target1, temperature) +
             _one_direction(pred2, ids2, target1, ids1, target2, temperature))
 
 
 def _one_direction(pred, ids, target_other, ids_other, target_same, temperature):
     """Rows: one view's predictions; columns: both views' targets of every image of the global batch. A row's
-    positives: the other view's columns of its image and id (label mass split evenly); its own view's columns
-    of its image and id are excluded (logit -1e9, label 0); rows weighted by row_weights, averaged."""
+    positives are the other view's columns of its image and id (label mass split evenly); the same view's
+    columns of its image and id are masked out (logit -1e9, label 0); every other column is a negative."""
     b, m, _ = pred.shape
     p = F.normalize(pred.float(), dim=-1)  # [B, M, D]
     t_other = _gather(F.normalize(target_other.float(), dim=-1))  # [G, M, D], G = B * world
@@ -290,8 +286,8 @@ def _felzenszwalb():
     try:  # optional dependency, imported lazily: grid masks need nothing
         from skimage.segmentation import felzenszwalb
     except ImportError:
-        raise BadInput("--masks fh needs scikit-image: pip install scikit-image (or use --masks grid, "
-                       "which needs nothing)") from None
+        raise common.BadInput("--masks fh needs scikit-image: pip install scikit-image (or use --masks grid, "
+                              "which needs nothing)") from None
     return felzenszwalb
 
 
@@ -341,9 +337,8 @@ def cached_ids(path, shape, compute):
 
 
 class MaskedImages(torch.utils.data.Dataset):
-    """base[i] = (PIL image, label) -> ((image, ids [H, W] int32), label). The mask is computed from the
-    un-augmented image, in the loader worker; FH masks of large images go through a disk cache in cache_dir
-    (cached_ids, at FH resolution, named by cache_name)."""
+    """base[i] = (PIL image, label) -> ((image, ids [H, W] int32), label): the mask of the un-augmented image,
+    computed in the loader worker; FH masks of images >= cache_min_side px are cached in cache_dir."""
     def __init__(self, base, args, cache_dir=None, cache_min_side=224):
         self.base, self.args, self.cache_dir, self.cache_min_side = base, args, cache_dir, cache_min_side
         if args.masks == "fh":
@@ -386,43 +381,41 @@ def reduce_mask(mask, grid):
 
 def crop_windows(u, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """The official crop window (BYOL's get_random_crop_window) for uniforms u [n, 4] (area, aspect, top,
-    left) -> boxes [n, 4] float64 (top, left, height, width). Each side is clamped to the image, no retries
-    (torchvision's RandomResizedCrop redraws up to 10 times until a box fits unclamped: smaller boxes)."""
+    left) -> boxes [n, 4] float64 (top, left, height, width): area ~ U(scale) x h*w, log aspect ~ U(log
+    ratio), each side rounded (half to even, like jnp.round) and clamped to the image (>= 1: tiny images),
+    offset uniform over the valid positions. No retries: torchvision's RandomResizedCrop redraws up to 10
+    times until a box fits unclamped (smaller boxes)."""
     u = u.double()
     area = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, 0])  # [n]
     aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])  # [n]
-    # torch.round is half to even, like jnp.round; the clamp to >= 1 matters only for images of a few pixels
     bw = torch.round(torch.sqrt(area * aspect)).clamp(1, w)  # [n]
     bh = torch.round(torch.sqrt(area / aspect)).clamp(1, h)  # [n]
-    top, left = torch.floor(u[:, 2] * (h - bh + 1)), torch.floor(u[:, 3] * (w - bw + 1))  # [n]; u < 1: fits
+    top, left = torch.floor(u[:, 2] * (h - bh + 1)), torch.floor(u[:, 3] * (w - bw + 1))  # [n]
     return torch.stack([top, left, bh, bw], 1)  # [n, 4]
 
 
 def crop_box(h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
-    """One crop_windows box, drawn from torch's RNG -> (top, left, height, width) ints."""
+    """One crop_windows box from one draw of torch's RNG -> (top, left, height, width) ints."""
     u = torch.rand(1, 4, generator=generator, dtype=torch.float64)  # area, aspect, top, left
     return tuple(int(v) for v in crop_windows(u, h, w, scale, ratio)[0])
 
 
-def nearest_exact(ids, size):
-    """ids [..., h, w] -> [..., size, size]: each output pixel takes the id under its centre, the
-    pixel-centre convention of the bilinear image resize. (torchvision's Mask resize takes
-    floor(i * h / size): up to half an output pixel off the image's content, towards the top-left.)"""
-    h, w = ids.shape[-2:]
-    rows = (2 * torch.arange(size) + 1) * h // (2 * size)  # [size] floor((i + 0.5) * h / size), exact in ints
-    cols = (2 * torch.arange(size) + 1) * w // (2 * size)  # [size]
-    return ids[..., rows[:, None], cols[None, :]]  # [..., size, size]
-
-
 def crop_ids(ids, boxes, size):
-    """nearest_exact of each sample's box: ids [n, H, W], boxes [n, 4] (top, left, height, width) ->
-    [n, size, size]."""
+    """ids [n, H, W] cropped to each sample's box [n, 4] (top, left, height, width) and resized nearest to
+    [n, size, size]: each output pixel takes the id under its centre, the pixel-centre convention of the
+    bilinear image resize (torchvision's Mask resize takes floor(i * h / size): up to half an output pixel off
+    the image's content, towards the top-left)."""
     top, left, bh, bw = boxes.long().unbind(1)  # [n] each
     k = 2 * torch.arange(size, device=ids.device) + 1  # [size]
-    rows = top[:, None] + k * bh[:, None] // (2 * size)  # [n, size] floor((i + 0.5) * bh / size)
+    rows = top[:, None] + k * bh[:, None] // (2 * size)  # [n, size] floor((i + 0.5) * bh / size), in ints
     cols = left[:, None] + k * bw[:, None] // (2 * size)  # [n, size]
     n = torch.arange(len(ids), device=ids.device)[:, None, None]
     return ids[n, rows[:, :, None], cols[:, None, :]]  # [n, size, size]
+
+
+def nearest_exact(ids, size):
+    """ids [h, w] -> [size, size]: crop_ids with the whole image as the box."""
+    return crop_ids(ids[None], torch.tensor([[0, 0, *ids.shape]], device=ids.device), size)[0]
 
 
 def relabel(cells):
@@ -434,56 +427,38 @@ def relabel(cells):
     return (present.cumsum(1) - 1).gather(1, flat).view(cells.shape)  # [n, V, S, S]
 
 
-def crop_flip(img, ids, size, scale):
-    """ONE crop_box and ONE horizontal flip (p 0.5) applied to the PIL image (bilinear, antialiased) and
-    its ids [H, W] (nearest) alike -> (image at size x size, ids [size, size])."""
-    top, left, bh, bw = crop_box(*v2.functional.get_size(img), scale)
-    img = v2.functional.resized_crop(img, top, left, bh, bw, size=[size, size], antialias=True)
-    ids = nearest_exact(ids[top:top + bh, left:left + bw], size)  # [size, size]
-    if torch.rand(()) < 0.5:
-        img, ids = v2.functional.horizontal_flip(img), ids.flip(-1)
-    return img, ids
-
-
 def byol_colour(blur=True):
-    """BYOL's asymmetric pair (as MoCo v3's) without its geometry, which DetCon applies to image and mask
-    together (crop_flip): each view's colour ops, PIL image -> normalised tensor [3, H, W]."""
-    normalize = T.Normalize(common.MEAN, common.STD)  # ImageNet statistics
-    colour1 = [
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([common.RandomBlur()], p=1.0 if blur else 0.0),  # sigma ~ U(0.1, 2)
-        T.ToTensor(),
-        normalize,
-    ]
-    colour2 = [
-        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
-        T.RandomGrayscale(p=0.2),
-        T.RandomApply([common.RandomBlur()], p=0.1 if blur else 0.0),
-        T.RandomSolarize(threshold=128, p=0.2),
-        T.ToTensor(),
-        normalize,
-    ]
-    return colour1, colour2
+    """BYOL's asymmetric pair (MoCo v3's views) less its crop and flip, which JointViews applies to image and
+    mask together: each view's colour ops, PIL image -> normalised tensor [3, H, W]."""
+    def ops(blur_p, *solarize):
+        return [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
+                T.RandomApply([common.RandomBlur()], p=blur_p if blur else 0.0),  # sigma ~ U(0.1, 2)
+                *solarize, T.ToTensor(), T.Normalize(common.MEAN, common.STD)]  # ImageNet statistics
+    return ops(1.0), ops(0.1, T.RandomSolarize(threshold=128, p=0.2))  # view 2: rarely blurred, solarized
 
 
 class JointViews(common.TwoViews):
-    """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]). Each view: crop_flip on image and mask
-    alike, then BYOL's colour ops on the image only; both views' ids relabelled jointly to 0..U-1 (U <= 2
-    S^2). With gpu (--gpu-aug) the views leave the worker as uint8 crops and finish() (TwoViews') runs the
-    colour ops on the device; the joint geometry always stays in the worker."""
+    """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]), both views' ids relabelled jointly to
+    0..U-1 (U <= 2 S^2). With gpu (--gpu-aug) the views leave the worker as uint8 crops and finish()
+    (TwoViews') runs the colour ops on the device; the joint geometry always stays in the worker."""
     def __init__(self, img_size, crop_min, blur, grid, gpu=False):
         self.img_size, self.scale, self.grid = img_size, (crop_min, 1.0), grid
-        colour = byol_colour(blur)  # the two views' colour ops (the geometry is crop_flip's, joint)
+        colour = byol_colour(blur)  # the two views' colour ops (the geometry is views()', joint)
         self.recipes = tuple(common.device_recipe(ops)[2] for ops in colour)  # what the device runs
         self.photometric = self.recipes if gpu else None  # what TwoViews.finish runs on the device
         self.colour = [T.PILToTensor()] * 2 if gpu else [T.Compose(ops) for ops in colour]
 
     def views(self, img, ids):
-        """Full-resolution views and masks (the --show-masks picture uses these)."""
+        """Full-resolution views and masks (the --show-masks picture uses these): per view ONE crop_box and
+        ONE flip (p 0.5) for the PIL image (bilinear, antialiased) and its ids [H, W] (nearest) alike; the
+        colour ops touch the image only."""
         out = []
         for colour in self.colour:
-            view, mask = crop_flip(img, ids, self.img_size, self.scale)  # the same box and flip for both
+            top, left, bh, bw = crop_box(*v2.functional.get_size(img), self.scale)
+            view = v2.functional.resized_crop(img, top, left, bh, bw, [self.img_size] * 2, antialias=True)
+            mask = nearest_exact(ids[top:top + bh, left:left + bw], self.img_size)  # [size, size]
+            if torch.rand(()) < 0.5:
+                view, mask = v2.functional.horizontal_flip(view), mask.flip(-1)
             out += [colour(view), mask]  # [3, H, W], [H, W]
         return out
 
@@ -494,9 +469,9 @@ class JointViews(common.TwoViews):
         return v1, cells[0], v2_, cells[1]
 
     def finish_joint(self, run, x1, m1, x2, m2, step):
-        """The batch on the device -> (view 1, cells 1 [n, S, S], view 2, cells 2). With --data-on-device x1,
-        x2 are the stored images and m1, m2 their ids: __call__'s work, batched, with each view's box
-        (crop_windows) and flip drawn per sample and applied to image (roi_align) and ids (crop_ids) alike."""
+        """The batch on the device -> (view 1, cells 1 [n, S, S], view 2, cells 2). With --data-on-device x1
+        and m1 are the stored images and ids, and views()' geometry and __call__'s reduction and relabel run
+        here, batched, drawn per sample."""
         if not run.args.data_on_device:
             x1, x2 = self.finish(run, x1, x2, step)  # [n, 3, H, W] each
             return x1, run.to_device(m1), x2, run.to_device(m2)
@@ -546,13 +521,13 @@ def show_masks(ds, views, path, n=6, tile=128):
 def check_args(args):
     """Method-specific checks (BadInput), output paths included -> the side of the final feature grid."""
     if args.variant not in ("B", "S"):
-        raise BadInput(f"unknown --variant {args.variant!r}; choose B (DetCon_B) or S (DetCon_S)")
+        raise common.BadInput(f"unknown --variant {args.variant!r}; choose B (DetCon_B) or S (DetCon_S)")
     if args.masks not in ("fh", "grid"):
-        raise BadInput(f"unknown --masks {args.masks!r}; choose fh or grid")
+        raise common.BadInput(f"unknown --masks {args.masks!r}; choose fh or grid")
     grid = common.final_grid(args.arch, args.stem, args.img_size)  # BadInput for an arch without one
     if grid < 2:
         stem = f" --stem {args.stem}" if args.arch.startswith(common.RESNETS) else ""  # a ResNet's only
-        raise BadInput(f"--img-size {args.img_size} with --arch {args.arch}{stem} "
+        raise common.BadInput(f"--img-size {args.img_size} with --arch {args.arch}{stem} "
                        f"gives a {grid}x{grid} final feature map; DetCon needs at least 2x2 "
                        f"({common.grid_advice(args.arch, args.stem, 2)})")
     if args.mask_cache not in ("auto", "off"):
@@ -576,10 +551,9 @@ def main(argv=None):
     # ---- data: masks from the un-augmented image, in the loader workers (--data-on-device: once, stored)
     stored = dataclasses.replace(args, fh_size=0, fh_scale=0, fh_min_size=0)  # the stored size's FH settings
     train_ds, steps_per_epoch = common.pretrain_data(args, run, views, ids=MaskedImages(None, stored).mask)
-    if not args.data_on_device:
-        # --mask-cache: (folder, smallest image side cached); entries are keyed on image and FH settings
-        cache = {"auto": (os.path.join(run.out, "fh_cache"), 224), "off": (None, 0)}.get(args.mask_cache)
-        train_ds.base = MaskedImages(train_ds.base, args, *(cache or (args.mask_cache, 0)))
+    if not args.data_on_device:  # --mask-cache -> (folder or None, smallest image side cached)
+        cache = {"auto": (os.path.join(run.out, "fh_cache"), 224), "off": (None, 0)}
+        train_ds.base = MaskedImages(train_ds.base, args, *cache.get(args.mask_cache, (args.mask_cache, 0)))
     knn = common.knn_monitor(args, run)
 
     # ---- model
