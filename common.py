@@ -1583,9 +1583,15 @@ def feature_map(net, x):
     return forward[0 if net.training else 1](net, x)["map"]  # [N, C, S, S]
 
 
-def final_grid(arch, stem, img_size):
-    """Side of the final feature map for this backbone and input size (BadInput if it has none)."""
-    return map_shape(arch, stem, img_size)[1]
+def final_grid(arch, stem, img_size, need=0, method=""):
+    """Side of the final feature map for this backbone and input size. BadInput if it has none, or if it is
+    under need x need: the smallest grid `method` works on (DenseCL, DetCon: 2x2)."""
+    grid = map_shape(arch, stem, img_size)[1]
+    if grid < need:
+        flags = f"--arch {arch}" + (f" --stem {stem}" if arch.startswith(RESNETS) else "")  # a ResNet's only
+        raise BadInput(f"--img-size {img_size} with {flags} gives a {grid}x{grid} final feature map; "
+                       f"{method} needs at least {need}x{need} ({grid_advice(arch, stem, need)})")
+    return grid
 
 
 # -------- backbone checks; any model of torchvision's registry: its final map
@@ -2278,18 +2284,13 @@ class Logger:
     def timed(self, loader):
         """(index in the epoch, batch) of an epoch's loader (a resumed epoch's starts where it stopped),
         the time spent waiting for each batch counted as data time."""
-        it, i = iter(loader), self.step % self.spe
-        while True:
-            t = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
+        it, t = iter(loader), time.perf_counter()  # iter() starts a DataLoader's workers: not counted
+        for i, batch in enumerate(it, start=self.step % self.spe):
             waited = time.perf_counter() - t
             self.data_time += waited
             self.data_warm += waited if self.t_warm else 0.0
             yield i, batch
-            i += 1
+            t = time.perf_counter()  # the loop asks for the next batch
 
     def sync(self):
         if self.run.device.type == "cuda":

@@ -375,12 +375,7 @@ def draw_matches(model, ds, run, path, pairs=4, px=192):
 
 def check_args(args):
     """DenseCL's argument errors (one line, exit 2), before any work."""
-    grid = common.final_grid(args.arch, args.stem, args.img_size)  # BadInput for an arch without one
-    if grid < 2:
-        stem = f" --stem {args.stem}" if args.arch.startswith(common.RESNETS) else ""  # a ResNet's only
-        raise common.BadInput(f"--img-size {args.img_size} with --arch {args.arch}{stem} gives a "
-                              f"{grid}x{grid} final feature map; DenseCL needs at least 2x2 "
-                              f"({common.grid_advice(args.arch, args.stem, 2)})")
+    common.final_grid(args.arch, args.stem, args.img_size, need=2, method="DenseCL")  # a map, >= 2x2
     if args.queue_size % args.batch_size:
         raise common.BadInput(f"--queue-size {args.queue_size} is not a multiple of the global --batch-size "
                               f"{args.batch_size}")

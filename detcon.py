@@ -524,12 +524,7 @@ def check_args(args):
         raise common.BadInput(f"unknown --variant {args.variant!r}; choose B (DetCon_B) or S (DetCon_S)")
     if args.masks not in ("fh", "grid"):
         raise common.BadInput(f"unknown --masks {args.masks!r}; choose fh or grid")
-    grid = common.final_grid(args.arch, args.stem, args.img_size)  # BadInput for an arch without one
-    if grid < 2:
-        stem = f" --stem {args.stem}" if args.arch.startswith(common.RESNETS) else ""  # a ResNet's only
-        raise common.BadInput(f"--img-size {args.img_size} with --arch {args.arch}{stem} "
-                       f"gives a {grid}x{grid} final feature map; DetCon needs at least 2x2 "
-                       f"({common.grid_advice(args.arch, args.stem, 2)})")
+    grid = common.final_grid(args.arch, args.stem, args.img_size, need=2, method="DetCon")  # a map, >= 2x2
     if args.mask_cache not in ("auto", "off"):
         common.check_output_dir("--mask-cache", args.mask_cache)
     if args.show_masks:
