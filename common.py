@@ -1235,8 +1235,7 @@ def finish_views(run, x1, x2, step, recipes=None):
 
 
 def device_generator(run, step):
-    """The --gpu-aug / --data-on-device draw of one step: its own stream per (--seed, rank, global step),
-    independent of earlier draws, so a resumed run draws the same."""
+    """The generator of a step's --gpu-aug / --data-on-device draws, seeded by (--seed, rank, global step)."""
     seed = ((run.args.seed * 1_000_003 + run.rank) * 10_000_019 + step) % 2**63  # primes keep triples apart
     return torch.Generator(run.device).manual_seed(seed)
 
@@ -1252,11 +1251,6 @@ def colour(run, x, recipe, gen):
     return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
 
 
-def per_sample(v, x):
-    """A per-sample parameter [N] (or a float) broadcast against the batch x [N, C, H, W]."""
-    return v.to(x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(v) else v
-
-
 def adjust_hue(x, h):
     """Rotate the hue of x [N, 3, H, W] by h [N] (a fraction of a turn, in [-0.5, 0.5]): torchvision's
     _rgb2hsv, then the closed form of its six-sector _hsv2rgb (channel n: v - v s clamp(min(k, 4 - k), 0, 1)
@@ -1264,12 +1258,12 @@ def adjust_hue(x, h):
     r, g, b = x.unbind(1)
     maxc, minc = x.amax(1), x.amin(1)  # [N, H, W]; maxc is v
     eqc = maxc == minc  # grey pixels: s = 0 and h = 0, no division by zero
-    cr = maxc - minc
-    s = cr / torch.where(eqc, 1.0, maxc)
-    cr = torch.where(eqc, 1.0, cr)
+    s = (maxc - minc) / torch.where(eqc, 1.0, maxc)
+    cr = torch.where(eqc, 1.0, maxc - minc)
     rc, gc, bc = (maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr
     hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    hue = torch.remainder(torch.fmod(hue / 6.0 + 1.0, 1.0) + per_sample(h, x)[:, 0], 1.0)  # [N, H, W] rotated
+    hue = torch.fmod(hue / 6.0 + 1.0, 1.0)  # [N, H, W] in [0, 1)
+    hue = torch.remainder(hue + h.to(x.dtype)[:, None, None], 1.0)  # rotated by h
     n = 5.0 - 2.0 * torch.arange(3, dtype=x.dtype, device=x.device)  # [3]: 5, 3, 1 (made on the device)
     k = torch.remainder(n[:, None, None, None] + 6.0 * hue, 6.0)  # [3, N, H, W]
     return (maxc - maxc * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)).transpose(0, 1)  # [N, 3, H, W]
@@ -1327,8 +1321,9 @@ def adjust_bcs(x, op, factors):
     [N, 4]: torchvision's blend of x with 0, the mean grey or the grey image, as one blend (-1: x exactly)."""
     gray = v2.functional.rgb_to_grayscale(x)  # [N, 1, H, W]
     mean = gray.mean((1, 2, 3), keepdim=True)  # [N, 1, 1, 1]
-    target = torch.where((op == 1)[:, None, None, None], mean, gray) * per_sample(op != 0, x)  # [N, 1, H, W]
-    f = per_sample(torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0), x)
+    op4 = op[:, None, None, None]  # [N, 1, 1, 1]
+    target = torch.where(op4 == 1, mean, gray) * (op4 != 0)  # [N, 1, H, W]
+    f = torch.where(op4 >= 0, factors.gather(1, op.clamp(min=0)[:, None]).to(x.dtype)[..., None, None], 1.0)
     return (f * x + (1.0 - f) * target).clamp(0.0, 1.0)  # torchvision's _blend
 
 
@@ -1474,8 +1469,7 @@ def device_crops(x, img_size, scale, gen):
 
 
 def device_views(run, x, step, img_size, crop_min, recipes):
-    """TwoViews.finish with --data-on-device: stored uint8 images x [n, 3, S, S] -> each view's crop box
-    (torchvision's RandomResizedCrop distribution), flip and colour, per sample."""
+    """TwoViews.finish with --data-on-device: stored uint8 x [n, 3, S, S] -> each view, drawn per sample."""
     gen, x = device_generator(run, step), x.float().div_(255)  # x [n, 3, S, S] in [0, 1]
     return tuple(colour(run, device_crops(x, img_size, (crop_min, 1.0), gen), r, gen) for r in recipes)
 
