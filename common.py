@@ -1181,10 +1181,9 @@ def eval_transform(img_size):
 # one per batch (torchvision v2 on a batch and kornia's defaults share one draw across the batch).
 
 def geometry_view(img_size, crop_min):
-    """The worker side of a --gpu-aug view: crop and flip only, PIL -> uint8 tensor [3, img_size, img_size].
-    The flip commutes with every photometric op, so crop + flip here then photometric on the device is the
-    PIL path's crop, photometric, flip. The box and the flip are drawn as the PIL path's transforms draw them;
-    the resize runs on the uint8 tensor (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
+    """The worker side of a --gpu-aug view, PIL -> uint8 [3, img_size, img_size]: crop and flip only, drawn as
+    the PIL path draws them (the flip commutes with every photometric op), resized on the uint8 tensor
+    (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
     crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
     return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
 
@@ -1198,100 +1197,80 @@ class Photometric:
 
 
 def device_recipe(ops):
-    """One view as a method writes it, a list of torchvision transforms in the PIL path's order ([crop],
-    colour jitter, grayscale, blur, [solarize], [flip], ToTensor, Normalize) -> (crop size, the crop scale's
-    lower bound, Photometric): what the device runs for it. Size and scale are None for a list without a crop
-    (DetCon crops image and mask itself). ValueError for a list the device path would not reproduce."""
+    """A view's transforms in the PIL path's order ([crop], jitter, grayscale, blur, [solarize], [flip],
+    ToTensor, Normalize) -> (crop size, crop scale's lower bound, Photometric); size and scale None without
+    a crop (DetCon crops image and mask itself). ValueError for a list the device would not reproduce."""
     def is_(i, cls, inner=None):
         op = ops[i] if i < len(ops) else None
         return isinstance(op, cls) and (inner is None or isinstance(op.transforms[0], inner))
-    i, size, crop_min = 0, None, None
-    if is_(0, T.RandomResizedCrop):
-        crop, i = ops[0], 1
-        if crop.scale[1] != 1.0 or crop.ratio != (3 / 4, 4 / 3) or crop.size[0] != crop.size[1]:
-            raise ValueError(f"the device path crops squares, scale (s, 1), ratio (3/4, 4/3), not {crop}")
-        size, crop_min = crop.size[0], crop.scale[0]
+    crop = ops[0] if is_(0, T.RandomResizedCrop) else None
+    if crop and (crop.scale[1] != 1.0 or crop.ratio != (3 / 4, 4 / 3) or crop.size[0] != crop.size[1]):
+        raise ValueError(f"the device path crops squares, scale (s, 1), ratio (3/4, 4/3), not {crop}")
+    i, size, crop_min = (1, crop.size[0], crop.scale[0]) if crop else (0, None, None)
     jitter, gray, blur = ops[i:i + 3]
     if not (is_(i, T.RandomApply, T.ColorJitter) and jitter.p == JITTER_P and is_(i + 1, T.RandomGrayscale)
             and gray.p == GRAY_P and is_(i + 2, T.RandomApply, RandomBlur)):
         raise ValueError(f"the device path runs ColorJitter (p {JITTER_P}), RandomGrayscale (p {GRAY_P}) and "
                          f"RandomBlur in that order, not {ops[i:i + 3]}")
     cj, i = jitter.transforms[0], i + 3
-    strengths = [0.0 if r is None else r[1] - c for r, c in zip(
+    strengths = [0.0 if r is None else round(r[1] - c, 6) for r, c in zip(  # round: (1 + s) - 1 is not s
         (cj.brightness, cj.contrast, cj.saturation, cj.hue), (1, 1, 1, 0))]  # ColorJitter keeps (c-s, c+s)
-    solarize_p = 0.0
-    if is_(i, T.RandomSolarize) and ops[i].threshold == SOLARIZE_AT:
-        solarize_p, i = ops[i].p, i + 1
+    solarize = is_(i, T.RandomSolarize) and ops[i].threshold == SOLARIZE_AT
+    solarize_p, i = (ops[i].p, i + 1) if solarize else (0.0, i)
     i += is_(i, T.RandomHorizontalFlip) and ops[i].p == 0.5
     tail = ops[i:]
     if not (len(tail) == 2 and isinstance(tail[0], T.ToTensor) and isinstance(tail[1], T.Normalize)
             and tuple(tail[1].mean) == MEAN and tuple(tail[1].std) == STD):
         raise ValueError(f"a view ends with its flip, ToTensor and ImageNet's Normalize for the device path, "
                          f"not {tail}")
-    recipe = Photometric(tuple(round(v, 6) for v in strengths), blur.p, solarize_p)  # round: (1 + s) - 1
-    return size, crop_min, recipe
+    return size, crop_min, Photometric(tuple(strengths), blur.p, solarize_p)
 
 
 def finish_views(run, x1, x2, step, recipes=None):
-    """TwoViews.finish for any pair of views: to the device, and with recipes (--gpu-aug: uint8 crops) the
-    photometric ops there, drawn from a generator seeded by (seed, rank, step)."""
+    """TwoViews.finish without --data-on-device: to the device, with recipes (--gpu-aug) the colour there."""
     if recipes is None:
         return run.to_device(x1), run.to_device(x2)
     gen = device_generator(run, step)
     return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
 
 
-BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # one 13-tap kernel for every sigma: 3 sigma of the largest one
+def device_generator(run, step):
+    """The generator of a step's --gpu-aug / --data-on-device draws, seeded by (--seed, rank, global step)."""
+    seed = ((run.args.seed * 1_000_003 + run.rank) * 10_000_019 + step) % 2**63  # primes keep triples apart
+    return torch.Generator(run.device).manual_seed(seed)
 
 
-# (the tails cut at sigma 2 hold 0.3% of the weight; the kernel is renormalised, as torchvision does)
+def device_view(run, x, recipe, gen):
+    """uint8 crops [n, 3, H, W] from the loader -> the view's normalised float batch on the device."""
+    return colour(run, x.to(run.device, non_blocking=True).float().div_(255), recipe, gen)  # [n, 3, H, W]
 
 
-def per_sample(v, x):
-    """A per-sample parameter [N] (or a float) broadcast against the batch x [N, C, H, W]."""
-    return v.to(x.dtype).reshape(-1, 1, 1, 1) if torch.is_tensor(v) else v
-
-
-def blend(x, y, f):
-    """torchvision's _blend: f * x + (1 - f) * y, clamped to [0, 1]; f = 1 returns x exactly."""
-    f = per_sample(f, x)
-    return (f * x + (1.0 - f) * y).clamp(0.0, 1.0)
-
-
-def rgb_to_hsv(x):
-    """x [N, 3, H, W] -> h, s, v [N, H, W] each in [0, 1] (torchvision's _rgb2hsv)."""
-    r, g, b = x.unbind(1)
-    maxc, minc = x.amax(1), x.amin(1)  # [N, H, W]
-    eqc = maxc == minc  # grey pixels: s = 0 and h = 0, no division by zero
-    cr = maxc - minc
-    s = cr / torch.where(eqc, 1.0, maxc)
-    cr = torch.where(eqc, 1.0, cr)
-    rc, gc, bc = (maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr
-    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
-    return torch.fmod(h / 6.0 + 1.0, 1.0), s, maxc
-
-
-def hsv_to_rgb(h, s, v):
-    """h, s, v [N, H, W] -> [N, 3, H, W]: the closed form of torchvision's six-sector _hsv2rgb
-    (channel n: v - v s clamp(min(k, 4 - k), 0, 1) with k = (n + 6 h) mod 6, n = 5, 3, 1 for r, g, b)."""
-    n = 5.0 - 2.0 * torch.arange(3, dtype=h.dtype, device=h.device)  # [3]: 5, 3, 1 (made on the device)
-    k = torch.remainder(n[:, None, None, None] + 6.0 * h, 6.0)  # [3, N, H, W]
-    rgb = v - v * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)  # [3, N, H, W]
-    return rgb.transpose(0, 1)  # [N, 3, H, W]
+def colour(run, x, recipe, gen):
+    """x float [N, 3, H, W] in [0, 1] -> the view's photometric ops (per-sample draws of gen), normalised."""
+    x = apply_photometric(x, sample_photometric(recipe, x.shape[0], gen), recipe)
+    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
 
 
 def adjust_hue(x, h):
-    """Rotate the hue by h (fraction of a turn, in [-0.5, 0.5])."""
-    hue, s, v = rgb_to_hsv(x)
-    return hsv_to_rgb(torch.remainder(hue + per_sample(h, x)[:, 0], 1.0), s, v)
+    """Rotate the hue of x [N, 3, H, W] by h [N] (a fraction of a turn, in [-0.5, 0.5]): torchvision's
+    _rgb2hsv, then the closed form of its six-sector _hsv2rgb (channel n: v - v s clamp(min(k, 4 - k), 0, 1)
+    with k = (n + 6 h) mod 6, n = 5, 3, 1 for r, g, b)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(1), x.amin(1)  # [N, H, W]; maxc is v
+    eqc = maxc == minc  # grey pixels: s = 0 and h = 0, no division by zero
+    s = (maxc - minc) / torch.where(eqc, 1.0, maxc)
+    cr = torch.where(eqc, 1.0, maxc - minc)
+    rc, gc, bc = (maxc - r) / cr, (maxc - g) / cr, (maxc - b) / cr
+    hue = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    hue = torch.fmod(hue / 6.0 + 1.0, 1.0)  # [N, H, W] in [0, 1)
+    hue = torch.remainder(hue + h.to(x.dtype)[:, None, None], 1.0)  # rotated by h
+    n = 5.0 - 2.0 * torch.arange(3, dtype=x.dtype, device=x.device)  # [3]: 5, 3, 1 (made on the device)
+    k = torch.remainder(n[:, None, None, None] + 6.0 * hue, 6.0)  # [3, N, H, W]
+    return (maxc - maxc * s * torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)).transpose(0, 1)  # [N, 3, H, W]
 
 
-def gaussian_kernels(sigma, radius=BLUR_RADIUS):
-    """sigma [N] -> normalised 1-D Gaussian kernels [N, 2 radius + 1] (as torchvision's
-    _get_gaussian_kernel1d)."""
-    t = torch.arange(-radius, radius + 1, dtype=sigma.dtype, device=sigma.device)  # [K]
-    k = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)  # [N, K]
-    return k / k.sum(1, keepdim=True)
+BLUR_RADIUS = math.ceil(3 * BLUR_SIGMA[1])  # one 13-tap kernel for every sigma: 3 sigma of the largest one
+# (the tails cut at sigma 2 hold 0.3% of the weight; the kernel is renormalised, as torchvision does)
 
 
 def gaussian_blur(x, sigma, radius=BLUR_RADIUS):
@@ -1299,7 +1278,9 @@ def gaussian_blur(x, sigma, radius=BLUR_RADIUS):
     kernel_size 2 radius + 1). The PIL path's GaussianBlur(radius=sigma) is an extended box blur of about the
     same std: away from the borders the two differ by under 1 grey level on average, 4 at most (tested)."""
     n, c, h, w = x.shape
-    k = gaussian_kernels(sigma.to(x.dtype), radius).repeat_interleave(c, 0)  # [N*C, K]: a kernel per channel
+    sigma = sigma.to(x.dtype)[:, None]  # [N, 1]
+    k = torch.exp(-0.5 * (torch.arange(-radius, radius + 1, dtype=x.dtype, device=sigma.device) / sigma) ** 2)
+    k = (k / k.sum(1, keepdim=True)).repeat_interleave(c, 0)  # [N*C, K]: a normalised kernel per channel
     y = F.pad(x, [radius] * 4, mode="reflect").reshape(1, n * c, h + 2 * radius, w + 2 * radius)
     y = F.conv2d(y, k[:, None, None, :], groups=n * c)  # [1, N*C, H + 2r, W]: along rows
     y = F.conv2d(y, k[:, None, :, None], groups=n * c)  # [1, N*C, H, W]: along columns
@@ -1311,33 +1292,22 @@ def normalize(x):
     return torch.stack([(x[:, c] - MEAN[c]) / STD[c] for c in range(3)], 1)  # [N, 3, H, W]
 
 
-def device_aug_seed(seed, rank, step):
-    """Seed of the device generator at one step: each (--seed, rank, global step) has its own stream, so the
-    draw at a step does not depend on what was drawn before it (a resumed run draws the same)."""
-    return ((seed * 1_000_003 + rank) * 10_000_019 + step) % 2**63  # large primes keep the triples apart
-
-
 def sample_photometric(recipe, n, gen):
-    """Per-sample parameters of one view for a batch of n, drawn from `gen` (on its device), as torchvision
-    draws them per image: jitter on [N] (p 0.8), factors [N, 4] (brightness, contrast, saturation in
-    [max(0, 1 - s), 1 + s], hue in [-s, s]), order [N, 4] (a random permutation of the four ops per sample),
-    gray [N] (p 0.2), sigma [N] ~ U(0.1, 2), blur [N] (p blur_p), solarize [N] (p solarize_p). Every field is
-    drawn whatever the recipe, so the stream's layout is the same for every view."""
-    def u(*shape):
-        return torch.rand(*shape, generator=gen, device=gen.device)
-    b, c, s, h = recipe.jitter
-    lo, hi = (max(0.0, 1 - b), max(0.0, 1 - c), max(0.0, 1 - s), -h), (1 + b, 1 + c, 1 + s, h)
+    """One view's parameters for n samples, drawn from `gen` as torchvision draws them per image: factors
+    [N, 4] (brightness, contrast, saturation ~ U[max(0, 1 - s), 1 + s], hue ~ U[-s, s]), order [N, 4] (a
+    permutation), jitter, gray, sigma, blur, solarize [N]; all drawn for any recipe (one stream layout)."""
+    u = functools.partial(torch.rand, generator=gen, device=gen.device)
+    bounds = [(max(0.0, 1 - s), 1 + s) for s in recipe.jitter[:3]] + [(-recipe.jitter[3], recipe.jitter[3])]
     r = u(n, 4)  # [N, 4]
-    factors = torch.stack([lo[j] + (hi[j] - lo[j]) * r[:, j] for j in range(4)], 1)  # [N, 4]
+    factors = torch.stack([lo + (hi - lo) * r[:, j] for j, (lo, hi) in enumerate(bounds)], 1)  # [N, 4]
     return {"jitter": u(n) < JITTER_P, "factors": factors, "order": u(n, 4).argsort(1),
             "gray": u(n) < GRAY_P, "sigma": BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * u(n),
             "blur": u(n) < recipe.blur_p, "solarize": u(n) < recipe.solarize_p}
 
 
 def jitter_slots(order, on):
-    """Each sample's jitter order [N, 4] (0-2: brightness, contrast, saturation; 3: hue) and whether its
-    jitter is on [N] -> its ops before the hue and after it, [N, 3] each, -1 for none: the hue (the costly
-    op) then runs once on the batch, between the two."""
+    """Jitter order [N, 4] (0-2: brightness, contrast, saturation; 3: hue), jitter on [N] -> the ops before
+    the hue and after it, [N, 3] each, -1 for none: the hue (the costly op) then runs once on the batch."""
     hue_at = (order == 3).int().argmax(1, keepdim=True)  # [N, 1]
     k = torch.arange(3, device=order.device)  # [3]
     pre = torch.where((k < hue_at) & on[:, None], order[:, :3], -1)  # [N, 3]
@@ -1347,20 +1317,20 @@ def jitter_slots(order, on):
 
 
 def adjust_bcs(x, op, factors):
-    """Per sample one of brightness (op 0), contrast (1), saturation (2) or nothing (-1), op [N], with its
-    factor from factors [N, 4]: each is a blend of x with 0, the mean grey or the grey image (torchvision's
-    formulas), so the three run as one blend; factor 1 for nothing, which returns x exactly."""
+    """Per sample brightness (op 0), contrast (1), saturation (2) or nothing (-1), op [N], factor from factors
+    [N, 4]: torchvision's blend of x with 0, the mean grey or the grey image, as one blend (-1: x exactly)."""
     gray = v2.functional.rgb_to_grayscale(x)  # [N, 1, H, W]
     mean = gray.mean((1, 2, 3), keepdim=True)  # [N, 1, 1, 1]
-    target = torch.where((op == 1)[:, None, None, None], mean, gray)  # [N, 1, H, W]
-    f = torch.where(op >= 0, factors.gather(1, op.clamp(min=0)[:, None])[:, 0], 1.0)  # [N]
-    return blend(x, target * per_sample(op != 0, x), f)
+    op4 = op[:, None, None, None]  # [N, 1, 1, 1]
+    target = torch.where(op4 == 1, mean, gray) * (op4 != 0)  # [N, 1, H, W]
+    f = torch.where(op4 >= 0, factors.gather(1, op.clamp(min=0)[:, None]).to(x.dtype)[..., None, None], 1.0)
+    return (f * x + (1.0 - f) * target).clamp(0.0, 1.0)  # torchvision's _blend
 
 
 def apply_photometric(x, p, recipe):
-    """x [N, 3, H, W] in [0, 1], parameters p from sample_photometric -> the normalised view [N, 3, H, W]:
-    colour jitter in each sample's order, grayscale, blur, solarize (the PIL path's order), then normalise.
-    Static shapes and no host sync: every op runs on the whole batch and each sample keeps its own result."""
+    """x [N, 3, H, W] in [0, 1], p from sample_photometric -> the normalised view: jitter in each sample's
+    order, grayscale, blur, solarize (the PIL path's order). Static shapes, no host sync: every op runs on the
+    whole batch and each sample keeps its own result."""
     def where(mask, y, x):
         return torch.where(mask[:, None, None, None], y, x)
     pre, post = jitter_slots(p["order"], p["jitter"])  # [N, 3] each
@@ -1378,17 +1348,10 @@ def apply_photometric(x, p, recipe):
     return normalize(x)
 
 
-def device_view(run, x, recipe, gen):
-    """uint8 crops [n, 3, H, W] from the loader -> the view's normalised float batch on the device."""
-    return colour(run, x.to(run.device, non_blocking=True).float().div_(255), recipe, gen)  # [n, 3, H, W]
-
-
 # -------- --data-on-device: the split held on the device
 
-# --data-on-device: the split decoded once into one uint8 tensor [N, 3, S, S] on the training device; a batch
-# is indexed from it in DistributedSampler's order, and each view's crop box, flip and colour are drawn per
-# sample on the device from the (seed, rank, step) generator of --gpu-aug, so resumes are exact. One batched
-# call per op, no Python loop over images: at GPU speed such a loop costs about as much as the training step.
+# --data-on-device: the split decoded once into one uint8 tensor [N, 3, S, S] on the training device. One
+# batched call per op, no Python loop over images: at GPU speed such a loop costs about a training step.
 
 STORE_FACTOR = 1.25  # folders: stored at 1.25 x the crop (lightly: Imagenette at 160 px for 128-px crops)
 
@@ -1396,12 +1359,8 @@ STORE_FACTOR = 1.25  # folders: stored at 1.25 x the crop (lightly: Imagenette a
 def store_size(args):
     """Side of the stored square images: --store-size, native for the built-in sets, else 1.25 x the crop."""
     native = {"cifar10": 32, "cifar100": 32, "stl10": 96, "synthetic": SYNTH_PX}  # stored as they are
-    names = args.data.split(",")
-    if args.store_size:
-        return args.store_size
-    if all(n in native for n in names):
-        return max(native[n] for n in names)
-    return round(STORE_FACTOR * args.img_size)
+    sizes = [native.get(name) for name in args.data.split(",")]
+    return args.store_size or (max(sizes) if None not in sizes else round(STORE_FACTOR * args.img_size))
 
 
 class Stored(torch.utils.data.Dataset):
@@ -1440,15 +1399,11 @@ class HeldSplit:
             x, y = self.images[b], self.labels[b]  # [b, 3, S, S] uint8, [b]
             if self.copies == 1:
                 yield x, y
-            elif self.ids is None:
-                yield (x, x), y
             else:
-                ids = self.ids[b]  # [b, S, S]
-                yield (x, ids, x, ids), y
+                yield ((x,) if self.ids is None else (x, self.ids[b])) * 2, y  # ids [b, S, S]
 
     def eval_batches(self, indices, batch_size, img_size):
-        """(normalised [b, 3, img_size, img_size], labels) batches of `indices`: eval_transform on the
-        device (resize to 256/224 of the crop, centre crop)."""
+        """(normalised [b, 3, img_size, img_size], labels) batches of `indices`: eval_transform, on device."""
         resize, idx = round(img_size * 256 / 224), torch.tensor(indices, dtype=torch.long)
         for b in idx.to(self.images.device).split(batch_size):
             x = F.interpolate(self.images[b].float().div_(255), size=(resize, resize), mode="bilinear",
@@ -1459,19 +1414,15 @@ class HeldSplit:
 
 def held_split(args, run, base, copies=2, ids=None):
     """Decode `base` once (loader workers, then never again) into a HeldSplit on run.device."""
-    size = store_size(args)
-    loader = torch.utils.data.DataLoader(Stored(base, size, ids), batch_size=256, num_workers=args.workers,
-                                         worker_init_fn=ignore_interrupts)
+    loader = torch.utils.data.DataLoader(Stored(base, store_size(args), ids), batch_size=256,
+                                         num_workers=args.workers, worker_init_fn=ignore_interrupts)
     xs, ys, ms = [], [], []
     for x, y in loader:
-        if ids:
-            x, m = x
-            ms.append(m.int())
-        xs.append(x)
+        xs.append(x[0] if ids else x)
         ys.append(y)
-    masks = None
-    if ids:  # ids stay wider than uint8 (the official uint8 cast merges ids > 255); int16 when they fit
-        masks = torch.cat(ms)
+        ms.append(x[1].int() if ids else None)
+    masks = torch.cat(ms) if ids else None  # wider than uint8: the official uint8 cast merges ids > 255
+    if ids:  # int16 when they fit
         masks = masks.to(torch.int16 if masks.max() < 2**15 else torch.int32).to(run.device)
     return HeldSplit(torch.cat(xs).to(run.device), torch.cat(ys).long().to(run.device), masks, copies)
 
@@ -1490,22 +1441,15 @@ def rrc_boxes(n, h, w, scale, gen, ratio=(3 / 4, 4 / 3), tries=10):
     bw, bh = pick(bw), pick(bh)
     top = torch.floor(pick(u[..., 2]) * (h - bh + 1))  # randint(0, h - bh + 1)
     left = torch.floor(pick(u[..., 3]) * (w - bw + 1))
-    if w / h < ratio[0]:  # the fallback box, the same for every sample
-        fw, fh = w, round(w / ratio[0])
-    elif w / h > ratio[1]:
-        fw, fh = round(h * ratio[1]), h
-    else:
-        fw, fh = w, h
+    fw, fh = min(w, round(h * ratio[1])), min(h, round(w / ratio[0]))  # the fallback box: one for all samples
     fallback = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], dtype=torch.float64, device=gen.device)
-    boxes = torch.stack([top, left, bh, bw], 1)  # [n, 4]
-    return torch.where(fits.any(1, keepdim=True), boxes, fallback)
+    return torch.where(fits.any(1, keepdim=True), torch.stack([top, left, bh, bw], 1), fallback)  # [n, 4]
 
 
 def crop_resize(x, boxes, size):
-    """x float [N, C, H, W], boxes [N, 4] (top, left, height, width) -> [N, C, size, size], one box per
-    sample, by torchvision.ops.roi_align: aligned=True puts pixel centres at +0.5 (resized_crop's convention);
-    adaptive sampling averages ceil(box / size) bilinear samples per output pixel along each side, a box
-    filter close to the antialiased resize (tested within a tolerance), upsampling plain bilinear."""
+    """x float [N, C, H, W], boxes [N, 4] (top, left, height, width) -> [N, C, size, size] by roi_align: pixel
+    centres at +0.5 (aligned, resized_crop's convention); ceil(box / size) bilinear samples averaged per
+    output pixel and side, a box filter near the antialiased resize (tested), upsampling plain bilinear."""
     top, left, bh, bw = boxes.to(x.dtype).unbind(1)
     rois = torch.stack([torch.arange(len(x), device=x.device, dtype=x.dtype), left, top, left + bw,
                         top + bh], 1)  # [N, 5]: batch index, x1, y1, x2, y2
@@ -1517,17 +1461,6 @@ def flip_where(x, flip):
     return torch.where(flip.reshape(-1, *[1] * (x.ndim - 1)), x.flip(-1), x)
 
 
-def colour(run, x, recipe, gen):
-    """x float [N, 3, H, W] in [0, 1] -> the view's photometric ops (per-sample draws of gen), normalised."""
-    x = apply_photometric(x, sample_photometric(recipe, x.shape[0], gen), recipe)
-    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
-
-
-def device_generator(run, step):
-    """The --gpu-aug / --data-on-device draw of one step: its own stream per (--seed, rank, global step)."""
-    return torch.Generator(run.device).manual_seed(device_aug_seed(run.args.seed, run.rank, step))
-
-
 def device_crops(x, img_size, scale, gen):
     """x float [n, 3, S, S] -> RandomResizedCrop(img_size, scale) + horizontal flip (p 0.5), per sample."""
     boxes = rrc_boxes(len(x), x.shape[2], x.shape[3], scale, gen)  # [n, 4]
@@ -1536,8 +1469,7 @@ def device_crops(x, img_size, scale, gen):
 
 
 def device_views(run, x, step, img_size, crop_min, recipes):
-    """TwoViews.finish with --data-on-device: stored uint8 images x [n, 3, S, S] -> per view a
-    RandomResizedCrop box (torchvision's distribution), a flip and the colour ops, per sample."""
+    """TwoViews.finish with --data-on-device: stored uint8 x [n, 3, S, S] -> each view, drawn per sample."""
     gen, x = device_generator(run, step), x.float().div_(255)  # x [n, 3, S, S] in [0, 1]
     return tuple(colour(run, device_crops(x, img_size, (crop_min, 1.0), gen), r, gen) for r in recipes)
 
