@@ -910,8 +910,7 @@ def load_folder(name, split):
 
 
 def voc_images(name):
-    """JPEGImages/ of a PASCAL VOC folder given as --data (VOC2012/, VOCdevkit/ or the folder holding
-    VOCdevkit/: JPEGImages/ next to SegmentationClass/, ImageSets/ or Annotations/), else None."""
+    """JPEGImages/ of a PASCAL VOC folder given as --data (VOC2012/, VOCdevkit/ or the folder holding it)."""
     for pattern in ("JPEGImages", "VOC*/JPEGImages", "VOCdevkit/VOC*/JPEGImages"):
         for images in sorted(glob.glob(os.path.join(glob.escape(name), pattern)))[::-1]:  # VOC2012 first
             if any(os.path.isdir(os.path.join(images, os.pardir, d))
