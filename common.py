@@ -167,8 +167,8 @@ def parse_args(cls, presets, argv=None):
 # -------- argument parsing, path checks
 
 def auto_preset(data, cuda=True):
-    """--preset auto: cpu for the built-in synthetic data, cifar for the 32-px sets, imagenet otherwise;
-    without a GPU (`cuda` false) cpu instead of imagenet (ResNet-50, 224 px, batch 4096 do not fit a CPU)."""
+    """--preset auto's pick (PRESET_HELP); without a GPU (`cuda` false) cpu, not imagenet: ResNet-50, 224 px
+    and batch 4096 do not fit a CPU."""
     if data == "synthetic":
         return "cpu"
     return "cifar" if data in ("cifar10", "cifar100") else "imagenet" if cuda else "cpu"
@@ -183,9 +183,7 @@ def user_errors(main):
             for run in STARTING:  # a run that wrote nothing on its way (eval_linear's knn and dense modes)
                 run.start()
             return out
-        except BadInput as e:
-            # errors from DataLoader workers come back wrapped with the worker's traceback;
-            # the original message is its last line ("common.BadInput: ...")
+        except BadInput as e:  # from a loader worker: wrapped in its traceback, "common.BadInput: ..." last
             msg = str(e).strip().splitlines()[-1].split("BadInput: ")[-1]
             print(f"error: {msg}", file=sys.stderr)
             sys.exit(2)
@@ -212,10 +210,9 @@ def field_docs(cls):
     docs = {}
     for klass in reversed(cls.__mro__):
         try:
-            tree = ast.parse(inspect.getsource(klass).lstrip())
+            body = ast.parse(inspect.getsource(klass).lstrip()).body[0].body
         except (OSError, TypeError, IndentationError, SyntaxError):
             continue
-        body = tree.body[0].body
         for a, b in zip(body, body[1:]):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
                 docs[a.target.id] = " ".join(str(b.value.value).split())
@@ -235,7 +232,7 @@ def _parser(cls, presets, add_help=True):
     method = p.add_argument_group("method hyperparameters")
     plumbing = p.add_argument_group("data, run and plumbing (shared by every script)")
     common_fields = {f.name for f in dataclasses.fields(CommonArgs)}
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in common_fields):  # the method's own first
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in common_fields):
         if f.name in getattr(cls, "not_flags", ()):  # shared fields that mean nothing to this script
             continue
         _add_flag(plumbing if f.name in common_fields else method, f, _help(f, docs.get(f.name, ""), presets))
@@ -250,28 +247,21 @@ def check_choices(args):
     """Every flag listed in CHOICES holds one of its choices (--arch: or a name of torchvision's registry)."""
     for name, allowed in CHOICES.items():
         v = getattr(args, name, None)
-        if v is None or v in allowed or (name == "arch" and v in registry_archs()):
+        if v is None or v in allowed:
             continue
-        if name == "arch":
+        if name != "arch":
+            raise BadInput(f"unknown {name} {v!r}; choose from {', '.join(allowed)}")
+        if v not in torchvision.models.list_models(module=torchvision.models):
             raise BadInput(f"unknown arch {v!r}; choose from {', '.join(allowed)} or a classification model "
                            f"of torchvision (list them: {LIST_ARCHS})")
-        raise BadInput(f"unknown {name} {v!r}; choose from {', '.join(allowed)}")
-
-
-def registry_archs():
-    """Every classification model of torchvision's registry (resnet34, convnext_tiny, regnet_y_400mf, ...)."""
-    return torchvision.models.list_models(module=torchvision.models)
 
 
 def _help(f, doc, presets):
     """A field's --help text: its doc, its choices, its default and what each preset sets it to."""
-    text = doc
-    if f.name in CHOICES:
-        text += f" {{{', '.join(CHOICES[f.name])}}}"
+    choices = {**CHOICES, "preset": ("auto", *presets)}.get(f.name)
+    text = doc + (f" {{{', '.join(choices)}}}" if choices else "")
     if f.name == "arch":
         text += f" or any classification model of torchvision (list them: {LIST_ARCHS})"
-    if f.name == "preset":
-        text += f" {{auto, {', '.join(presets)}}}"
     set_by = [f"{name}: {values[f.name]}" for name, values in presets.items() if f.name in values]
     here = " on this machine" if f.name == "workers" else ""  # default_workers(): the cores decide
     return text + f" [default: {f.default}{here}" + "".join(f"; {s}" for s in set_by) + "]"
@@ -282,17 +272,15 @@ def _add_flag(group, f, help_):
     typ = {"bool": bool, "int": int, "float": float}.get(str(f.type), f.type)
     if typ is bool:
         group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-    elif typ in (int, float):
-        group.add_argument(flag, type=typ, metavar=typ.__name__.upper(), help=help_)
     else:
-        group.add_argument(flag, type=str, metavar="STR", help=help_)
+        typ = typ if typ in (int, float) else str
+        group.add_argument(flag, type=typ, metavar=typ.__name__.upper(), help=help_)
 
 
 @dataclasses.dataclass(frozen=True)
 class Range:
     """The values a numeric flag allows: lo <= v (lo < v with lo_excluded), v <= hi unless hi is None, or one
-    of `also` (a documented special value, such as -1 = auto). A method's Args declares its own flags' ranges
-    in a RANGES dict of these; the shared flags' are below."""
+    of `also` (a documented special value, such as -1 = auto)."""
     lo: float
     hi: float = None
     lo_excluded: bool = False
@@ -312,40 +300,29 @@ POSITIVE = Range(0, lo_excluded=True)  # temperatures, LARS's trust coefficient
 
 
 # the ranges of the flags every script has (CommonArgs' and the recipe flags each Args declares); a method's
-# own flags have theirs in its Args.RANGES, which check_ranges adds (and which win for a flag in both)
-RANGES = {
-    "batch_size": Range(1), "img_size": Range(1), "epochs": Range(0), "workers": Range(0),
-    "max_steps": Range(0), "knn_every": Range(0), "knn_k": Range(1), "knn_t": POSITIVE,
-    "log_every": Range(1), "save_every": Range(0), "save_epochs": Range(1), "synthetic_size": Range(1),
-    "store_size": Range(0), "time_limit": Range(0), "subset": Range(0), "mix_fraction": Range(0, 1),
-    "lr": Range(0), "wd": Range(0), "warmup_epochs": Range(0),
-}
-
-
-def method_ranges(cls):
-    """The shared RANGES updated with the RANGES of each class in cls's hierarchy (rotation_aux.Args adds its
-    flags' to mocov3.Args')."""
-    ranges = dict(RANGES)
-    for klass in reversed(cls.__mro__):
-        ranges.update(vars(klass).get("RANGES", {}))
-    return ranges
+# own flags have theirs in a RANGES dict of Ranges in its Args, which check_ranges adds (and which win)
+RANGES = {"batch_size": Range(1), "img_size": Range(1), "epochs": Range(0), "workers": Range(0),
+          "max_steps": Range(0), "knn_every": Range(0), "knn_k": Range(1), "knn_t": POSITIVE,
+          "log_every": Range(1), "save_every": Range(0), "save_epochs": Range(1), "synthetic_size": Range(1),
+          "store_size": Range(0), "time_limit": Range(0), "subset": Range(0), "mix_fraction": Range(0, 1),
+          "lr": Range(0), "wd": Range(0), "warmup_epochs": Range(0)}
 
 
 def check_ranges(args):
-    """Every numeric flag in its range (NaN never is): one line naming the flag and the range, before any
-    work."""
-    for name, allowed in method_ranges(type(args)).items():
+    """Every numeric flag in its range (NaN never is), before any work: the shared RANGES updated with each
+    class's RANGES along args' hierarchy (rotation_aux.Args adds its flags' to mocov3.Args')."""
+    ranges = dict(RANGES)
+    for klass in reversed(type(args).__mro__):
+        ranges.update(vars(klass).get("RANGES", {}))
+    for name, allowed in ranges.items():
         v = getattr(args, name, None)
-        if not isinstance(v, (int, float)) or isinstance(v, bool):
-            continue
-        if v not in allowed:
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and v not in allowed:
             raise BadInput(f"--{name.replace('_', '-')} {v} is out of range: it must be {allowed}")
 
 
 def check_paths(args):
-    """Path flags of the right kind: --output-dir a folder or creatable as one, --resume an existing file (or
-    auto/empty), --data an existing folder when it is not a built-in dataset name. (A folder that cannot be
-    created for another reason, such as /proc/x, is refused when setup creates it, before any write.)"""
+    """Path flags of the right kind, before any work (a folder that cannot be created for another reason, such
+    as /proc/x, is refused when setup creates it, before any write)."""
     if args.output_dir:
         check_output_dir("--output-dir", args.output_dir)
     if args.overwrite and args.resume:
@@ -374,8 +351,7 @@ def check_output_dir(flag, path):
 
 
 def check_output_file(flag, path, output_dir):
-    """A file the run writes (a picture): not a folder, and in a folder that exists or is the run's
-    --output-dir (which setup creates; no other folder is created)."""
+    """A file the run writes (a picture): in an existing folder, or --output-dir (setup creates only that)."""
     folder = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise BadInput(f"{flag} {path} is a folder; give the path of a file to write")
@@ -391,8 +367,7 @@ RUN_OUTPUTS = ("checkpoint.pth", "backbone.pth", "log.jsonl", "curves.png", "tb"
 
 
 def check_not_overwriting(args, method, checkpoint):
-    """A run never replaces another run's checkpoint unasked: an --output-dir that holds checkpoint.pth or
-    backbone.pth is refused unless this run continues that checkpoint.pth (--resume) or has --overwrite."""
+    """A run replaces another run's checkpoint.pth or backbone.pth only when asked (--resume, --overwrite)."""
     out = args.output_dir
     found = [f for f in ("checkpoint.pth", "backbone.pth") if os.path.isfile(os.path.join(out, f))]
     own = os.path.join(out, "checkpoint.pth")
@@ -533,8 +508,7 @@ def prepare_model(model, run, sync_bn):
 # -------- device; run lock: one run per output folder
 
 def pick_device(args, local_rank):
-    """This process's device (cuda:LOCAL_RANK, else the CPU), with cuDNN autotuning and TF32 on CUDA; sets
-    --precision auto."""
+    """cuda:LOCAL_RANK (cuDNN autotuning and TF32 on), else the CPU; sets --precision auto."""
     cuda = torch.cuda.is_available()
     if args.precision == "auto":
         args.precision = "bf16" if cuda else "fp32"
@@ -550,27 +524,23 @@ def pick_device(args, local_rank):
     return device
 
 
-
 try:
     import fcntl
 except ImportError:  # Windows: no fcntl, so no lock (keep two runs off one folder by hand there)
     fcntl = None
 
 LOCKS = {}  # real path of an output folder -> the open <folder>/.lock file this process holds the lock with
-
-
 STARTING = []  # the Runs setup made in this main() that have written nothing yet (user_errors starts them)
 
 
 def start_run(run):
-    """Run.start: the first write of the run, once every check has passed (the Logger calls it; user_errors at
-    the end of a run without one): create and lock the folder (rank 0; every rank stops if another run holds
-    it), --overwrite's deletions, args.json. A no-op when done already or for a Run not made by setup."""
+    """Run.start, from the Logger (or user_errors for a run that logs nothing): lock and create the folder
+    (rank 0; every rank stops if another run holds it), --overwrite's deletions, args.json. A no-op once done,
+    or for a Run not made by setup."""
     if not run.pending:
         return
     run.pending = False
-    refused = lock_output_dir(run.out) if run.main else None
-    agree_on_lock(refused, run.world)
+    agree_on_lock(lock_output_dir(run.out) if run.main else None, run.world)
     if checkpoint_stamp(run.args) != run.stamp:  # written meanwhile by a run that held no lock on it
         path = os.path.join(run.out, "checkpoint.pth") if run.args.resume == "auto" else run.args.resume
         raise BadInput(f"{path} changed while this run started; run the command again")
@@ -585,62 +555,53 @@ def start_run(run):
 
 
 def lock_output_dir(out, create=True):
-    """Take an exclusive lock on out/.lock for this process: None, or the one-line reason it cannot (another
-    run holds it: its pid and host; or the folder cannot be created). `create`: create the folder and the file
-    if needed and write this process's pid and host into it after locking (the run's first write, for the
-    other run's message); otherwise (setup, which writes nothing) lock an existing out/.lock only. The OS
-    releases a flock when the holder dies, even by kill -9, so a requeued job never meets a stale lock."""
-    path = os.path.join(out, ".lock")
-    f = LOCKS.get(os.path.realpath(out))  # locked already by setup, or by an earlier run in this process
-    if f is None and fcntl is not None:
-        if not (create or os.path.isfile(path)):
-            return None
-        try:
-            if create:
-                os.makedirs(out, exist_ok=True)
-            f = os.fdopen(os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644), "r+")
-        except OSError as e:
-            return f"--output-dir {out} cannot be created or written: {e.strerror}" if create else None
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = lock_holder(f.read())
-            f.close()
-            return (f"--output-dir {out} is in use by another run ({holder}); wait for it or use another "
-                    "folder")
-        LOCKS[os.path.realpath(out)] = f
-    if create:
-        try:
+    """Lock out/.lock for this process alone: None, or the one-line reason it cannot (another run holds it, or
+    the folder cannot be created). `create`: make folder and file if needed and, once locked, write this pid
+    and host there (the run's first write; the other run's message names them); else (setup, which writes
+    nothing) lock an existing out/.lock only. The OS drops a flock when its holder dies, even by kill -9."""
+    path, real = os.path.join(out, ".lock"), os.path.realpath(out)
+    f = LOCKS.get(real)  # locked already by setup, or by an earlier run in this process
+    try:
+        if create:
             os.makedirs(out, exist_ok=True)  # no fcntl (Windows): no lock, the folder all the same
-            if f is not None:
-                f.seek(0)
-                f.truncate(0)
-                f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
-                f.flush()
-        except OSError as e:
-            return f"--output-dir {out} cannot be created or written: {e.strerror}"
+        if f is None and fcntl is not None and (create or os.path.isfile(path)):
+            f = os.fdopen(os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644), "r+")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = lock_holder(f.read())
+                f.close()
+                return (f"--output-dir {out} is in use by another run ({holder}); wait for it or use another "
+                        "folder")
+            LOCKS[real] = f
+        if create and f is not None:
+            f.seek(0)
+            f.truncate(0)
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+            f.flush()
+    except OSError as e:
+        return f"--output-dir {out} cannot be created or written: {e.strerror}" if create else None
     return None
 
 
 def lock_holder(text):
-    """'pid P on HOST' from a .lock file's text; a holder that has not written yet (it locks the file of an
-    earlier run in setup and writes at its first write) leaves that run's pid, which is gone on this host."""
+    """'pid P on HOST' from a .lock file's text. A holder that has not written yet (setup locks the file of an
+    earlier run and writes at its first write) leaves that run's pid, gone on this host."""
     try:
         holder = json.loads(text)
         pid, host = int(holder["pid"]), str(holder["host"])
         if host == socket.gethostname():
             os.kill(pid, 0)  # ProcessLookupError: the pid of an earlier run, not of the holder
-        return f"pid {pid} on {host}"
     except PermissionError:  # alive, another user's
-        return f"pid {pid} on {host}"
+        pass
     except (ValueError, KeyError, TypeError, OverflowError, ProcessLookupError):
         return "pid and host not written yet"  # it has just taken the lock
+    return f"pid {pid} on {host}"
 
 
 def agree_on_lock(refused, world):
-    """Every rank stops (BadInput, exit 2) when rank 0 could not lock the folder: rank 0 tried before joining
-    the process group, so no rank waits on a refused one; here it broadcasts the answer (`refused`: its
-    lock_output_dir result) in one collective that every rank reaches."""
+    """BadInput on every rank when rank 0 could not lock the folder (`refused`: its lock_output_dir answer,
+    got before joining the process group, so no rank waits on a refused one), in one collective all reach."""
     if world > 1:
         answer = [refused]
         dist.broadcast_object_list(answer, src=0)
@@ -649,24 +610,19 @@ def agree_on_lock(refused, world):
         raise BadInput(refused)
 
 
-def release_output_dirs():
-    """Unlock every output folder this process holds (a script's main() ends: the next run may take it)."""
-    for f in LOCKS.values():
-        fcntl.flock(f, fcntl.LOCK_UN)  # through any copy of the file: a forked child's too
-        f.close()
-    LOCKS.clear()
-
-
-def _forget_locks_in_child():
-    """A forked child (a loader worker) closes its copies of the lock files, without unlocking: a worker that
+def release_output_dirs(unlock=True):
+    """Unlock every output folder this process holds (a script's main() ends: the next run may take it).
+    unlock=False: a forked child (a loader worker) only closes its copies of the lock files, so a worker that
     outlives a killed parent by a few seconds does not keep the folder locked."""
     for f in LOCKS.values():
+        if unlock:
+            fcntl.flock(f, fcntl.LOCK_UN)  # through any copy of the file: a forked child's too
         f.close()
     LOCKS.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_locks_in_child)
+    os.register_at_fork(after_in_child=functools.partial(release_output_dirs, unlock=False))
 
 
 # -------- preemption signals
@@ -682,8 +638,7 @@ SAVED_HANDLERS = {}  # signal -> the handler before catch_stop_signals, put back
 
 
 def _say(text):
-    """One line on stderr from a signal handler (rank 0 only): os.write, as print could re-enter a write that
-    the signal interrupted."""
+    """One line on stderr from a signal handler, rank 0 only (os.write: print may re-enter a cut write)."""
     if os.environ.get("RANK", "0") == "0":
         os.write(2, (text + "\n").encode())
 
@@ -703,9 +658,8 @@ def _on_stop_signal(signum, frame):
 
 
 def catch_stop_signals():
-    """SIGTERM (torchrun, Kubernetes, `kill`), SIGUSR1 (SLURM's `--signal`) and SIGINT (Ctrl-C) finish the
-    current step, write checkpoint.pth and exit with PREEMPTED_EXIT instead of killing the run mid-step; a
-    Ctrl-C before the training loop, or a second one, exits at once (INTERRUPTED_EXIT, one line)."""
+    """SIGTERM (torchrun, Kubernetes, `kill`), SIGUSR1 (SLURM's `--signal`), SIGINT (Ctrl-C): finish the step,
+    write checkpoint.pth, exit PREEMPTED_EXIT; a Ctrl-C before the training loop, or a second, exits now."""
     STOP_SIGNAL[0], STOP_AT_STEP[0], INTERRUPTS[:] = None, False, [0, -math.inf]
     for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
         SAVED_HANDLERS.setdefault(sig, signal.getsignal(sig))
@@ -720,15 +674,14 @@ def restore_signal_handlers():
 
 
 def ignore_interrupts(worker_id=None):
-    """A loader worker's init: Ctrl-C is the main process's to handle (a terminal sends it to the whole
-    process group, and a worker it killed would end the run with a traceback before the step's checkpoint)."""
+    """A loader worker's init: Ctrl-C is the main process's (the terminal sends it to the whole process group;
+    a worker it killed would end the run with a traceback before the step's checkpoint)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def stop_requested(run, step):
-    """True once SIGTERM/SIGUSR1 has arrived, on every rank at the same step. Alone: checked every step
-    (a Python flag, free). Distributed: the ranks agree every --log-every steps with one all_reduce
-    (it waits for the step's kernels, as the log line does), so at most log_every steps late."""
+    """True once SIGTERM/SIGUSR1 has arrived, on every rank at the same step: checked every step alone, every
+    --log-every steps distributed (one all_reduce; it waits for the step's kernels, as the log line does)."""
     if run.world == 1:
         return STOP_SIGNAL[0] is not None
     if step % run.args.log_every:
@@ -814,13 +767,10 @@ def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
 # -------- the built-in data: synthetic scenes
 
 SHAPES = ("disk", "ring", "square", "frame", "triangle", "plus", "star", "crescent", "bar", "ell")
-
-
 SYNTH_PX = 64  # native size of synthetic images: room for a main shape and a few small ones, cheap to draw
-# The scene keeps colour from being an image ID: contrastive learning separates images by whatever survives
-# two crops and colour jitter, and a per-image colour (a coloured background, a shape colour drawn per image)
-# survives both, so the network learns colour and its kNN accuracy falls below random init. Here every image
-# has the same grey background and near-white shapes: only the shapes' form tells images, and classes, apart.
+# Colour is no image ID: a per-image colour (of background or shapes) survives two crops and colour jitter, so
+# contrastive learning would separate images by it (kNN accuracy below random init). Here all images share one
+# grey background and near-white shapes: only the shapes' form tells images, and classes, apart.
 BACKGROUND = 0.45  # grey level of the background, the same in every image
 NOISE = 0.04  # sensor-like noise std on every pixel, so flat regions are never exactly equal
 MAIN_AREA = (0.12, 0.2)  # area of the main shape (the label), as a fraction of the image
@@ -831,8 +781,7 @@ OCCLUDE = 0.3  # probability that a distractor is drawn over the main shape inst
 
 def _shape_mask(k, u, v):
     """Boolean mask of shape k in local coordinates (u, v), unit radius (every shape fits the unit disk)."""
-    r = np.hypot(u, v)
-    au, av = np.abs(u), np.abs(v)
+    r, au, av = np.hypot(u, v), np.abs(u), np.abs(v)
     m = np.maximum(au, av)
     masks = {
         "disk": lambda: r < 1,
@@ -862,10 +811,8 @@ SHAPE_AREAS = _unit_areas()  # a bar covers ~0.4 of a disk: shapes are sized by 
 
 def _draw(img, seg, k, area, centre, angle, colour):
     """Paint shape k (area: fraction of the image; centre in [-1, 1]^2; rotation in rad) into img [px, px, 3]
-    and k + 1 into seg [px, px], in place; only the shape's bounding box is evaluated."""
-    px = img.shape[0]
-    # every shape fits the unit disk: its box is centre +- radius
-    radius = math.sqrt(area * 4 / SHAPE_AREAS[k])
+    and k + 1 into seg [px, px], in place; only the shape's bounding box, centre +- radius, is evaluated."""
+    px, radius = img.shape[0], math.sqrt(area * 4 / SHAPE_AREAS[k])
     lo = np.clip(((centre - radius + 1) * px / 2).astype(int), 0, px)  # [2] (x, y) first pixel of the box
     hi = np.clip(((centre + radius + 1) * px / 2).astype(int) + 2, 0, px)  # [2] one past the last
     coords = (np.arange(px) + 0.5) / px * 2 - 1  # pixel centres in [-1, 1]
@@ -879,10 +826,9 @@ def _draw(img, seg, k, area, centre, angle, colour):
 
 
 def render_synthetic(seed, index, px=SYNTH_PX):
-    """One deterministic image: a main shape (the label, index % 10) among 1-3 much smaller distractor shapes
-    of random classes, near-white on a grey background. Positions, areas, small rotations and faint tints are
-    random; a distractor may overlap or occlude the main shape. Returns (image, label, per-pixel labels
-    [px, px] uint8: 0 background, class + 1 under each shape, later shapes occluding earlier ones)."""
+    """One deterministic image: a main shape (the label, index % 10) among much smaller distractors of random
+    classes, each at a random position, area, small rotation and faint tint. Returns (PIL image, label,
+    per-pixel labels [px, px] uint8: 0 background, class + 1 under each shape, later shapes on top)."""
     rng = np.random.default_rng([seed, index])
     label = index % len(SHAPES)  # balanced classes
     img = np.full((px, px, 3), BACKGROUND)  # [px, px, 3]
@@ -893,11 +839,10 @@ def render_synthetic(seed, index, px=SYNTH_PX):
     distractors = [shape(int(rng.integers(len(SHAPES))), DISTRACTOR_AREA, 0.8)
                    for _ in range(rng.integers(DISTRACTORS[0], DISTRACTORS[1] + 1))]
     main = shape(label, MAIN_AREA, 0.2)  # near the centre: the eval transform's centre crop keeps it
-    # distractors drawn before (under) the main shape
-    under = int(rng.binomial(len(distractors), 1 - OCCLUDE))
-    seg = np.zeros((px, px), np.uint8)  # [px, px] per-pixel labels: 0 background, shape class + 1
-    for k, area, centre, angle, colour in distractors[:under] + [main] + distractors[under:]:
-        _draw(img, seg, k, area, centre, angle, colour)
+    under = int(rng.binomial(len(distractors), 1 - OCCLUDE))  # distractors drawn before (under) the main
+    seg = np.zeros((px, px), np.uint8)  # [px, px]
+    for s in distractors[:under] + [main] + distractors[under:]:
+        _draw(img, seg, *s)
     img = img + rng.normal(0, NOISE, img.shape)  # [px, px, 3]
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label, seg
 
@@ -914,8 +859,7 @@ class Synthetic(torch.utils.data.Dataset):
         return self.size
 
     def __getitem__(self, i):
-        img, label, _ = render_synthetic(self.seed, i)
-        return img, label
+        return render_synthetic(self.seed, i)[:2]
 
     def segmentation(self, i):
         """(PIL image, PIL "L" mask of per-pixel labels: 0 background, class + 1 under each shape)."""
@@ -950,16 +894,12 @@ def load_torchvision(name, split, root):
 
 def load_folder(name, split):
     """An image folder: ImageFolder (class subfolders) or FlatFolder (unlabeled); `train/` and `val/`
-    subfolders are the splits when present, else the folder is the train split and there is no val."""
+    subfolders are the splits when present, else the folder is the train split and there is no val (None)."""
     if not os.path.isdir(name):
         raise BadInput(f"data path not found: {name} (use {', '.join(BUILTIN_DATA)} or an image folder)")
-    root = name
-    if os.path.isdir(os.path.join(name, "train")):
-        root = os.path.join(name, split)
-        if not os.path.isdir(root):
-            return None
-    elif split != "train":
-        return None  # a single folder: pretraining data only, no val split for the monitor
+    root = os.path.join(name, split) if os.path.isdir(os.path.join(name, "train")) else name
+    if not os.path.isdir(root) or (root == name and split != "train"):
+        return None  # no such split (a folder without train/ has no val)
     refuse_segmentation_folder(name, root)  # its masks would be read as a class of images
     if not any(os.path.isdir(os.path.join(root, d)) for d in os.listdir(root)):
         return FlatFolder(root)
@@ -970,11 +910,9 @@ def load_folder(name, split):
 
 
 def voc_images(name):
-    """JPEGImages/ of a PASCAL VOC folder given as --data (VOC2012/, VOCdevkit/ or the folder holding
-    VOCdevkit/: JPEGImages/ next to SegmentationClass/, ImageSets/ or Annotations/), else None."""
+    """JPEGImages/ of a PASCAL VOC folder given as --data (VOC2012/, VOCdevkit/ or the folder holding it)."""
     for pattern in ("JPEGImages", "VOC*/JPEGImages", "VOCdevkit/VOC*/JPEGImages"):
-        found = sorted(glob.glob(os.path.join(glob.escape(name), pattern)), reverse=True)  # VOC2012 first
-        for images in found:
+        for images in sorted(glob.glob(os.path.join(glob.escape(name), pattern)))[::-1]:  # VOC2012 first
             if any(os.path.isdir(os.path.join(images, os.pardir, d))
                    for d in ("SegmentationClass", "ImageSets", "Annotations")):
                 return os.path.normpath(images)
@@ -982,9 +920,8 @@ def voc_images(name):
 
 
 def refuse_segmentation_folder(name, root):
-    """BadInput, naming the folder of its images, when --data is a segmentation data set (eval_linear.py's
-    dense modes read those): read as an image folder, its masks would be pretrained on as a class of images
-    (images/ + masks/) or its label PNGs and lists would be classes (a VOC root)."""
+    """BadInput, naming the folder of its images, when --data is a segmentation data set (for eval_linear.py's
+    dense modes): its masks (images/ + masks/), or a VOC root's label PNGs and lists, would be classes."""
     expect = "a training script expects a folder of images, in class subfolders or flat"
     if os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "masks")):
         raise BadInput(f"--data {name} is a segmentation folder ({root} holds images/ and masks/, for "
@@ -1034,9 +971,8 @@ def pretrain_base(args):
 
 
 def data_id(name, ds):
-    """What a checkpoint records of one training set: its size and a fingerprint of its labels and, for a
-    folder, its file names relative to --data (a copy of the folder elsewhere is the same data; other files,
-    or the same names under other labels, are not)."""
+    """What a checkpoint records of one training set: its size, a fingerprint of its labels and, for a folder,
+    its file names relative to --data (a copy of the folder elsewhere is the same data)."""
     h = hashlib.sha1(np.asarray(labels_of(ds), dtype=np.int64).tobytes())
     files = [p for p, _ in ds.samples] if hasattr(ds, "samples") else getattr(ds, "files", None)
     prefix = os.path.join(name, "")  # every file path starts with it: cut (os.path.relpath: ~10 us a file)
@@ -1075,12 +1011,11 @@ def parse_corruptions(spec):
     for item in filter(None, spec.split(",")):
         name, _, value = item.partition(":")
         try:
-            ok = name in CORRUPTIONS and CORRUPTIONS[name](float(value))
+            if not (name in CORRUPTIONS and CORRUPTIONS[name](float(value))):
+                raise ValueError
         except ValueError:
-            ok = False
-        if not ok:
             raise BadInput(f"bad --corrupt spec {item!r}: use jpeg:Q (1-100), downsample:F (>= 1), "
-                           f"saltpepper:P (0-1) or blur:S (> 0)")
+                           f"saltpepper:P (0-1) or blur:S (> 0)") from None
         out.append((name, float(value)))
     return out
 
