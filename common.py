@@ -1468,31 +1468,25 @@ def map_shape(arch, stem, img_size):
     if arch in VIT_SIZES:
         return VIT_SIZES[arch]["hidden_dim"], img_size // 16
     if arch.startswith(RESNETS):
-        side = math.ceil(img_size / 8) if stem == "small" else math.ceil(img_size / 32)
-        return _probe_model(arch, 0)[1], side
+        return _probe_model(arch, 0)[1], math.ceil(img_size / (8 if stem == "small" else 32))
     net = _probe_model(arch, _built_for(arch, img_size))[0]
     if isinstance(net, torchvision.models.VisionTransformer):
         return net.hidden_dim, img_size // net.patch_size
-    shape = traced_map(arch, img_size).shape
-    return shape[1], shape[2]
+    return traced_map(arch, img_size).shape[1:3]
 
 
 def check_input(arch, img_size, size, why):
-    """BadInput (one line naming --arch and `why`) unless the backbone built for --img-size img_size runs on
-    size x size inputs; before any work. ResNets run on any size; MoCo v3's ViTs on img_size only."""
-    if arch.startswith(RESNETS):
-        return
+    """Before any work: BadInput (naming --arch and `why`) unless the img_size backbone runs on size px."""
     if arch in VIT_SIZES:
-        err = None if size == img_size else f"it is built for {img_size}-px inputs"
+        err = size != img_size and f"it is built for {img_size}-px inputs"
     else:
-        err = probe_run(arch, img_size, size)
+        err = not arch.startswith(RESNETS) and probe_run(arch, img_size, size)
     if err:
         raise BadInput(f"--arch {arch} does not run on {size}-px inputs ({why}): {err}")
 
 
 def grid_advice(arch, stem, grid):
-    """What to change for a final feature map of at least grid x grid (an error message's advice): the
-    smallest --img-size that gives it with this backbone, and --stem small where it would need less."""
+    """An error's advice for a final map of at least grid x grid: the least --img-size, or --stem small."""
     if arch in VIT_SIZES:
         return f"use --img-size {16 * grid} or more"
     if not arch.startswith(RESNETS):  # --stem is a ResNet's only; other families' strides vary
@@ -1505,14 +1499,12 @@ def registry_backbone(arch, img_size, spatial):
     """build_backbone for any other model of torchvision's registry -> (net, dim)."""
     net = registry_model(arch, img_size)
     dim = strip_classifier(net, arch)
-    net.effssl_arch = (arch, img_size)  # for feature_map (a plain attribute: no state_dict key)
+    net.effssl_arch = (arch, img_size)  # for feature_map; plain attribute like map_forward: no state_dict key
     if spatial and not isinstance(net, torchvision.models.VisionTransformer):  # ViT: its patch tokens
         found = traced_map(arch, img_size)
-        net.map_forward = found.forward  # a plain attribute: no state_dict key
-        for name, p in net.named_parameters():
-            if name not in found.params:
-                p.requires_grad_(False)
-        dim = found.shape[1]
+        net.map_forward, dim = found.forward, found.shape[1]
+        for name, p in net.named_parameters():  # freeze those the map never reads
+            p.requires_grad_(p.requires_grad and name in found.params)
     return net, dim
 
 
@@ -1555,18 +1547,15 @@ def _built_for(arch, img_size):
 
 @functools.lru_cache(maxsize=None)
 def _probe_model(arch, img_size):
-    """(the stripped registry model in eval(), its pooled dim) on the meta device: shapes only, no memory,
-    no compute. Built there when it can be (no init either); RegNet computes its widths with tensors: built on
-    the CPU, then moved."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # e.g. torchvision's notes on future default inits
+    """(the stripped registry model in eval(), its pooled dim) on the meta device: shapes only, no memory, no
+    compute, no init. RegNet computes its widths with tensors: built on the CPU, then moved."""
+    with warnings.catch_warnings(action="ignore"):  # e.g. torchvision's notes on future default inits
         try:
             with torch.device("meta"):
                 net = registry_model(arch, img_size)
         except NotImplementedError:
             net = registry_model(arch, img_size).to("meta")
-    dim = strip_classifier(net, arch)
-    return net.eval(), dim
+    return net.eval(), strip_classifier(net, arch)
 
 
 @functools.lru_cache(maxsize=None)
@@ -1576,10 +1565,9 @@ def probe_run(arch, img_size, size):
     try:
         with torch.no_grad():
             net(torch.zeros(1, 3, size, size, device="meta"))
-    except NotImplementedError:  # an op without a meta kernel: the real run will tell
-        return None
     except (RuntimeError, AssertionError, ValueError, IndexError) as e:
-        return _first_line(e)
+        # NotImplementedError (a RuntimeError): an op without a meta kernel; the real run will tell
+        return None if isinstance(e, NotImplementedError) else _first_line(e)
     return None
 
 
@@ -1638,13 +1626,11 @@ def _find_map(arch, built_for):
 
 @functools.lru_cache(maxsize=None)
 def traced_map(arch, img_size):
-    """Find the final spatial map of a registry model with torchvision.models.feature_extraction: trace it,
-    run it on two image sizes (FIND_AT and twice it) and take the LAST activation [N, C, H, W] whose H and W
-    change with the input while C does not (ConvNeXt: features; RegNet: trunk_output; Swin: the permuted
-    last stage; DenseNet: the ReLU after features): its pooling and head follow, at fixed sizes. BadInput
-    when there is none or the model does not run at --img-size."""
-    err = probe_run(arch, img_size, img_size)
-    if err:
+    """A registry model's final spatial map (torchvision.models.feature_extraction): run on two sizes
+    (FIND_AT, twice it), the LAST activation [N, C, H, W] whose H and W change with the input while C does
+    not (its pooling and head follow, at fixed sizes). ConvNeXt: features; RegNet: trunk_output; Swin: the
+    permuted last stage; DenseNet: the ReLU after features. BadInput when none, or it fails at --img-size."""
+    if err := probe_run(arch, img_size, img_size):
         raise BadInput(f"--arch {arch} does not run on {img_size}-px inputs: {err}")
     node, forward, params = _find_map(arch, _built_for(arch, img_size))
     net = _probe_model(arch, _built_for(arch, img_size))[0]
@@ -1662,9 +1648,8 @@ def moco_vit(arch, img_size, freeze_patch_proj):
     net = torchvision.models.VisionTransformer(image_size=img_size, patch_size=16, num_layers=12,
                                                **VIT_SIZES[arch])
     dim, net.heads = net.hidden_dim, nn.Identity()
-    grid = img_size // 16
     # MoCo v3: fixed 2-D sin-cos position embedding (not learned); zero for the class token
-    net.encoder.pos_embedding.data.copy_(torch.cat([torch.zeros(1, 1, dim), sincos_pos_embed(dim, grid)], 1))
+    net.encoder.pos_embedding.data.copy_(F.pad(sincos_pos_embed(dim, img_size // 16), (0, 0, 1, 0)))
     net.encoder.pos_embedding.requires_grad = False
     # MoCo v3: uniform (Xavier-like) init of the patch projection, optionally frozen ("random patch
     # projection" stabilises training: the paper's fix for the loss spikes)
@@ -1678,10 +1663,9 @@ def moco_vit(arch, img_size, freeze_patch_proj):
 def sincos_pos_embed(dim, grid, temperature=10000.0):
     """MoCo v3's 2-D sin-cos position embedding -> [1, grid*grid, dim]."""
     r = torch.arange(grid, dtype=torch.float32)
-    gw, gh = torch.meshgrid(r, r, indexing="ij")
     omega = 1.0 / temperature ** (torch.arange(dim // 4, dtype=torch.float32) / (dim // 4))  # [dim/4]
-    out_w = gw.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
-    out_h = gh.flatten()[:, None] * omega[None]  # [grid^2, dim/4]
+    gw, gh = torch.meshgrid(r, r, indexing="ij")
+    out_w, out_h = gw.flatten()[:, None] * omega, gh.flatten()[:, None] * omega  # [grid^2, dim/4] each
     return torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], 1)[None]
 
 
@@ -1754,35 +1738,16 @@ class LARS(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
                                       trust_coefficient=trust_coefficient))
 
-    @staticmethod
-    def buckets(params):
-        """Parameters that have a gradient -> {(is >1-D, device, dtype): [params]}, in parameter order
-        (one multi-tensor op needs a single device and dtype)."""
-        out = {}
-        for p in params:
-            if p.grad is not None:
-                out.setdefault((p.ndim > 1, p.device, p.dtype), []).append(p)
-        return out
-
-    @staticmethod
-    def trust_ratios(params, grads, weight_decay, trust_coefficient):
-        """(dp, q): new tensors dp_i = g_i + wd * p_i and q [P] with q_i = trust * |p_i| / |dp_i|, or 1
-        where either norm is 0."""
-        dp = torch._foreach_add(grads, params, alpha=weight_decay)
-        param_norm = torch.stack(torch._foreach_norm(params))  # [P]
-        update_norm = torch.stack(torch._foreach_norm(dp))  # [P]
-        q = torch.where((param_norm > 0) & (update_norm > 0), trust_coefficient * param_norm / update_norm,
-                        torch.ones_like(param_norm))  # [P]
-        return dp, q
-
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        with torch.enable_grad():
+            loss = closure() if closure is not None else None
         for g in self.param_groups:
-            for (scaled, _, _), params in self.buckets(g["params"]).items():
+            buckets = {}  # (is >1-D, device, dtype) -> params with a grad (a _foreach op: one device, dtype)
+            for p in g["params"]:
+                if p.grad is not None:
+                    buckets.setdefault((p.ndim > 1, p.device, p.dtype), []).append(p)
+            for (scaled, _, _), params in buckets.items():
                 for p in params:
                     if "mu" not in self.state[p]:  # setdefault would build a zero tensor at every step
                         self.state[p]["mu"] = torch.zeros_like(p)
@@ -1790,7 +1755,11 @@ class LARS(torch.optim.Optimizer):
                 grads = [p.grad for p in params]
                 torch._foreach_mul_(mu, g["momentum"])
                 if scaled:
-                    dp, q = self.trust_ratios(params, grads, g["weight_decay"], g["trust_coefficient"])
+                    dp = torch._foreach_add(grads, params, alpha=g["weight_decay"])
+                    p_norm = torch.stack(torch._foreach_norm(params))  # [P]
+                    dp_norm = torch.stack(torch._foreach_norm(dp))  # [P]
+                    q = torch.where((p_norm > 0) & (dp_norm > 0),
+                                    g["trust_coefficient"] * p_norm / dp_norm, 1.0)  # [P]
                     torch._foreach_addcmul_(mu, dp, q.unbind())  # mu += q * dp: dp * q never stored
                 else:
                     torch._foreach_add_(mu, grads)
@@ -1869,11 +1838,9 @@ def seed_everything(seed):
 
 
 def rng_state():
-    s = {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
-         "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        s["cuda"] = torch.cuda.get_rng_state_all()
-    return s
+    cuda = {"cuda": torch.cuda.get_rng_state_all()} if torch.cuda.is_available() else {}
+    return {"python": random.getstate(), "numpy": np.random.get_state()[1].tolist(),
+            "torch": torch.get_rng_state(), **cuda}
 
 
 def set_rng_state(s):
@@ -1921,26 +1888,20 @@ def load_file(path):
         raise BadInput(f"{path} is not a checkpoint written by these scripts ({why})") from None
 
 
-# The flags a resumed run may change: where and how often it logs, evaluates and saves, when it stops, its
-# loader and speed switches (the same step up to float rounding), and where the data is (the data itself is
-# checked by its fingerprint: DATA_ID); a method's Args adds its own in a RESUME_FREE tuple (e.g. where it
-# writes a picture). Every other flag (data flags, sizes, arch, batch, seed, precision, --epochs (the lr and
-# momentum schedules), the method's flags, ...) must equal the checkpoint's.
+# The flags a resume may change (a method's Args adds its own RESUME_FREE, e.g. where it writes a picture):
+# where and how often it logs, evaluates and saves, when it stops, its loader and speed switches (the same
+# step up to float rounding), where the data is (DATA_ID checks the data itself). Any other flag (data flags,
+# sizes, arch, batch, seed, precision, --epochs: the lr/momentum schedules, ...) must equal the checkpoint's.
 RESUME_FREE = ("data", "data_root", "output_dir", "resume", "overwrite", "preset", "workers", "max_steps",
                "time_limit", "knn_every", "knn_k", "knn_t", "log_every", "save_every", "save_epochs",
                "tensorboard", "compile", "channels_last")
 
 
 def find_checkpoint(args, method):
-    """(path, contents) of --resume (auto: <output-dir>/checkpoint.pth if there is one), or None. BadInput
-    unless it is a training checkpoint of this method made with the same value of every flag that changes what
-    a step computes (all but RESUME_FREE and the Args' own; a flag the checkpoint lacks is not compared)."""
-    path = args.resume
-    if path == "auto":
-        path = os.path.join(args.output_dir, "checkpoint.pth")
-        if not os.path.isfile(path):
-            return None
-    elif not path:
+    """(path, contents) of --resume (auto: <output-dir>/checkpoint.pth if any), or None. BadInput unless a
+    training checkpoint of this method, every flag but RESUME_FREE's equal (one it lacks is not compared)."""
+    path = os.path.join(args.output_dir, "checkpoint.pth") if args.resume == "auto" else args.resume
+    if not path or (args.resume == "auto" and not os.path.isfile(path)):
         return None
     ck = load_file(path)
     if not isinstance(ck, dict) or "model" not in ck or not isinstance(ck.get("args"), dict):
@@ -1950,10 +1911,8 @@ def find_checkpoint(args, method):
                        f"this run has method={method}")
     free = RESUME_FREE + getattr(args, "RESUME_FREE", ())
     for f in dataclasses.fields(args):
-        if f.name in free or f.name not in ck["args"]:
-            continue
-        have, want = ck["args"][f.name], getattr(args, f.name)
-        if have != want:
+        have, want = ck["args"].get(f.name), getattr(args, f.name)
+        if f.name not in free and f.name in ck["args"] and have != want:
             raise BadInput(f"cannot resume from {path}: it was made with {f.name}={have}, this run has "
                            f"{f.name}={want} (--{f.name.replace('_', '-')} changes what a step computes; "
                            "start a new run in another --output-dir)")
@@ -1984,14 +1943,12 @@ def load_states(ck, state, path):
 
 
 def misfit(obj, saved):
-    """How a saved state differs from obj's, in a few words: for a module, the first missing, unexpected and
-    resized tensors."""
+    """How a saved state differs from obj's, briefly: a module's first missing, unexpected, resized keys."""
     if not isinstance(obj, nn.Module) or not isinstance(saved, dict):
         return f"another {type(obj).__name__} state: other parameters or settings"
     mine = obj.state_dict()
     shape = lambda v: list(v.shape) if torch.is_tensor(v) else type(v).__name__  # noqa: E731
-    missing = [k for k in mine if k not in saved]
-    extra = [k for k in saved if k not in mine]
+    missing, extra = [k for k in mine if k not in saved], [k for k in saved if k not in mine]
     resized = [k for k in mine if k in saved and shape(saved[k]) != shape(mine[k])]
     parts = [f"{len(missing)} missing, e.g. {missing[0]}"] if missing else []
     parts += [f"{len(extra)} unexpected, e.g. {extra[0]}"] if extra else []
@@ -2043,8 +2000,7 @@ def gather_rows(x):
     if get_world_size() == 1:
         return x
     sizes = all_gather_nograd(torch.tensor([len(x)], device=x.device)).tolist()
-    padded = x.new_zeros(max(sizes), *x.shape[1:])
-    padded[:len(x)] = x
+    padded = torch.cat([x, x.new_zeros(max(sizes) - len(x), *x.shape[1:])])  # [max n_rank, ...]
     parts = all_gather_nograd(padded).split(max(sizes))
     return torch.cat([p[:m] for p, m in zip(parts, sizes)])
 
@@ -2053,9 +2009,8 @@ def gather_rows(x):
 def extract_features(net, ds, run, batch_size=256):
     """L2-normalised pooled features [N, C] and labels [N] of the whole dataset, every rank's share gathered
     (in the order rank 0's, rank 1's, ...: features and labels stay paired, which is all kNN needs)."""
-    was_training = net.training
+    was_training, feats, labels = net.training, [], []
     net.eval()
-    feats, labels = [], []
     for x, y in eval_loader(ds, batch_size, run):
         with run.autocast():
             feats.append(F.normalize(net(run.to_device(x)).float(), dim=1))  # [n, C]
@@ -2068,10 +2023,9 @@ BANK_CHUNK = 16384  # bank rows per similarity block: [2048 queries, BANK_CHUNK]
 
 
 def knn_vote(queries, bank, bank_dist, k, t, bank_chunk=None):
-    """Weighted kNN (InstDisc's weights exp(cos / t), normalised): the label distribution [Q, C] of each query
-    [Q, D] (unit length) as the weighted mean of the distributions [M, C] of its k most similar bank rows
-    [M, D] (one-hot for image labels). The bank is scanned in chunks with a running top-k: memory
-    O(Q x (bank_chunk + k)) besides the bank."""
+    """Weighted kNN (InstDisc's weights exp(cos / t), normalised) -> [Q, C]: for each unit query [Q, D], the
+    weighted mean of the label distributions bank_dist [M, C] (one-hot for image labels) of its k most similar
+    bank rows [M, D]. The bank is scanned in chunks with a running top-k: memory O(Q x (bank_chunk + k))."""
     bank_chunk = bank_chunk or BANK_CHUNK
     top_s = queries.new_empty(len(queries), 0)  # [Q, <=k] best similarities so far
     top_i = torch.empty(len(queries), 0, dtype=torch.long, device=queries.device)  # [Q, <=k] their bank rows
@@ -2084,12 +2038,6 @@ def knn_vote(queries, bank, bank_dist, k, t, bank_chunk=None):
     return torch.einsum("qk,qkc->qc", w, bank_dist[top_i])  # [Q, C]
 
 
-def topk_accuracy(scores, labels, ks=(1, 5)):
-    """Top-k accuracies in percent."""
-    pred = scores.topk(max(ks), dim=1).indices  # [N, max k]
-    return [100.0 * (pred[:, :k] == labels[:, None]).any(1).float().mean().item() for k in ks]
-
-
 def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=2048):
     """kNN top-1/top-5 (percent) of `net` with train_ds as the bank and val_ds as queries."""
     bank, bank_l = extract_features(net, train_ds, run)
@@ -2098,7 +2046,8 @@ def knn_eval(net, train_ds, val_ds, run, k=200, t=0.1, chunk=2048):
     one_hot = F.one_hot(bank_l, n_cls).float()  # [M, C]: an image's label as a distribution
     scores = torch.cat([knn_vote(feats[i:i + chunk], bank, one_hot, k, t)
                         for i in range(0, len(feats), chunk)])  # [N, C]
-    return topk_accuracy(scores, labels, (1, min(5, n_cls)))
+    hit = scores.topk(min(5, n_cls), dim=1).indices == labels[:, None]  # [N, top-k]
+    return [100.0 * hit[:, :top].any(1).float().mean().item() for top in (1, min(5, n_cls))]
 
 
 # ============================================================================ logging
@@ -2310,23 +2259,23 @@ def run_totals(log):
 def read_jsonl(path):
     """The records of a JSON-lines file such as log.jsonl -> (records, number skipped). A line that is not a
     JSON object (torn by a crash or kill -9 mid-write) is skipped, and one line on stderr says how many."""
-    records, skipped = [], 0
     with open(path, errors="replace") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except ValueError:
-                r = None
-            if isinstance(r, dict):
-                records.append(r)
-            else:
-                skipped += 1
+        lines = [line for line in f if line.strip()]
+    records = [r for r in map(json_object, lines) if r is not None]
+    skipped = len(lines) - len(records)
     if skipped:
         print(f"{path}: skipped {skipped} unreadable line(s), torn by an interrupted write", file=sys.stderr,
               flush=True)
     return records, skipped
+
+
+def json_object(line):
+    """The JSON object on a line (str or bytes), or None when it holds none."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) else None
 
 
 def recall(records):
@@ -2366,15 +2315,11 @@ def drop_torn_tail(path):
         return 0
     with open(path, "rb+") as f:
         data = f.read()
-        body = data[:-1] if data.endswith(b"\n") else data
+        body = data.removesuffix(b"\n")
         start = body.rfind(b"\n") + 1  # where the last line begins
         last = body[start:]
-        if data.endswith(b"\n") or not last:
-            try:
-                if not last.strip() or isinstance(json.loads(last), dict):
-                    return 0
-            except ValueError:
-                pass
+        if (data.endswith(b"\n") or not last) and (not last.strip() or json_object(last) is not None):
+            return 0
         f.truncate(start)
     return len(data) - start
 
@@ -2397,8 +2342,7 @@ def plot_curves(log_path, png_path):
                 series.setdefault(k, []).append((r["step"], v))
     if not series:
         return []
-    cols = min(3, len(series))
-    rows = math.ceil(len(series) / cols)
+    cols, rows = min(3, len(series)), math.ceil(len(series) / 3)
     width, height = 4 * cols, 2.8 * rows  # inches
     fig = Figure(figsize=(width, height))
     axes = fig.subplots(rows, cols, squeeze=False)
@@ -2406,10 +2350,9 @@ def plot_curves(log_path, png_path):
         steps, values = zip(*points)
         ax.plot(steps, values, marker="o" if len(points) < 20 else None, ms=3)
         ax.ticklabel_format(axis="y", useOffset=False)  # the values themselves, never "+0.99" above them
-        if flat_limits(values):
-            ax.set_ylim(*flat_limits(values))
-        ax.set_title(name)
-        ax.set_xlabel("step")
+        if limits := flat_limits(values):
+            ax.set_ylim(*limits)
+        ax.set(title=name, xlabel="step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(series):]:
         ax.axis("off")
@@ -2444,15 +2387,9 @@ def to_image(x):
 
 def palette():
     """The PASCAL VOC colour map [256, 3] uint8 (class id -> colour; 255, ignore, is (224, 224, 192))."""
-    cmap = np.zeros((256, 3), np.uint8)
-    for i in range(256):
-        c, rgb = i, [0, 0, 0]
-        for j in range(8):  # the bits of the id, interleaved over r, g, b from the most significant bit down
-            for ch in range(3):
-                rgb[ch] |= ((c >> ch) & 1) << (7 - j)
-            c >>= 3
-        cmap[i] = rgb
-    return cmap
+    ids, ch = np.arange(256)[:, None], np.arange(3)  # [256, 1] and [3]: r, g, b
+    # bit 3j + ch of the id -> bit 7 - j of channel ch: its bits interleaved over r, g, b, high bits first
+    return sum(((ids >> (3 * j + ch)) & 1) << (7 - j) for j in range(8)).astype(np.uint8)  # [256, 3]
 
 
 def save_sheet(path, rows, heads, tile, title=""):
@@ -2461,9 +2398,8 @@ def save_sheet(path, rows, heads, tile, title=""):
     width, line_px = tile * len(heads), 12  # the default font is 10 px high
     measure, lines = ImageDraw.Draw(Image.new("RGB", (1, 1))), []
     for word in title.split():
-        trial = f"{lines[-1]} {word}" if lines else word
-        if lines and measure.textlength(trial) <= width - 4:
-            lines[-1] = trial
+        if lines and measure.textlength(f"{lines[-1]} {word}") <= width - 4:
+            lines[-1] += f" {word}"
         else:
             lines.append(word)
     top = line_px * (len(lines) + 1) + 4
