@@ -1334,8 +1334,11 @@ class HeldSplit:
             x, y = self.images[b], self.labels[b]  # [b, 3, S, S] uint8, [b]
             if self.copies == 1:
                 yield x, y
+            elif self.ids is None:
+                yield (x, x), y
             else:
-                yield ((x,) if self.ids is None else (x, self.ids[b])) * 2, y  # ids [b, S, S]
+                ids = self.ids[b]  # [b, S, S]
+                yield (x, ids, x, ids), y
 
     def eval_batches(self, indices, batch_size, img_size):
         """(normalised [b, 3, img_size, img_size], labels) batches of `indices`: eval_transform, on device."""
@@ -1353,11 +1356,14 @@ def held_split(args, run, base, copies=2, ids=None):
                                          num_workers=args.workers, worker_init_fn=ignore_interrupts)
     xs, ys, ms = [], [], []
     for x, y in loader:
-        xs.append(x[0] if ids else x)
+        if ids:
+            x, m = x
+            ms.append(m.int())
+        xs.append(x)
         ys.append(y)
-        ms.append(x[1].int() if ids else None)
-    masks = torch.cat(ms) if ids else None  # wider than uint8: the official uint8 cast merges ids > 255
-    if ids:  # int16 when they fit
+    masks = None
+    if ids:  # wider than uint8 (the official uint8 cast merges ids > 255); int16 when they fit
+        masks = torch.cat(ms)
         masks = masks.to(torch.int16 if masks.max() < 2**15 else torch.int32).to(run.device)
     return HeldSplit(torch.cat(xs).to(run.device), torch.cat(ys).long().to(run.device), masks, copies)
 
@@ -1376,7 +1382,12 @@ def rrc_boxes(n, h, w, scale, gen, ratio=(3 / 4, 4 / 3), tries=10):
     bw, bh = pick(bw), pick(bh)
     top = torch.floor(pick(u[..., 2]) * (h - bh + 1))  # randint(0, h - bh + 1)
     left = torch.floor(pick(u[..., 3]) * (w - bw + 1))
-    fw, fh = min(w, round(h * ratio[1])), min(h, round(w / ratio[0]))  # the fallback box: one for all samples
+    if w / h < ratio[0]:  # torchvision's fallback box (its centre crop), the same for every sample
+        fw, fh = w, round(w / ratio[0])
+    elif w / h > ratio[1]:
+        fw, fh = round(h * ratio[1]), h
+    else:
+        fw, fh = w, h
     fallback = torch.tensor([(h - fh) // 2, (w - fw) // 2, fh, fw], dtype=torch.float64, device=gen.device)
     return torch.where(fits.any(1, keepdim=True), torch.stack([top, left, bh, bw], 1), fallback)  # [n, 4]
 
@@ -1477,10 +1488,12 @@ def map_shape(arch, stem, img_size):
 
 def check_input(arch, img_size, size, why):
     """Before any work: BadInput (naming --arch and `why`) unless the img_size backbone runs on size px."""
+    if arch.startswith(RESNETS):  # any size
+        return
     if arch in VIT_SIZES:
-        err = size != img_size and f"it is built for {img_size}-px inputs"
+        err = None if size == img_size else f"it is built for {img_size}-px inputs"
     else:
-        err = not arch.startswith(RESNETS) and probe_run(arch, img_size, size)
+        err = probe_run(arch, img_size, size)
     if err:
         raise BadInput(f"--arch {arch} does not run on {size}-px inputs ({why}): {err}")
 
@@ -1565,9 +1578,10 @@ def probe_run(arch, img_size, size):
     try:
         with torch.no_grad():
             net(torch.zeros(1, 3, size, size, device="meta"))
+    except NotImplementedError:  # an op without a meta kernel: the real run will tell
+        return None
     except (RuntimeError, AssertionError, ValueError, IndexError) as e:
-        # NotImplementedError (a RuntimeError): an op without a meta kernel; the real run will tell
-        return None if isinstance(e, NotImplementedError) else _first_line(e)
+        return _first_line(e)
     return None
 
 
