@@ -742,10 +742,14 @@ def pretrain_data(args, run, transform, ids=None):
             run.held_train = ds
     else:
         ds = Views(base, transform, args.seed)
-    steps = len(ds) // args.batch_size
-    if steps == 0:
-        raise BadInput(f"--batch-size {args.batch_size} is larger than the dataset ({len(ds)} images)")
-    return ds, steps
+    return ds, full_batches(ds, args.batch_size)
+
+
+def full_batches(ds, batch_size):
+    """Steps per epoch (the last partial batch is dropped); BadInput for a data set under one batch."""
+    if len(ds) < batch_size:
+        raise BadInput(f"--batch-size {batch_size} is larger than the dataset ({len(ds)} images)")
+    return len(ds) // batch_size
 
 
 def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):

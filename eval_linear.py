@@ -337,10 +337,7 @@ def train_head(args, meta, net, dim, run):
         tf = T.Compose([T.RandomResizedCrop(args.img_size), T.RandomHorizontalFlip(), T.ToTensor(),
                         T.Normalize(common.MEAN, common.STD)])
         train_ds = common.Views(train, tf, args.seed)
-    steps_per_epoch = len(train_ds) // args.batch_size
-    if steps_per_epoch == 0:
-        raise common.BadInput(f"--batch-size {args.batch_size} is larger than the dataset "
-                              f"({len(train_ds)} images)")
+    steps_per_epoch = common.full_batches(train_ds, args.batch_size)
     base_lr = args.lr * args.batch_size / 256
     log = common.Logger(run, steps_per_epoch, 0)
     for epoch in log.epochs():
