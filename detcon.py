@@ -3,33 +3,27 @@
 Paper: Hénaff, Koppula, Alayrac, van den Oord, Vinyals, Carreira, ICCV 2021, arXiv:2103.10957.
 Official code (JAX): github.com/deepmind/detcon
 
-Idea: contrast one embedding per *object*, not per image. Unsupervised masks (Felzenszwalb-Huttenlocher
-segments, or a grid) of the un-augmented image follow each view through its crop and flip; the backbone map is
-averaged inside each mask, and the same mask in the two views is pulled together while every other mask of the
-global batch is pushed away: many more pairs per pass, up to 10x less pretraining for the same COCO transfer.
+Idea: one embedding per *object*, not per image (up to 10x less pretraining for equal COCO transfer): masks
+(Felzenszwalb-Huttenlocher segments or a grid) of the un-augmented image follow each view's crop and flip; the
+backbone map is averaged per mask; the same mask in both views is pulled together, others pushed away.
 
 Kept from the official code:
-- The loss term by term (detcon_loss): both views' targets of the global batch as columns, same-view
-  same-mask columns masked with -1e9, label mass split over duplicate draws, rows weighted 1/draws (0 without
-  a counterpart), two directions summed, tau 0.1.
+- The loss term by term (detcon_loss): both views' global-batch targets as columns, same-view same-mask ones
+  at -1e9, label mass split over duplicates, rows weighted 1/draws (0 if unmatched), both directions, tau 0.1.
 - 16 masks per view, uniform over those present in it, with replacement, shared by online and target.
-- BYOL heads (output layer without bias), BYOL's asymmetric augmentation, EMA 0.996 -> 1 (cosine).
-- One crop window per view drawn as the official one (crop_windows): no retries, unlike RandomResizedCrop.
-- LARS lr 0.2 x B/256, wd 1.5e-6, 1% warmup.
+- BYOL's heads (output layer without bias) and asymmetric augmentation, EMA 0.996 -> 1 (cosine); LARS lr
+  0.2 x B/256, wd 1.5e-6, 1% warmup; one crop window per view as the official one (no retries).
 - The imagenet preset's FH: the un-augmented image at full resolution, scale 1000, min_size 1000, sigma 0.8.
 
 Changed:
-- FH runs in the loader workers during the first epoch, cached on disk for images >= 224 px (official:
-  offline; ~0.3 s per ImageNet-size image, benchmarks/fh_cost.py); ids are int32 (the official uint8 cast
-  merges ids > 255).
-- The `cifar` and `cpu` presets (ours; a 4x4 final grid via the small stem) run FH at <= 128 px (--fh-size)
-  with scale and min_size scaled to those pixels: other segments than the official call. --data-on-device
-  runs FH once on the stored copy, likewise scaled, and draws the crop windows batched on the device.
+- FH runs in the loader workers in the first epoch, cached on disk for images >= 224 px (official: offline,
+  ~0.3 s per ImageNet-size image); int32 ids (the official uint8 cast merges ids > 255).
+- The `cifar` and `cpu` presets (ours; small stem: 4x4 grid) run FH at <= 128 px, --data-on-device on the
+  stored copy (crop windows drawn batched on the device), scale and min_size scaled to the pixels.
 - Masks are reduced to the feature grid by a majority vote per cell (= one-hot -> average-pool -> argmax).
 - The EMA update runs at the start of a step (as in mocov3.py); DetCon_S keeps the local targets' gradient.
-- Colour ops are torchvision's/PIL's, not dm_pix-style: brightness multiplies (official: adds U(-0.4, 0.4)),
-  contrast uses the grayscale mean (official: per channel), saturation blends with grayscale (official: scales
-  HSV's S), blur is PIL's with radius sigma (official: a 23-tap kernel, same sigma range).
+- torchvision's/PIL's colour ops: brightness multiplies (official: adds), contrast: gray mean (official: per
+  channel), saturation blends with gray (official: scales HSV's S), PIL blur (official: 23-tap).
 - bf16 autocast with TF32 matmuls by default on CUDA (official: JAX on TPU); torchvision backbones.
 
 Commands:
@@ -41,10 +35,8 @@ Commands:
       --nproc_per_node=8 detcon.py --data /imagenet --resume auto            # multi-node
   python detcon.py --resume auto                     # continue the run in --output-dir
 
-Healthy loss: each direction averages weight x CE over rows, and an image's weights add up to its distinct
-sampled ids also drawn in the other view, so it starts near 2 * (matched distinct ids / 16) * ln(2 * B * 16):
-~12 for R50 at 224 px, B 4096 (~8 of ~12 FH masks matched); ~2.6 in the cpu preset (B 32, 4x4 grid), drifting
-down slowly and noisily. `matched` (logged: the share of rows with a positive) moves the level.
+Healthy loss: starts near 2 * (matched distinct ids / 16) * ln(2 * B * 16): ~12 for R50 at 224 px, B 4096;
+~2.6 in the cpu preset, then drifts down noisily; the logged `matched` (rows with a positive) sets the level.
 """
 import copy
 import dataclasses
@@ -67,8 +59,7 @@ import common
 @dataclasses.dataclass
 class Args(common.CommonArgs):
     arch: str = "resnet50"
-    """backbone: resnet18, resnet50 (official: resnet50), vit_small, vit_base or any torchvision model with a
-    final spatial map"""
+    """backbone: resnet18, resnet50 (official), vit_small, vit_base or a torchvision model with a final map"""
     epochs: int = 1000
     """pretraining epochs (ImageNet: 1000 for the headline DetCon_B result, 300 also reported)"""
     batch_size: int = 4096
@@ -106,26 +97,21 @@ class Args(common.CommonArgs):
     num_masks: int = 16
     """mask ids sampled per view (with replacement, among masks present in the view; official: 16)"""
     fh_size: int = 0
-    """FH runs on the un-augmented image scaled so its longer side is <= this; 0 = native size (official: full
-    resolution). With a smaller size, or images smaller than ImageNet's (e.g. imagenette2-224, where the
-    official values leave ~5 segments), set --fh-scale 0 --fh-min-size 0, which scale with the pixels"""
+    """FH runs on the un-augmented image scaled to a longer side <= this; 0 = native size (official). With
+    smaller sizes or images (imagenette2-224: ~5 segments) also set --fh-scale 0 --fh-min-size 0 (scaled)"""
     fh_scale: float = 1000
-    """FH scale (official: 1000 at full resolution); 0 = 1000 x (pixels / 400x350)^0.4 of the size FH runs at,
-    ~300 at 64-96 px"""
+    """FH scale (official: 1000); 0 = 1000 x (pixels / 400x350)^0.4 at FH's size, ~300 at 64-96 px"""
     fh_min_size: int = 1000
-    """FH min_size in pixels (official: 1000); 0 = 1000 x pixels / (400x350) of the size FH runs at, ~50 at
-    80 px"""
+    """FH min_size in pixels (official: 1000); 0 = 1000 x pixels / (400x350) at FH's size, ~50 at 80 px"""
     fh_sigma: float = 0.8
     """FH Gaussian pre-smoothing (official: 0.8)"""
     mask_cache: str = "auto"
-    """auto = cache FH masks in <output-dir>/fh_cache for images >= 224 px; a directory = cache every image
-    there (share it across runs: entries are keyed on each image's pixels and the FH parameters, so a changed
-    image gets new masks); off: never"""
+    """auto = FH masks of images >= 224 px cached in <output-dir>/fh_cache; a directory = every image's, there
+    (shareable: keyed on each image's pixels and the FH parameters); off: never"""
     show_masks: str = ""
     """write a PNG of a few images, their two views and the masks on each view to this path, then exit"""
 
-    # the allowed values of the numbers above (checked with the shared flags' before any work: one line naming
-    # the flag); the FH parameters' 0 = scaled with the pixels, -1 warmup = 1% of --epochs
+    # allowed values, checked with the shared flags' before any work; FH's 0 = scaled, warmup's -1 = 1%
     RANGES = {"warmup_epochs": common.Range(0, also=(-1,)), "trust_coefficient": common.POSITIVE,
               "temperature": common.POSITIVE, "momentum": common.Range(0, 1), "proj_dim": common.Range(1),
               "mlp_dim": common.Range(1), "crop_min": common.Range(0, 1, lo_excluded=True),
@@ -134,8 +120,7 @@ class Args(common.CommonArgs):
     RESUME_FREE = ("mask_cache",)  # a resumed run may change it: it does not change what a step computes
 
 
-# ours, for small images: FH at <= 128 px with scale and min_size scaled to the pixels it runs at (fh_params);
-# the official 1000 / 1000 would leave a 64-px image one or two segments
+# ours: FH at <= 128 px, scale and min_size scaled (fh_params): 1000 / 1000 leave a 64-px image 1-2 segments
 SMALL_FH = dict(fh_size=128, fh_scale=0, fh_min_size=0)
 PRESETS = {
     "imagenet": {},  # the official recipe, FH included: full resolution, scale 1000, min_size 1000, sigma 0.8
@@ -143,9 +128,8 @@ PRESETS = {
     "cifar": dict(arch="resnet18", stem="small", img_size=32, batch_size=256, lr=1.0, trust_coefficient=0.02,
                   wd=1e-5, momentum=0.99, blur=False, epochs=1000, warmup_epochs=10, knn_every=10,
                   **SMALL_FH),
-    # ours: the quick-start tuning shared by every method file (README, "The cpu preset"); DetCon's own:
-    # small stem at 32 px -> a 4x4 final grid (a coarser one leaves too few cells for several masks per view),
-    # no blur (32-px images are already blurry), FH scaled to the pixels (SMALL_FH)
+    # ours: the quick-start tuning shared by every method file (README, "The cpu preset"), plus cifar's 4x4
+    # grid (a coarser one leaves too few cells for several masks per view), no blur and SMALL_FH
     "cpu": dict(arch="resnet18", stem="small", img_size=32, batch_size=32, epochs=3, synthetic_size=1280,
                 optimizer="adamw", lr=1.6e-2, wd=1e-6, momentum=0.9, warmup_epochs=0.5, crop_min=0.3,
                 blur=False, mlp_dim=1024, workers=2, log_every=10, **SMALL_FH),
@@ -163,10 +147,9 @@ def detcon_loss(pred1, pred2, target1, target2, ids1, ids2, temperature=0.1):
 
 
 def _one_direction(pred, ids, target_other, ids_other, target_same, temperature):
-    """Rows: one view's predictions; columns: both views' targets of every image of the global batch. A row's
-    positives are the other view's columns of its image and id (label mass split evenly); the same view's
-    columns of its image and id are masked out (logit -1e9, label 0); every other column is a negative."""
-    b, m, _ = pred.shape
+    """Rows: one view's predictions; columns: both views' targets of the global batch. Positives: the other
+    view's columns of the row's image and id (label mass split evenly); the same view's are masked out."""
+    b = pred.shape[0]
     p = F.normalize(pred.float(), dim=-1)  # [B, M, D]
     t_other = _gather(F.normalize(target_other.float(), dim=-1))  # [G, M, D], G = B * world
     t_same = _gather(F.normalize(target_same.float(), dim=-1))  # [G, M, D]
@@ -179,16 +162,14 @@ def _one_direction(pred, ids, target_other, ids_other, target_same, temperature)
     # log-sum-exp over all 2*G*M columns, without materialising their concatenation
     lse = torch.logaddexp(logits_other.flatten(2).logsumexp(-1),
                           logits_same.flatten(2).logsumexp(-1))  # [B, M]
-    num_pos = same_id_other.sum(-1)  # [B, M]
-    # mean positive logit
-    pos = (same_id_other * logits_other[rows, :, own, :]).sum(-1) / num_pos.clamp(min=1)  # [B, M]
+    pos = ((same_id_other * logits_other[rows, :, own, :]).sum(-1)
+           / same_id_other.sum(-1).clamp(min=1))  # [B, M] mean positive logit
     ce = lse - pos  # [B, M] = soft-label CE with the label mass split evenly over the positives
     return (row_weights(ids, ids_other) * ce).mean()
 
 
 def row_weights(ids, ids_other):
-    """[B, M] weight of each row: 0 if its id was not drawn in the other view (no positive), else 1 / (number
-    of draws of that id in its own view), so every matched mask counts once whatever its draw count."""
+    """[B, M]: 0 for a row whose id the other view did not draw, else 1 / its draws (a mask counts once)."""
     has_pos = (ids[:, :, None] == ids_other[:, None, :]).any(-1)  # [B, M]
     draws = (ids[:, :, None] == ids[:, None, :]).sum(-1)  # [B, M] >= 1 (itself)
     return has_pos.float() / draws
@@ -209,16 +190,14 @@ def mlp(in_dim, hidden, out_dim):
 
 
 def sample_ids(mask, num):
-    """mask [N, S, S] ids < 2 S^2 -> [N, num] ids drawn uniformly with replacement among the masks that own at
-    least one cell of this view (every image has one: every cell belongs to some id)."""
+    """mask [N, S, S] ids < 2 S^2 -> [N, num] ids drawn uniformly with replacement among those present."""
     exists = torch.zeros(mask.shape[0], 2 * mask[0].numel(), device=mask.device)  # [N, K]: static K, no sync
-    exists.scatter_(1, mask.flatten(1), 1.0)  # [N, K] 1 where the id owns >= 1 cell
+    exists.scatter_(1, mask.flatten(1), 1.0)  # [N, K] 1 where the id owns >= 1 cell (every image has one)
     return torch.multinomial(exists, num, replacement=True)  # [N, num]
 
 
 def mask_pool(fmap, mask, ids):
-    """Average of the feature map [N, C, S, S] over the cells of each sampled id (mask [N, S, S], ids [N, M])
-    -> [N, M, C]."""
+    """Mean of the feature map [N, C, S, S] over each id's cells (mask [N, S, S], ids [N, M]) -> [N, M, C]."""
     if fmap.shape[-2:] != mask.shape[-2:]:
         raise ValueError(f"feature map {tuple(fmap.shape[-2:])} and mask grid "
                          f"{tuple(mask.shape[-2:])} differ")
@@ -251,8 +230,7 @@ class DetCon(nn.Module):
     def embed(backbone, projector, x, mask, ids):
         """Pool the BACKBONE map inside each sampled mask, then project: -> [N, M, D]."""
         pooled = mask_pool(common.feature_map(backbone, x), mask, ids)  # [N, M, C]
-        n, m, c = pooled.shape
-        return projector(pooled.reshape(n * m, c)).view(n, m, -1)  # [N, M, D]; BN over all N*M rows
+        return projector(pooled.flatten(0, 1)).view(*pooled.shape[:2], -1)  # [N, M, D]; BN over all N*M rows
 
     def forward(self, x1, mask1, x2, mask2, m):
         ids1, ids2 = sample_ids(mask1, self.num_masks), sample_ids(mask2, self.num_masks)  # [N, M] each
@@ -272,13 +250,11 @@ class DetCon(nn.Module):
 
 # ---------------------------------------------------------------------------- masks (method-specific data)
 
-FH_REF_PIXELS = 400 * 350  # a typical ImageNet image: where the official scale / min_size (1000 / 1000) apply
-
 
 def fh_params(h, w):
     """FH (scale, min_size) for an h x w image: the official values at ImageNet size, scaled with the pixel
     count (min_size linearly, it is an area; scale sub-linearly, measured to keep ~10-15 segments/image)."""
-    r = h * w / FH_REF_PIXELS
+    r = h * w / (400 * 350)  # a typical ImageNet image: where the official 1000 / 1000 apply
     return 1000.0 * r ** 0.4, max(int(1000 * r), 5)
 
 
@@ -313,27 +289,11 @@ def grid_mask(h, w, n=5):
 
 
 def cache_name(img, args):
-    """An FH mask's cache file, named by a hash of all it depends on: every FH parameter and the decoded
-    pixels (~1 ms at 500x375; a path, size and mtime would miss a file replaced by a copy that keeps its
-    mtime, and --corrupt), so a changed image is recomputed; 256 subfolders, never a million files in one."""
+    """An FH mask's cache file: a hash of every FH parameter and the decoded pixels (~1 ms at 500x375; path,
+    size and mtime would miss a copy that keeps the mtime, and --corrupt); 256 subfolders."""
     params = f"{img.mode} {img.size} {int(args.fh_size)} {float(args.fh_scale)!r} {int(args.fh_min_size)} "
     key = hashlib.sha1(f"{params}{float(args.fh_sigma)!r}".encode() + img.tobytes()).hexdigest()
     return os.path.join(key[:2], f"{key}.png")
-
-
-def cached_ids(path, shape, compute):
-    """Integer ids [h, w] (a mask): read from the 16-bit PNG at `path` when it holds `shape`, else compute()
-    and store them there atomically when they fit 16 bits. `path` None: always compute."""
-    if path and os.path.isfile(path):  # written atomically: never half a file
-        ids = np.asarray(Image.open(path), dtype=np.int32)
-        if ids.shape == shape:  # a guard: a file of another size was not written for this image
-            return ids
-    ids = compute()
-    if path and ids.max() < 2**16:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with common.atomic_path(path, ".png") as tmp:  # another worker or rank never reads half a file
-            Image.fromarray(ids.astype(np.uint16)).save(tmp)
-    return ids
 
 
 class MaskedImages(torch.utils.data.Dataset):
@@ -356,10 +316,17 @@ class MaskedImages(torch.utils.data.Dataset):
         a = self.args
         if a.masks == "grid":
             return torch.from_numpy(grid_mask(h, w, a.grid_masks))
-        cached = self.cache_dir and min(h, w) >= self.cache_min_side
-        path = os.path.join(self.cache_dir, cache_name(img, a)) if cached else None
-        ids = cached_ids(path, fh_shape(h, w, a.fh_size),
-                         lambda: fh_segments(img, a.fh_size, a.fh_scale, a.fh_min_size, a.fh_sigma))
+        shape, path, ids = fh_shape(h, w, a.fh_size), None, None
+        if self.cache_dir and min(h, w) >= self.cache_min_side:
+            path = os.path.join(self.cache_dir, cache_name(img, a))
+            if os.path.isfile(path):  # written atomically: never half a file
+                ids = np.asarray(Image.open(path), dtype=np.int32)
+        if ids is None or ids.shape != shape:  # a file of another size was not written for this image
+            ids = fh_segments(img, a.fh_size, a.fh_scale, a.fh_min_size, a.fh_sigma)
+            if path and ids.max() < 2**16:  # a 16-bit PNG
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                with common.atomic_path(path, ".png") as tmp:  # no worker or rank reads half a file
+                    Image.fromarray(ids.astype(np.uint16)).save(tmp)
         if ids.shape != (h, w):  # back to image size, nearest, so crop boxes apply to image and mask alike
             ids = ids[(np.arange(h) * ids.shape[0] // h)[:, None],
                       (np.arange(w) * ids.shape[1] // w)[None, :]]
@@ -367,24 +334,20 @@ class MaskedImages(torch.utils.data.Dataset):
 
 
 def reduce_mask(mask, grid):
-    """Integer ids [..., H, W] -> [..., S, S] long, S = grid: the id owning most pixels of each cell. This is
-    one-hot -> average-pool -> argmax (ties -> lowest id) without the [K, H, W] one-hot tensor."""
+    """ids [..., H, W] -> [..., S, S] long, S = grid: each cell's majority id (= one-hot -> average-pool ->
+    argmax, ties -> lowest id) without the [K, H, W] one-hot tensor."""
     *lead, h, w = mask.shape
     m = mask.reshape(-1, h * w).long()  # [N, H*W]
     k = int(m.max()) + 1
-    cell = ((torch.arange(h) * grid // h)[:, None] * grid
-            + (torch.arange(w) * grid // w)[None, :]).flatten()  # [H*W]
+    cell = torch.from_numpy(grid_mask(h, w, grid)).long().flatten().to(m.device)  # [H*W] each pixel's cell
     counts = torch.zeros(m.shape[0], grid * grid * k, dtype=torch.long, device=m.device)  # per (cell, id)
-    counts.scatter_add_(1, cell.to(m.device)[None] * k + m, torch.ones_like(m))  # [N, S*S*K]
+    counts.scatter_add_(1, cell[None] * k + m, torch.ones_like(m))  # [N, S*S*K]
     return counts.view(-1, grid * grid, k).argmax(-1).view(*lead, grid, grid)
 
 
 def crop_windows(u, h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
-    """The official crop window (BYOL's get_random_crop_window) for uniforms u [n, 4] (area, aspect, top,
-    left) -> boxes [n, 4] float64 (top, left, height, width): area ~ U(scale) x h*w, log aspect ~ U(log
-    ratio), each side rounded (half to even, like jnp.round) and clamped to the image (>= 1: tiny images),
-    offset uniform over the valid positions. No retries: torchvision's RandomResizedCrop redraws up to 10
-    times until a box fits unclamped (smaller boxes)."""
+    """BYOL's get_random_crop_window for uniforms u [n, 4] (area, aspect, top, left) -> boxes [n, 4] float64
+    (top, left, height, width); sides rounded as jnp.round, clamped; no retries, unlike RandomResizedCrop."""
     u = u.double()
     area = h * w * (scale[0] + (scale[1] - scale[0]) * u[:, 0])  # [n]
     aspect = torch.exp(math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1])  # [n]
@@ -401,10 +364,8 @@ def crop_box(h, w, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
 
 
 def crop_ids(ids, boxes, size):
-    """ids [n, H, W] cropped to each sample's box [n, 4] (top, left, height, width) and resized nearest to
-    [n, size, size]: each output pixel takes the id under its centre, the pixel-centre convention of the
-    bilinear image resize (torchvision's Mask resize takes floor(i * h / size): up to half an output pixel off
-    the image's content, towards the top-left)."""
+    """ids [n, H, W] cropped to each box [n, 4] and resized nearest to [n, size, size], the id under each
+    output pixel's centre as the bilinear image resize (torchvision's Mask resize drifts to the top-left)."""
     top, left, bh, bw = boxes.long().unbind(1)  # [n] each
     k = 2 * torch.arange(size, device=ids.device) + 1  # [size]
     rows = top[:, None] + k * bh[:, None] // (2 * size)  # [n, size] floor((i + 0.5) * bh / size), in ints
@@ -419,8 +380,7 @@ def nearest_exact(ids, size):
 
 
 def relabel(cells):
-    """ids [n, V, S, S] -> the same partition with each image's ids renumbered 0..U-1 in increasing order
-    over all its views (torch.unique's inverse, per image, as JointViews does in the worker)."""
+    """ids [n, V, S, S] -> each image's ids renumbered 0..U-1 over all its views (torch.unique's inverse)."""
     flat = cells.flatten(1).long()  # [n, V*S*S]
     present = torch.zeros(len(flat), int(flat.max()) + 1, dtype=torch.long, device=flat.device)  # [n, K]
     present.scatter_(1, flat, 1)
@@ -428,8 +388,7 @@ def relabel(cells):
 
 
 def byol_colour(blur=True):
-    """BYOL's asymmetric pair (MoCo v3's views) less its crop and flip, which JointViews applies to image and
-    mask together: each view's colour ops, PIL image -> normalised tensor [3, H, W]."""
+    """BYOL's pair (MoCo v3's views) less crop and flip, done by JointViews: PIL -> normalised [3, H, W]."""
     def ops(blur_p, *solarize):
         return [T.RandomApply([T.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8), T.RandomGrayscale(p=0.2),
                 T.RandomApply([common.RandomBlur()], p=blur_p if blur else 0.0),  # sigma ~ U(0.1, 2)
@@ -439,8 +398,7 @@ def byol_colour(blur=True):
 
 class JointViews(common.TwoViews):
     """(image, ids) -> (view1, mask1 [S, S], view2, mask2 [S, S]), both views' ids relabelled jointly to
-    0..U-1 (U <= 2 S^2). With gpu (--gpu-aug) the views leave the worker as uint8 crops and finish()
-    (TwoViews') runs the colour ops on the device; the joint geometry always stays in the worker."""
+    0..U-1 (U <= 2 S^2). gpu (--gpu-aug) moves only the colour ops to the device (TwoViews.finish)."""
     def __init__(self, img_size, crop_min, blur, grid, gpu=False):
         self.img_size, self.scale, self.grid = img_size, (crop_min, 1.0), grid
         colour = byol_colour(blur)  # the two views' colour ops (the geometry is views()', joint)
@@ -449,9 +407,8 @@ class JointViews(common.TwoViews):
         self.colour = [T.PILToTensor()] * 2 if gpu else [T.Compose(ops) for ops in colour]
 
     def views(self, img, ids):
-        """Full-resolution views and masks (the --show-masks picture uses these): per view ONE crop_box and
-        ONE flip (p 0.5) for the PIL image (bilinear, antialiased) and its ids [H, W] (nearest) alike; the
-        colour ops touch the image only."""
+        """Full-resolution views and masks: per view ONE crop_box and ONE flip for the PIL image (bilinear,
+        antialiased) and its ids [H, W] (nearest) alike; the colour ops touch the image only."""
         out = []
         for colour in self.colour:
             top, left, bh, bw = crop_box(*v2.functional.get_size(img), self.scale)
@@ -464,14 +421,12 @@ class JointViews(common.TwoViews):
 
     def __call__(self, sample):
         v1, m1, v2_, m2 = self.views(*sample)
-        cells = reduce_mask(torch.stack([m1, m2]), self.grid)  # [2, S, S]
-        _, cells = torch.unique(cells, return_inverse=True)  # joint relabel: id k is one region in both views
+        cells = relabel(reduce_mask(torch.stack([m1, m2]), self.grid)[None])[0]  # [2, S, S], joint ids
         return v1, cells[0], v2_, cells[1]
 
     def finish_joint(self, run, x1, m1, x2, m2, step):
         """The batch on the device -> (view 1, cells 1 [n, S, S], view 2, cells 2). With --data-on-device x1
-        and m1 are the stored images and ids, and views()' geometry and __call__'s reduction and relabel run
-        here, batched, drawn per sample."""
+        and m1 are the stored images and ids: views() and __call__ run here, batched, drawn per sample."""
         if not run.args.data_on_device:
             x1, x2 = self.finish(run, x1, x2, step)  # [n, 3, H, W] each
             return x1, run.to_device(m1), x2, run.to_device(m2)
@@ -488,23 +443,20 @@ class JointViews(common.TwoViews):
         return views[0], cells[:, 0], views[1], cells[:, 1]
 
 
-# ---------------------------------------------------------------------------- the mask picture
-
-
 def show_masks(ds, views, path, n=6, tile=128):
-    """PNG: per image (rows) the image | its mask | view 1 | its mask | its feature-grid mask | same for
-    view 2. Also prints the mask cost (ms/image, one process) and the mean number of masks per image."""
+    """PNG: per image (rows) the image | its mask, then per view: the view | its mask | its feature-grid mask.
+    Also prints the mask cost (ms/image, one process) and the mean number of masks per image."""
     rows, cmap = [], common.palette()
-    colour = lambda ids: cmap[np.asarray(ids) % 255]  # noqa: E731 -- a fixed colour per id, never "ignore"
     for i in np.linspace(0, len(ds) - 1, n).astype(int):
         (img, ids), _ = ds[int(i)]
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(i))
             v1, m1, v2_, m2 = views.views(img, ids)
-        img, v1, v2_ = np.asarray(img, dtype=np.float64), common.to_image(v1), common.to_image(v2_)
-        g1, g2 = (reduce_mask(m, views.grid) for m in (m1, m2))
-        rows.append([img, 0.4 * img + 0.6 * colour(ids), v1, 0.4 * v1 + 0.6 * colour(m1), colour(g1),
-                     v2_, 0.4 * v2_ + 0.6 * colour(m2), colour(g2)])
+        img = np.asarray(img, dtype=np.float64)
+        rows.append([img, 0.4 * img + 0.6 * cmap[ids.numpy() % 255]])  # a fixed colour per id, never "ignore"
+        for view, mask in ((common.to_image(v1), m1), (common.to_image(v2_), m2)):
+            grid = reduce_mask(mask, views.grid).numpy()
+            rows[-1] += [view, 0.4 * view + 0.6 * cmap[mask.numpy() % 255], cmap[grid % 255]]
     heads = ["image", "mask", "view 1", "mask 1", "grid 1", "view 2", "mask 2", "grid 2"]
     common.save_sheet(path, rows, heads, tile)
     imgs = [ds.base[int(i)][0] for i in np.linspace(0, len(ds) - 1, min(len(ds), 32)).astype(int)]
