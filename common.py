@@ -1468,7 +1468,7 @@ def feature_map(net, x):
 def final_grid(arch, stem, img_size, need=0, method=""):
     """Side of the final feature map for this backbone and input size. BadInput if it has none, or if it is
     under need x need: the smallest grid `method` works on (DenseCL, DetCon: 2x2)."""
-    grid = map_shape(arch, stem, img_size)[1]
+    grid = map_side(arch, stem, img_size)
     if grid < need:
         flags = f"--arch {arch}" + (f" --stem {stem}" if arch.startswith(RESNETS) else "")  # a ResNet's only
         raise BadInput(f"--img-size {img_size} with {flags} gives a {grid}x{grid} final feature map; "
@@ -1478,16 +1478,16 @@ def final_grid(arch, stem, img_size, need=0, method=""):
 
 # -------- backbone checks; any model of torchvision's registry: its final map
 
-def map_shape(arch, stem, img_size):
-    """(channels, side) of the final spatial map at this input size; BadInput when the arch has none."""
+def map_side(arch, stem, img_size):
+    """Side of the final spatial map at this input size; BadInput when the arch has none."""
     if arch in VIT_SIZES:
-        return VIT_SIZES[arch]["hidden_dim"], img_size // 16
+        return img_size // 16
     if arch.startswith(RESNETS):
-        return _probe_model(arch, 0)[1], math.ceil(img_size / (8 if stem == "small" else 32))
-    net = _probe_model(arch, _built_for(arch, img_size))[0]
+        return math.ceil(img_size / (8 if stem == "small" else 32))
+    net = _probe_model(arch, _built_for(arch, img_size))
     if isinstance(net, torchvision.models.VisionTransformer):
-        return net.hidden_dim, img_size // net.patch_size
-    return traced_map(arch, img_size).shape[1:3]
+        return img_size // net.patch_size
+    return traced_map(arch, img_size).shape[2]
 
 
 def check_input(arch, img_size, size, why):
@@ -1564,21 +1564,22 @@ def _built_for(arch, img_size):
 
 @functools.lru_cache(maxsize=None)
 def _probe_model(arch, img_size):
-    """(the stripped registry model in eval(), its pooled dim) on the meta device: shapes only, no memory, no
-    compute, no init. RegNet computes its widths with tensors: built on the CPU, then moved."""
+    """The stripped registry model in eval() on the meta device: shapes only, no memory, no compute, no init.
+    RegNet computes its widths with tensors: built on the CPU, then moved."""
     with warnings.catch_warnings(action="ignore"):  # e.g. torchvision's notes on future default inits
         try:
             with torch.device("meta"):
                 net = registry_model(arch, img_size)
         except NotImplementedError:
             net = registry_model(arch, img_size).to("meta")
-    return net.eval(), strip_classifier(net, arch)
+    strip_classifier(net, arch)  # BadInput without a Linear classifier
+    return net.eval()
 
 
 @functools.lru_cache(maxsize=None)
 def probe_run(arch, img_size, size):
     """None if the model built for img_size runs on [1, 3, size, size], else the first line of its error."""
-    net = _probe_model(arch, _built_for(arch, img_size))[0]
+    net = _probe_model(arch, _built_for(arch, img_size))
     try:
         with torch.no_grad():
             net(torch.zeros(1, 3, size, size, device="meta"))
@@ -1593,18 +1594,10 @@ def probe_run(arch, img_size, size):
 def _every_node(arch, img_size):
     """(node names in graph order, extractor returning every node) of the eval graph of the probe model."""
     from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
-    net = _probe_model(arch, img_size)[0]
+    net = _probe_model(arch, img_size)
     train_nodes, eval_nodes = get_graph_node_names(net)
     return eval_nodes, create_feature_extractor(net, train_return_nodes=train_nodes,
                                                 eval_return_nodes=eval_nodes).eval()
-
-
-def _node_shapes(arch, size):
-    """{node: output shape} of every tensor the probe model computes on one size x size image."""
-    nodes, every = _every_node(arch, _built_for(arch, size))
-    with torch.no_grad(), redirect_stderr(io.StringIO()):  # fx prints its code on an error
-        out = every(torch.zeros(1, 3, size, size, device="meta"))
-    return {k: tuple(out[k].shape) for k in nodes[1:] if torch.is_tensor(out.get(k))}  # [0]: the input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1615,46 +1608,41 @@ class TracedMap:
     params: frozenset  # names of the parameters it reads
 
 
-# probe size for telling the spatial activations apart (and twice it): large enough that a stride-32 map is
-# 4x4 and 8x8, so the final map itself (not an earlier stage's) is the last one whose side changes
-FIND_AT = 128
-
-
 @functools.lru_cache(maxsize=None)
-def _find_map(arch, built_for):
-    """(node, forward functions, parameter names) of the final spatial map; see traced_map."""
-    a = built_for or FIND_AT
+def traced_map(arch, img_size):
+    """A registry model's final spatial map (torchvision.models.feature_extraction): run on two sizes
+    (128 px, twice it), the LAST activation [N, C, H, W] whose H and W change with the input while C does
+    not (its pooling and head follow, at fixed sizes). ConvNeXt: features; RegNet: trunk_output; Swin: the
+    permuted last stage; DenseNet: the ReLU after features. BadInput when none, or it fails at --img-size."""
+    if err := probe_run(arch, img_size, img_size):
+        raise BadInput(f"--arch {arch} does not run on {img_size}-px inputs: {err}")
+    # 128 px: a stride-32 map is 4x4 there (8x8 at twice it), so the final map itself (not an earlier stage's)
+    # is the last one whose side changes; a model built for one size (ViT, MaxViT) is probed at it
+    a, shapes = _built_for(arch, img_size) or 128, []
     try:
-        one, two = _node_shapes(arch, a), _node_shapes(arch, 2 * a)
+        for size in (a, 2 * a):  # {node: output shape} of every tensor computed (node 0: the input)
+            nodes, every = _every_node(arch, _built_for(arch, size))
+            with torch.no_grad(), redirect_stderr(io.StringIO()):  # fx prints its code on an error
+                out = every(torch.zeros(1, 3, size, size, device="meta"))
+            shapes.append({k: tuple(out[k].shape) for k in nodes[1:] if torch.is_tensor(out.get(k))})
     except Exception as e:  # noqa: BLE001 -- tracing or running any model: whatever fails, no map is found
         raise BadInput(f"--arch {arch}: its final spatial map could not be traced "
                        f"({_first_line(e)})") from None
+    one, two = shapes
     spatial = [k for k, v in one.items() if len(v) == 4 and k in two and v[1] == two[k][1]
                and v[2] != two[k][2] and v[3] != two[k][3]]
     if not spatial:
         raise BadInput(f"--arch {arch} has no spatial feature map (DenseCL, DetCon and the dense probes need "
                        "one): choose a convolutional or Swin-like model")
     from torchvision.models.feature_extraction import create_feature_extractor
-    gm = create_feature_extractor(_probe_model(arch, built_for)[0], return_nodes={spatial[-1]: "map"})
+    net = _probe_model(arch, _built_for(arch, img_size))
+    gm = create_feature_extractor(net, return_nodes={spatial[-1]: "map"})
     # the generated code reads every module by its path from `self`: called with the training net as self,
     # it runs that net's own (possibly SyncBN-converted, deep-copied or compiled) modules
     forward = tuple(type(torch.fx.GraphModule(gm, g)).forward for g in (gm.train_graph, gm.eval_graph))
-    return spatial[-1], forward, frozenset(n for n, _ in gm.named_parameters())
-
-
-@functools.lru_cache(maxsize=None)
-def traced_map(arch, img_size):
-    """A registry model's final spatial map (torchvision.models.feature_extraction): run on two sizes
-    (FIND_AT, twice it), the LAST activation [N, C, H, W] whose H and W change with the input while C does
-    not (its pooling and head follow, at fixed sizes). ConvNeXt: features; RegNet: trunk_output; Swin: the
-    permuted last stage; DenseNet: the ReLU after features. BadInput when none, or it fails at --img-size."""
-    if err := probe_run(arch, img_size, img_size):
-        raise BadInput(f"--arch {arch} does not run on {img_size}-px inputs: {err}")
-    node, forward, params = _find_map(arch, _built_for(arch, img_size))
-    net = _probe_model(arch, _built_for(arch, img_size))[0]
     with torch.no_grad():
         shape = tuple(forward[1](net, torch.zeros(1, 3, img_size, img_size, device="meta"))["map"].shape)
-    return TracedMap(node, shape, forward, params)
+    return TracedMap(spatial[-1], shape, forward, frozenset(n for n, _ in gm.named_parameters()))
 
 
 # -------- MoCo v3's ViT
@@ -2078,22 +2066,19 @@ class Logger:
 
     def __init__(self, run, steps_per_epoch, start_step):
         self.run, self.spe = run, steps_per_epoch
-        self.total = run.args.epochs * steps_per_epoch
-        if run.args.max_steps:
-            self.total = min(self.total, run.args.max_steps)
+        self.total = min(run.args.epochs * steps_per_epoch, run.args.max_steps or math.inf)  # 0: no cap
         self.start = self.step = start_step
         self.finished = bool(start_step) and start_step >= self.total  # a finished run resumed: no step left
         self.loss = torch.zeros(())  # the last step's loss (a tensor: read only on log steps and checkpoints)
         self.last, self.stored = {}, None  # the last log record (+ evaluations); the finished run's summary
         writer = tensorboard_writer() if run.main and run.args.tensorboard else None  # BadInput if missing
         run.start()  # every check has passed: the folder, its lock and args.json (the run's first write)
-        mode = "a" if start_step else "w"  # a resumed run appends; a fresh run (or --overwrite) starts anew
         path = os.path.join(run.out, "log.jsonl")
-        if run.main and start_step and drop_torn_tail(path):  # a crash or kill -9 cut the last write
-            print(f"{path}: dropped its torn last line", flush=True)
         if run.main and start_step and os.path.isfile(path):
+            if drop_torn_tail(path):  # a crash or kill -9 cut the last write
+                print(f"{path}: dropped its torn last line", flush=True)
             self.last, self.stored = recall(read_jsonl(path)[0])
-        self.file = open(path, mode) if run.main else None
+        self.file = open(path, "a" if start_step else "w") if run.main else None  # a resumed run appends
         self.tb = writer(os.path.join(run.out, "tb")) if writer else None
         # the clock: t_warm when the warm-up ended, t_end when the last step did (the final checkpoint and
         # export are not training); data waits since the last log line and after the warm-up; evaluation
@@ -2135,7 +2120,9 @@ class Logger:
             self.file.write(json.dumps(record) + "\n")
             self.file.flush()
         if self.tb and "step" in record and record.get("event") != "summary":
-            add_scalars(self.tb, record)
+            for k, v in record.items():  # every number but the step and epoch, at its step
+                if k not in ("step", "epoch") and isinstance(v, (int, float)):
+                    self.tb.add_scalar(k, v, record["step"])
 
     def log_step(self, loss, **metrics):
         """Call after every optimizer step with the (tensor) loss; syncs only on log steps."""
@@ -2231,15 +2218,7 @@ def peak_mem_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def add_scalars(tb, record):
-    """Every number of a log record (but its step and epoch) as a TensorBoard scalar at its step."""
-    for k, v in record.items():
-        if k not in ("step", "epoch") and isinstance(v, (int, float)):
-            tb.add_scalar(k, v, record["step"])
-
-
 def tensorboard_writer():
-    """torch.utils.tensorboard's SummaryWriter class; BadInput if tensorboard is missing."""
     try:
         from torch.utils.tensorboard import SummaryWriter
     except ImportError:
@@ -2288,7 +2267,6 @@ def read_jsonl(path):
 
 
 def json_object(line):
-    """The JSON object on a line (str or bytes), or None when it holds none."""
     try:
         r = json.loads(line)
     except ValueError:
@@ -2342,9 +2320,6 @@ def drop_torn_tail(path):
     return len(data) - start
 
 
-PLOT_SKIP = ("step", "epoch", "event", "img_per_s", "data_time_frac", "peak_mem_mb", "train_s")  # not curves
-
-
 def plot_curves(log_path, png_path):
     """curves.png: every logged metric (loss, lr, momentum, kNN, the method's own) against the step, one panel
     each. Needs matplotlib; without it the run simply has no picture. Returns the panel names drawn."""
@@ -2353,10 +2328,11 @@ def plot_curves(log_path, png_path):
     except ImportError:
         return []
     records = [r for r in read_jsonl(log_path)[0] if r.get("event") != "summary" and "step" in r]
+    not_curves = ("step", "epoch", "event", "img_per_s", "data_time_frac", "peak_mem_mb", "train_s")
     series = {}
     for r in records:
         for k, v in r.items():
-            if k not in PLOT_SKIP and isinstance(v, (int, float)) and math.isfinite(v):
+            if k not in not_curves and isinstance(v, (int, float)) and math.isfinite(v):
                 series.setdefault(k, []).append((r["step"], v))
     if not series:
         return []
@@ -2368,8 +2344,11 @@ def plot_curves(log_path, png_path):
         steps, values = zip(*points)
         ax.plot(steps, values, marker="o" if len(points) < 20 else None, ms=3)
         ax.ticklabel_format(axis="y", useOffset=False)  # the values themselves, never "+0.99" above them
-        if limits := flat_limits(values):
-            ax.set_ylim(*limits)
+        lo, hi = min(values), max(values)
+        size = max(abs(lo), abs(hi))
+        if hi - lo <= 1e-3 * size:  # nearly constant (an lr): matplotlib would stretch its float noise
+            pad = 0.05 * size if size else 1.0
+            ax.set_ylim(lo - pad, hi + pad)
         ax.set(title=name, xlabel="step")
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(series):]:
@@ -2381,20 +2360,6 @@ def plot_curves(log_path, png_path):
     with atomic_path(png_path, ".png") as tmp:  # like every other output
         fig.savefig(tmp, dpi=80)
     return list(series)
-
-
-FLAT = 1e-3  # a curve whose values span less than this share of their size is drawn as flat as it is
-
-
-def flat_limits(values):
-    """y-limits for a nearly constant curve, its values +- 5 % of their size (matplotlib would stretch the
-    float noise of a constant lr or momentum across the whole panel), or None for a curve that varies."""
-    lo, hi = min(values), max(values)
-    size = max(abs(lo), abs(hi))
-    if hi - lo > FLAT * size:
-        return None
-    pad = 0.05 * size if size else 1.0
-    return lo - pad, hi + pad
 
 
 def to_image(x):

@@ -119,7 +119,7 @@ def mocov3_args():
 
 def test_a_model_without_a_spatial_map_is_refused_by_name(monkeypatch, capsys, tmp_path):
     """A model whose activations all have fixed sizes (pooled to 4x4 first) has no final map to find."""
-    cached = (common._probe_model, common.probe_run, common._every_node, common._find_map, common.traced_map)
+    cached = (common._probe_model, common.probe_run, common._every_node, common.traced_map)
     for f in cached:
         f.cache_clear()
     pooled_first = lambda arch, size: nn.Sequential(nn.AdaptiveAvgPool2d(4), nn.Conv2d(3, 8, 1),  # noqa: E731
