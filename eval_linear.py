@@ -13,18 +13,10 @@ Protocols (the summary's `protocol` says which one produced a number):
             logits upsampled to --seg-res, cross-entropy (255 ignored) + L2, full-batch L-BFGS to convergence.
   seg-knn   dense retrieval (Hummingbird-style): each val cell takes the label distributions of its k = 5 most
             similar (centred, cosine) train cells, weighted softmax(sim / 0.02); no training.
-linear, finetune and seg check the frozen backbone unchanged at the end. The dense modes' data (synthetic, a
-PASCAL VOC 2012 root or {train,val}/images + masks), image size and metrics: README.md, "Evaluation".
-
-`--pretrained`: a checkpoint.pth or backbone.pth of any training script (its arch, stem and image size are
-used; a conflicting flag is an error, but for --img-size in the dense modes), or `none` (random init).
-
-  python eval_linear.py --pretrained runs/mocov3/backbone.pth --mode knn
-  torchrun --nproc_per_node=8 eval_linear.py --pretrained backbone.pth --mode linear --data /imagenet
-  python eval_linear.py --pretrained runs/densecl/backbone.pth --mode seg --show-seg seg.png
-
-The last line printed is a JSON summary: top1 and top5 or the dense metrics (and seg's fit), val_images (each
-counted once, also under torchrun) and protocol.
+linear, finetune and seg check the frozen backbone unchanged at the end. `--pretrained` gives the arch, stem
+and image size (a conflicting flag is an error, but for --img-size in the dense modes). Usage, the dense data
+(synthetic, a PASCAL VOC 2012 root or {train,val}/images + masks) and metrics: README.md, "Evaluation". The
+last line printed is the JSON summary; val_images counts each image once, also under torchrun.
 """
 import dataclasses
 import json
@@ -111,8 +103,7 @@ PRESET_TABLE = {
 SEG_KNN = dict(knn_k=5, knn_t=0.02)
 
 
-def presets(mode):
-    """The preset table common.parse_args applies in --mode (what --help lists with that --mode)."""
+def presets(mode):  # the table common.parse_args applies (and --help lists) in --mode
     return {name: {**every, **(dense if mode in DENSE else {}), **(SEG_KNN if mode == "seg-knn" else {})}
             for name, (every, dense) in PRESET_TABLE.items()}
 
@@ -131,19 +122,16 @@ def main(argv=None):
     run = common.setup(args, f"eval_{args.mode}")
     common.seed_everything(args.seed)  # the same random init (--pretrained none) and head on every rank
     net, dim = load_net(args, sd, run)
-    protocol = {"knn": knn, "linear": train_head, "finetune": train_head, "seg": dense_eval,
-                "seg-knn": dense_eval}[args.mode]
+    protocol = knn if args.mode == "knn" else dense_eval if args.mode in DENSE else train_head
     return protocol(args, meta, net, dim, run)
 
 
-def parse(argv):
-    """(Args, the --pretrained weights or None, the file's record); every refusal comes before any work."""
+def parse(argv):  # every refusal comes before any work
     args = common.parse_args(Args, lambda flags: presets(flags.get("mode", Args.mode)), argv)  # per --mode
-    given = args.given  # the flags given (abbreviations resolved)
     if args.mode not in MODES:
         raise common.BadInput(f"unknown mode {args.mode!r}; choose from {', '.join(MODES)}")
     for flag, modes in MODE_FLAGS.items():
-        if flag in given and args.mode not in modes:
+        if flag in args.given and args.mode not in modes:
             raise common.BadInput(f"--{flag.replace('_', '-')} does nothing in --mode {args.mode} (it is for "
                                   f"--mode {', '.join(modes)})")
     if args.mode in TRAINED and args.epochs < 1:
@@ -151,13 +139,13 @@ def parse(argv):
     sd, meta = (None, {}) if args.pretrained == "none" else load_backbone(args.pretrained)
     dense = args.mode in DENSE
     for key in ("arch", "stem", "img_size"):  # as the file records them: a conflicting flag is an error
-        if meta.get(key) is None or (dense and key == "img_size" and key in given):
+        if meta.get(key) is None or (dense and key == "img_size" and key in args.given):
             continue
-        if key in given and getattr(args, key) != meta[key]:
+        if key in args.given and getattr(args, key) != meta[key]:
             raise common.BadInput(f"--{key.replace('_', '-')} {getattr(args, key)} conflicts with the "
                                   f"pretrained file, which was made with {key}={meta[key]}")
         setattr(args, key, meta[key])
-    if dense and "img_size" not in given:  # e.g. DenseCL's cpu preset (small stem, 32 px) -> 64 px: 8x8
+    if dense and "img_size" not in args.given:  # e.g. DenseCL's cpu preset (small stem, 32 px) -> 64 px: 8x8
         while common.final_grid(args.arch, args.stem, args.img_size) < MIN_GRID:
             args.img_size *= 2
     if args.show_seg:
@@ -166,7 +154,6 @@ def parse(argv):
 
 
 def load_backbone(path):
-    """(state_dict, meta) from a backbone.pth or checkpoint.pth; BadInput if it is neither."""
     obj = common.load_file(path)
     if isinstance(obj, dict) and "model" in obj and "args" in obj:  # training checkpoint: the online backbone
         sd = {k.removeprefix("backbone."): v for k, v in obj["model"].items() if k.startswith("backbone.")}
@@ -182,7 +169,6 @@ def load_backbone(path):
 
 
 def load_net(args, sd, run):
-    """The backbone with the pretrained weights (random init for --pretrained none)."""
     net, dim = common.build_backbone(args.arch, args.stem, args.img_size, spatial=args.mode in DENSE)
     if sd is not None:
         own = net.state_dict()
@@ -212,8 +198,7 @@ def frozen(net):
     return check
 
 
-def finish(run, args, meta, **metrics):
-    """The summary line of the modes without a training loop (knn, seg, seg-knn)."""
+def finish(run, args, meta, **metrics):  # the summary line of the modes without a training loop
     rec = {"event": "summary", "mode": args.mode, "pretrained": args.pretrained, "arch": args.arch, **metrics,
            "method": meta.get("method")}
     if run.main:
@@ -229,14 +214,13 @@ SYNTHETIC_COARSE = {"disk": "round", "ring": "round", "crescent": "round", "squa
 
 
 def eval_splits(args):
-    """(train, val) labeled datasets after --granularity, --labels-per-class and (train only) --corrupt."""
     train, val = common.load_dataset(args, "train"), common.load_dataset(args, "val")
     if val is None or min(common.labels_of(train)) < 0:
         raise common.BadInput(f"{args.data} has no labeled train and val split to evaluate on")
     if args.granularity not in ("fine", "coarse"):
         raise common.BadInput(f"unknown granularity {args.granularity!r}; choose from fine, coarse")
     if args.granularity == "coarse":
-        train, val = (Relabeled(ds, coarse_labels(args, ds)) for ds in (train, val))
+        train, val = (coarse(args, ds) for ds in (train, val))
     if args.labels_per_class:
         order = common.balanced_order(common.labels_of(train), args.seed)
         train = common.Subset(train, sorted(order[:args.labels_per_class * common.num_classes(train)]))
@@ -245,13 +229,15 @@ def eval_splits(args):
     return train, val
 
 
-def coarse_labels(args, ds):
-    """Coarse label of every image of ds (the granularity lens of Cole et al.)."""
+def coarse(args, ds):
+    """ds with the coarse label of every image (the granularity lens of Cole et al.)."""
+    relabeled = common.Subset(ds, range(len(ds)))  # every image, in order; its targets: the labels it returns
     if args.data == "cifar100":  # torchvision keeps only the fine labels; the coarse ones are in its file
         import pickle
         name = (ds.train_list if ds.train else ds.test_list)[0][0]
         with open(os.path.join(ds.root, ds.base_folder, name), "rb") as f:
-            return pickle.load(f, encoding="latin1")["coarse_labels"]
+            relabeled.targets = pickle.load(f, encoding="latin1")["coarse_labels"]
+        return relabeled
     if args.data == "synthetic":
         mapping = SYNTHETIC_COARSE
     elif args.coarse_map:
@@ -266,29 +252,17 @@ def coarse_labels(args, ds):
     if missing:
         raise common.BadInput(f"--coarse-map has no coarse class for {missing[:5]}")
     names = sorted(set(mapping[c] for c in ds.classes))
-    return [names.index(mapping[ds.classes[y]]) for y in common.labels_of(ds)]
-
-
-class Relabeled(torch.utils.data.Dataset):
-    def __init__(self, base, targets):
-        self.base, self.targets = base, targets
-
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        return self.base[i][0], self.targets[i]
+    relabeled.targets = [names.index(mapping[ds.classes[y]]) for y in common.labels_of(ds)]
+    return relabeled
 
 
 def eval_view(args, run, base):
-    """base resized and centre-cropped, or (--data-on-device) held in device memory and cropped there."""
-    if args.data_on_device:
+    if args.data_on_device:  # held in device memory, resized and centre-cropped there
         return common.held_split(args, run, base)
     return common.Views(base, common.eval_transform(args.img_size))
 
 
-def data_note(args, train):
-    """The protocol's data part: ", data, size, labels[, K labels/class][, train images corrupted ...]"."""
+def data_note(args, train):  # the protocol's data part
     note = f", {args.data}, {args.img_size}px, {args.granularity} labels"
     if args.labels_per_class:  # the labels actually used: a class may have fewer images than asked for
         counts = np.bincount(common.labels_of(train))
@@ -300,10 +274,8 @@ def data_note(args, train):
 # ============================================================================ knn
 
 def knn(args, meta, net, dim, run):
-    """--mode knn: weighted kNN of the val images against the train images' features."""
     train, val = eval_splits(args)
-    val_ds = eval_view(args, run, val)
-    bank_ds = eval_view(args, run, train)
+    val_ds, bank_ds = (eval_view(args, run, ds) for ds in (val, train))
     top1, top5 = common.knn_eval(net, bank_ds, val_ds, run, args.knn_k, args.knn_t)
     k = min(args.knn_k, len(bank_ds))  # the vote takes at most the whole bank
     protocol = f"weighted kNN k={k} T={args.knn_t}" + data_note(args, train)
@@ -313,7 +285,6 @@ def knn(args, meta, net, dim, run):
 # ============================================================================ linear, finetune
 
 def train_head(args, meta, net, dim, run):
-    """--mode linear / finetune: train a linear head (fine-tuning: and the backbone), then top-1/top-5."""
     train, val = eval_splits(args)
     val_ds = eval_view(args, run, val)
     head = nn.Linear(dim, common.num_classes(train))
@@ -347,7 +318,10 @@ def train_head(args, meta, net, dim, run):
         loader = common.epoch_loader(train_ds, run, epoch, log.step % steps_per_epoch)
         for i, (x, y) in log.timed(loader):
             common.set_lr(optimizer, common.cosine_lr(epoch + i / steps_per_epoch, base_lr, 0, args.epochs))
-            x = device_train_batch(run, x, log.step) if args.data_on_device else run.to_device(x)
+            if args.data_on_device:  # stored uint8 [n, 3, S, S]: RandomResizedCrop (0.08-1) + flip per sample
+                x = common.normalize(common.device_crops(x.float().div_(255), args.img_size, (0.08, 1.0),
+                                                         common.device_generator(run, log.step)))
+            x = run.to_device(x)  # [n, 3, img_size, img_size]
             with run.autocast():
                 loss = F.cross_entropy(step_model(x).float(), y.to(run.device))
             common.optimizer_step(loss, optimizer, scaler)
@@ -364,17 +338,8 @@ def train_head(args, meta, net, dim, run):
     return log.summary(top1=top1, top5=top5, val_images=n_val, protocol=protocol)
 
 
-def device_train_batch(run, x, step):
-    """The train transform on the device (--data-on-device): stored uint8 images [n, 3, S, S] ->
-    RandomResizedCrop (its default scale, 0.08-1) + flip per sample, normalised [n, 3, img_size, img_size]."""
-    gen = common.device_generator(run, step)
-    x = common.normalize(common.device_crops(x.float().div_(255), run.args.img_size, (0.08, 1.0), gen))
-    return x.contiguous(memory_format=torch.channels_last) if run.args.channels_last else x
-
-
 @torch.no_grad()
-def evaluate(net, head, ds, run):
-    """(top-1, top-5 in percent, number of images) of head(net(x)) on ds, each image counted once."""
+def evaluate(net, head, ds, run):  # (top-1, top-5 in percent, images), each image counted once
     net.eval()
     head.eval()
     hits = torch.zeros(3, dtype=torch.long, device=run.device)  # top-1 hits, top-5 hits, images: exact counts
@@ -394,8 +359,7 @@ def evaluate(net, head, ds, run):
 IGNORE = 255  # the VOC convention: boundary / unlabeled pixels, left out of the loss, the bank and the metric
 
 
-def seg_splits(args):
-    """(train, val) SegData of --data and the number of classes."""
+def seg_splits(args):  # (train, val, number of classes)
     if args.data == "synthetic":  # the renderer's per-pixel labels: background + one class per shape
         n = args.num_classes or len(common.SHAPES) + 1
         return [SegData(common.load_dataset(args, s), n) for s in ("train", "val")] + [n]
@@ -407,7 +371,7 @@ def seg_splits(args):
     if not voc and not os.path.isdir(os.path.join(root, "train", "images")):
         raise common.BadInput(f"{root} is neither a VOC root (JPEGImages/, ImageSets/Segmentation/) nor "
                               f"a folder with train/images and train/masks")
-    train, val = ((voc_pairs if voc else folder_pairs)(root, split) for split in ("train", "val"))
+    train, val = (mask_pairs(root, split, voc) for split in ("train", "val"))
     # VOC: background + 20 classes; a folder: the largest class id of its train masks + 1
     n = args.num_classes or (21 if voc else 1 + max(int(np.max(m, where=m != IGNORE, initial=-1))
                                                     for m in (read_mask(path) for _, path in train)))
@@ -416,38 +380,33 @@ def seg_splits(args):
     return SegData(train, n), SegData(val, n), n
 
 
-def voc_pairs(root, split):
-    """VOC 2012 (image, mask) paths of a split (train: SegmentationClassAug + train_aug.txt if present)."""
-    lists = os.path.join(root, "ImageSets", "Segmentation")
-    aug = split == "train" and os.path.isfile(os.path.join(lists, "train_aug.txt")) and os.path.isdir(
-        os.path.join(root, "SegmentationClassAug"))
-    list_file = os.path.join(lists, "train_aug.txt" if aug else f"{split}.txt")
-    if not os.path.isfile(list_file):
-        raise common.BadInput(f"VOC split list not found: {list_file}")
-    # a line is an image id, or (some train_aug.txt copies) "/JPEGImages/ID.jpg /SegmentationClassAug/ID.png"
-    names = [os.path.splitext(os.path.basename(line.split()[0]))[0]
-             for line in open(list_file) if line.strip()]
-    if not names:
-        raise common.BadInput(f"VOC split list {list_file} is empty")
-    masks = os.path.join(root, "SegmentationClassAug" if aug else "SegmentationClass")
-    return existing([(os.path.join(root, "JPEGImages", f"{n}.jpg"), os.path.join(masks, f"{n}.png"))
-                     for n in names])
-
-
-def folder_pairs(root, split):
-    """(image, mask) paths of root/split/images/* and root/split/masks/<same stem>.png."""
-    img_dir, mask_dir = os.path.join(root, split, "images"), os.path.join(root, split, "masks")
-    if not os.path.isdir(img_dir):
-        raise common.BadInput(f"{img_dir} not found: a segmentation folder needs train/images and val/images")
-    files = sorted(f for f in os.listdir(img_dir) if f.lower().endswith(common.IMG_EXT))
-    if not files:
-        raise common.BadInput(f"no images found in {img_dir}")
-    return existing([(os.path.join(img_dir, f), os.path.join(mask_dir, os.path.splitext(f)[0] + ".png"))
-                     for f in files])
-
-
-def existing(pairs):
-    """pairs, once every image and mask is found (else BadInput naming the first missing file)."""
+def mask_pairs(root, split, voc):
+    """(image, mask) paths of a split, once every file is found: the VOC 2012 split list (train:
+    SegmentationClassAug + train_aug.txt if present), or root/split/images/* with masks/<same stem>.png."""
+    if voc:
+        lists = os.path.join(root, "ImageSets", "Segmentation")
+        aug = split == "train" and os.path.isfile(os.path.join(lists, "train_aug.txt")) and os.path.isdir(
+            os.path.join(root, "SegmentationClassAug"))
+        list_file = os.path.join(lists, "train_aug.txt" if aug else f"{split}.txt")
+        if not os.path.isfile(list_file):
+            raise common.BadInput(f"VOC split list not found: {list_file}")
+        # a line: an image id, or (some train_aug.txt) "/JPEGImages/ID.jpg /SegmentationClassAug/ID.png"
+        files = [os.path.splitext(os.path.basename(line.split()[0]))[0] + ".jpg"
+                 for line in open(list_file) if line.strip()]
+        if not files:
+            raise common.BadInput(f"VOC split list {list_file} is empty")
+        img_dir = os.path.join(root, "JPEGImages")
+        mask_dir = os.path.join(root, "SegmentationClassAug" if aug else "SegmentationClass")
+    else:
+        img_dir, mask_dir = os.path.join(root, split, "images"), os.path.join(root, split, "masks")
+        if not os.path.isdir(img_dir):
+            raise common.BadInput(f"{img_dir} not found: a segmentation folder needs train/images and "
+                                  "val/images")
+        files = sorted(f for f in os.listdir(img_dir) if f.lower().endswith(common.IMG_EXT))
+        if not files:
+            raise common.BadInput(f"no images found in {img_dir}")
+    pairs = [(os.path.join(img_dir, f), os.path.join(mask_dir, os.path.splitext(f)[0] + ".png"))
+             for f in files]
     for img_path, mask_path in pairs:
         if not os.path.isfile(img_path):
             raise common.BadInput(f"image not found: {img_path}")
@@ -457,8 +416,7 @@ def existing(pairs):
 
 
 def read_mask(path):
-    """Class ids [H, W] int64 of a palette PNG (the index is the id, as in VOC's SegmentationClass) or a
-    grayscale one; BadInput naming the file otherwise."""
+    """Class ids [H, W] int64 of a grayscale PNG or a palette one (the index is the id, as in VOC)."""
     try:
         with Image.open(path) as m:
             mode, ids = m.mode, np.array(m).astype(np.int64)
@@ -471,8 +429,8 @@ def read_mask(path):
 
 
 class SegData(torch.utils.data.Dataset):
-    """(PIL image, class ids [H, W] int64) of (image path, mask path) pairs or of a common.Synthetic split;
-    BadInput naming the file when a mask does not fit its image or holds an unknown id (checked on load)."""
+    """(PIL image, class ids [H, W] int64) of (image path, mask path) pairs or of a common.Synthetic split,
+    checked on load (also inside a loader worker): the mask fits its image, every id is a class or 255."""
     def __init__(self, source, n_classes):
         self.source, self.n_classes = source, n_classes
 
@@ -497,8 +455,8 @@ class SegData(torch.utils.data.Dataset):
 
 
 class SegTransform:
-    """(PIL image, ids [H, W]) -> (normalised image [3, S, S], ids [S, S] int64): both resized to S x S
-    (aspect not kept, as Leopart), the mask as a tv_tensors.Mask, so nearest. Unaugmented: train and val."""
+    """(PIL image, ids [H, W]) -> (normalised image [3, S, S], ids [S, S] int64), both resized to S x S
+    (aspect not kept, as Leopart; the mask as a tv_tensors.Mask: nearest). Unaugmented: train and val."""
     def __init__(self, img_size):
         self.tf = v2.Compose([v2.ToImage(), v2.Resize((img_size, img_size), antialias=True),
                               v2.ToDtype(torch.float32, scale=True), v2.Normalize(common.MEAN, common.STD)])
@@ -508,8 +466,7 @@ class SegTransform:
         return x.as_subclass(torch.Tensor), m.as_subclass(torch.Tensor)  # [3, S, S], [S, S]
 
 
-class SegViews(common.Views):
-    """common.Views of (image, mask) pairs: the paired transform."""
+class SegViews(common.Views):  # of (image, mask) pairs: the paired transform, no random draws
     def __getitem__(self, i):
         return self.transform(*self.base[i])
 
@@ -522,9 +479,8 @@ def confusion_matrix(pred, gt, n_classes):
 
 
 def seg_metrics(conf, floor=True):
-    """From a confusion matrix [C, C], in percent: miou over the classes in ground truth or prediction (iou
-    None for a class in neither), miou_fg (background left out), pixel_acc, iou per class and floor_miou (the
-    miou of background predicted everywhere)."""
+    """In percent: miou over the classes in ground truth or prediction (iou None for a class in neither),
+    miou_fg (background left out), pixel_acc, iou per class, floor_miou (background predicted everywhere)."""
     c = conf.double()
     tp = c.diag()  # [C]
     union = c.sum(0) + c.sum(1) - tp  # [C] gt or predicted
@@ -563,8 +519,18 @@ def dense_eval(args, meta, net, dim, run):
     fit = seg_probe if args.mode == "seg" else seg_knn
     predict, fields, protocol = fit(args, net, SegViews(train, tf), run, (grid, dim), n_cls, bs)
     protocol += f", {args.data}, {args.img_size}px, {n_cls} classes, {grid}x{grid} feature grid"
-    show = SHOW_N if args.show_seg else 0
-    conf, n_val, shown = seg_eval(predict, maps(net, SegViews(val, tf), run, bs), run, n_cls, show)
+    conf = torch.zeros(n_cls, n_cls, dtype=torch.long, device=run.device)
+    n_val, shown = torch.zeros((), dtype=torch.long, device=run.device), []  # each image counted once
+    with torch.no_grad():
+        for x, fmap, y in maps(net, SegViews(val, tf), run, bs):
+            pred = upsample(predict(fmap), y.shape[-2:]).argmax(1)  # [b, H, W]
+            conf += confusion_matrix(pred, y, n_cls)
+            n_val += len(y)
+            if args.show_seg:  # this rank's first SHOW_N (image, ground truth, prediction)
+                shown += list(zip(x, y.cpu(), pred.cpu()))[:SHOW_N - len(shown)]
+    if run.world > 1:
+        torch.distributed.all_reduce(conf)
+        torch.distributed.all_reduce(n_val)
     check("the dense evaluation")
     metrics = seg_metrics(conf)
     if args.show_seg and run.main and shown:  # one row per val image, VOC colours
@@ -573,7 +539,7 @@ def dense_eval(args, meta, net, dim, run):
         tile = side * max(1, math.ceil(96 / side))  # panels at >= 96 px, an integer zoom: masks stay readable
         common.save_sheet(args.show_seg, rows, ["image", "ground truth", "prediction"], tile,
                           f"{args.mode}: {protocol}, mIoU {metrics['miou']:.1f}")
-    return finish(run, args, meta, **metrics, top1=None, top5=None, val_images=n_val, **fields,
+    return finish(run, args, meta, **metrics, top1=None, top5=None, val_images=int(n_val), **fields,
                   eval_s=round(time.perf_counter() - start, 1), protocol=protocol)
 
 
@@ -586,27 +552,10 @@ def maps(net, ds, run, batch_size):
 
 
 @torch.no_grad()
-def seg_eval(predict, batches, run, n_classes, show=0):
-    """(confusion matrix [C, C] over all ranks, images counted once each, the first `show` (image, gt,
-    prediction) of rank 0) of predict(maps) -> per-cell scores [b, C, S, S], upsampled to the masks."""
-    conf = torch.zeros(n_classes, n_classes, dtype=torch.long, device=run.device)
-    n, shown = torch.zeros((), dtype=torch.long, device=run.device), []
-    for x, fmap, y in batches:
-        pred = upsample(predict(fmap), y.shape[-2:]).argmax(1)  # [b, H, W]
-        conf += confusion_matrix(pred, y, n_classes)
-        n += len(y)
-        shown += [(a, b, c) for a, b, c in zip(x, y.cpu(), pred.cpu())][:max(show - len(shown), 0)]
-    if run.world > 1:
-        torch.distributed.all_reduce(conf)
-        torch.distributed.all_reduce(n)
-    return conf, int(n), shown
-
-
-@torch.no_grad()
 def cache_train(net, ds, run, shape, n_classes, batch_size, res=0):
-    """The train maps (shape = (grid S, channels D)) of every rank in rank order. res > 0 (the probe): (every
-    cell [N, S*S, D], fp16 on CUDA; masks resized nearest [N, res, res] int32); res = 0 (the bank): (the cells
-    with a valid pixel [M, D], their label distributions [M, C])."""
+    """The train maps (shape: grid S, channels D) of every rank in rank order. The probe (res > 0): every
+    cell [N, S*S, D], fp16 on CUDA, and the masks resized nearest [N, res, res] int32; the bank (res = 0): the
+    cells with a valid pixel [M, D] and their label distributions [M, C]."""
     (s, d), n, on = shape, len(range(run.rank, len(ds), run.world)), dict(device=run.device)
     if res:  # fp16 halves VOC's cache on a GPU; the loss reads it back in fp32, PROBE_CHUNK images at a time
         cells = torch.empty(n, s * s, d, dtype=torch.float16 if run.device.type == "cuda" else None, **on)
@@ -638,8 +587,7 @@ PROBE_ITERS = 1000
 PROBE_WD = 1e-4
 
 
-def seg_probe(args, net, train, run, shape, n_classes, batch_size):
-    """--mode seg: (the probe, its fit's summary fields, protocol), fit on the cached train maps."""
+def seg_probe(args, net, train, run, shape, n_classes, batch_size):  # (predict, summary fields, protocol)
     # the loss on the logits upsampled to 2x the grid, not per cell against the cells' label shares: per
     # cell, random init stays on the floor of the synthetic scenes (7.43 mIoU); at 2x, 4x or 8x, 11.2-11.7
     res = args.seg_res or min(args.img_size, 2 * shape[0])
@@ -695,7 +643,6 @@ QUERY_CHUNK = 2048  # query cells per block of common.knn_vote
 
 
 def seg_knn(args, net, train, run, shape, n_classes, batch_size):
-    """--mode seg-knn: (the retrieval, no fit fields, protocol) from the bank of centred train cells."""
     bank, bank_dist = cache_train(net, train, run, shape, n_classes, batch_size)
     mean = bank.mean(0)
     unit_cells(bank, mean)
@@ -708,9 +655,8 @@ def seg_knn(args, net, train, run, shape, n_classes, batch_size):
 
 
 def cell_histograms(ids, n_classes, grid):
-    """Valid-pixel counts per class in every cell of a grid x grid partition: ids [N, H, W] -> [N, grid^2, C].
-    Pixel (h, w) falls in cell (h * grid // H, w * grid // W): equal bins, as the bilinear upsampling reads
-    them."""
+    """Valid-pixel counts per class in each cell of a grid x grid partition: ids [N, H, W] -> [N, grid^2, C];
+    cells as equal bins, as the bilinear upsampling reads them."""
     n, h, w = ids.shape
     rows = torch.arange(h, device=ids.device) * grid // h  # [H]
     cols = torch.arange(w, device=ids.device) * grid // w  # [W]
