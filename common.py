@@ -49,24 +49,13 @@ class BadInput(Exception):
     """A user error: reported as one line on stderr with exit code 2, never a traceback."""
 
 
-PREEMPTED_EXIT = 3  # exit code of a run stopped by SIGTERM/SIGUSR1 after writing checkpoint.pth
-
-
-class Preempted(Exception):
-    """SIGTERM or SIGUSR1 arrived: the current step was finished and checkpoint.pth written."""
-
-
-ARCH_NAMES = ("resnet18", "resnet50", "vit_small", "vit_base")  # effssl's names; any registry name works too
 # torchvision's ResNet class (resnet*, resnext*, wide_resnet*): the small stem and zero-init residual apply
 RESNETS = ("resnet", "resnext", "wide_resnet")
-LIST_ARCHS = ('python -c "import torchvision; '
-              'print(torchvision.models.list_models(module=torchvision.models))"')
 
 
 def default_workers():
-    """Loader workers per process: 8, or fewer on a machine with fewer cores (more would only contend)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, cores)
+    return min(8, cores)  # loader workers per process: more than 8, or than the cores, would only contend
 
 
 @dataclasses.dataclass
@@ -133,28 +122,36 @@ class CommonArgs:
 
 
 def parse_args(cls, presets, argv=None):
-    """Dataclass -> argparse. Precedence: explicit flag > preset > dataclass default. --help lists the
-    method's own hyperparameters first, then the shared plumbing, each with the values the presets set.
-    `presets`: {name: {field: value}}, or a function of the given flags ({field: value}) that returns it
-    (eval_linear's table depends on --mode). The names of the flags given are in args.given (not a field)."""
+    """Dataclass -> argparse (_Parser). Precedence: explicit flag > preset > dataclass default. `presets`:
+    {name: {field: value}}, or a function of the given flags ({field: value}) that returns it (eval_linear's
+    table depends on --mode). The names of the flags given are in args.given (not a field)."""
     if callable(presets):  # a first parse, without --help, reads the flags the table depends on
         try:
-            presets = presets(vars(_parser(cls, {}, add_help=False).parse_known_args(argv)[0]))
+            presets = presets(vars(_Parser(cls, {}, add_help=False).parse_known_args(argv)[0]))
         except BadInput:
             presets = presets({})  # the full parse below says what is wrong
-    p = _parser(cls, presets)
-    given = vars(p.parse_args(argv))
+    given = vars(_Parser(cls, presets).parse_args(argv))
     preset = given.get("preset", "auto")
-    if preset == "auto":
+    if preset == "auto":  # the rule --help's epilog states
         data = given.get("data", cls.data)
-        preset = auto_preset(data, torch.cuda.is_available())
-        if preset != auto_preset(data) and os.environ.get("RANK", "0") == "0":  # no GPU; rank 0 says it once
-            print(f"no GPU: --preset auto picked the cpu preset for --data {data} (a recipe sized for a "
-                  "CPU); --preset imagenet forces the ImageNet recipe", flush=True)
+        preset = "cpu" if data == "synthetic" else "cifar" if data in ("cifar10", "cifar100") else "imagenet"
+        if preset == "imagenet" and not torch.cuda.is_available():
+            preset = "cpu"  # the imagenet recipe (ResNet-50, 224 px, batch 4096) does not fit a CPU
+            if os.environ.get("RANK", "0") == "0":  # rank 0 says it once
+                print(f"no GPU: --preset auto picked the cpu preset for --data {data} (a recipe sized for a "
+                      "CPU); --preset imagenet forces the ImageNet recipe", flush=True)
     if preset not in presets:
         raise BadInput(f"unknown preset {preset!r}; choose from auto, {', '.join(presets)}")
     args = cls(**{**presets[preset], **given, "preset": preset})
-    check_choices(args)  # --arch, --stem, --precision, --optimizer: one line naming the flag, before any work
+    for name, allowed in CHOICES.items():  # one line naming the flag, before any work
+        v = getattr(args, name, None)
+        if v is None or v in allowed:
+            continue
+        if name != "arch":
+            raise BadInput(f"unknown {name} {v!r}; choose from {', '.join(allowed)}")
+        if v not in torchvision.models.list_models(module=torchvision.models):
+            raise BadInput(f"unknown arch {v!r}; choose from {', '.join(allowed)} or a classification model "
+                           f"of torchvision (list them: {LIST_ARCHS})")
     if given.get("stem") == "small" and not args.arch.startswith(RESNETS):
         raise BadInput(f"--stem small is a ResNet stem (resnet*, resnext*, wide_resnet*); --arch {args.arch} "
                        "keeps its own: drop --stem")
@@ -165,14 +162,6 @@ def parse_args(cls, presets, argv=None):
 
 
 # -------- argument parsing, path checks
-
-def auto_preset(data, cuda=True):
-    """--preset auto's pick (PRESET_HELP); without a GPU (`cuda` false) cpu, not imagenet: ResNet-50, 224 px
-    and batch 4096 do not fit a CPU."""
-    if data == "synthetic":
-        return "cpu"
-    return "cifar" if data in ("cifar10", "cifar100") else "imagenet" if cuda else "cpu"
-
 
 def user_errors(main):
     """Decorator for main(): BadInput (also when re-raised from a loader worker) -> 1 line, exit 2."""
@@ -200,10 +189,6 @@ def user_errors(main):
     return wrapped
 
 
-PRESET_HELP = ("--preset auto picks cpu for --data synthetic, cifar for cifar10/cifar100 and imagenet "
-               "otherwise (cpu on a machine without a GPU); explicit flags override the preset.")
-
-
 @functools.lru_cache(maxsize=None)  # parsing the source costs ~0.5 s; a class's docs never change
 def field_docs(cls):
     """The docstring under each dataclass field (read from the source, as tyro does)."""
@@ -211,7 +196,7 @@ def field_docs(cls):
     for klass in reversed(cls.__mro__):
         try:
             body = ast.parse(inspect.getsource(klass).lstrip()).body[0].body
-        except (OSError, TypeError, IndentationError, SyntaxError):
+        except (OSError, TypeError, SyntaxError):  # no source, or not Python's
             continue
         for a, b in zip(body, body[1:]):
             if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
@@ -220,61 +205,48 @@ def field_docs(cls):
 
 
 class _Parser(argparse.ArgumentParser):
+    """The flags of cls's fields, the method's own before CommonArgs'; one-line errors (BadInput)."""
+
+    def __init__(self, cls, presets, add_help=True):
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
+        super().__init__(description=doc, argument_default=argparse.SUPPRESS, add_help=add_help, epilog=(
+            "--preset auto picks cpu for --data synthetic, cifar for cifar10/cifar100 and imagenet otherwise "
+            "(cpu on a machine without a GPU); explicit flags override the preset."))
+        method = self.add_argument_group("method hyperparameters")
+        plumbing = self.add_argument_group("data, run and plumbing (shared by every script)")
+        docs = field_docs(cls)
+        common_fields = {f.name for f in dataclasses.fields(CommonArgs)}
+        choices = {**CHOICES, "preset": ("auto", *presets)}
+        for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in common_fields):
+            if f.name in getattr(cls, "not_flags", ()):  # shared fields that mean nothing to this script
+                continue
+            help_ = docs.get(f.name, "")
+            if f.name in choices:
+                help_ += f" {{{', '.join(choices[f.name])}}}"
+            if f.name == "arch":
+                help_ += f" or any classification model of torchvision (list them: {LIST_ARCHS})"
+            here = " on this machine" if f.name == "workers" else ""  # default_workers(): the cores decide
+            set_by = "".join(f"; {name}: {values[f.name]}" for name, values in presets.items()
+                             if f.name in values)
+            help_ += f" [default: {f.default}{here}{set_by}]"
+            group = plumbing if f.name in common_fields else method
+            flag = "--" + f.name.replace("_", "-")
+            typ = {"bool": bool, "int": int, "float": float}.get(str(f.type), f.type)
+            if typ is bool:
+                group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
+            else:
+                typ = typ if typ in (int, float) else str
+                group.add_argument(flag, type=typ, metavar=typ.__name__.upper(), help=help_)
+
     def error(self, message):  # one line, exit 2 (argparse would print the usage block first)
         raise BadInput(f"{message} (see --help)")
 
 
-def _parser(cls, presets, add_help=True):
-    """The parser of cls's fields: the method's own hyperparameters first, then CommonArgs' plumbing."""
-    docs = field_docs(cls)
-    doc = (sys.modules[cls.__module__].__doc__ or "").strip().split("\n")[0]
-    p = _Parser(description=doc, argument_default=argparse.SUPPRESS, epilog=PRESET_HELP, add_help=add_help)
-    method = p.add_argument_group("method hyperparameters")
-    plumbing = p.add_argument_group("data, run and plumbing (shared by every script)")
-    common_fields = {f.name for f in dataclasses.fields(CommonArgs)}
-    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in common_fields):
-        if f.name in getattr(cls, "not_flags", ()):  # shared fields that mean nothing to this script
-            continue
-        _add_flag(plumbing if f.name in common_fields else method, f, _help(f, docs.get(f.name, ""), presets))
-    return p
-
-
-CHOICES = {"arch": ARCH_NAMES, "stem": ("imagenet", "small"), "precision": ("auto", "fp32", "bf16", "fp16"),
-           "optimizer": ("lars", "sgd", "adamw")}  # listed in --help; checked after parsing (one-line errors)
-
-
-def check_choices(args):
-    """Every flag listed in CHOICES holds one of its choices (--arch: or a name of torchvision's registry)."""
-    for name, allowed in CHOICES.items():
-        v = getattr(args, name, None)
-        if v is None or v in allowed:
-            continue
-        if name != "arch":
-            raise BadInput(f"unknown {name} {v!r}; choose from {', '.join(allowed)}")
-        if v not in torchvision.models.list_models(module=torchvision.models):
-            raise BadInput(f"unknown arch {v!r}; choose from {', '.join(allowed)} or a classification model "
-                           f"of torchvision (list them: {LIST_ARCHS})")
-
-
-def _help(f, doc, presets):
-    """A field's --help text: its doc, its choices, its default and what each preset sets it to."""
-    choices = {**CHOICES, "preset": ("auto", *presets)}.get(f.name)
-    text = doc + (f" {{{', '.join(choices)}}}" if choices else "")
-    if f.name == "arch":
-        text += f" or any classification model of torchvision (list them: {LIST_ARCHS})"
-    set_by = [f"{name}: {values[f.name]}" for name, values in presets.items() if f.name in values]
-    here = " on this machine" if f.name == "workers" else ""  # default_workers(): the cores decide
-    return text + f" [default: {f.default}{here}" + "".join(f"; {s}" for s in set_by) + "]"
-
-
-def _add_flag(group, f, help_):
-    flag = "--" + f.name.replace("_", "-")
-    typ = {"bool": bool, "int": int, "float": float}.get(str(f.type), f.type)
-    if typ is bool:
-        group.add_argument(flag, action=argparse.BooleanOptionalAction, help=help_)
-    else:
-        typ = typ if typ in (int, float) else str
-        group.add_argument(flag, type=typ, metavar=typ.__name__.upper(), help=help_)
+# listed in --help, checked after parsing (one-line errors); --arch takes any registry name too
+CHOICES = {"arch": ("resnet18", "resnet50", "vit_small", "vit_base"), "stem": ("imagenet", "small"),
+           "precision": ("auto", "fp32", "bf16", "fp16"), "optimizer": ("lars", "sgd", "adamw")}
+LIST_ARCHS = ('python -c "import torchvision; '
+              'print(torchvision.models.list_models(module=torchvision.models))"')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +272,7 @@ POSITIVE = Range(0, lo_excluded=True)  # temperatures, LARS's trust coefficient
 
 
 # the ranges of the flags every script has (CommonArgs' and the recipe flags each Args declares); a method's
-# own flags have theirs in a RANGES dict of Ranges in its Args, which check_ranges adds (and which win)
+# own flags have theirs in a RANGES dict of Ranges in its Args or a base's, which check_ranges adds (and win)
 RANGES = {"batch_size": Range(1), "img_size": Range(1), "epochs": Range(0), "workers": Range(0),
           "max_steps": Range(0), "knn_every": Range(0), "knn_k": Range(1), "knn_t": POSITIVE,
           "log_every": Range(1), "save_every": Range(0), "save_epochs": Range(1), "synthetic_size": Range(1),
@@ -309,8 +281,7 @@ RANGES = {"batch_size": Range(1), "img_size": Range(1), "epochs": Range(0), "wor
 
 
 def check_ranges(args):
-    """Every numeric flag in its range (NaN never is), before any work: the shared RANGES updated with each
-    class's RANGES along args' hierarchy (rotation_aux.Args adds its flags' to mocov3.Args')."""
+    """Every numeric flag in its range (NaN never is), before any work."""
     ranges = dict(RANGES)
     for klass in reversed(type(args).__mro__):
         ranges.update(vars(klass).get("RANGES", {}))
@@ -363,9 +334,6 @@ def check_output_file(flag, path, output_dir):
         raise BadInput(f"{flag} {path}: its folder {folder} is not writable")
 
 
-RUN_OUTPUTS = ("checkpoint.pth", "backbone.pth", "log.jsonl", "curves.png", "tb")  # what --overwrite deletes
-
-
 def check_not_overwriting(args, method, checkpoint):
     """A run replaces another run's checkpoint.pth or backbone.pth only when asked (--resume, --overwrite)."""
     out = args.output_dir
@@ -384,16 +352,6 @@ def check_not_overwriting(args, method, checkpoint):
     how = "continue it with --resume auto, " if "checkpoint.pth" in found else ""
     raise BadInput(f"--output-dir {out} holds a run ({held}): {how}use another --output-dir, or --overwrite "
                    "to start over there")
-
-
-def remove_run_outputs(out):
-    """--overwrite, once every check has passed: delete the RUN_OUTPUTS of the run in `out`."""
-    for name in RUN_OUTPUTS:
-        path = os.path.join(out, name)
-        if os.path.isdir(path) and not os.path.islink(path):
-            shutil.rmtree(path)
-        elif os.path.lexists(path):
-            os.remove(path)
 
 
 # ============================================================================ run setup
@@ -446,10 +404,8 @@ class Run:
         return torch.full((), float(v), device=self.device)
 
     def to_device(self, x):
-        x = x.to(self.device, non_blocking=True)
-        if self.args.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
+        layout = torch.channels_last if self.args.channels_last and x.ndim == 4 else torch.preserve_format
+        return x.to(self.device, non_blocking=True, memory_format=layout)
 
     def start(self):
         """The run's first write, once every check has passed (start_run, under "run lock")."""
@@ -482,20 +438,12 @@ def setup(args, method):
     return run
 
 
-def use_sync_bn(sync_bn, run):
-    """SyncBN only where the method's official code uses it, and only on multi-GPU CUDA runs
-    (PyTorch's SyncBatchNorm is CUDA-only: CPU/gloo runs keep per-process BN)."""
-    return sync_bn and run.world > 1 and run.device.type == "cuda"
-
-
 def prepare_model(model, run, sync_bn):
     """SyncBN (see use_sync_bn), device, layout, compile, DDP. `sync_bn` is the method's own choice.
     Returns (model, step_model): keep `model` for state_dicts and use `step_model` for forward passes."""
     if use_sync_bn(sync_bn, run):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model = model.to(run.device)
-    if run.args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = model.to(run.device, memory_format=torch.channels_last if run.args.channels_last else None)
     step_model = model
     if run.world > 1:
         device_ids = [run.device] if run.device.type == "cuda" else None
@@ -507,8 +455,13 @@ def prepare_model(model, run, sync_bn):
 
 # -------- device; run lock: one run per output folder
 
+def use_sync_bn(sync_bn, run):
+    """SyncBN only where the method's official code uses it, and only on multi-GPU CUDA runs
+    (PyTorch's SyncBatchNorm is CUDA-only: CPU/gloo runs keep per-process BN)."""
+    return sync_bn and run.world > 1 and run.device.type == "cuda"
+
+
 def pick_device(args, local_rank):
-    """cuda:LOCAL_RANK (cuDNN autotuning and TF32 on), else the CPU; sets --precision auto."""
     cuda = torch.cuda.is_available()
     if args.precision == "auto":
         args.precision = "bf16" if cuda else "fp32"
@@ -545,8 +498,13 @@ def start_run(run):
         path = os.path.join(run.out, "checkpoint.pth") if run.args.resume == "auto" else run.args.resume
         raise BadInput(f"{path} changed while this run started; run the command again")
     if run.main:
-        if run.args.overwrite:
-            remove_run_outputs(run.out)
+        if run.args.overwrite:  # every check has passed: the outputs of the run there go
+            for name in ("checkpoint.pth", "backbone.pth", "log.jsonl", "curves.png", "tb"):
+                path = os.path.join(run.out, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path)
+                elif os.path.lexists(path):
+                    os.remove(path)
         record = {**dataclasses.asdict(run.args), "method": run.method, "world_size": run.world,
                   "git_sha": git_sha(), "torch": torch.__version__, "torchvision": torchvision.__version__,
                   "device": str(run.device)}
@@ -577,11 +535,9 @@ def lock_output_dir(out, create=True):
         if create and f is not None:
             f.seek(0)
             f.truncate(0)
-            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
-            f.flush()
+            print(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}), file=f, flush=True)
     except OSError as e:
         return f"--output-dir {out} cannot be created or written: {e.strerror}" if create else None
-    return None
 
 
 def lock_holder(text):
@@ -626,6 +582,13 @@ if hasattr(os, "register_at_fork"):
 
 
 # -------- preemption signals
+
+PREEMPTED_EXIT = 3  # exit code of a run stopped by SIGTERM/SIGUSR1 after writing checkpoint.pth
+
+
+class Preempted(Exception):
+    """SIGTERM or SIGUSR1 arrived: the current step was finished and checkpoint.pth written."""
+
 
 STOP_SIGNAL = [None]  # name of the preemption signal received, set by the handler below
 STOP_AT_STEP = [False]  # a Ctrl-C waits for the end of the step (True from resume(): the training loop next)
