@@ -666,14 +666,20 @@ def load_dataset(args, split, name=None):
     if name == "synthetic":
         size = args.synthetic_size if split == "train" else max(args.synthetic_size // 5, 10)  # val: a fifth
         return Synthetic(size, split, args.seed)
-    if name in ("cifar10", "cifar100", "stl10"):
-        return load_torchvision(name, split, args.data_root)
-    return load_folder(name, split)
+    if name not in BUILTIN_DATA:
+        return load_folder(name, split)
+    try:  # CIFAR-10/100 or STL-10 from torchvision, downloaded into --data-root (STL-10's val: its test set)
+        if name == "stl10":
+            return datasets.STL10(args.data_root, split=split if split == "train" else "test", download=True)
+        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        return cls(args.data_root, train=split == "train", download=True)
+    except Exception as e:
+        raise BadInput(f"cannot load {name} into {args.data_root}: {e}") from None
 
 
 class Views(torch.utils.data.Dataset):
-    """Applies `transform` to base[i] with a seed made from (seed, epoch, i): a sample gets the same
-    augmentation whatever worker loads it and after a resume, so runs are reproducible on CPU."""
+    """Applies `transform` to base[i] under torch's global RNG, forked and seeded by (seed, epoch, i): a
+    sample gets the same augmentation whatever worker loads it and after a resume (reproducible on CPU)."""
     def __init__(self, base, transform, seed=0):
         self.base, self.transform, self.seed, self.epoch = base, transform, seed, 0
 
@@ -682,15 +688,9 @@ class Views(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         img, label = self.base[i]
-        with self.rng(i):
-            return self.transform(img), label
-
-    @contextmanager
-    def rng(self, i):
-        """torch's global RNG, forked and seeded by (seed, epoch, i) for sample i's transform."""
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)
-            yield
+            torch.manual_seed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + i)  # primes: triples apart
+            return self.transform(img), label
 
 
 def pretrain_data(args, run, transform, ids=None):
@@ -724,11 +724,10 @@ def epoch_loader(ds, run, epoch, skip_batches=0, shuffle=True, drop_last=True):
     indices = list(sampler)[skip_batches * local_bs:]
     if isinstance(ds, HeldSplit):  # --data-on-device: the same order, batches indexed on the device
         return ds.batches(indices, local_bs, drop_last)
-    return torch.utils.data.DataLoader(
-        ds, local_bs, sampler=indices, num_workers=run.args.workers, pin_memory=run.device.type == "cuda",
-        drop_last=drop_last, persistent_workers=False, prefetch_factor=4 if run.args.workers else None,
-        generator=torch.Generator().manual_seed(run.args.seed + epoch),  # keeps the global RNG untouched
-        worker_init_fn=ignore_interrupts)
+    return torch.utils.data.DataLoader(  # its own generator keeps the global RNG untouched
+        ds, local_bs, sampler=indices, drop_last=drop_last, pin_memory=run.device.type == "cuda",
+        num_workers=run.args.workers, prefetch_factor=4 if run.args.workers else None,
+        generator=torch.Generator().manual_seed(run.args.seed + epoch), worker_init_fn=ignore_interrupts)
 
 
 # -------- the built-in data: synthetic scenes
@@ -766,30 +765,10 @@ def _shape_mask(k, u, v):
     return masks[SHAPES[k]]()
 
 
-def _unit_areas(n=200):
-    """Area of each shape at unit radius (the [-1, 1]^2 square has area 4), measured on an n x n grid."""
-    g = (np.arange(n) + 0.5) / n * 2 - 1
-    v, u = np.meshgrid(g, g, indexing="ij")  # [n, n] each
-    return np.array([_shape_mask(k, u, v).mean() * 4 for k in range(len(SHAPES))])
-
-
-SHAPE_AREAS = _unit_areas()  # a bar covers ~0.4 of a disk: shapes are sized by area, so size tells no class
-
-
-def _draw(img, seg, k, area, centre, angle, colour):
-    """Paint shape k (area: fraction of the image; centre in [-1, 1]^2; rotation in rad) into img [px, px, 3]
-    and k + 1 into seg [px, px], in place; only the shape's bounding box, centre +- radius, is evaluated."""
-    px, radius = img.shape[0], math.sqrt(area * 4 / SHAPE_AREAS[k])
-    lo = np.clip(((centre - radius + 1) * px / 2).astype(int), 0, px)  # [2] (x, y) first pixel of the box
-    hi = np.clip(((centre + radius + 1) * px / 2).astype(int) + 2, 0, px)  # [2] one past the last
-    coords = (np.arange(px) + 0.5) / px * 2 - 1  # pixel centres in [-1, 1]
-    x = coords[None, lo[0]:hi[0]] - centre[0]  # [1, w]
-    y = coords[lo[1]:hi[1], None] - centre[1]  # [h, 1]
-    u = (x * math.cos(angle) + y * math.sin(angle)) / radius  # [h, w] local coordinates, unit radius
-    v = (-x * math.sin(angle) + y * math.cos(angle)) / radius  # [h, w]
-    inside = _shape_mask(k, u, v)  # [h, w]
-    img[lo[1]:hi[1], lo[0]:hi[0]][inside] = colour
-    seg[lo[1]:hi[1], lo[0]:hi[0]][inside] = k + 1
+_GRID = (np.arange(200) + 0.5) / 200 * 2 - 1  # pixel centres of a 200 x 200 grid on [-1, 1]^2
+# each shape's area at unit radius, measured on that grid (the square has area 4): a bar covers ~0.4 of a
+# disk, and shapes are sized by area, so size tells no class
+SHAPE_AREAS = np.array([_shape_mask(k, *np.meshgrid(_GRID, _GRID)).mean() * 4 for k in range(len(SHAPES))])
 
 
 def render_synthetic(seed, index, px=SYNTH_PX):
@@ -808,8 +787,20 @@ def render_synthetic(seed, index, px=SYNTH_PX):
     main = shape(label, MAIN_AREA, 0.2)  # near the centre: the eval transform's centre crop keeps it
     under = int(rng.binomial(len(distractors), 1 - OCCLUDE))  # distractors drawn before (under) the main
     seg = np.zeros((px, px), np.uint8)  # [px, px]
-    for s in distractors[:under] + [main] + distractors[under:]:
-        _draw(img, seg, *s)
+    coords = (np.arange(px) + 0.5) / px * 2 - 1  # pixel centres in [-1, 1]
+    for k, area, centre, angle, rgb in distractors[:under] + [main] + distractors[under:]:
+        # paint shape k (area: a fraction of the image; centre in [-1, 1]^2; rotation in rad) into img, k + 1
+        # into seg; only the shape's bounding box, centre +- radius, is evaluated
+        radius = math.sqrt(area * 4 / SHAPE_AREAS[k])
+        lo = np.clip(((centre - radius + 1) * px / 2).astype(int), 0, px)  # [2] (x, y) first pixel of the box
+        hi = np.clip(((centre + radius + 1) * px / 2).astype(int) + 2, 0, px)  # [2] one past the last
+        x = coords[None, lo[0]:hi[0]] - centre[0]  # [1, w]
+        y = coords[lo[1]:hi[1], None] - centre[1]  # [h, 1]
+        u = (x * math.cos(angle) + y * math.sin(angle)) / radius  # [h, w] local coordinates, unit radius
+        v = (-x * math.sin(angle) + y * math.cos(angle)) / radius  # [h, w]
+        inside = _shape_mask(k, u, v)  # [h, w]
+        img[lo[1]:hi[1], lo[0]:hi[0]][inside] = rgb
+        seg[lo[1]:hi[1], lo[0]:hi[0]][inside] = k + 1
     img = img + rng.normal(0, NOISE, img.shape)  # [px, px, 3]
     return Image.fromarray((np.clip(img, 0, 1) * 255).astype(np.uint8)), label, seg
 
@@ -842,62 +833,39 @@ IMG_EXT = datasets.folder.IMG_EXTENSIONS  # the extensions torchvision's ImageFo
 def load_image(path):
     """PIL RGB image; an unreadable file is a BadInput naming it."""
     try:
-        with open(path, "rb") as f:
-            return Image.open(f).convert("RGB")
+        return datasets.folder.pil_loader(path)
     except Exception as e:
         raise BadInput(f"cannot read image {path}: {e}") from None
 
 
-def load_torchvision(name, split, root):
-    """CIFAR-10/100 or STL-10 from torchvision, downloaded into `root` (STL-10's val split: its test set)."""
-    try:
-        if name == "stl10":
-            return datasets.STL10(root, split="train" if split == "train" else "test", download=True)
-        cls = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
-        return cls(root, train=split == "train", download=True)
-    except Exception as e:
-        raise BadInput(f"cannot load {name} into {root}: {e}") from None
-
-
 def load_folder(name, split):
     """An image folder: ImageFolder (class subfolders) or FlatFolder (unlabeled); `train/` and `val/`
-    subfolders are the splits when present, else the folder is the train split and there is no val (None)."""
+    subfolders are the splits when present, else the folder is the train split and there is no val (None).
+    BadInput, naming the folder of its images, for a segmentation data set (eval_linear.py's dense modes):
+    its masks (images/ + masks/), or a PASCAL VOC root's label PNGs and lists, would be read as classes."""
     if not os.path.isdir(name):
         raise BadInput(f"data path not found: {name} (use {', '.join(BUILTIN_DATA)} or an image folder)")
     root = os.path.join(name, split) if os.path.isdir(os.path.join(name, "train")) else name
     if not os.path.isdir(root) or (root == name and split != "train"):
         return None  # no such split (a folder without train/ has no val)
-    refuse_segmentation_folder(name, root)  # its masks would be read as a class of images
+    expect = "a training script expects a folder of images, in class subfolders or flat"
+    if os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "masks")):
+        raise BadInput(f"--data {name} is a segmentation folder ({root} holds images/ and masks/, for "
+                       f"eval_linear.py --mode seg or seg-knn); {expect}: give --data "
+                       f"{os.path.join(root, 'images')} to pretrain on its images")
+    for pattern in ("JPEGImages", "VOC*/JPEGImages", "VOCdevkit/VOC*/JPEGImages"):
+        for images in sorted(glob.glob(os.path.join(glob.escape(name), pattern)))[::-1]:  # VOC2012 first
+            if any(os.path.isdir(os.path.join(images, os.pardir, d))
+                   for d in ("SegmentationClass", "ImageSets", "Annotations")):
+                raise BadInput(f"--data {name} is a PASCAL VOC folder (for eval_linear.py --mode seg or "
+                               f"seg-knn); {expect}: give --data {os.path.normpath(images)} to pretrain on "
+                               "its images")
     if not any(os.path.isdir(os.path.join(root, d)) for d in os.listdir(root)):
         return FlatFolder(root)
     try:
         return datasets.ImageFolder(root, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise BadInput(f"no images found in {root}: {str(e).splitlines()[0]}") from None
-
-
-def voc_images(name):
-    """JPEGImages/ of a PASCAL VOC folder given as --data (VOC2012/, VOCdevkit/ or the folder holding it)."""
-    for pattern in ("JPEGImages", "VOC*/JPEGImages", "VOCdevkit/VOC*/JPEGImages"):
-        for images in sorted(glob.glob(os.path.join(glob.escape(name), pattern)))[::-1]:  # VOC2012 first
-            if any(os.path.isdir(os.path.join(images, os.pardir, d))
-                   for d in ("SegmentationClass", "ImageSets", "Annotations")):
-                return os.path.normpath(images)
-    return None
-
-
-def refuse_segmentation_folder(name, root):
-    """BadInput, naming the folder of its images, when --data is a segmentation data set (for eval_linear.py's
-    dense modes): its masks (images/ + masks/), or a VOC root's label PNGs and lists, would be classes."""
-    expect = "a training script expects a folder of images, in class subfolders or flat"
-    if os.path.isdir(os.path.join(root, "images")) and os.path.isdir(os.path.join(root, "masks")):
-        raise BadInput(f"--data {name} is a segmentation folder ({root} holds images/ and masks/, for "
-                       f"eval_linear.py --mode seg or seg-knn); {expect}: give --data "
-                       f"{os.path.join(root, 'images')} to pretrain on its images")
-    images = voc_images(name)
-    if images:
-        raise BadInput(f"--data {name} is a PASCAL VOC folder (for eval_linear.py --mode seg or seg-knn); "
-                       f"{expect}: give --data {images} to pretrain on its images")
 
 
 class FlatFolder(torch.utils.data.Dataset):
@@ -995,9 +963,8 @@ def corrupt_image(img, specs, rng):
             img.save(buf, "JPEG", quality=int(v))
             img = Image.open(buf).convert("RGB")
         elif name == "downsample":  # down by F, back up bilinear: lower resolution at the same size
-            w, h = img.size
-            small = (max(1, round(w / v)), max(1, round(h / v)))
-            img = img.resize(small, Image.BILINEAR).resize((w, h), Image.BILINEAR)
+            small = tuple(max(1, round(side / v)) for side in img.size)
+            img = img.resize(small, Image.BILINEAR).resize(img.size, Image.BILINEAR)
         elif name == "saltpepper":
             a, u = np.array(img), rng.random(img.size[::-1])  # u: [H, W]
             a[u < v / 2], a[(u >= v / 2) & (u < v)] = 0, 255
@@ -1029,8 +996,7 @@ SOLARIZE_AT = 128  # solarize inverts the pixels >= 128 of 255 (PIL's ImageOps.s
 
 
 class RandomBlur:
-    """Gaussian blur with sigma ~ U(0.1, 2) as PIL radius, like the official MoCo/BYOL code (no
-    kernel size to pick); sampled with torch's RNG so per-sample seeding covers it."""
+    """PIL's Gaussian blur of radius sigma ~ U(0.1, 2) (MoCo/BYOL's code), drawn by torch's seeded RNG."""
     def __init__(self, sigma=BLUR_SIGMA):
         self.sigma = sigma
 
@@ -1042,18 +1008,18 @@ class RandomBlur:
 
 
 class TwoViews:
-    """img -> (view 1, view 2), each view a method's list of torchvision transforms (PIL -> normalised tensor
-    [3, H, W]). finish(): the collated batches on the device, ready for the model. With gpu (--gpu-aug) the
-    workers run only each list's crop and flip, to uint8, and finish() the rest of the list (its Photometric
-    recipe, device_recipe) batched on the device; with --data-on-device finish() runs all of it."""
+    """img -> (view 1, view 2), each a method's list of torchvision transforms (PIL -> normalised [3, H, W]).
+    With gpu (--gpu-aug) the workers crop and flip, finish() does the rest (its Photometric) on the device."""
     def __init__(self, augmentation1, augmentation2, gpu=False):
         (size, crop_min, r1), (size2, crop_min2, r2) = map(device_recipe, (augmentation1, augmentation2))
         if (size, crop_min) != (size2, crop_min2):
             raise ValueError("the device path crops both views alike: give them one RandomResizedCrop")
         self.on_device = (size, crop_min, (r1, r2))  # what finish() runs with --data-on-device
         self.photometric = (r1, r2) if gpu else None  # what finish() runs with --gpu-aug
-        if gpu:
-            self.t1 = self.t2 = geometry_view(size, crop_min)
+        if gpu:  # -> uint8 [3, size, size], drawn as the PIL path draws (the flip commutes with the colour);
+            # resized on the tensor: antialiased bilinear, within 1 grey level of PIL's, and cheaper
+            crop = v2.RandomResizedCrop(size, scale=(crop_min, 1.0), antialias=True)
+            self.t1 = self.t2 = v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
         else:
             self.t1, self.t2 = T.Compose(augmentation1), T.Compose(augmentation2)
 
@@ -1061,13 +1027,14 @@ class TwoViews:
         return self.t1(img), self.t2(img)
 
     def finish(self, run, x1, x2, step):
-        """x1, x2 [n, 3, H, W] from the loader -> the model's inputs on the device. `step`: the global step
-        (optimizer steps done before this batch); with --gpu-aug or --data-on-device it seeds the draw, so a
-        resumed run redraws exactly what the uninterrupted run drew at that step. With --data-on-device x1
-        and x2 are the stored images, and each view's crop, flip and colour are drawn here."""
+        """x1, x2 [n, 3, H, W] from the loader (--data-on-device: the stored images) -> the model's inputs
+        on the device. `step` (optimizer steps before this batch) seeds the device draws (same on resume)."""
         if run.args.data_on_device:
             return device_views(run, x1, step, *self.on_device)
-        return finish_views(run, x1, x2, step, self.photometric)
+        if self.photometric is None:
+            return run.to_device(x1), run.to_device(x2)
+        gen = device_generator(run, step)
+        return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), self.photometric))
 
 
 def eval_transform(img_size):
@@ -1081,14 +1048,6 @@ def eval_transform(img_size):
 # --gpu-aug: every op takes a batch x [N, 3, H, W] float in [0, 1] and per-sample parameters [N], and follows
 # torchvision's tensor formulas (torchvision.transforms.functional); parameters are drawn per sample, never
 # one per batch (torchvision v2 on a batch and kornia's defaults share one draw across the batch).
-
-def geometry_view(img_size, crop_min):
-    """The worker side of a --gpu-aug view, PIL -> uint8 [3, img_size, img_size]: crop and flip only, drawn as
-    the PIL path draws them (the flip commutes with every photometric op), resized on the uint8 tensor
-    (antialiased bilinear: within 1 grey level of PIL's, and cheaper)."""
-    crop = v2.RandomResizedCrop(img_size, scale=(crop_min, 1.0), antialias=True)
-    return v2.Compose([v2.PILToTensor(), crop, v2.RandomHorizontalFlip()])
-
 
 @dataclasses.dataclass(frozen=True)
 class Photometric:
@@ -1126,14 +1085,6 @@ def device_recipe(ops):
         raise ValueError(f"a view ends with its flip, ToTensor and ImageNet's Normalize for the device path, "
                          f"not {tail}")
     return size, crop_min, Photometric(tuple(strengths), blur.p, solarize_p)
-
-
-def finish_views(run, x1, x2, step, recipes=None):
-    """TwoViews.finish without --data-on-device: to the device, with recipes (--gpu-aug) the colour there."""
-    if recipes is None:
-        return run.to_device(x1), run.to_device(x2)
-    gen = device_generator(run, step)
-    return tuple(device_view(run, x, recipe, gen) for x, recipe in zip((x1, x2), recipes))
 
 
 def device_generator(run, step):
@@ -1265,21 +1216,16 @@ def store_size(args):
     return args.store_size or (max(sizes) if None not in sizes else round(STORE_FACTOR * args.img_size))
 
 
-class Stored(torch.utils.data.Dataset):
-    """base[i] -> (uint8 [3, S, S], label), or ((uint8 [3, S, S], ids [S, S]), label) with `ids`: the shorter
-    side resized to S (antialiased), then the centre S x S (a square image is only resized)."""
-    def __init__(self, base, size, ids=None):
-        self.base, self.ids = base, ids
-        self.tf = T.Compose([T.Resize(size), T.CenterCrop(size)])
+class Stored:
+    """PIL image -> its stored form, uint8 [3, S, S], or (uint8 [3, S, S], int32 ids [S, S]) with `ids`: the
+    shorter side resized to S (antialiased), then the centre S x S (a square image is only resized)."""
+    def __init__(self, size, ids=None):
+        self.resize, self.ids = T.Compose([T.Resize(size), T.CenterCrop(size)]), ids
 
-    def __len__(self):
-        return len(self.base)
-
-    def __getitem__(self, i):
-        img, label = self.base[i]
-        img = self.tf(img.convert("RGB"))
-        x = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)  # [3, S, S]
-        return ((x, torch.as_tensor(self.ids(img))) if self.ids else x), label
+    def __call__(self, img):
+        img = self.resize(img.convert("RGB"))
+        x = T.functional.pil_to_tensor(img)  # [3, S, S] uint8
+        return (x, torch.as_tensor(self.ids(img)).int()) if self.ids else x
 
 
 class HeldSplit:
@@ -1319,17 +1265,12 @@ class HeldSplit:
 
 def held_split(args, run, base, copies=2, ids=None):
     """Decode `base` once (loader workers, then never again) into a HeldSplit on run.device."""
-    loader = torch.utils.data.DataLoader(Stored(base, store_size(args), ids), batch_size=256,
+    loader = torch.utils.data.DataLoader(Views(base, Stored(store_size(args), ids)), batch_size=256,
                                          num_workers=args.workers, worker_init_fn=ignore_interrupts)
-    xs, ys, ms = [], [], []
-    for x, y in loader:
-        if ids:
-            x, m = x
-            ms.append(m.int())
-        xs.append(x)
-        ys.append(y)
+    xs, ys = zip(*loader)  # per batch: uint8 [b, 3, S, S] (with `ids`: it and ids [b, S, S]), labels [b]
     masks = None
     if ids:  # wider than uint8 (the official uint8 cast merges ids > 255); int16 when they fit
+        xs, ms = zip(*xs)
         masks = torch.cat(ms)
         masks = masks.to(torch.int16 if masks.max() < 2**15 else torch.int32).to(run.device)
     return HeldSplit(torch.cat(xs).to(run.device), torch.cat(ys).long().to(run.device), masks, copies)
