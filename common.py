@@ -637,9 +637,11 @@ def restore_signal_handlers():
 
 
 def ignore_interrupts(worker_id=None):
-    """A loader worker's init: Ctrl-C is the main process's (the terminal sends it to the whole process group;
-    a worker it killed would end the run with a traceback before the step's checkpoint)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    """A loader worker's init: the stop signals are the main process's. A terminal's Ctrl-C, torchrun's SIGTERM
+    (os.killpg) and SLURM's reach the whole process group; a worker they killed would end the run with a
+    traceback before the step's checkpoint. The loader still ends its workers when it is done."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def stop_requested(run, step):

@@ -85,18 +85,19 @@ def test_preempted_resumed_and_finished(method, uninterrupted, tmp_path, monkeyp
 
 
 def test_sigterm_checkpoints_the_step_and_resume_matches(uninterrupted, tmp_path):
-    """SIGTERM from outside (as a scheduler sends it) after step 1 is logged: the step in flight finishes,
-    checkpoint.pth holds it, the exit code is PREEMPTED_EXIT, and the resumed run's losses are the
-    uninterrupted run's."""
+    """SIGTERM from outside after step 1 is logged, to the whole process group as torchrun (os.killpg) and
+    SLURM send it, loader workers included: the step in flight finishes, checkpoint.pth holds it, the exit
+    code is PREEMPTED_EXIT, and the resumed run's losses are the uninterrupted run's."""
     out = tmp_path / "pre"
     argv = tiny("mocov3", out, *PREEMPT)
     # the same intra-op threads as this process, which runs the resume and the reference: the float sums match
     env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "mocov3.py"), *argv], cwd=ROOT, env=env,
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    p = subprocess.Popen([sys.executable, os.path.join(ROOT, "mocov3.py"), *argv, "--workers", "1"], cwd=ROOT,
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)  # its own process group: the signal reaches it alone
     for line in p.stdout:
         if " step 1/3 " in line:
-            p.send_signal(signal.SIGTERM)
+            os.killpg(p.pid, signal.SIGTERM)  # the training process and its loader worker
             break
     stdout, stderr = p.communicate(timeout=300)
     assert p.returncode == common.PREEMPTED_EXIT, stderr[-2000:]
