@@ -1983,7 +1983,14 @@ class Logger:
         if run.main and start_step and os.path.isfile(path):
             if drop_torn_tail(path):  # a crash or kill -9 cut the last write
                 print(f"{path}: dropped its torn last line", flush=True)
-            self.last, self.stored = recall(read_jsonl(path)[0])
+            records = read_jsonl(path)[0]
+            kept = [r for r in records if r.get("step", 0) <= start_step]  # later: the steps this run redoes
+            if len(kept) < len(records):  # a crash after the checkpoint: each step stays logged once
+                with atomic_path(path) as tmp, open(tmp, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in kept)
+                print(f"{path}: dropped {len(records) - len(kept)} record(s) after step {start_step}, the "
+                      "checkpoint's: this run does those steps again", flush=True)
+            self.last, self.stored = recall(kept)
         self.file = open(path, "a" if start_step else "w") if run.main else None  # a resumed run appends
         self.tb = writer(os.path.join(run.out, "tb")) if writer else None
         # the clock: t_warm when the warm-up ended, t_end when the last step did (the final checkpoint and

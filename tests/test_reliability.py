@@ -109,6 +109,29 @@ def test_sigterm_checkpoints_the_step_and_resume_matches(uninterrupted, tmp_path
     assert losses(out) == pytest.approx(uninterrupted("mocov3"), rel=1e-6, abs=1e-7)
 
 
+def test_resume_after_a_crash_logs_each_step_once(uninterrupted, tmp_path, monkeypatch, capsys):
+    """A crash (here an exception, as kill -9) after step 3 is logged, the last checkpoint at step 2 (the epoch
+    end): the resumed run does step 3 again, and log.jsonl holds each step once, the uninterrupted losses."""
+    mod, out = importlib.import_module("mocov3"), tmp_path / "crash"
+    argv = tiny("mocov3", out, *PREEMPT)
+    log_step = common.Logger.log_step
+
+    def crashing(self, *a, **kw):
+        log_step(self, *a, **kw)
+        if self.step == 3:
+            raise _Stop
+
+    monkeypatch.setattr(common.Logger, "log_step", crashing)
+    with pytest.raises(_Stop):
+        mod.main(argv)
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["step"] == 2
+    monkeypatch.setattr(common.Logger, "log_step", log_step)
+    mod.main([*argv, "--resume", "auto"])
+    assert "dropped 1 record(s) after step 2" in capsys.readouterr().out
+    assert [r["step"] for r in read_log(out) if "img_per_s" in r and "step" in r] == [1, 2, 3]
+    assert losses(out) == pytest.approx(uninterrupted("mocov3"), rel=1e-6, abs=1e-7)
+
+
 BAD_VALUES = [
     (["--lr", "-0.1"], "--lr -0.1 is out of range"),
     (["--lr", "nan"], "--lr nan is out of range"),
