@@ -865,9 +865,22 @@ def load_folder(name, split):
     if not any(os.path.isdir(os.path.join(root, d)) for d in os.listdir(root)):
         return FlatFolder(root)
     try:
-        return datasets.ImageFolder(root, loader=load_image)
+        ds = datasets.ImageFolder(root, loader=load_image)
     except (FileNotFoundError, RuntimeError) as e:
         raise BadInput(f"no images found in {root}: {str(e).splitlines()[0]}") from None
+    if split != "val":
+        return ds
+    try:  # ImageFolder numbers a split's own class folders: a val label must be train's number of its class
+        train = datasets.folder.find_classes(os.path.join(name, "train"))[1]  # {class: index}
+    except FileNotFoundError:  # a flat train/ (unlabeled): nothing to match
+        return ds
+    extra = sorted(set(ds.classes) - set(train))
+    if extra:
+        raise BadInput(f"--data {name}: val/ has class folders that train/ has not ({', '.join(extra[:5])}); "
+                       "a val label must be one of train's classes")
+    ds.samples = ds.imgs = [(path, train[ds.classes[y]]) for path, y in ds.samples]
+    ds.targets, ds.classes, ds.class_to_idx = [y for _, y in ds.samples], list(train), train
+    return ds
 
 
 class FlatFolder(torch.utils.data.Dataset):

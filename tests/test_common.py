@@ -391,3 +391,21 @@ def test_parse_args_names_the_flags_given_even_abbreviated():
     args = common.parse_args(mocov3.Args, mocov3.PRESETS, ["--batch-s", "8", "--no-blur"])
     assert args.given == {"batch_size", "blur"} and args.batch_size == 8 and args.blur is False
     assert "given" not in dataclasses.asdict(args)  # not recorded in args.json or a checkpoint
+
+
+def test_a_val_folder_with_fewer_classes_keeps_train_labels_and_an_unknown_class_is_refused(tmp_path):
+    """ImageFolder numbers each split's own class folders: a val/ without class b must still label c as 2
+    (train's index), or kNN and the probes score against shifted labels; a class train/ lacks is refused."""
+    from PIL import Image
+    for split, classes in (("train", "abc"), ("val", "ac")):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(tmp_path / split / c / "x.png")
+    args = eval_linear.Args(data=str(tmp_path))
+    val = common.load_dataset(args, "val")
+    assert val.targets == [0, 2] and [y for _, y in val] == [0, 2] and val.classes == ["a", "b", "c"]
+    assert common.load_dataset(args, "train").targets == [0, 1, 2]
+    (tmp_path / "val" / "d").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "val" / "d" / "x.png")
+    with pytest.raises(common.BadInput, match=r"val/ has class folders that train/ has not \(d\)"):
+        common.load_dataset(args, "val")
