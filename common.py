@@ -637,9 +637,9 @@ def restore_signal_handlers():
 
 
 def ignore_interrupts(worker_id=None):
-    """A loader worker's init: the stop signals are the main process's. A terminal's Ctrl-C, torchrun's SIGTERM
-    (os.killpg) and SLURM's reach the whole process group; a worker they killed would end the run with a
-    traceback before the step's checkpoint. The loader still ends its workers when it is done."""
+    """A loader worker's init: the stop signals are the main process's. A terminal's Ctrl-C, torchrun's
+    SIGTERM (os.killpg) and SLURM's reach the whole process group; a worker they killed would end the run
+    with a traceback before the step's checkpoint. The loader still ends its workers when it is done."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
 
@@ -1835,6 +1835,8 @@ def find_checkpoint(args, method):
         raise BadInput(f"cannot resume from {path}: it was made with method={ck.get('method')}, "
                        f"this run has method={method}")
     free = RESUME_FREE + getattr(args, "RESUME_FREE", ())
+    if "synthetic" not in args.data.split(","):  # the size of a data set this run does not read
+        free += ("synthetic_size",)
     for f in dataclasses.fields(args):
         have, want = ck["args"].get(f.name), getattr(args, f.name)
         if f.name not in free and f.name in ck["args"] and have != want:

@@ -196,6 +196,17 @@ def test_item7_resume_refuses_what_changes_a_step_and_allows_the_rest(finished, 
     assert logged_steps(out) == [1, 2]
 
 
+def test_item7_synthetic_size_is_compared_only_when_the_run_reads_synthetic_data(tmp_path):
+    """--synthetic-size means nothing to a run on a folder: a resume there must not be refused by it."""
+    folder = str(image_folder(tmp_path / "f", ["0.png", "1.png"]))
+    made = dataclasses.asdict(mocov3.Args(data=folder, synthetic_size=16))
+    torch.save({"model": {}, "args": made, "method": "mocov3"}, tmp_path / "ck.pth")
+    args = mocov3.Args(data=folder, synthetic_size=999, resume=str(tmp_path / "ck.pth"))
+    assert common.find_checkpoint(args, "mocov3")[0] == str(tmp_path / "ck.pth")
+    with pytest.raises(common.BadInput, match="it was made with synthetic_size=16"):
+        common.find_checkpoint(dataclasses.replace(args, data=f"{folder},synthetic"), "mocov3")
+
+
 def test_item7_the_data_fingerprint_follows_the_files_not_the_path(tmp_path):
     names = [f"{i}.png" for i in range(6)]
     fingerprint = lambda root: common.pretrain_base(mocov3.Args(data=str(root))).data_id  # noqa: E731

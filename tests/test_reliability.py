@@ -110,8 +110,8 @@ def test_sigterm_checkpoints_the_step_and_resume_matches(uninterrupted, tmp_path
 
 
 def test_resume_after_a_crash_logs_each_step_once(uninterrupted, tmp_path, monkeypatch, capsys):
-    """A crash (here an exception, as kill -9) after step 3 is logged, the last checkpoint at step 2 (the epoch
-    end): the resumed run does step 3 again, and log.jsonl holds each step once, the uninterrupted losses."""
+    """A crash (here an exception, as kill -9) after step 3 is logged, the last checkpoint at step 2 (the
+    epoch end): the resumed run does step 3 again; log.jsonl: each step once, the uninterrupted losses."""
     mod, out = importlib.import_module("mocov3"), tmp_path / "crash"
     argv = tiny("mocov3", out, *PREEMPT)
     log_step = common.Logger.log_step
