@@ -48,7 +48,7 @@ Commands:
   torchrun --nnodes=2 --node_rank=$R --master_addr=$HOST --master_port=29500 \\
       --nproc_per_node=8 fast_moco.py --data /imagenet --resume auto         # multi-node
   python fast_moco.py --resume auto                 # continue the run in --output-dir
-  python fast_moco.py --grid 3 --combine 3          # 3x3 patches, means of triples (C(9,3) = 84 queries)
+  python fast_moco.py --grid 3 --combine 3 --img-size 96   # 3x3 patches, means of triples (C(9,3) = 84)
 
 Healthy loss: a mean of cross-entropies over the global batch B of keys (no 2*tau), so it starts
 at ln B (ImageNet, B = 512: 6.24). With tau = 1 and unit vectors the logits live in [-1, 1], so it

@@ -53,7 +53,7 @@ Commands:
   torchrun --nnodes=4 --node_rank=$R --master_addr=$HOST --master_port=29500 \\
       --nproc_per_node=8 rotation_aux.py --data /imagenet --resume auto            # multi-node
   python rotation_aux.py --resume auto                    # continue the run in --output-dir
-  python rotation_aux.py --data /imagenet --rot-size 112  # cheaper: rotate half-size copies
+  python rotation_aux.py --data /imagenet --img-size 224 --rot-size 112  # cheaper: half-size copies
 
 Healthy loss: mocov3.py's curve plus 0.1 * (CE1 + CE2); the rotation term starts at
 0.1 * 2 * ln 4 ~= 0.28 and shrinks as rot_acc (percent, both views) rises from 25; on natural
