@@ -16,8 +16,8 @@ Kept from the official code:
 - The imagenet preset's FH: the un-augmented image at full resolution, scale 1000, min_size 1000, sigma 0.8.
 
 Changed:
-- FH runs in the loader workers in the first epoch, cached on disk for images >= 224 px (official: offline,
-  ~0.3 s per ImageNet-size image); int32 ids (the official uint8 cast merges ids > 255).
+- FH runs in the loader workers in the first epoch, cached on disk for images >= 224 px (official: offline;
+  its cost: RESULTS.md, "Model cost"); int32 ids (the official uint8 cast merges ids > 255).
 - The `cifar` and `cpu` presets (ours; small stem: 4x4 grid) run FH at <= 128 px, --data-on-device on the
   stored copy (crop windows drawn batched on the device), scale and min_size scaled to the pixels.
 - Masks are reduced to the feature grid by a majority vote per cell (= one-hot -> average-pool -> argmax).
