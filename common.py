@@ -423,6 +423,9 @@ def setup(args, method):
     rank, local_rank = int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0))
     if args.batch_size % world:
         raise BadInput(f"global --batch-size {args.batch_size} is not divisible by the world size {world}")
+    if args.batch_size // world < 2 and not method.startswith("eval_"):  # BatchNorm's statistics need 2
+        raise BadInput(f"--batch-size {args.batch_size} gives {args.batch_size // world} image per process; "
+                       "training needs at least 2 (BatchNorm, and the loss's negatives)")
     device = pick_device(args, local_rank)  # and --precision auto -> bf16 on CUDA, fp32 on a CPU
     refused = lock_output_dir(args.output_dir, create=False) if rank == 0 else None  # an existing .lock only
     if world > 1 and not dist.is_initialized():  # one process group serves every run of this process

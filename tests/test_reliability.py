@@ -138,6 +138,7 @@ BAD_VALUES = [
     (["--knn-t", "0"], "--knn-t 0.0 is out of range"),
     (["--momentum", "1.5"], "--momentum 1.5 is out of range"),
     (["--batch-size", "0"], "--batch-size 0 is out of range"),
+    (["--batch-size", "1"], "--batch-size 1 gives 1 image per process; training needs at least 2"),
     (["--workers", "-1"], "--workers -1 is out of range"),
     (["--log-every", "0"], "--log-every 0 is out of range"),
     (["--crop-min", "0"], "--crop-min 0.0 is out of range"),
