@@ -136,6 +136,11 @@ def parse(argv):  # every refusal comes before any work
                                   f"--mode {', '.join(modes)})")
     if args.mode in TRAINED and args.epochs < 1:
         raise common.BadInput(f"--epochs {args.epochs}: --mode {args.mode} trains for at least 1 epoch")
+    if "coarse_map" in args.given and args.granularity != "coarse":
+        raise common.BadInput("--coarse-map is for --granularity coarse")
+    if "coarse_map" in args.given and args.data in ("synthetic", "cifar100"):
+        raise common.BadInput(f"--coarse-map does nothing with --data {args.data}, which has its own coarse "
+                              "classes (it is for an image folder)")
     sd, meta = (None, {}) if args.pretrained == "none" else load_backbone(args.pretrained)
     dense = args.mode in DENSE
     for key in ("arch", "stem", "img_size"):  # as the file records them: a conflicting flag is an error
@@ -148,14 +153,22 @@ def parse(argv):  # every refusal comes before any work
     if dense and "img_size" not in args.given:  # e.g. DenseCL's cpu preset (small stem, 32 px) -> 64 px: 8x8
         while common.final_grid(args.arch, args.stem, args.img_size) < MIN_GRID:
             args.img_size *= 2
+    if dense:  # a 1x1 map puts one label on the whole image: the score is the background floor
+        common.final_grid(args.arch, args.stem, args.img_size, need=2, method=f"--mode {args.mode}")
+    if args.seg_res > args.img_size and "seg_res" in args.given:
+        raise common.BadInput(f"--seg-res {args.seg_res} is larger than --img-size {args.img_size}: the "
+                              "masks are scored at --img-size, so a finer loss only slows the probe")
     if args.show_seg:
         common.check_output_file("--show-seg", args.show_seg, args.output_dir)
     return args, sd, meta
 
 
 def load_backbone(path):
+    if os.path.isdir(path):
+        raise common.BadInput(f"--pretrained {path} is a folder: give its checkpoint.pth or backbone.pth")
     obj = common.load_file(path)
-    if isinstance(obj, dict) and "model" in obj and "args" in obj:  # training checkpoint: the online backbone
+    if isinstance(obj, dict) and isinstance(obj.get("model"), dict) and isinstance(obj.get("args"), dict):
+        # a training checkpoint: the online backbone
         sd = {k.removeprefix("backbone."): v for k, v in obj["model"].items() if k.startswith("backbone.")}
         meta = {"method": obj.get("method"), **{k: obj["args"].get(k) for k in ("arch", "stem", "img_size")}}
     elif isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -222,11 +235,21 @@ def eval_splits(args):
     if args.granularity == "coarse":
         train, val = (coarse(args, ds) for ds in (train, val))
     if args.labels_per_class:
-        order = common.balanced_order(common.labels_of(train), args.seed)
-        train = common.Subset(train, sorted(order[:args.labels_per_class * common.num_classes(train)]))
+        train = common.Subset(train, labeled(common.labels_of(train), args.labels_per_class, args.seed))
     if args.corrupt:  # the supervised baseline trains on the same corrupted images; val stays clean
         train = common.Corrupted(train, common.parse_corruptions(args.corrupt), args.seed)
     return train, val
+
+
+def labeled(labels, k, seed):
+    """The sorted indices of each class's first k images in common.balanced_order (a class with fewer: all of
+    them); on a split where every class has k, the first k x classes of that order."""
+    taken, keep = np.zeros(max(labels) + 1, dtype=int), []
+    for i in common.balanced_order(labels, seed):
+        taken[labels[i]] += 1
+        if taken[labels[i]] <= k:
+            keep.append(i)
+    return sorted(keep)
 
 
 def coarse(args, ds):
@@ -245,6 +268,9 @@ def coarse(args, ds):
             mapping = json.load(open(args.coarse_map))
         except (OSError, ValueError) as e:
             raise common.BadInput(f"cannot read --coarse-map {args.coarse_map}: {e}") from None
+        if not (isinstance(mapping, dict) and all(isinstance(v, str) for v in mapping.values())):
+            raise common.BadInput(f"--coarse-map {args.coarse_map} must be a JSON object "
+                                  "{class folder name: coarse class name}")
     else:
         raise common.BadInput("--granularity coarse needs cifar100, synthetic, or an image folder with "
                               "--coarse-map")
@@ -285,6 +311,12 @@ def knn(args, meta, net, dim, run):
 # ============================================================================ linear, finetune
 
 def train_head(args, meta, net, dim, run):
+    # BatchNorm in train mode (the --bn-head head; finetune: the backbone's) fails on a batch of 1
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in net.modules())
+    if args.batch_size // run.world < 2 and (args.bn_head or args.mode == "finetune" and has_bn):
+        bn = "--bn-head" if args.bn_head else f"--mode finetune of {args.arch}"
+        raise common.BadInput(f"--batch-size {args.batch_size} gives 1 image per process: BatchNorm in "
+                              f"training ({bn}) needs at least 2 images per process")
     train, val = eval_splits(args)
     val_ds = eval_view(args, run, val)
     head = nn.Linear(dim, common.num_classes(train))
@@ -335,7 +367,9 @@ def train_head(args, meta, net, dim, run):
     done = f"{args.epochs}" if ran >= args.epochs else f"{ran:.3g} of {args.epochs}"
     protocol = {"finetune": f"fine-tune {done} ep",
                 "linear": f"linear probe (MoCo v3 protocol) {done} ep"}[args.mode] + data_note(args, train)
-    return log.summary(top1=top1, top5=top5, val_images=n_val, protocol=protocol)
+    # as finish(): "method" is the pretraining method (it overrides the Logger's, the run's name)
+    return log.summary(mode=args.mode, pretrained=args.pretrained, arch=args.arch, top1=top1, top5=top5,
+                       val_images=n_val, protocol=protocol, method=meta.get("method"))
 
 
 @torch.no_grad()

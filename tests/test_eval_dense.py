@@ -410,6 +410,23 @@ def test_bad_input_label_id_not_below_the_number_of_classes(tmp_path, capsys, mo
     assert "masks" in err and "label id 2" in err
 
 
+@pytest.mark.parametrize("mode", ["seg", "seg-knn"])
+def test_bad_input_a_1x1_final_grid(tmp_path, capsys, mode):
+    """An explicit --img-size whose final map is 1x1 would score the background floor: refused."""
+    err = bad_run(capsys, "synthetic", "--stem", "imagenet", "--output-dir", str(tmp_path / "o"), mode=mode)
+    assert "gives a 1x1 final feature map" in err and f"--mode {mode} needs at least 2x2" in err, err
+    with pytest.raises(SystemExit) as e:  # a ViT: one 16-px patch
+        E.main(["--mode", mode, "--arch", "vit_small", "--img-size", "16", "--output-dir",
+                str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and "gives a 1x1 final feature map" in err[0], err
+
+
+def test_bad_input_seg_res_larger_than_the_image(tmp_path, capsys):
+    err = bad_run(capsys, "synthetic", "--seg-res", "64", "--output-dir", str(tmp_path / "o"))
+    assert "--seg-res 64 is larger than --img-size 32" in err, err
+
+
 def test_bad_input_data_without_masks(tmp_path, capsys):
     (tmp_path / "plain" / "a").mkdir(parents=True)
     err = bad_run(capsys, tmp_path / "plain", "--output-dir", str(tmp_path / "o"))
