@@ -94,9 +94,9 @@ def main():
         backbone = os.path.join(runs, "clean", "backbone.pth")
         backbone = backbone if os.path.exists(backbone) else pretrain("clean", a.train_size)
         for g in ("fine", "coarse"):
+            flags = ["--granularity", g, *(["--coarse-map", cmap] if g == "coarse" else [])]  # fine: refused
             rows.append(("granularity", f"{g} labels ({10 if g == 'fine' else 3} classes)",
-                         linear(backbone, "--granularity", g, "--coarse-map", cmap),
-                         supervised(f"sup_{g}", "--granularity", g, "--coarse-map", cmap)))
+                         linear(backbone, *flags), supervised(f"sup_{g}", *flags)))
     cmd = "python benchmarks/study.py " + " ".join(sys.argv[1:])
     lines = [f"Command: `{cmd.strip()}`. {a.method}.py, ResNet-18, {a.img_size} px, {a.steps} pretraining "
              f"steps at batch {a.batch_size} for every run (equal compute), imagenette train split (subsets "
