@@ -11,6 +11,7 @@ kNN monitor | logging.
 """
 import argparse
 import ast
+import atexit
 import dataclasses
 import functools
 import glob
@@ -19,6 +20,7 @@ import inspect
 import io
 import json
 import math
+import multiprocessing
 import os
 import random
 import shutil
@@ -645,6 +647,21 @@ def ignore_interrupts(worker_id=None):
     with a traceback before the step's checkpoint. The loader still ends its workers when it is done."""
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
+
+
+def end_loader_workers():
+    """At exit, before multiprocessing's handler (atexit runs the last registered first), which would SIGTERM
+    the daemonic children and wait for them: loader workers ignore SIGTERM, so a loader still alive at exit
+    (its iterator held by a traceback) would hang the exit. SIGKILL them; DataLoader's SIGCHLD handler would
+    report that as a failed worker, so it goes first."""
+    if hasattr(signal, "SIGCHLD"):
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for p in multiprocessing.active_children():
+        if p.daemon:
+            p.kill()
+
+
+atexit.register(end_loader_workers)
 
 
 def stop_requested(run, step):

@@ -109,6 +109,18 @@ def test_sigterm_checkpoints_the_step_and_resume_matches(uninterrupted, tmp_path
     assert losses(out) == pytest.approx(uninterrupted("mocov3"), rel=1e-6, abs=1e-7)
 
 
+def test_a_loader_alive_at_exit_does_not_hang_the_exit():
+    """Loader workers ignore SIGTERM (ignore_interrupts), which multiprocessing's exit sends its daemonic
+    children before waiting for them: a loader still alive at exit must not hang the process."""
+    code = ("import torch, common\n"
+            "ds = torch.utils.data.TensorDataset(torch.arange(8))\n"
+            "it = iter(torch.utils.data.DataLoader(ds, batch_size=2, num_workers=1, "
+            "worker_init_fn=common.ignore_interrupts))\n"
+            "print(len(next(it)[0]))\n")  # `it` is alive at exit, as a traceback a test keeps would hold it
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and p.stdout.strip() == "2", p.stderr[-2000:]
+
+
 def test_resume_after_a_crash_logs_each_step_once(uninterrupted, tmp_path, monkeypatch, capsys):
     """A crash (here an exception, as kill -9) after step 3 is logged, the last checkpoint at step 2 (the
     epoch end): the resumed run does step 3 again; log.jsonl: each step once, the uninterrupted losses."""
